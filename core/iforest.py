@@ -1,0 +1,222 @@
+"""Isolation Forest scoring on the CPU (Numba).
+
+Score: ``s(x) = 2 ** (-E[h(x)] / c(psi))``, higher = more anomalous; numerically equal to
+``-IsolationForest.score_samples(X)`` of scikit-learn.
+
+Layout (ARCHITECTURE.md, "Performance model"): every tree is stored as a *complete* binary tree of
+the forest's depth ``D``. Node ``i`` (0-based heap order) has children ``2i+1`` / ``2i+2``, so a walk
+is index arithmetic with no child pointers and no branches: ``i = 2i + 1 + (x[f[i]] > t[i])``.
+A leaf that sklearn placed above depth ``D`` is padded with pass-through nodes (threshold +inf:
+always left) whose leaves all carry that leaf's path length.
+
+Thresholds are float32, rounded *down* from sklearn's float64: for a float32 ``x``,
+``x <= t64`` holds exactly when ``x <= floor32(t64)``, so comparisons stay bit-exact with sklearn,
+which casts inputs to float32 too. Leaf values (path length incl. the ``c(n)`` correction) stay
+float64 and are summed in tree order, as sklearn does.
+
+The kernel walks a block of rows through one tree level by level: the rows' loads are independent,
+so the CPU overlaps them instead of waiting on one dependent chain per record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+
+from .errors import ArtifactError
+from .preprocess import prep_block
+
+BLOCK = 64          # rows walked together through a tree; a float32 block stays in L1
+MAX_DEPTH = 24      # guards memory: 2**24 nodes per tree
+
+
+def average_path_length(n: np.ndarray | float) -> np.ndarray:
+    """``c(n)``: the average path length of an unsuccessful BST search among ``n`` points."""
+    n = np.asarray(n, dtype=np.float64)
+    out = np.zeros_like(n)
+    two = n == 2
+    big = n > 2
+    out[two] = 1.0
+    out[big] = 2.0 * (np.log(n[big] - 1.0) + np.euler_gamma) - 2.0 * (n[big] - 1.0) / n[big]
+    return out
+
+
+@dataclass(frozen=True)
+class Forest:
+    """A forest in the complete fixed-depth layout."""
+
+    feature: np.ndarray     # (T, 2**D - 1) uint8 / uint16 / int32: split feature per internal node
+    threshold: np.ndarray   # (T, 2**D - 1) float32: go right when x > threshold
+    leaf_value: np.ndarray  # (T, 2**D) float64: depth + c(n_leaf) - 1
+    denominator: float      # T * c(max_samples)
+
+    @property
+    def depth(self) -> int:
+        return int(np.log2(self.leaf_value.shape[1]))
+
+    @property
+    def n_trees(self) -> int:
+        return int(self.leaf_value.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "if_feature": self.feature,
+            "if_threshold": self.threshold,
+            "if_leaf_value": self.leaf_value,
+            "if_denominator": np.array(self.denominator, dtype=np.float64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_features: int) -> "Forest":
+        try:
+            feature = np.ascontiguousarray(arrays["if_feature"])
+            threshold = np.ascontiguousarray(arrays["if_threshold"], dtype=np.float32)
+            leaf_value = np.ascontiguousarray(arrays["if_leaf_value"], dtype=np.float64)
+            denominator = float(arrays["if_denominator"])
+        except KeyError as e:
+            raise ArtifactError(f"arrays.npz lacks Isolation Forest array {e}") from e
+        if leaf_value.ndim != 2 or feature.ndim != 2 or threshold.shape != feature.shape:
+            raise ArtifactError("Isolation Forest arrays have inconsistent shapes")
+        n_trees, n_leaves = leaf_value.shape
+        depth = int(np.log2(max(n_leaves, 1)))
+        if n_trees < 1 or n_leaves != 2**depth or feature.shape != (n_trees, n_leaves - 1):
+            raise ArtifactError("Isolation Forest arrays are not complete trees of one depth")
+        if feature.dtype.kind not in "iu" or (feature.size and (feature.min() < 0 or feature.max() >= n_features)):
+            raise ArtifactError(f"Isolation Forest split features must be integers in [0, {n_features})")
+        if not np.all(np.isfinite(leaf_value)) or not np.isfinite(denominator):
+            raise ArtifactError("Isolation Forest leaf values must be finite")
+        return cls(feature, threshold, leaf_value, denominator)
+
+
+def _feature_dtype(n_features: int) -> np.dtype:
+    if n_features <= 256:
+        return np.dtype(np.uint8)
+    if n_features <= 65536:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+def _floor_float32(t: np.ndarray) -> np.ndarray:
+    """Largest float32 <= t (elementwise), so that float32 comparisons match float64 ones."""
+    t = np.asarray(t, dtype=np.float64)
+    t32 = t.astype(np.float32)
+    over = t32.astype(np.float64) > t
+    t32[over] = np.nextafter(t32[over], np.float32(-np.inf))
+    return t32
+
+
+def build_forest(trees: list[dict[str, np.ndarray]], max_samples: int, n_features: int) -> Forest:
+    """Lay out trees given as sklearn-style node arrays into the complete fixed-depth form.
+
+    Each tree is a dict with ``children_left``, ``children_right`` (-1 at leaves), ``feature``
+    (already mapped to the model's feature indices), ``threshold`` and ``n_node_samples``.
+    """
+    depths = []
+    for tree in trees:
+        left, right = tree["children_left"], tree["children_right"]
+        node_depth = np.zeros(len(left), dtype=np.int64)
+        stack = [0]
+        while stack:
+            i = stack.pop()
+            if left[i] >= 0:
+                node_depth[left[i]] = node_depth[right[i]] = node_depth[i] + 1
+                stack += [left[i], right[i]]
+        tree["_depth"] = node_depth
+        depths.append(int(node_depth.max()))
+    depth = max(max(depths), 1)
+    if depth > MAX_DEPTH:
+        raise ArtifactError(f"trees of depth {depth} exceed the supported {MAX_DEPTH}")
+    n_int, n_leaf = 2**depth - 1, 2**depth
+    T = len(trees)
+    feature = np.zeros((T, n_int), dtype=_feature_dtype(n_features))
+    threshold = np.full((T, n_int), np.inf, dtype=np.float32)
+    leaf_value = np.zeros((T, n_leaf), dtype=np.float64)
+    for t, tree in enumerate(trees):
+        left, right = tree["children_left"], tree["children_right"]
+        feat, thr = tree["feature"], _floor_float32(tree["threshold"])
+        # path length as sklearn computes it: (depth in edges) + c(n) - 1 + 1, i.e. node depth
+        # counted from 1 at the root, plus c(n), minus 1.0, in that order of operations.
+        values = ((tree["_depth"] + 1).astype(np.float64) + average_path_length(tree["n_node_samples"])) - 1.0
+        stack = [(0, 0, 0)]  # (sklearn node, complete-tree position, level)
+        while stack:
+            node, pos, level = stack.pop()
+            if left[node] >= 0:
+                feature[t, pos] = feat[node]
+                threshold[t, pos] = thr[node]
+                stack.append((left[node], 2 * pos + 1, level + 1))
+                stack.append((right[node], 2 * pos + 2, level + 1))
+            else:
+                # pad: every leaf below `pos` carries this leaf's value; the internal nodes
+                # between keep threshold +inf, so a walk always goes left through them.
+                span = 2 ** (depth - level)
+                first = pos
+                for _ in range(depth - level):
+                    first = 2 * first + 1
+                leaf_value[t, first - n_int : first - n_int + span] = values[node]
+    denominator = T * float(average_path_length(np.array([max_samples]))[0])
+    return Forest(feature, threshold, leaf_value, denominator)
+
+
+@nb.njit(nogil=True, cache=True)
+def _score_rows(X, lo, hi, out, median, center, scale_inv, reject, feature, threshold, leaf_value, denominator, buf, idx, acc):
+    """Score rows ``X[lo:hi]`` into ``out[lo:hi]``; returns the first rejected row or -1."""
+    n_trees = feature.shape[0]
+    n_int = feature.shape[1]
+    depth = 0
+    while (1 << depth) - 1 < n_int:
+        depth += 1
+    for b0 in range(lo, hi, BLOCK):
+        b1 = min(b0 + BLOCK, hi)
+        m = b1 - b0
+        bad = prep_block(X, b0, b1, median, center, scale_inv, reject, buf)
+        if bad >= 0:
+            return bad
+        for r in range(m):
+            acc[r] = 0.0
+        for t in range(n_trees):
+            f_t = feature[t]
+            t_t = threshold[t]
+            for r in range(m):
+                idx[r] = 0
+            for _ in range(depth):
+                for r in range(m):
+                    i = idx[r]
+                    idx[r] = 2 * i + 1 + (buf[r, f_t[i]] > t_t[i])
+            lv = leaf_value[t]
+            for r in range(m):
+                acc[r] += lv[idx[r] - n_int]
+        for r in range(m):
+            out[b0 + r] = 2.0 ** (-acc[r] / denominator) if denominator != 0 else 1.0
+    return -1
+
+
+@nb.njit(nogil=True, cache=True)
+def score_serial(X, out, median, center, scale_inv, reject, feature, threshold, leaf_value, denominator):
+    """Lean single-threaded path for small batches (1-64 rows)."""
+    d = X.shape[1]
+    buf = np.empty((BLOCK, d), dtype=np.float32)
+    idx = np.empty(BLOCK, dtype=np.uint32)
+    acc = np.empty(BLOCK, dtype=np.float64)
+    return _score_rows(X, 0, X.shape[0], out, median, center, scale_inv, reject, feature, threshold, leaf_value, denominator, buf, idx, acc)
+
+
+@nb.njit(nogil=True, cache=True, parallel=True)
+def score_parallel(X, out, median, center, scale_inv, reject, feature, threshold, leaf_value, denominator, n_threads):
+    """Multi-threaded path: contiguous row chunks per task, per-task scratch buffers, no races."""
+    n, d = X.shape
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    n_tasks = max(1, min(n_blocks, n_threads * 4))
+    bad = np.full(n_tasks, -1, dtype=np.int64)
+    for task in nb.prange(n_tasks):
+        buf = np.empty((BLOCK, d), dtype=np.float32)
+        idx = np.empty(BLOCK, dtype=np.uint32)
+        acc = np.empty(BLOCK, dtype=np.float64)
+        lo = (task * n_blocks // n_tasks) * BLOCK
+        hi = min(((task + 1) * n_blocks // n_tasks) * BLOCK, n)
+        bad[task] = _score_rows(X, lo, hi, out, median, center, scale_inv, reject, feature, threshold, leaf_value, denominator, buf, idx, acc)
+    for task in range(n_tasks):
+        if bad[task] >= 0:
+            return bad[task]
+    return -1

@@ -1,0 +1,179 @@
+"""Loaded models: ``load_model(path)`` -> :class:`Model` with ``score`` / ``predict``.
+
+Loading is all-or-nothing: the manifest digest, every file's sha256, the arrays' shapes and the
+probe scores are checked before a ``Model`` exists. A model that does not reproduce its
+training-time probe scores is refused (:class:`~core.errors.ArtifactError`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import numba as nb
+import numpy as np
+
+from . import hbos, iforest, robust_z
+from .artifact import ARRAYS, PROBE, REFERENCE, load_json, load_npz, read_manifest, verify_files
+from .errors import ArtifactError, InvalidInputError
+from .preprocess import Preprocessing
+
+DETECTORS = ("iforest", "robust_z", "hbos")
+# Up to this many rows the single-threaded kernel is cheaper than waking the thread pool.
+SERIAL_MAX_ROWS = 1024
+_FLOAT_KINDS = "fiub"
+
+# Numba's default (workqueue) threading layer must not be entered by two Python threads at once;
+# one lock per process serialises the parallel kernels, which use every core anyway.
+_PARALLEL_LOCK = threading.Lock()
+
+
+class Model:
+    """A verified, immutable, ready-to-score model.
+
+    Scores are float64, **higher = more anomalous**; ``predict`` flags ``score >= threshold``.
+    """
+
+    def __init__(self, path: Path | None, manifest: dict[str, Any], prep: Preprocessing, serial: Callable, parallel: Callable, params: tuple, reference: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self.kind: str = manifest["detector"]["kind"]
+        self.feature_names: list[str] = [f["name"] for f in manifest["features"]]
+        self.n_features: int = len(self.feature_names)
+        self.threshold: float = float(manifest["threshold"])
+        self.name: str | None = manifest.get("model")
+        self.version: int | None = manifest.get("version")
+        self.metrics: dict[str, Any] = manifest.get("metrics", {})
+        self.reference = reference
+        self.preprocessing = prep
+        self._serial = serial
+        self._parallel = parallel
+        self._args = (prep.median, prep.center, prep.scale_inv, prep.reject, *params)
+
+    def __repr__(self) -> str:
+        return f"Model(kind={self.kind!r}, name={self.name!r}, version={self.version}, n_features={self.n_features})"
+
+    def _check(self, X: Any) -> np.ndarray:
+        if not (isinstance(X, np.ndarray) and X.dtype.kind == "f" and X.dtype.itemsize in (4, 8)):
+            try:
+                X = np.asarray(X)
+            except (ValueError, TypeError) as e:
+                raise InvalidInputError(f"X must be a numeric 2-D array (n_records, {self.n_features}): {e}") from e
+            if X.dtype.kind not in _FLOAT_KINDS:
+                raise InvalidInputError(
+                    f"X must be numeric (float32 or float64) of shape (n_records, {self.n_features}); got dtype {X.dtype}"
+                )
+            X = X.astype(np.float64)
+        if X.ndim != 2:
+            raise InvalidInputError(f"X must be 2-D (n_records, {self.n_features}); got shape {X.shape}")
+        if X.shape[1] != self.n_features:
+            raise InvalidInputError(
+                f"X has {X.shape[1]} features per record; this model expects {self.n_features} "
+                f"({', '.join(self.feature_names[:5])}{', …' if self.n_features > 5 else ''})"
+            )
+        if not X.flags.c_contiguous:
+            X = np.ascontiguousarray(X)
+        return X
+
+    def score(self, X: Any) -> np.ndarray:
+        """Score records ``X`` of shape ``(n, n_features)`` (float32 or float64; other numeric types
+        are converted). Returns ``(n,)`` float64, higher = more anomalous. NaN / inf follow the
+        artifact's missing-value policy and never produce NaN scores; under ``reject`` they raise
+        :class:`~core.errors.InvalidInputError` naming the row.
+        """
+        X = self._check(X)
+        n = X.shape[0]
+        out = np.empty(n, dtype=np.float64)
+        if n <= SERIAL_MAX_ROWS:
+            bad = self._serial(X, out, *self._args)
+        else:
+            with _PARALLEL_LOCK:
+                bad = self._parallel(X, out, *self._args, nb.get_num_threads())
+        if bad >= 0:
+            raise InvalidInputError(
+                f"record {bad} contains NaN or inf and this model's missing-value policy is 'reject'"
+            )
+        return out
+
+    def predict(self, X: Any) -> np.ndarray:
+        """``(n,)`` bool: ``score(X) >= threshold``."""
+        return self.score(X) >= self.threshold
+
+
+def _build(kind: str, detector: dict[str, Any], arrays: dict[str, np.ndarray], d: int) -> tuple[Callable, Callable, tuple]:
+    if kind == "iforest":
+        f = iforest.Forest.from_arrays(arrays, d)
+        return iforest.score_serial, iforest.score_parallel, (f.feature, f.threshold, f.leaf_value, f.denominator)
+    if kind == "robust_z":
+        rz = robust_z.RobustZ.from_arrays(arrays, d, detector.get("params", {}).get("combine", "rms"))
+        return robust_z.score_serial, robust_z.score_parallel, (rz.median, rz.scale_inv, rz.combine == "max")
+    if kind == "hbos":
+        h = hbos.Hbos.from_arrays(arrays, d)
+        return hbos.score_serial, hbos.score_parallel, (h.lo, h.hi, h.inv_width, h.table)
+    raise ArtifactError(f"unknown detector kind {kind!r}; this outlierd knows {', '.join(DETECTORS)}")
+
+
+def build_model(manifest: dict[str, Any], arrays: dict[str, np.ndarray], reference: dict[str, Any] | None = None, path: Path | None = None) -> Model:
+    """Assemble a :class:`Model` from a manifest and its arrays (no file checks, no probe)."""
+    try:
+        detector = manifest["detector"]
+        kind = detector["kind"]
+        d = len(manifest["features"])
+        threshold = float(manifest["threshold"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"manifest lacks a required field: {e}") from e
+    if d < 1 or not np.isfinite(threshold):
+        raise ArtifactError(f"manifest declares {d} features and threshold {threshold}")
+    prep = Preprocessing.from_artifact(manifest.get("preprocessing", {}), arrays, d)
+    serial, parallel, params = _build(kind, detector, arrays, d)
+    return Model(path, manifest, prep, serial, parallel, params, reference or {})
+
+
+def load_model(path: str | os.PathLike, *, verify_probe: bool = True) -> Model:
+    """Load and verify the artifact directory ``path``.
+
+    Raises :class:`~core.errors.ArtifactError` when the artifact is missing, corrupt, edited, of a
+    newer format, or does not reproduce its probe scores.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is not a model artifact directory")
+    manifest = read_manifest(root)
+    verify_files(root, manifest)
+    reference = load_json(root / REFERENCE)
+    model = build_model(manifest, load_npz(root / ARRAYS), reference, root)
+    if verify_probe:
+        _verify_probe(model, root, manifest)
+    return model
+
+
+def _verify_probe(model: Model, root: Path, manifest: dict[str, Any]) -> None:
+    probe = load_npz(root / PROBE)
+    try:
+        X, expected = probe["X"], probe["expected"]
+    except KeyError as e:
+        raise ArtifactError(f"{root / PROBE} lacks {e}") from e
+    spec = manifest.get("probe", {})
+    atol, rtol = float(spec.get("atol", 1e-6)), float(spec.get("rtol", 1e-9))
+    if X.ndim != 2 or X.shape[1] != model.n_features or expected.shape != (X.shape[0],):
+        raise ArtifactError(f"{root / PROBE} does not match the model's {model.n_features} features")
+    if X.shape[0] == 0:
+        raise ArtifactError(f"{root / PROBE} is empty: the model cannot prove it reproduces its scores")
+    try:
+        # Probe both paths: the serial kernel and the parallel one serve different batch sizes.
+        got = model.score(X)
+        reps = -(-(SERIAL_MAX_ROWS + 1) // X.shape[0])
+        got_parallel = model.score(np.tile(X, (reps, 1)))[: X.shape[0]]
+    except InvalidInputError as e:
+        raise ArtifactError(f"{root}: probe records could not be scored: {e}") from e
+    for name, scores in (("serial", got), ("parallel", got_parallel)):
+        err = np.abs(scores - expected)
+        worst = int(np.argmax(err - (atol + rtol * np.abs(expected))))
+        if not np.all(err <= atol + rtol * np.abs(expected)):
+            raise ArtifactError(
+                f"{root}: probe record {worst} scores {scores[worst]!r} on the {name} kernel, expected "
+                f"{expected[worst]!r} (atol {atol}, rtol {rtol}); the artifact does not reproduce its "
+                "training-time scores and is refused"
+            )
