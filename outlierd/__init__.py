@@ -1,0 +1,1 @@
+"""The ``outlierd`` console script (``outlierd.cli``); the logic lives in core/, training/, server/."""

@@ -1,0 +1,125 @@
+"""The ``outlierd`` console script: parses arguments and dispatches to the layers. No logic here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from . import registry_cli
+
+EXIT_ERROR = 2
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a detector on a CSV/Parquet file and publish it to a registry",
+                       description="Validate the data, fit a detector, calibrate its threshold to an alert rate, "
+                                   "evaluate it when labels are given, and publish it with full lineage.")
+    p.add_argument("--data", required=True, metavar="FILE", help="training data: .csv, .csv.gz, .tsv, .parquet")
+    p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
+    p.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
+    p.add_argument("--detector", default="iforest", choices=("iforest", "robust_z", "hbos"), help="detector (default iforest)")
+    p.add_argument("--label-column", metavar="COL", help="column with 0 (normal) / 1 (anomaly) labels: used for evaluation only")
+    p.add_argument("--alert-rate", type=float, default=0.01, metavar="R", help="share of records to flag (default 0.01)")
+    p.add_argument("--alias", metavar="ALIAS", help="alias to point at the new version, e.g. champion")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    res = train(args.data, args.registry, args.model, detector=args.detector, label_column=args.label_column,
+                alert_rate=args.alert_rate, alias=args.alias, seed=args.seed, quiet=args.quiet)
+    if args.json:
+        print(json.dumps({"model": args.model, "version": res.version, "path": str(res.path), "threshold": res.threshold,
+                          "metrics": res.metrics, "warnings": res.warnings}, indent=2, sort_keys=True))
+        return 0
+    print(f"model {args.model} version {res.version} ({args.detector}): {res.rows} rows x {res.n_features} features")
+    print(f"  artifact   {res.path}")
+    print(f"  threshold  {res.threshold:.6g} (alert rate {args.alert_rate:g}; flags {res.metrics['train_alert_rate']:.4f} of the training rows)")
+    for key in ("roc_auc", "pr_auc", "precision_at_k", "precision_at_alert_rate", "recall_at_alert_rate"):
+        if key in res.metrics:
+            extra = f" (k={res.metrics['k']})" if key == "precision_at_k" else ""
+            print(f"  {key:<24} {res.metrics[key]:.4f}{extra}")
+    if "note" in res.metrics:
+        print(f"  note: {res.metrics['note']}")
+    return 0
+
+
+def _add_score(sub: Any) -> None:
+    p = sub.add_parser("score", help="score a CSV/Parquet file with a registry model",
+                       description="Score every record of a file; optionally write scores and flags to a file.")
+    p.add_argument("--data", required=True, metavar="FILE")
+    p.add_argument("--registry", required=True, metavar="DIR")
+    p.add_argument("--model", required=True, metavar="NAME")
+    p.add_argument("--ref", default="champion", metavar="VERSION|ALIAS", help="version or alias (default champion)")
+    p.add_argument("--out", metavar="FILE", help="write score and anomalous columns here (.csv or .parquet)")
+    p.add_argument("--label-column", metavar="COL", help="evaluate against this 0/1 column")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_run_score)
+
+
+def _run_score(args: argparse.Namespace) -> int:
+    from training.scoring import score_file
+
+    res = score_file(args.data, args.registry, args.model, args.ref, out=args.out, label_column=args.label_column)
+    rate = res.rows / res.seconds if res.seconds > 0 else float("inf")
+    summary = {"model": res.model, "version": res.version, "rows": res.rows, "anomalies": res.anomalies,
+               "seconds": res.seconds, "records_per_s": rate, "metrics": res.metrics}
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    print(f"scored {res.rows} records with {res.model} version {res.version} in {res.seconds * 1e3:.1f} ms "
+          f"({rate:,.0f} records/s); {res.anomalies} flagged")
+    for key in ("roc_auc", "pr_auc", "precision_at_alert_rate", "recall_at_alert_rate"):
+        if key in res.metrics:
+            print(f"  {key:<24} {res.metrics[key]:.4f}")
+    if args.out:
+        print(f"  scores written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="outlierd",
+        description="outlierd: anomaly-detection training, registry and high-performance scoring. "
+                    "Scores are higher for more anomalous records.",
+    )
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("outlierd")
+    except PackageNotFoundError:
+        ver = "unknown"
+    parser.add_argument("--version", action="version", version=f"outlierd {ver}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_train(sub)
+    _add_score(sub)
+    registry_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from core.errors import OutlierdError
+
+    try:
+        return int(args.func(args) or 0)
+    except (OutlierdError, ValueError, OSError) as e:
+        if os.environ.get("OUTLIERD_DEBUG"):
+            raise
+        msg = str(e.args[0]) if isinstance(e, LookupError) and len(e.args) == 1 else str(e)
+        print(f"outlierd: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("outlierd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

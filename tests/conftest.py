@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DATASETS = (ROOT.parent / "shared" / "datasets")
+if not DATASETS.is_dir():
+    DATASETS = Path(os.environ.get("OUTLIERD_DATASETS", ROOT / "data"))
+
+
+def dataset_path(name: str) -> Path:
+    p = DATASETS / f"{name}.csv"
+    if not p.is_file():
+        if name == "cardio":
+            return ROOT / "data" / "cardio.csv"
+        pytest.skip(f"dataset {name} not found under {DATASETS}")
+    return p
+
+
+def load_csv(name: str) -> tuple[np.ndarray, np.ndarray]:
+    arr = np.loadtxt(dataset_path(name), delimiter=",", skiprows=1)
+    return arr[:, :-1], arr[:, -1].astype(int)
+
+
+@pytest.fixture
+def rng(request):
+    # fresh random inputs each run; the seed is printed on failure to reproduce
+    seed = int(os.environ.get("OUTLIERD_TEST_SEED", np.random.SeedSequence().entropy % (2**32)))
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)

@@ -1,0 +1,71 @@
+"""Slow, obviously correct float64 NumPy oracles for the kernels (no Numba, no layout tricks)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def prep(X, median, center=None, scale_inv=None):
+    """NaN -> median, +/-inf -> +/-FLT_MAX, then (x - center) * scale_inv, float64."""
+    X = np.array(X, dtype=np.float64)
+    d = X.shape[1]
+    center = np.zeros(d) if center is None else center
+    scale_inv = np.ones(d) if scale_inv is None else scale_inv
+    out = np.empty_like(X)
+    for i in range(X.shape[0]):
+        for j in range(d):
+            v = X[i, j]
+            if np.isnan(v):
+                v = median[j]
+            elif v == np.inf:
+                v = F32_MAX
+            elif v == -np.inf:
+                v = -F32_MAX
+            out[i, j] = (v - center[j]) * scale_inv[j]
+    return out
+
+
+def robust_z(Xp, med, scale_inv, combine="rms"):
+    z = (Xp - med) * scale_inv
+    if combine == "max":
+        return np.abs(z).max(axis=1)
+    return np.sqrt((z * z).mean(axis=1))
+
+
+def hbos(Xp, lo, hi, inv_width, table):
+    n_bins = table.shape[1] - 2
+    out = np.zeros(Xp.shape[0])
+    for i in range(Xp.shape[0]):
+        for j in range(Xp.shape[1]):
+            v = Xp[i, j]
+            if v < lo[j]:
+                s = 0
+            elif v > hi[j]:
+                s = n_bins + 1
+            else:
+                s = 1 + min(int(np.floor((v - lo[j]) * inv_width[j])), n_bins - 1)
+            out[i] += table[j, s]
+    return out
+
+
+def iforest(forest, X):
+    """Walk sklearn's own trees node by node (float32 inputs, float64 thresholds, as sklearn does)."""
+    X = np.asarray(X, dtype=np.float32)
+    n = X.shape[0]
+    depths = np.zeros(n)
+    for est, feats in zip(forest.estimators_, forest.estimators_features_):
+        t = est.tree_
+        for i in range(n):
+            node, depth = 0, 0
+            while t.children_left[node] >= 0:
+                x = X[i, feats[t.feature[node]]]
+                node = t.children_left[node] if x <= t.threshold[node] else t.children_right[node]
+                depth += 1
+            m = t.n_node_samples[node]
+            c = 0.0 if m <= 1 else 1.0 if m == 2 else 2 * (np.log(m - 1) + np.euler_gamma) - 2 * (m - 1) / m
+            depths[i] += depth + c
+    psi = forest._max_samples
+    c_psi = 2 * (np.log(psi - 1) + np.euler_gamma) - 2 * (psi - 1) / psi if psi > 2 else float(psi == 2)
+    return 2.0 ** (-depths / (len(forest.estimators_) * c_psi))

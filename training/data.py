@@ -1,0 +1,124 @@
+"""Data in: CSV or Parquet through pyarrow, validated with messages that say what to fix."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+MIN_ROWS = 2
+
+
+class DataError(ValueError):
+    """The training or scoring data cannot be used as given; the message says why and what to do."""
+
+
+@dataclass
+class Dataset:
+    X: np.ndarray                 # (n, d) float64, NaN where missing
+    feature_names: list[str]
+    labels: np.ndarray | None     # (n,) int8 in {0, 1}, or None
+    path: Path
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.X.shape[0])
+
+
+def read_table(path: str | os.PathLike) -> pa.Table:
+    """Read a CSV (optionally .gz) or Parquet file into an Arrow table."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {p} does not exist")
+    name = p.name.lower()
+    try:
+        if name.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            return pq.read_table(p)
+        if name.endswith((".csv", ".csv.gz", ".tsv")):
+            import pyarrow.csv as pacsv
+
+            parse = pacsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",")
+            return pacsv.read_csv(p, parse_options=parse)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read {p}: {e}") from e
+    raise DataError(f"{p}: unknown file type; outlierd reads .csv, .csv.gz, .tsv, .parquet and .pq files")
+
+
+def _numeric_column(table: pa.Table, name: str) -> np.ndarray:
+    col = table.column(name)
+    t = col.type
+    if pa.types.is_null(t):
+        return np.full(len(col), np.nan)
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)):
+        raise DataError(
+            f"column {name!r} has type {t}; outlierd trains on numeric features only: "
+            "encode it as numbers or drop it"
+        )
+    return col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def load_dataset(
+    path: str | os.PathLike,
+    *,
+    label_column: str | None = None,
+    feature_names: list[str] | None = None,
+    require_rows: int = MIN_ROWS,
+) -> Dataset:
+    """Load ``path`` and validate it: numeric features, labels in {0, 1}, enough rows, no column
+    entirely missing. ``feature_names`` (for scoring) selects and orders the columns a model
+    expects. Missing values are kept as NaN; constant columns and missing values are reported in
+    ``warnings``.
+    """
+    table = read_table(path)
+    columns = list(table.column_names)
+    if len(set(columns)) != len(columns):
+        dupes = sorted({c for c in columns if columns.count(c) > 1})
+        raise DataError(f"{path}: duplicate column names {dupes}")
+    if label_column is not None and label_column not in columns:
+        raise DataError(f"{path}: label column {label_column!r} not found; columns are {columns[:20]}")
+    if feature_names is None:
+        feature_names = [c for c in columns if c != label_column]
+    else:
+        missing = [c for c in feature_names if c not in columns]
+        if missing:
+            raise DataError(f"{path}: the model's feature columns {missing[:10]} are missing from the data")
+    if not feature_names:
+        raise DataError(f"{path}: no feature columns (columns: {columns})")
+    n = table.num_rows
+    if n < require_rows:
+        raise DataError(f"{path}: {n} rows; at least {require_rows} are needed")
+    X = np.empty((n, len(feature_names)), dtype=np.float64)
+    for j, name in enumerate(feature_names):
+        X[:, j] = _numeric_column(table, name)
+    warnings: list[str] = []
+    finite = np.isfinite(X)
+    missing_counts = (~finite).sum(axis=0)
+    empty = [feature_names[j] for j in np.flatnonzero(missing_counts == n)]
+    if empty and require_rows > 0:
+        raise DataError(f"{path}: columns {empty[:10]} have no finite values at all; drop them")
+    for j in np.flatnonzero(missing_counts):
+        warnings.append(f"column {feature_names[j]!r}: {missing_counts[j]} missing or non-finite values (imputed with the median)")
+    if n:
+        with np.errstate(all="ignore"):
+            lo = np.where(finite, X, np.inf).min(axis=0)
+            hi = np.where(finite, X, -np.inf).max(axis=0)
+        for j in np.flatnonzero(lo == hi):
+            warnings.append(f"column {feature_names[j]!r} is constant ({lo[j]:g}); it carries no signal")
+    labels = None
+    if label_column is not None:
+        raw = table.column(label_column)
+        if raw.null_count:
+            raise DataError(f"{path}: label column {label_column!r} has {raw.null_count} missing values")
+        lab = _numeric_column(table, label_column)
+        bad = ~np.isin(lab, (0.0, 1.0))
+        if bad.any():
+            examples = sorted(set(lab[bad].tolist()))[:5]
+            raise DataError(f"{path}: label column {label_column!r} must hold 0 (normal) or 1 (anomaly); found {examples}")
+        labels = lab.astype(np.int8)
+    return Dataset(X, list(feature_names), labels, Path(path), warnings)

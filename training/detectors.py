@@ -1,0 +1,55 @@
+"""Detector fitting. Each returns what ``export.export_detector`` writes: the detector's manifest
+entry and its arrays. Inputs are preprocessed (imputed) float64 records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+DETECTORS = ("iforest", "robust_z", "hbos")
+MAD_TO_SIGMA = 1.4826
+MEANAD_TO_SIGMA = 1.2533
+
+
+def fit_iforest(X: np.ndarray, *, seed: int = 0, n_estimators: int = 100, max_samples: int = 256) -> Any:
+    """A scikit-learn IsolationForest (100 trees of 256 samples by default)."""
+    from sklearn.ensemble import IsolationForest
+
+    forest = IsolationForest(n_estimators=n_estimators, max_samples=min(max_samples, X.shape[0]), random_state=seed)
+    return forest.fit(X.astype(np.float32))
+
+
+def fit_robust_z(X: np.ndarray, *, combine: str = "rms") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Median and MAD per feature. A zero MAD falls back to the mean absolute deviation, and a
+    constant feature to scale 1, so that no scale is ever zero."""
+    med = np.median(X, axis=0)
+    dev = np.abs(X - med)
+    scale = MAD_TO_SIGMA * np.median(dev, axis=0)
+    meanad = MEANAD_TO_SIGMA * dev.mean(axis=0)
+    scale = np.where(scale > 0, scale, np.where(meanad > 0, meanad, 1.0))
+    detector = {"kind": "robust_z", "params": {"combine": combine}}
+    return detector, {"rz_median": med, "rz_scale_inv": 1.0 / scale}
+
+
+def default_bins(n: int) -> int:
+    return int(np.clip(round(np.sqrt(n)), 10, 50))
+
+
+def fit_hbos(X: np.ndarray, *, n_bins: int | None = None, alpha: float = 1.0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Equal-width histograms per feature over the training range, plus below/above slots."""
+    n, d = X.shape
+    n_bins = default_bins(n) if n_bins is None else int(n_bins)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1; got {n_bins}")
+    lo, hi = X.min(axis=0), X.max(axis=0)
+    width = (hi - lo) / n_bins
+    inv_width = np.where(width > 0, 1.0 / np.where(width > 0, width, 1.0), 0.0)
+    table = np.empty((d, n_bins + 2))
+    for j in range(d):
+        k = np.minimum(((X[:, j] - lo[j]) * inv_width[j]).astype(np.int64), n_bins - 1)
+        counts = np.zeros(n_bins + 2)
+        counts[1:-1] = np.bincount(k, minlength=n_bins)
+        table[j] = np.log(counts.max() + alpha) - np.log(counts + alpha)
+    detector = {"kind": "hbos", "params": {"n_bins": n_bins, "alpha": alpha}}
+    return detector, {"hb_lo": lo, "hb_hi": hi, "hb_inv_width": inv_width, "hb_table": table}
