@@ -104,6 +104,10 @@ def write_artifact(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
+        # mkdtemp makes 0700; an artifact on a shared volume must be readable by other users.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         _write_npz(tmp / ARRAYS, arrays)
         _write_npz(
             tmp / PROBE,
@@ -139,15 +143,21 @@ def write_artifact(
     return dest
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in an artifact's JSON")
+
+
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``manifest.json``: parseable, digest intact, format version known."""
     mpath = Path(path) / MANIFEST
     try:
         with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
+            manifest = json.load(f, parse_constant=_no_constants)
     except FileNotFoundError as e:
         raise ArtifactError(f"{path} is not a model artifact: {MANIFEST} is missing") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:
+        raise ArtifactError(f"cannot read {mpath}: {e}") from e
+    except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{mpath} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{mpath} must hold a JSON object")
@@ -177,10 +187,14 @@ def verify_files(path: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
         raise ArtifactError(f"{root / MANIFEST} lists no files")
     for name, meta in files.items():
         fpath = root / name
-        if Path(name).name != name:
-            raise ArtifactError(f"{root / MANIFEST} names a file outside the artifact: {name!r}")
+        if Path(name).name != name or name == MANIFEST:
+            raise ArtifactError(f"{root / MANIFEST} names an invalid file: {name!r}")
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{root / MANIFEST}: the entry for {name} must be an object with sha256 and bytes")
         if not fpath.is_file():
             raise ArtifactError(f"{root} is incomplete: {name} is missing")
+        if "bytes" in meta and fpath.stat().st_size != meta["bytes"]:
+            raise ArtifactError(f"{fpath} is corrupt: {fpath.stat().st_size} bytes, the manifest says {meta['bytes']}")
         digest = sha256_file(fpath)
         if digest != meta.get("sha256"):
             raise ArtifactError(f"{fpath} is corrupt: sha256 {digest[:12]}… differs from the manifest's")
@@ -198,8 +212,8 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def load_json(path: str | os.PathLike) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+            return json.load(f, parse_constant=_no_constants)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"cannot read {path}: {e}") from e
 
 

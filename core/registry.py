@@ -264,8 +264,8 @@ class Registry:
     def publish(self, name: str, artifact_dir: str | os.PathLike, aliases: Iterable[str] = ()) -> int:
         """Publish the artifact directory ``artifact_dir`` as the next version of model ``name``.
 
-        The source is verified first (manifest digest and every file's sha256); a corrupt or
-        incomplete artifact is refused with :class:`~core.errors.ArtifactError` and nothing is
+        The source is verified first by loading it (manifest digest, every file's sha256, array
+        shapes, probe scores); a corrupt, incomplete or non-reproducing artifact is refused with :class:`~core.errors.ArtifactError` and nothing is
         written. The copy is stamped with ``model``, ``version`` and ``published`` (UTC ISO-8601)
         and renamed into place atomically; then each alias in ``aliases`` is pointed at it.
         Returns the new version number (1 for a model's first version).
@@ -275,8 +275,8 @@ class Registry:
         src = Path(artifact_dir)
         if not src.is_dir():
             raise ArtifactError(f"{src} is not a model artifact directory")
-        manifest = read_manifest(src)
-        verify_files(src, manifest)
+        # Full load: digest, checksums, shapes and probe scores. Only a servable model is published.
+        manifest = load_model(src).manifest
         files = [MANIFEST, *manifest["files"]]
 
         with self._locked(name) as mdir:
