@@ -29,6 +29,8 @@ from .errors import ArtifactError
 from .preprocess import prep_block
 
 BLOCK = 64          # rows walked together through a tree; a float32 block stays in L1
+FEW_ROWS = 4        # up to this many rows in a block, overlap trees instead of rows
+TREE_GROUP = 8      # trees walked at once on the few-rows path
 MAX_DEPTH = 24      # guards memory: 2**24 nodes per tree
 
 
@@ -173,23 +175,53 @@ def _score_rows(X, lo, hi, out, median, center, scale_inv, reject, feature, thre
         bad = prep_block(X, b0, b1, median, center, scale_inv, reject, buf)
         if bad >= 0:
             return bad
-        for r in range(m):
-            acc[r] = 0.0
-        for t in range(n_trees):
-            f_t = feature[t]
-            t_t = threshold[t]
-            for r in range(m):
-                idx[r] = 0
-            for _ in range(depth):
-                for r in range(m):
-                    i = idx[r]
-                    idx[r] = 2 * i + 1 + (buf[r, f_t[i]] > t_t[i])
-            lv = leaf_value[t]
-            for r in range(m):
-                acc[r] += lv[idx[r] - n_int]
+        if m <= FEW_ROWS:
+            _walk_tree_groups(buf, m, feature, threshold, leaf_value, depth, idx, acc)
+        else:
+            _walk_rows(buf, m, feature, threshold, leaf_value, depth, idx, acc)
         for r in range(m):
             out[b0 + r] = 2.0 ** (-acc[r] / denominator) if denominator != 0 else 1.0
     return -1
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _walk_rows(buf, m, feature, threshold, leaf_value, depth, idx, acc):
+    """Many rows: walk all of them through one tree level by level (independent loads per row)."""
+    n_trees, n_int = feature.shape
+    for r in range(m):
+        acc[r] = 0.0
+    for t in range(n_trees):
+        f_t = feature[t]
+        t_t = threshold[t]
+        for r in range(m):
+            idx[r] = 0
+        for _ in range(depth):
+            for r in range(m):
+                i = idx[r]
+                idx[r] = 2 * i + 1 + (buf[r, f_t[i]] > t_t[i])
+        lv = leaf_value[t]
+        for r in range(m):
+            acc[r] += lv[idx[r] - n_int]
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _walk_tree_groups(buf, m, feature, threshold, leaf_value, depth, idx, acc):
+    """Few rows (latency path): walk TREE_GROUP trees of one row at once, so that independent
+    load chains overlap even for a single record. Leaf values are still summed in tree order."""
+    n_trees, n_int = feature.shape
+    for r in range(m):
+        s = 0.0
+        for t0 in range(0, n_trees, TREE_GROUP):
+            g1 = min(TREE_GROUP, n_trees - t0)
+            for g in range(g1):
+                idx[g] = 0
+            for _ in range(depth):
+                for g in range(g1):
+                    i = idx[g]
+                    idx[g] = 2 * i + 1 + (buf[r, feature[t0 + g, i]] > threshold[t0 + g, i])
+            for g in range(g1):
+                s += leaf_value[t0 + g, idx[g] - n_int]
+        acc[r] = s
 
 
 @nb.njit(nogil=True, cache=True)

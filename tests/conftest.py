@@ -33,5 +33,12 @@ def rng(request):
     # fresh random inputs each run; the seed is printed on failure to reproduce
     seed = int(os.environ.get("OUTLIERD_TEST_SEED", np.random.SeedSequence().entropy % (2**32)))
     request.node.user_properties.append(("seed", seed))
-    print(f"seed={seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    seeds = [v for k, v in item.user_properties if k == "seed"]
+    if report.failed and seeds:
+        report.sections.append(("random seed", f"rerun with OUTLIERD_TEST_SEED={seeds[0]}"))
