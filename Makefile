@@ -27,7 +27,7 @@ test: $(STAMP)
 
 # Speed suites (outside the test run); OUTLIERD_BENCH_ROWS shrinks the data.
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks --benchmark-only -p no:cacheprovider -o addopts="" -q
+	$(BIN)/python -m pytest benchmarks --benchmark-only -p no:cacheprovider --benchmark-columns=median,min,max,rounds,iterations
 
 clean:
 	rm -rf $(VENV) runs .benchmarks

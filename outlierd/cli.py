@@ -54,11 +54,11 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_score(sub: Any) -> None:
     p = sub.add_parser("score", help="score a CSV/Parquet file with a registry model",
                        description="Score every record of a file; optionally write scores and flags to a file.")
-    p.add_argument("--data", required=True, metavar="FILE")
+    p.add_argument("--input", "--data", dest="data", required=True, metavar="FILE", help="records to score (.csv, .parquet)")
     p.add_argument("--registry", required=True, metavar="DIR")
     p.add_argument("--model", required=True, metavar="NAME")
-    p.add_argument("--ref", default="champion", metavar="VERSION|ALIAS", help="version or alias (default champion)")
-    p.add_argument("--out", metavar="FILE", help="write score and anomalous columns here (.csv or .parquet)")
+    p.add_argument("--ref", "--alias", dest="ref", default="champion", metavar="VERSION|ALIAS", help="version or alias (default champion)")
+    p.add_argument("--output", "--out", dest="out", metavar="FILE", help="write score and anomalous columns here (.csv or .parquet)")
     p.add_argument("--label-column", metavar="COL", help="evaluate against this 0/1 column")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_run_score)
