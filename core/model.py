@@ -25,8 +25,9 @@ DETECTORS = ("iforest", "robust_z", "hbos")
 SERIAL_MAX_ROWS = 1024
 _FLOAT_KINDS = "fiub"
 
-# Numba's default (workqueue) threading layer must not be entered by two Python threads at once;
-# one lock per process serialises the parallel kernels, which use every core anyway.
+# Numba picks its threading layer at run time (omp, tbb or workqueue); workqueue must not be
+# entered by two Python threads at once. One lock per process serialises the parallel kernels,
+# which use every core anyway, so the choice of layer never matters for correctness.
 _PARALLEL_LOCK = threading.Lock()
 
 
