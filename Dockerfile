@@ -12,7 +12,7 @@ COPY training ./training
 COPY server ./server
 COPY monitoring ./monitoring
 COPY outlierd ./outlierd
-RUN pip install --no-cache-dir ".[serve]"
+RUN pip install --no-cache-dir .
 
 RUN useradd --create-home --uid 10001 outlierd
 USER outlierd

@@ -84,6 +84,43 @@ def _run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a registry model over gRPC (Score, ScoreStream, GetModelInfo)",
+                       description="Serve the model an alias points at; hot-reloads when the alias moves. "
+                                   "Every flag can also come from an OUTLIERD_<FLAG> environment variable.")
+    p.add_argument("--registry", required=True, metavar="DIR")
+    p.add_argument("--model", required=True, metavar="NAME")
+    p.add_argument("--alias", default=None, metavar="ALIAS", help="alias to serve and watch (default champion)")
+    p.add_argument("--host", default=None, help="listen address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port, 0 for none (default 9100)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="worker processes sharing the port (default 1)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="scoring threads per worker (default 2)")
+    p.add_argument("--max-batch", type=int, default=None, metavar="N", help="micro-batch size in records (default 1024)")
+    p.add_argument("--max-delay-us", type=int, default=None, metavar="N", help="micro-batch wait in microseconds (default 500)")
+    p.add_argument("--max-queue-records", type=int, default=None, metavar="N", help="queued records before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-request-records", type=int, default=None, metavar="N", help="records allowed per request")
+    p.add_argument("--grace-s", type=float, default=None, metavar="S", help="shutdown grace in seconds (default 10)")
+    p.add_argument("--tls-cert", default=None, metavar="PEM")
+    p.add_argument("--tls-key", default=None, metavar="PEM")
+    p.add_argument("--tls-client-ca", default=None, metavar="PEM", help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--auth-token-file", default=None, metavar="FILE",
+                   help="require 'authorization: Bearer <token>' (token from this file, or OUTLIERD_AUTH_TOKEN)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from server.auth import read_token
+    from server.settings import ServeSettings
+    from server.workers import serve
+
+    names = ("registry", "model", "alias", "host", "port", "metrics_port", "workers", "threads", "max_batch", "max_delay_us",
+             "max_queue_records", "max_request_records", "grace_s", "tls_cert", "tls_key", "tls_client_ca")
+    overrides = {n: getattr(args, n) for n in names}
+    overrides["auth_token"] = read_token(args.auth_token_file, os.environ.get("OUTLIERD_AUTH_TOKEN"))
+    return serve(ServeSettings.from_env(**overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outlierd",
@@ -100,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_train(sub)
     _add_score(sub)
+    _add_serve(sub)
     registry_cli.add_parser(sub)
     return parser
 

@@ -1,0 +1,48 @@
+"""Prometheus metrics of the scoring service. Names are a public contract (dashboards, alert rules).
+
+With several worker processes, prometheus-client's multiprocess mode must be chosen before the
+first metric exists: ``server.workers`` sets ``PROMETHEUS_MULTIPROC_DIR`` before it starts any
+worker, and the parent serves ``/metrics`` through a ``MultiProcessCollector``. Tests inject a fresh
+``CollectorRegistry``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536, 262144, 1048576)
+
+
+class ServiceMetrics:
+    """Every metric the service exports, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        kw = {"registry": registry} if registry is not None else {}
+        self.request_latency = Histogram(
+            "outlierd_request_duration_seconds", "Time from request received to response ready, by RPC method.",
+            ["method"], buckets=LATENCY_BUCKETS, **kw)
+        self.records_scored = Counter("outlierd_records_scored_total", "Records scored.", ["model", "version"], **kw)
+        self.anomalies = Counter("outlierd_anomalies_total", "Records flagged anomalous (score >= threshold).", ["model", "version"], **kw)
+        self.batch_size = Histogram("outlierd_batch_size_records", "Records per kernel call (after micro-batching).",
+                                    ["model"], buckets=BATCH_BUCKETS, **kw)
+        self.model_info = Gauge("outlierd_model_info", "1 for the model version each worker serves.",
+                                ["model", "version", "alias"], multiprocess_mode="liveall", **kw)
+        self.reloads = Counter("outlierd_model_reloads_total", "Model reload attempts by result (ok, refused).", ["model", "result"], **kw)
+        self.invalid_inputs = Counter("outlierd_invalid_inputs_total", "Rejected requests by reason.", ["reason"], **kw)
+        self.queue_depth = Gauge("outlierd_queue_depth_records", "Records waiting in the micro-batcher.",
+                                 multiprocess_mode="livesum", **kw)
+        self.overloaded = Counter("outlierd_overloaded_total", "Requests refused with RESOURCE_EXHAUSTED (queue full).", **kw)
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve ``/metrics`` on ``port``; aggregates worker processes when multiprocess mode is on."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        start_http_server(port, addr=addr, registry=registry)
+    else:
+        start_http_server(port, addr=addr)

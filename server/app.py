@@ -1,0 +1,101 @@
+"""One worker: a grpc.aio server with the scorer, health, reflection, TLS and token auth.
+
+Lifecycle: load and warm up the model -> health SERVING -> serve, watching the alias -> on SIGTERM
+or SIGINT: health NOT_SERVING, stop taking calls, let in-flight work finish within the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from core.registry import Registry
+from monitoring.metrics import ServiceMetrics
+from outlierd.v1 import scoring_pb2, scoring_pb2_grpc
+
+from .auth import TokenAuthInterceptor
+from .batcher import MicroBatcher
+from .reload import ModelSlot
+from .servicer import ScorerServicer
+from .settings import ServeSettings
+
+log = logging.getLogger("outlierd.server")
+SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
+
+
+@dataclass
+class Worker:
+    server: grpc.aio.Server
+    port: int
+    slot: ModelSlot
+    batcher: MicroBatcher
+    health: health.HealthServicer
+    watcher: asyncio.Task
+    settings: ServeSettings
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING first, then no new calls, in-flight ones finish."""
+        grace = self.settings.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.watcher.cancel()
+        await self.server.stop(grace)
+        await self.batcher.close()
+        log.info("stopped port=%d", self.port)
+
+
+def _credentials(s: ServeSettings) -> grpc.ServerCredentials | None:
+    if s.tls_cert is None:
+        return None
+    key, cert = s.tls_key.read_bytes(), s.tls_cert.read_bytes()  # type: ignore[union-attr]
+    ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None) -> Worker:
+    """Load the model, then start serving; returns once the port accepts calls."""
+    registry = Registry(settings.registry)
+    slot = ModelSlot(registry, settings.model, settings.alias, metrics)
+    loop = asyncio.get_running_loop()
+    handle = await loop.run_in_executor(None, slot.load_initial)
+    interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []
+    options = [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    batcher = MicroBatcher(slot, threads=settings.threads, max_batch=settings.max_batch, max_delay_us=settings.max_delay_us,
+                           max_queue_records=settings.max_queue_records, metrics=metrics)
+    batcher.start()
+    scoring_pb2_grpc.add_ScorerServicer_to_server(ScorerServicer(settings, slot, batcher, metrics), server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.port}"
+    creds = _credentials(settings)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    watcher = loop.create_task(slot.watch(settings.reload_interval_s), name="outlierd-reload")
+    log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s", settings.host, port, handle.name,
+             handle.version, settings.alias, creds is not None, bool(settings.auth_token))
+    return Worker(server, port, slot, batcher, health_servicer, watcher, settings)
+
+
+async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None) -> None:
+    """Serve until SIGTERM / SIGINT, then stop gracefully."""
+    worker = await start_worker(settings, metrics)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down grace=%.1fs", settings.grace_s)
+    await worker.stop()

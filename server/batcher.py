@@ -1,0 +1,169 @@
+"""Micro-batching: small requests are coalesced into one kernel call; large ones pass through.
+
+``submit`` is synchronous and binds the request to the handle serving *now*, so the requests of one
+stream see versions in order, and a batch only ever mixes requests bound to the same handle. The
+queue is bounded in records: when it is full, ``submit`` raises :class:`Overloaded`. A cancelled
+request is skipped when its batch forms. Kernels run on a small thread pool with the GIL released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import Overloaded
+from .reload import ModelHandle, ModelSlot
+
+log = logging.getLogger("outlierd.batcher")
+
+
+@dataclass
+class _Item:
+    X: np.ndarray
+    handle: ModelHandle
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    def __init__(self, slot: ModelSlot, *, threads: int, max_batch: int, max_delay_us: int, max_queue_records: int, metrics: Any = None):
+        self.slot = slot
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_us / 1e6
+        self.max_queue_records = max_queue_records
+        self.metrics = metrics
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="outlierd-score")
+        self._running = asyncio.Semaphore(threads)
+        self._queue: deque[_Item] = deque()
+        self._queued = 0
+        self._wake = asyncio.Event()
+        self._full = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="outlierd-batcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=True)
+
+    @property
+    def queued_records(self) -> int:
+        return self._queued
+
+    def submit(self, X: np.ndarray, handle: ModelHandle | None = None) -> asyncio.Future:
+        """Queue ``X`` for scoring with ``handle`` (default: the one serving now); the future
+        resolves to ``(handle, scores)``."""
+        handle = handle or self.slot.current
+        assert handle is not None, "no model loaded"
+        loop = asyncio.get_running_loop()
+        n = X.shape[0]
+        if n >= self.max_batch or n == 0:
+            return loop.create_task(self._score_direct(handle, X))
+        if self._queued + n > self.max_queue_records:
+            if self.metrics is not None:
+                self.metrics.overloaded.inc()
+            raise Overloaded(f"server overloaded: {self._queued} records already queued (limit {self.max_queue_records}); retry later")
+        fut = loop.create_future()
+        self._queue.append(_Item(X, handle, fut))
+        self._queued += n
+        self._set_depth()
+        self._wake.set()
+        if self._queued >= self.max_batch:
+            self._full.set()
+        return fut
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._queued)
+
+    async def _score_direct(self, handle: ModelHandle, X: np.ndarray) -> tuple[ModelHandle, np.ndarray]:
+        async with self._running:
+            scores = await asyncio.get_running_loop().run_in_executor(self.executor, handle.model.score, X)
+        self._observe(handle, scores.shape[0])
+        return handle, scores
+
+    def _observe(self, handle: ModelHandle, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(handle.name).observe(n)
+
+    def _take_batch(self) -> list[_Item]:
+        """Pop queued items of one handle, up to max_batch records, skipping cancelled ones."""
+        items: list[_Item] = []
+        rows = 0
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():  # cancelled by its caller: drop it
+                self._queue.popleft()
+                self._queued -= item.X.shape[0]
+                continue
+            if items and (item.handle is not items[0].handle or rows + item.X.shape[0] > self.max_batch):
+                break
+            self._queue.popleft()
+            self._queued -= item.X.shape[0]
+            rows += item.X.shape[0]
+            items.append(item)
+        self._set_depth()
+        if self._queued < self.max_batch:
+            self._full.clear()
+        return items
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self._queued < self.max_batch and self.max_delay_s > 0:
+                try:
+                    await asyncio.wait_for(self._full.wait(), timeout=self.max_delay_s)
+                except asyncio.TimeoutError:
+                    pass
+            await self._running.acquire()
+            items = self._take_batch()
+            if not items:
+                self._running.release()
+                continue
+            asyncio.get_running_loop().create_task(self._score_batch(items))
+
+    async def _score_batch(self, items: list[_Item]) -> None:
+        try:
+            handle = items[0].handle
+            X = items[0].X if len(items) == 1 else np.concatenate([it.X for it in items])
+            loop = asyncio.get_running_loop()
+            try:
+                scores = await loop.run_in_executor(self.executor, handle.model.score, X)
+            except Exception:
+                # one bad request must not fail its batch-mates: score them one by one
+                for it in items:
+                    await self._score_alone(it)
+                return
+            self._observe(handle, X.shape[0])
+            start = 0
+            for it in items:
+                n = it.X.shape[0]
+                if not it.future.done():
+                    it.future.set_result((handle, scores[start:start + n]))
+                start += n
+        finally:
+            self._running.release()
+
+    async def _score_alone(self, it: _Item) -> None:
+        try:
+            scores = await asyncio.get_running_loop().run_in_executor(self.executor, it.handle.model.score, it.X)
+        except Exception as e:
+            if not it.future.done():
+                it.future.set_exception(e)
+            return
+        if not it.future.done():
+            it.future.set_result((it.handle, scores))

@@ -1,0 +1,107 @@
+"""Immutable model handles and the hot-reloading slot that holds the current one.
+
+A worker's slot watches its alias. On a change: load (checksums, schema) -> verify (probe scores)
+-> warm up -> atomic swap of the handle. Batches already running keep the handle they took, so
+in-flight work finishes on the old version. A version that fails any step is refused, counted and
+logged, and the old one keeps serving; it is not retried until the alias moves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core.model import SERIAL_MAX_ROWS, Model
+from core.registry import Registry
+
+log = logging.getLogger("outlierd.reload")
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    name: str
+    version: int
+    alias: str
+    model: Model
+    loaded_at: float
+
+    @property
+    def threshold(self) -> float:
+        return self.model.threshold
+
+
+def load_handle(registry: Registry, name: str, alias: str, version: int) -> ModelHandle:
+    """Load and warm up one version (blocking: run it off the event loop)."""
+    model = registry.load(name, version)  # verifies checksums and probe scores
+    # First call per kernel (serial / parallel), dtype and writability compiles the kernel or loads
+    # it from Numba's cache: do it now, not on a live request. raw_values arrive as read-only views.
+    for rows in (1, SERIAL_MAX_ROWS + 1):
+        warm = np.zeros((rows, model.n_features))
+        model.score(warm)
+        model.score(warm.astype(np.float32))
+        model.score(np.frombuffer(warm.astype("<f4").tobytes(), dtype="<f4").reshape(rows, -1))
+    return ModelHandle(name, version, alias, model, time.time())
+
+
+class ModelSlot:
+    """The handle a worker serves now, and the watcher that replaces it."""
+
+    def __init__(self, registry: Registry, name: str, alias: str, metrics: Any = None):
+        self.registry, self.name, self.alias, self.metrics = registry, name, alias, metrics
+        self.current: ModelHandle | None = None
+        self._refused: int | None = None  # last version refused, not retried until the alias moves
+        self.changed = asyncio.Event()
+
+    def load_initial(self) -> ModelHandle:
+        version = self.registry.resolve(self.name, self.alias)
+        self._swap(load_handle(self.registry, self.name, self.alias, version))
+        assert self.current is not None
+        return self.current
+
+    def _swap(self, handle: ModelHandle) -> None:
+        old = self.current
+        self.current = handle
+        if self.metrics is not None:
+            if old is not None:
+                self.metrics.model_info.labels(old.name, str(old.version), old.alias).set(0)
+            self.metrics.model_info.labels(handle.name, str(handle.version), handle.alias).set(1)
+        log.info("serving model=%s version=%d alias=%s", handle.name, handle.version, handle.alias)
+
+    async def check(self) -> bool:
+        """Look at the alias once; swap in a new version if it moved. True if the handle changed."""
+        loop = asyncio.get_running_loop()
+        try:
+            version = await loop.run_in_executor(None, self.registry.resolve, self.name, self.alias)
+        except Exception as e:  # registry unreachable or alias removed: keep serving
+            log.warning("alias check failed model=%s alias=%s error=%s", self.name, self.alias, e)
+            return False
+        cur = self.current
+        if cur is not None and version == cur.version or version == self._refused:
+            return False
+        t0 = time.perf_counter()
+        try:
+            handle = await loop.run_in_executor(None, load_handle, self.registry, self.name, self.alias, version)
+        except Exception as e:
+            self._refused = version
+            if self.metrics is not None:
+                self.metrics.reloads.labels(self.name, "refused").inc()
+            log.error("reload refused model=%s version=%d error=%s; still serving version=%s",
+                      self.name, version, e, cur.version if cur else None)
+            return False
+        self._refused = None
+        self._swap(handle)
+        if self.metrics is not None:
+            self.metrics.reloads.labels(self.name, "ok").inc()
+        log.info("reloaded model=%s version=%d in %.3fs", self.name, version, time.perf_counter() - t0)
+        self.changed.set()
+        return True
+
+    async def watch(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.check()

@@ -1,0 +1,118 @@
+"""The gRPC servicer: protobuf in, domain calls, protobuf out. Scoring lives in core/."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+import grpc
+import numpy as np
+
+from outlierd.v1 import scoring_pb2 as pb
+from outlierd.v1 import scoring_pb2_grpc as pb_grpc
+
+from .batcher import MicroBatcher
+from .errors import RequestError, message, status_code
+from .reload import ModelHandle, ModelSlot
+from .requests import decode
+from .settings import ServeSettings
+
+log = logging.getLogger("outlierd.servicer")
+
+
+class ScorerServicer(pb_grpc.ScorerServicer):
+    def __init__(self, settings: ServeSettings, slot: ModelSlot, batcher: MicroBatcher, metrics=None):
+        self.settings, self.slot, self.batcher, self.metrics = settings, slot, batcher, metrics
+
+    # -- shared steps -------------------------------------------------------------------------
+
+    def _start(self, req: pb.ScoreRequest) -> asyncio.Future:
+        """Validate and queue one request (synchronously, so requests bind handles in order)."""
+        if req.explain:
+            raise RequestError("explain is not implemented yet", code="UNIMPLEMENTED", reason="explain")
+        handle = self.slot.current
+        X = decode(req, handle, self.settings.model, self.settings.max_request_records)
+        return self.batcher.submit(X, handle)
+
+    def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray) -> pb.ScoreResponse:
+        flagged = scores >= handle.threshold
+        if self.metrics is not None and scores.size:
+            v = str(handle.version)
+            self.metrics.records_scored.labels(handle.name, v).inc(scores.size)
+            self.metrics.anomalies.labels(handle.name, v).inc(int(flagged.sum()))
+        return pb.ScoreResponse(request_id=req.request_id, model=handle.name, version=str(handle.version),
+                                scores=scores.tolist(), anomalous=flagged.tolist(), ids=req.ids, device="cpu")
+
+    def _count_invalid(self, e: RequestError) -> None:
+        if self.metrics is not None:
+            self.metrics.invalid_inputs.labels(e.reason).inc()
+
+    def _observe(self, method: str, t0: float) -> None:
+        if self.metrics is not None:
+            self.metrics.request_latency.labels(method).observe(time.perf_counter() - t0)
+
+    # -- RPCs -----------------------------------------------------------------------------------
+
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        t0 = time.perf_counter()
+        try:
+            handle, scores = await self._start(request)
+        except RequestError as e:
+            self._count_invalid(e)
+            await context.abort(status_code(e), message(e))
+        response = self._response(request, handle, scores)
+        self._observe("Score", t0)
+        return response
+
+    async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
+        # A reader task validates and queues messages as they arrive (up to stream_inflight ahead);
+        # this generator answers them in request order. Bad messages get an `error` response.
+        pending: asyncio.Queue = asyncio.Queue(maxsize=self.settings.stream_inflight)
+
+        async def reader() -> None:
+            try:
+                async for req in request_iterator:
+                    t0 = time.perf_counter()
+                    try:
+                        await pending.put((req, t0, self._start(req), None))
+                    except RequestError as e:
+                        self._count_invalid(e)
+                        await pending.put((req, t0, None, e))
+            finally:
+                await pending.put(None)
+
+        task = asyncio.get_running_loop().create_task(reader())
+        try:
+            while True:
+                entry = await pending.get()
+                if entry is None:
+                    break
+                req, t0, fut, err = entry
+                if err is None:
+                    try:
+                        handle, scores = await fut
+                    except RequestError as e:
+                        err = e
+                    except Exception as e:  # a kernel failure answers this message, not the stream
+                        log.exception("scoring failed request_id=%d", req.request_id)
+                        err = RequestError(f"internal error: {e}", code="INTERNAL", reason="internal")
+                if err is not None:
+                    yield pb.ScoreResponse(request_id=req.request_id, error=f"{err.code}: {message(err)}")
+                    continue
+                yield self._response(req, handle, scores)
+                self._observe("ScoreStream", t0)
+        finally:
+            task.cancel()
+            while not pending.empty():  # a cancelled stream frees its queued work
+                entry = pending.get_nowait()
+                if entry is not None and entry[2] is not None:
+                    entry[2].cancel()
+
+    async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        handle = self.slot.current
+        if request.model and request.model != self.settings.model:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; this server serves {self.settings.model!r}")
+        return pb.ModelInfo(model=handle.name, version=str(handle.version), feature_names=handle.model.feature_names,
+                            threshold=handle.threshold, alias=handle.alias)

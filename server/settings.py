@@ -1,0 +1,86 @@
+"""Typed settings of ``outlierd serve``; every field can come from an ``OUTLIERD_*`` variable."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class ServeSettings:
+    registry: Path
+    """Registry root directory (a shared volume for many replicas)."""
+    model: str
+    """Registry model name this server serves (requests with an empty ``model`` get it)."""
+    alias: str = "champion"
+    """Alias whose version is served; watched for changes (hot reload)."""
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+    port: int = 50051
+    """gRPC port (0: pick a free one; single worker only)."""
+    metrics_port: int = 9100
+    """Prometheus /metrics port (0: no metrics server)."""
+    workers: int = 1
+    """Worker processes sharing the port with SO_REUSEPORT."""
+    threads: int = 2
+    """Scoring threads per worker (kernels release the GIL)."""
+    max_batch: int = 1024
+    """Micro-batch size in records; requests this large or larger pass straight through."""
+    max_delay_us: int = 500
+    """How long the first queued request waits for others to join its batch."""
+    max_queue_records: int = 262144
+    """Records allowed to wait in the micro-batcher; beyond it, RESOURCE_EXHAUSTED."""
+    max_request_records: int = 1048576
+    """Records per request; larger requests are INVALID_ARGUMENT."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Transport cap on a message's size (gRPC answers RESOURCE_EXHAUSTED beyond it)."""
+    stream_inflight: int = 8
+    """Messages of one stream scored concurrently (responses still come in order)."""
+    reload_interval_s: float = 0.25
+    """How often workers check the alias."""
+    grace_s: float = 10.0
+    """On SIGTERM: how long in-flight work may take to finish."""
+    tls_cert: Path | None = None
+    """Server certificate (PEM) for TLS."""
+    tls_key: Path | None = None
+    """Server private key (PEM) for TLS."""
+    tls_client_ca: Path | None = None
+    """CA bundle (PEM): when set, clients must present a certificate it signed (mutual TLS)."""
+    auth_token: str | None = field(default=None, repr=False)
+    """Bearer token clients must send (``authorization: Bearer …``); health checks are exempt."""
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> "ServeSettings":
+        """Settings from ``OUTLIERD_<FIELD>`` variables, then ``overrides`` (CLI flags) on top."""
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            env = os.environ.get(f"OUTLIERD_{f.name.upper()}")
+            if env is not None:
+                values[f.name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        for f in fields(cls):
+            if f.name in values and isinstance(values[f.name], str):
+                t = str(f.type)
+                if t.startswith("int"):
+                    values[f.name] = int(values[f.name])  # type: ignore[arg-type]
+                elif t.startswith("float"):
+                    values[f.name] = float(values[f.name])  # type: ignore[arg-type]
+                elif "Path" in t:
+                    values[f.name] = Path(values[f.name])  # type: ignore[arg-type]
+        s = cls(**values)  # type: ignore[arg-type]
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        for name in ("workers", "threads", "max_batch", "max_queue_records", "max_request_records", "stream_inflight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.max_delay_us < 0:
+            raise ValueError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("--port 0 cannot be shared by several workers; choose a port")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
