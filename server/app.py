@@ -69,7 +69,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    server = grpc.aio.server(interceptors=interceptors, options=options)
+    server = grpc.aio.server(interceptors=interceptors, options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
     batcher = MicroBatcher(slot, threads=settings.threads, max_batch=settings.max_batch, max_delay_us=settings.max_delay_us,
                            max_queue_records=settings.max_queue_records, metrics=metrics)
     batcher.start()

@@ -2,7 +2,8 @@
 
 ``submit`` is synchronous and binds the request to the handle serving *now*, so the requests of one
 stream see versions in order, and a batch only ever mixes requests bound to the same handle. The
-queue is bounded in records: when it is full, ``submit`` raises :class:`Overloaded`. A cancelled
+records admitted and not yet answered are bounded: beyond the limit, ``submit`` raises
+:class:`Overloaded`. A cancelled
 request is skipped when its batch forms. Kernels run on a small thread pool with the GIL released.
 """
 
@@ -41,6 +42,7 @@ class MicroBatcher:
         self._running = asyncio.Semaphore(threads)
         self._queue: deque[_Item] = deque()
         self._queued = 0
+        self._inflight = 0
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -59,7 +61,16 @@ class MicroBatcher:
 
     @property
     def queued_records(self) -> int:
+        """Records waiting for a micro-batch."""
         return self._queued
+
+    @property
+    def inflight_records(self) -> int:
+        """Records admitted and not yet answered (queued, waiting for a thread, or being scored)."""
+        return self._inflight
+
+    def _release(self, n: int) -> None:
+        self._inflight -= n
 
     def submit(self, X: np.ndarray, handle: ModelHandle | None = None) -> asyncio.Future:
         """Queue ``X`` for scoring with ``handle`` (default: the one serving now); the future
@@ -68,13 +79,20 @@ class MicroBatcher:
         assert handle is not None, "no model loaded"
         loop = asyncio.get_running_loop()
         n = X.shape[0]
-        if n >= self.max_batch or n == 0:
-            return loop.create_task(self._score_direct(handle, X))
-        if self._queued + n > self.max_queue_records:
+        # Every admitted record counts until it is scored, pass-through ones included, so memory
+        # stays bounded whatever clients do. One request larger than the limit is admitted alone.
+        if self._inflight and self._inflight + n > self.max_queue_records:
             if self.metrics is not None:
                 self.metrics.overloaded.inc()
-            raise Overloaded(f"server overloaded: {self._queued} records already queued (limit {self.max_queue_records}); retry later")
+            raise Overloaded(f"server overloaded: {self._inflight} records waiting or being scored "
+                             f"(limit {self.max_queue_records}); retry later")
+        self._inflight += n
+        if n >= self.max_batch or n == 0:
+            fut = loop.create_task(self._score_direct(handle, X))
+            fut.add_done_callback(lambda _f, n=n: self._release(n))
+            return fut
         fut = loop.create_future()
+        fut.add_done_callback(lambda _f, n=n: self._release(n))
         self._queue.append(_Item(X, handle, fut))
         self._queued += n
         self._set_depth()

@@ -30,7 +30,9 @@ class ServeSettings:
     max_delay_us: int = 500
     """How long the first queued request waits for others to join its batch."""
     max_queue_records: int = 262144
-    """Records allowed to wait in the micro-batcher; beyond it, RESOURCE_EXHAUSTED."""
+    """Records admitted and not yet answered (queued or being scored); beyond it, RESOURCE_EXHAUSTED."""
+    max_concurrent_rpcs: int = 4096
+    """Concurrent RPCs per worker; gRPC answers RESOURCE_EXHAUSTED beyond it."""
     max_request_records: int = 1048576
     """Records per request; larger requests are INVALID_ARGUMENT."""
     max_message_bytes: int = 64 * 1024 * 1024
@@ -73,7 +75,8 @@ class ServeSettings:
         return s
 
     def validate(self) -> None:
-        for name in ("workers", "threads", "max_batch", "max_queue_records", "max_request_records", "stream_inflight"):
+        for name in ("workers", "threads", "max_batch", "max_queue_records", "max_request_records", "stream_inflight",
+                     "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.max_delay_us < 0:
