@@ -62,6 +62,11 @@ class ScorerServicer(pb_grpc.ScorerServicer):
         except RequestError as e:
             self._count_invalid(e)
             await context.abort(status_code(e), message(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a kernel failure: INTERNAL with a message, never a bare traceback
+            log.exception("scoring failed request_id=%d", request.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error while scoring: {e}")
         response = self._response(request, handle, scores)
         self._observe("Score", t0)
         return response
