@@ -14,11 +14,10 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP)
 
-# Train the default model on the bundled dataset, publish it, score it, list the registry.
+# Train on synthetic payments, serve (outlierd serve on 127.0.0.1), stream with injected anomalies,
+# retrain and hot-swap mid-stream, summarise, stop with SIGTERM: bounded, about 30 s.
 demo: $(STAMP)
-	$(BIN)/outlierd train --data data/cardio.csv --registry runs/registry --model cardio --label-column label --alias champion
-	$(BIN)/outlierd score --data data/cardio.csv --registry runs/registry --model cardio --label-column label --out runs/cardio-scores.csv
-	$(BIN)/outlierd registry list --registry runs/registry --model cardio
+	$(BIN)/outlierd demo --registry runs/demo-registry
 
 # pytest exits 5 when it collected no test: that is a failure here, said plainly.
 test: $(STAMP)

@@ -121,6 +121,43 @@ def _run_serve(args: argparse.Namespace) -> int:
     return serve(ServeSettings.from_env(**overrides))
 
 
+def _add_demo(sub: Any) -> None:
+    from server import demo
+
+    p = sub.add_parser("demo", help="train, serve, stream payments with injected anomalies, hot-swap the model",
+                       description="End to end on 127.0.0.1: train an Isolation Forest on synthetic card payments and "
+                                   "publish it as 'champion'; start 'outlierd serve'; stream payments with injected anomalies "
+                                   "through ScoreStream with live throughput, recall and precision; retrain mid-stream and "
+                                   "move 'champion' (the server hot-reloads); print a summary and stop the server. "
+                                   "Ends after --records or --seconds, whichever comes first.")
+    p.add_argument("--registry", metavar="DIR", help="registry to publish to (default: a temporary one, deleted at the end)")
+    p.add_argument("--records", type=int, default=demo.DEFAULT_RECORDS, metavar="N",
+                   help=f"payments to stream at most (default {demo.DEFAULT_RECORDS:,})")
+    p.add_argument("--seconds", type=float, default=demo.DEFAULT_SECONDS, metavar="S",
+                   help=f"stream for at most this long (default {demo.DEFAULT_SECONDS:g})")
+    p.add_argument("--port", type=int, default=0, metavar="P", help="gRPC port on 127.0.0.1 (default 0: a free one)")
+    p.add_argument("--batch", type=int, default=demo.DEFAULT_BATCH, metavar="N",
+                   help=f"records per stream message (default {demo.DEFAULT_BATCH})")
+    p.add_argument("--train-records", type=int, default=demo.DEFAULT_TRAIN_RECORDS, metavar="N",
+                   help="training records of the first version; the retrained one gets twice as many "
+                        f"(default {demo.DEFAULT_TRAIN_RECORDS:,})")
+    p.add_argument("--anomaly-rate", type=float, default=demo.DEFAULT_ANOMALY_RATE, metavar="R",
+                   help=f"share of streamed payments with an injected anomaly (default {demo.DEFAULT_ANOMALY_RATE:g})")
+    p.add_argument("--alert-rate", type=float, default=demo.DEFAULT_ALERT_RATE, metavar="R",
+                   help=f"share of training records flagged: sets the threshold (default {demo.DEFAULT_ALERT_RATE:g})")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from server.demo import run_demo
+
+    summary = run_demo(args.registry, records=args.records, seconds=args.seconds, port=args.port, batch=args.batch,
+                       train_records=args.train_records, anomaly_rate=args.anomaly_rate, alert_rate=args.alert_rate,
+                       seed=args.seed)
+    return 0 if summary.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outlierd",
@@ -138,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_score(sub)
     _add_serve(sub)
+    _add_demo(sub)
     registry_cli.add_parser(sub)
     return parser
 

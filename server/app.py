@@ -65,7 +65,8 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     handle = await loop.run_in_executor(None, slot.load_initial)
     interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []
     options = [
-        ("grpc.so_reuseport", 1),
+        # only several workers of one server share a port; a lone server must fail on a taken port
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
@@ -79,7 +80,11 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
     creds = _credentials(settings)
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc says "Failed to bind": give the CLI a clear OSError
+        await batcher.close()
+        raise OSError(f"cannot listen on {address}: {e} (is another server using the port?)") from e
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -85,6 +85,9 @@ class ScorerServicer(pb_grpc.ScorerServicer):
                     except RequestError as e:
                         self._count_invalid(e)
                         await pending.put((req, t0, None, e))
+                    except Exception as e:  # answer this message, keep the stream going
+                        log.exception("could not queue request_id=%d", req.request_id)
+                        await pending.put((req, t0, None, RequestError(f"internal error: {e}", code="INTERNAL", reason="internal")))
             finally:
                 await pending.put(None)
 

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -49,6 +50,17 @@ def _worker_main(settings: ServeSettings, index: int) -> None:
     asyncio.run(run_worker(settings, ServiceMetrics()))
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Workers bind with SO_REUSEPORT, which would silently share a port with another server:
+    prove the port is free with a plain bind first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+
+
 def serve(settings: ServeSettings) -> int:
     """Run the service until SIGTERM / SIGINT; returns the exit code."""
     configure_logging()
@@ -56,7 +68,7 @@ def serve(settings: ServeSettings) -> int:
         from monitoring.metrics import ServiceMetrics, start_metrics_server
 
         if settings.metrics_port:
-            start_metrics_server(settings.metrics_port)
+            start_metrics_server(settings.metrics_port, settings.host)
         from .app import run_worker
 
         asyncio.run(run_worker(settings, ServiceMetrics()))
@@ -67,6 +79,7 @@ def serve(settings: ServeSettings) -> int:
 
     from monitoring.metrics import start_metrics_server
 
+    _check_port_free(settings.host, settings.port)
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
     stopping = False
@@ -89,7 +102,7 @@ def serve(settings: ServeSettings) -> int:
         for i in range(settings.workers):
             start(i)
         if settings.metrics_port:
-            start_metrics_server(settings.metrics_port)
+            start_metrics_server(settings.metrics_port, settings.host)
         log.info("started workers=%d port=%d metrics_port=%d", settings.workers, settings.port, settings.metrics_port)
         while not stopping:
             time.sleep(0.2)
