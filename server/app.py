@@ -21,6 +21,7 @@ from outlierd.v1 import scoring_pb2, scoring_pb2_grpc
 
 from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
+from .health import HealthServicer
 from .reload import ModelSlot
 from .servicer import ScorerServicer
 from .settings import ServeSettings
@@ -35,7 +36,7 @@ class Worker:
     port: int
     slot: ModelSlot
     batcher: MicroBatcher
-    health: health.HealthServicer
+    health: HealthServicer
     watcher: asyncio.Task
     settings: ServeSettings
 
@@ -75,7 +76,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
                            max_queue_records=settings.max_queue_records, metrics=metrics)
     batcher.start()
     scoring_pb2_grpc.add_ScorerServicer_to_server(ScorerServicer(settings, slot, batcher, metrics), server)
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"

@@ -88,9 +88,7 @@ class MicroBatcher:
                              f"(limit {self.max_queue_records}); retry later")
         self._inflight += n
         if n >= self.max_batch or n == 0:
-            fut = loop.create_task(self._score_direct(handle, X))
-            fut.add_done_callback(lambda _f, n=n: self._release(n))
-            return fut
+            return loop.create_task(self._score_direct(handle, X))
         fut = loop.create_future()
         fut.add_done_callback(lambda _f, n=n: self._release(n))
         self._queue.append(_Item(X, handle, fut))
@@ -106,8 +104,17 @@ class MicroBatcher:
             self.metrics.queue_depth.set(self._queued)
 
     async def _score_direct(self, handle: ModelHandle, X: np.ndarray) -> tuple[ModelHandle, np.ndarray]:
-        async with self._running:
-            scores = await asyncio.get_running_loop().run_in_executor(self.executor, handle.model.score, X)
+        n = X.shape[0]
+        job = None
+        try:
+            async with self._running:
+                job = asyncio.get_running_loop().run_in_executor(self.executor, handle.model.score, X)
+                # the records count until the thread is done with them, even if the caller gives up
+                job.add_done_callback(lambda _j: self._release(n))
+                scores = await asyncio.shield(job)
+        finally:
+            if job is None:  # cancelled while waiting for a thread
+                self._release(n)
         self._observe(handle, scores.shape[0])
         return handle, scores
 

@@ -14,7 +14,7 @@ from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 
 from .batcher import MicroBatcher
-from .errors import RequestError, message, status_code
+from .errors import Overloaded, RequestError, message, status_code
 from .reload import ModelHandle, ModelSlot
 from .requests import decode
 from .settings import ServeSettings
@@ -46,7 +46,8 @@ class ScorerServicer(pb_grpc.ScorerServicer):
                                 scores=scores.tolist(), anomalous=flagged.tolist(), ids=req.ids, device="cpu")
 
     def _count_invalid(self, e: RequestError) -> None:
-        if self.metrics is not None:
+        # overload is the server's state, not bad input: it has its own counter
+        if self.metrics is not None and not isinstance(e, Overloaded):
             self.metrics.invalid_inputs.labels(e.reason).inc()
 
     def _observe(self, method: str, t0: float) -> None:
