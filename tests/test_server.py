@@ -442,6 +442,34 @@ def test_flood_gets_resource_exhausted_then_server_recovers(loop_thread, registr
         assert health_check(srv.target) == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_deadline_and_cancel_free_queued_work(loop_thread, registry_dir, X, served_model):
+    # Batches wait 0.5 s for company: a call with a 0.1 s deadline expires in the queue, and a
+    # cancelled stream's queued messages are dropped; the batcher ends with nothing admitted.
+    with serving(loop_thread, registry_dir, max_delay_us=500_000, threads=1) as srv, grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.ScorerStub(ch)
+        batcher = srv.worker.batcher
+        err = rpc_error(stub.Score, request(X[:2]), timeout=0.1)
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        def forever():
+            for i in range(1000):  # bounded
+                yield request(X[:3], request_id=i)
+                time.sleep(0.01)
+
+        call = stub.ScoreStream(forever(), timeout=TIMEOUT)
+        deadline = time.monotonic() + 5
+        while batcher.inflight_records == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batcher.inflight_records > 0
+        call.cancel()
+        deadline = time.monotonic() + 5
+        while batcher.inflight_records and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert batcher.inflight_records == 0
+        # the server is unharmed
+        assert_scored(stub.Score(request(X[:2]), timeout=TIMEOUT), X[:2], served_model)
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics (in-process, fresh CollectorRegistry)
 # ---------------------------------------------------------------------------------------------
