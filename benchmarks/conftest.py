@@ -10,6 +10,10 @@ Every model and data set is a session-scoped fixture, built once. Each benchmark
 callable it times produces the same scores as its peer, times it, and stores its median in the
 session's results collector; ``pytest_terminal_summary`` prints one table with, per group, our
 number, each peer's number and the ratio, and writes it to ``.benchmarks/summary.json``.
+
+``test_bench_server.py`` (the gRPC server against a bare grpc.aio echo server) measures in other
+processes and stores its numbers with ``record_value``; its groups (``server-*``) get their own table
+(ours, floor, ratio = ours / floor) and targets. ``OUTLIERD_BENCH_ROWS`` does not apply to it.
 """
 
 from __future__ import annotations
@@ -57,6 +61,24 @@ GROUP_TITLES = {
     "hbos-throughput": f"HBOS throughput, {ROWS:,} rows",
 }
 
+# gRPC server benchmarks (test_bench_server.py): `outlierd serve` against a bare grpc.aio echo server
+# (the transport floor), same run, same load generator. Groups start with SERVER_GROUP_PREFIX and get
+# their own table: ours, floor, ratio = ours / floor (records/s, or microseconds for latencies).
+SERVER_GROUP_PREFIX = "server-"
+TARGET_SERVER_STREAM_FRACTION = 0.60   # streaming records/s >= 60% of the floor's
+TARGET_SERVER_UNARY_P99_FACTOR = 2.0   # unary p99 latency <= 2x the floor's
+SERVER_GROUP_TITLES = {
+    "server-stream-256x1": "stream, 256-record messages (raw_values), 1 stream",
+    "server-stream-256x4": "stream, 256-record messages (raw_values), 4 streams",
+    "server-unary-1row-c1-p50": "unary, 1 record (raw_values), concurrency 1, p50",
+    "server-unary-1row-c1-p99": "unary, 1 record (raw_values), concurrency 1, p99",
+    "server-unary-1row-c16-p50": "unary, 1 record (raw_values), concurrency 16, p50",
+    "server-unary-1row-c16-p99": "unary, 1 record (raw_values), concurrency 16, p99",
+    "server-stream-4096-values": "stream, 4,096-record messages (values), 1 stream",
+    "server-stream-4096-raw": "stream, 4,096-record messages (raw_values), 1 stream",
+}
+GROUP_TITLES.update(SERVER_GROUP_TITLES)
+
 
 
 
@@ -101,6 +123,8 @@ class Result:
     min_s: float
     mean_s: float
     rounds: int
+    statistic: str = "median"   # what `value` is: "median" of rounds, or e.g. "p99" / "mean over 5 s"
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _loadavg() -> list[float] | None:
@@ -129,6 +153,18 @@ class Collector:
         self.results.append(res)
         benchmark.extra_info.update({"implementation": name, "role": role, "rows_per_call": rows,
                                      ("records_per_s" if metric == "throughput" else "median_us"): value})
+        return res
+
+    def add_value(self, *, group: str, name: str, role: str, metric: str, value: float, rows: int,
+                  seconds: float, statistic: str, extra: dict[str, Any] | None = None) -> Result:
+        """Store a number measured outside pytest-benchmark's timer (e.g. by a load generator in
+        another process): records/s for "throughput", microseconds per call for "latency".
+        ``seconds`` is the measured window; it is stored as the (single) round."""
+        per_call = rows / value if metric == "throughput" and value > 0 else value / 1e6
+        res = Result(group=group, name=name, role=role, metric=metric, value=value, rows=rows,
+                     median_s=per_call, min_s=per_call, mean_s=per_call, rounds=1, statistic=statistic,
+                     extra={"window_s": seconds, **(extra or {})})
+        self.results.append(res)
         return res
 
     def table(self) -> list[dict[str, Any]]:
@@ -172,6 +208,37 @@ def bench_results(pytestconfig: pytest.Config) -> Collector:
 def record(bench_results: Collector) -> Callable[..., Result | None]:
     """``record(benchmark, name=..., role="ours"|"peer", metric="throughput"|"latency", rows=n)``."""
     return bench_results.add
+
+
+@pytest.fixture
+def record_value(bench_results: Collector) -> Callable[..., Result]:
+    """``record_value(group=..., name=..., role=..., metric=..., value=..., rows=..., seconds=...,
+    statistic=...)``: a number measured outside pytest-benchmark's timer."""
+    return bench_results.add_value
+
+
+def server_table(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The server groups as rows: scenario, ours, floor, ratio = ours / floor, and the target."""
+    rows = []
+    for g in table:
+        if not g["group"].startswith(SERVER_GROUP_PREFIX):
+            continue
+        ours, floor = g["ours"], next(iter(g["peers"]), None)
+        ratio = ours["value"] / floor["value"] if ours and floor and floor["value"] > 0 else None
+        target, met = None, None
+        if g["metric"] == "throughput":
+            target = f"ours/floor >= {TARGET_SERVER_STREAM_FRACTION:g}"
+            met = None if ratio is None else ratio >= TARGET_SERVER_STREAM_FRACTION
+        elif g["group"].endswith("-p99"):
+            target = f"ours/floor <= {TARGET_SERVER_UNARY_P99_FACTOR:g}"
+            met = None if ratio is None else ratio <= TARGET_SERVER_UNARY_P99_FACTOR
+        if floor is not None:
+            floor = {k: v for k, v in floor.items() if k != "ratio"}  # the generic, peer-style ratio
+        rows.append({"group": g["group"], "title": g["title"], "metric": g["metric"], "unit": g["unit"],
+                     "ours": ours, "floor": floor, "ratio": ratio,
+                     "ratio_definition": "ours / floor (records/s: higher is better; latency: lower is better)",
+                     "target": target, "met": met})
+    return rows
 
 
 def _fmt_value(metric: str, v: float) -> str:
@@ -235,8 +302,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr.write_sep("=", "outlierd benchmark summary (median of rounds; ratio = times faster than the peer)")
     tr.write_line(f"data: {ROWS:,} x {N_FEATURES} float32 rows; iforest: sklearn IsolationForest, {N_TREES} trees, "
                   f"max_samples={MAX_SAMPLES}; load average at start {collector.loadavg_at_start}, now {_loadavg()}")
-    w_name = max([len(r.name) for r in collector.results] + [14])
+    w_name = max([len(r.name) for r in collector.results if not r.group.startswith(SERVER_GROUP_PREFIX)] + [14])
     for g in table:
+        if g["group"].startswith(SERVER_GROUP_PREFIX):
+            continue
         tr.write_line("")
         tr.write_line(f"{g['title']}  [{g['unit']}]", bold=True)
         ours = g["ours"]
@@ -247,6 +316,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             how = "(ours / peer)" if p["metric"] == "throughput" else "(peer / ours)"
             tr.write_line(f"  {'peer: ' + p['name']:<{w_name + 6}}  {_fmt_value(p['metric'], p['value']):>16}   "
                           f"ours is {ratio} {how if p['ratio'] is not None else ''}".rstrip())
+    servers = server_table(table)
+    if servers:
+        _write_server_table(tr, servers)
+        targets += [{"target": f"server {r['title']}: {r['target']}", "measured": r["ratio"], "unit": "x", "met": r["met"]}
+                    for r in servers if r["target"] is not None]
     tr.write_line("")
     tr.write_line("targets:", bold=True)
     for t in targets:
@@ -260,7 +334,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         "rows": ROWS, "n_features": N_FEATURES, "n_trees": N_TREES, "max_samples": MAX_SAMPLES,
         "train_rows": TRAIN_ROWS, "hbos_bins": HBOS_BINS, "peer_threads": N_THREADS,
         "statistic": "median", "ratio": "times faster than the peer: ours/peer for throughput, peer/ours for latency",
-        "machine": _machine(), "groups": table, "targets": targets,
+        "machine": _machine(), "groups": table, "targets": targets, "server": servers,
         # 1/5/15-minute load averages: other work on a small shared machine shows up here and in the timings
         "loadavg_at_start": collector.loadavg_at_start, "loadavg_at_end": _loadavg(),
     }
@@ -271,6 +345,28 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         tr.write_line(f"\nwritten: {path}")
     except OSError as e:
         tr.write_line(f"\ncould not write {path}: {e}", red=True)
+
+
+def _write_server_table(tr: Any, rows: list[dict[str, Any]]) -> None:
+    first = next((r["ours"] or r["floor"] for r in rows if r["ours"] or r["floor"]), None) or {}
+    ours_name = next((r["ours"]["name"] for r in rows if r["ours"]), "-")
+    floor_name = next((r["floor"]["name"] for r in rows if r["floor"]), "-")
+    tr.write_line("")
+    tr.write_line("outlierd gRPC server vs the transport floor, same run, 127.0.0.1  [ratio = ours / floor]", bold=True)
+    tr.write_line(f"  ours:  {ours_name}")
+    tr.write_line(f"  floor: {floor_name}")
+    extra = first.get("extra", {})
+    if extra:
+        tr.write_line(f"  load: {extra.get('loadgen', '')}")
+    w = max(len(r["title"]) for r in rows)
+    tr.write_line(f"  {'scenario':<{w}}  {'ours':>14}  {'floor':>14}  {'ratio':>7}  target")
+    for r in rows:
+        o = _fmt_value(r["metric"], r["ours"]["value"]) if r["ours"] else "-"
+        f = _fmt_value(r["metric"], r["floor"]["value"]) if r["floor"] else "-"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        verdict = "" if r["target"] is None else f"{r['target']}: " + ("n/a" if r["met"] is None else "MET" if r["met"] else "NOT MET")
+        tr.write_line(f"  {r['title']:<{w}}  {o:>14}  {f:>14}  {ratio:>7}  {verdict}".rstrip(),
+                      green=r["met"] is True, red=r["met"] is False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +397,12 @@ class _Step:
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is None:
             self._say(f"{self.what}: done in {time.perf_counter() - self.t0:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def bench_step(pytestconfig: pytest.Config) -> Callable[[str], _Step]:
+    """``with bench_step("doing x"):`` prints ``[bench] doing x ...`` and its duration."""
+    return lambda what: _Step(pytestconfig, what)
 
 
 # --------------------------------------------------------------------------------------------

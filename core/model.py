@@ -78,16 +78,19 @@ class Model:
             X = np.ascontiguousarray(X)
         return X
 
-    def score(self, X: Any) -> np.ndarray:
+    def score(self, X: Any, *, parallel: bool | None = None) -> np.ndarray:
         """Score records ``X`` of shape ``(n, n_features)`` (float32 or float64; other numeric types
         are converted). Returns ``(n,)`` float64, higher = more anomalous. NaN / inf follow the
         artifact's missing-value policy and never produce NaN scores; under ``reject`` they raise
         :class:`~core.errors.InvalidInputError` naming the row.
+
+        ``parallel``: use every core (True), one (False), or decide by batch size (None). A server
+        that already scores several batches at once wants False.
         """
         X = self._check(X)
         n = X.shape[0]
         out = np.empty(n, dtype=np.float64)
-        if n <= SERIAL_MAX_ROWS:
+        if not parallel if parallel is not None else n <= SERIAL_MAX_ROWS:
             bad = self._serial(X, out, *self._args)
         else:
             with _PARALLEL_LOCK:

@@ -22,6 +22,7 @@ from .errors import Overloaded
 from .reload import ModelHandle, ModelSlot
 
 log = logging.getLogger("outlierd.batcher")
+PARALLEL_MIN_ROWS = 65536  # below this, a request runs on one scoring thread
 
 
 @dataclass
@@ -108,7 +109,7 @@ class MicroBatcher:
         job = None
         try:
             async with self._running:
-                job = asyncio.get_running_loop().run_in_executor(self.executor, handle.model.score, X)
+                job = asyncio.get_running_loop().run_in_executor(self.executor, self._kernel, handle, X)
                 # the records count until the thread is done with them, even if the caller gives up
                 job.add_done_callback(lambda _j: self._release(n))
                 scores = await asyncio.shield(job)
@@ -117,6 +118,11 @@ class MicroBatcher:
                 self._release(n)
         self._observe(handle, scores.shape[0])
         return handle, scores
+
+    @staticmethod
+    def _kernel(handle: ModelHandle, X: np.ndarray) -> np.ndarray:
+        # The pool's threads already use the cores: one core per batch, unless a batch is huge.
+        return handle.model.score(X, parallel=X.shape[0] > PARALLEL_MIN_ROWS)
 
     def _observe(self, handle: ModelHandle, n: int) -> None:
         if self.metrics is not None:
@@ -167,7 +173,7 @@ class MicroBatcher:
             X = items[0].X if len(items) == 1 else np.concatenate([it.X for it in items])
             loop = asyncio.get_running_loop()
             try:
-                scores = await loop.run_in_executor(self.executor, handle.model.score, X)
+                scores = await loop.run_in_executor(self.executor, self._kernel, handle, X)
             except Exception:
                 # one bad request must not fail its batch-mates: score them one by one
                 for it in items:
@@ -185,7 +191,7 @@ class MicroBatcher:
 
     async def _score_alone(self, it: _Item) -> None:
         try:
-            scores = await asyncio.get_running_loop().run_in_executor(self.executor, it.handle.model.score, it.X)
+            scores = await asyncio.get_running_loop().run_in_executor(self.executor, self._kernel, it.handle, it.X)
         except Exception as e:
             if not it.future.done():
                 it.future.set_exception(e)

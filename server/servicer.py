@@ -25,6 +25,9 @@ log = logging.getLogger("outlierd.servicer")
 class ScorerServicer(pb_grpc.ScorerServicer):
     def __init__(self, settings: ServeSettings, slot: ModelSlot, batcher: MicroBatcher, metrics=None):
         self.settings, self.slot, self.batcher, self.metrics = settings, slot, batcher, metrics
+        self._counter_handle: ModelHandle | None = None
+        self._counter_cache: tuple = ()
+        self._latency = {m: metrics.request_latency.labels(m) for m in ("Score", "ScoreStream")} if metrics else {}
 
     # -- shared steps -------------------------------------------------------------------------
 
@@ -39,11 +42,19 @@ class ScorerServicer(pb_grpc.ScorerServicer):
     def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray) -> pb.ScoreResponse:
         flagged = scores >= handle.threshold
         if self.metrics is not None and scores.size:
-            v = str(handle.version)
-            self.metrics.records_scored.labels(handle.name, v).inc(scores.size)
-            self.metrics.anomalies.labels(handle.name, v).inc(int(flagged.sum()))
+            records, anomalies = self._counters(handle)
+            records.inc(scores.size)
+            anomalies.inc(int(np.count_nonzero(flagged)))
         return pb.ScoreResponse(request_id=req.request_id, model=handle.name, version=str(handle.version),
                                 scores=scores.tolist(), anomalous=flagged.tolist(), ids=req.ids, device="cpu")
+
+    def _counters(self, handle: ModelHandle) -> tuple:
+        # labels() looks children up under a lock: keep them per handle, off the per-message path
+        if self._counter_handle is not handle:
+            v = str(handle.version)
+            self._counter_cache = (self.metrics.records_scored.labels(handle.name, v), self.metrics.anomalies.labels(handle.name, v))
+            self._counter_handle = handle
+        return self._counter_cache
 
     def _count_invalid(self, e: RequestError) -> None:
         # overload is the server's state, not bad input: it has its own counter
@@ -52,7 +63,7 @@ class ScorerServicer(pb_grpc.ScorerServicer):
 
     def _observe(self, method: str, t0: float) -> None:
         if self.metrics is not None:
-            self.metrics.request_latency.labels(method).observe(time.perf_counter() - t0)
+            self._latency[method].observe(time.perf_counter() - t0)
 
     # -- RPCs -----------------------------------------------------------------------------------
 
@@ -82,13 +93,19 @@ class ScorerServicer(pb_grpc.ScorerServicer):
                 async for req in request_iterator:
                     t0 = time.perf_counter()
                     try:
-                        await pending.put((req, t0, self._start(req), None))
+                        fut = self._start(req)
                     except RequestError as e:
                         self._count_invalid(e)
                         await pending.put((req, t0, None, e))
                     except Exception as e:  # answer this message, keep the stream going
                         log.exception("could not queue request_id=%d", req.request_id)
                         await pending.put((req, t0, None, RequestError(f"internal error: {e}", code="INTERNAL", reason="internal")))
+                    else:
+                        try:
+                            await pending.put((req, t0, fut, None))
+                        except asyncio.CancelledError:  # the stream went away: drop the queued work
+                            fut.cancel()
+                            raise
             finally:
                 await pending.put(None)
 
