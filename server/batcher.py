@@ -40,7 +40,10 @@ class MicroBatcher:
         self.max_queue_records = max_queue_records
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="outlierd-score")
-        self._running = asyncio.Semaphore(threads)
+        self._threads = threads
+        self._busy = 0  # batches handed to the pool and not yet back
+        self._free = asyncio.Event()
+        self._free.set()
         self._queue: deque[_Item] = deque()
         self._queued = 0
         self._inflight = 0
@@ -92,6 +95,12 @@ class MicroBatcher:
             return loop.create_task(self._score_direct(handle, X))
         fut = loop.create_future()
         fut.add_done_callback(lambda _f, n=n: self._release(n))
+        if not self._queue and self._busy < self._threads and self.max_delay_s == 0:
+            # idle thread, nothing to coalesce with: straight to the pool, no batching hop
+            self._busy += 1
+            job = loop.run_in_executor(self.executor, self._kernel, handle, X)
+            job.add_done_callback(lambda j: self._finish(j, fut, handle))
+            return fut
         self._queue.append(_Item(X, handle, fut))
         self._queued += n
         self._set_depth()
@@ -104,18 +113,45 @@ class MicroBatcher:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._queued)
 
+    async def _acquire_thread(self) -> None:
+        while self._busy >= self._threads:
+            self._free.clear()
+            await self._free.wait()
+        self._busy += 1
+
+    def _release_thread(self) -> None:
+        self._busy -= 1
+        self._free.set()
+
+    def _finish(self, job: asyncio.Future, fut: asyncio.Future, handle: ModelHandle) -> None:
+        self._release_thread()
+        if fut.done():
+            return
+        if job.cancelled():
+            fut.cancel()
+        elif job.exception() is not None:
+            fut.set_exception(job.exception())
+        else:
+            scores = job.result()
+            self._observe(handle, scores.shape[0])
+            fut.set_result((handle, scores))
+
     async def _score_direct(self, handle: ModelHandle, X: np.ndarray) -> tuple[ModelHandle, np.ndarray]:
         n = X.shape[0]
-        job = None
         try:
-            async with self._running:
-                job = asyncio.get_running_loop().run_in_executor(self.executor, self._kernel, handle, X)
-                # the records count until the thread is done with them, even if the caller gives up
-                job.add_done_callback(lambda _j: self._release(n))
-                scores = await asyncio.shield(job)
-        finally:
-            if job is None:  # cancelled while waiting for a thread
-                self._release(n)
+            await self._acquire_thread()
+        except asyncio.CancelledError:
+            self._release(n)
+            raise
+        job = asyncio.get_running_loop().run_in_executor(self.executor, self._kernel, handle, X)
+
+        def done(_job: asyncio.Future) -> None:
+            # the thread and the records stay counted until the thread is done, even if the caller gave up
+            self._release_thread()
+            self._release(n)
+
+        job.add_done_callback(done)
+        scores = await asyncio.shield(job)
         self._observe(handle, scores.shape[0])
         return handle, scores
 
@@ -160,10 +196,10 @@ class MicroBatcher:
                     await asyncio.wait_for(self._full.wait(), timeout=self.max_delay_s)
                 except asyncio.TimeoutError:
                     pass
-            await self._running.acquire()
+            await self._acquire_thread()
             items = self._take_batch()
             if not items:
-                self._running.release()
+                self._release_thread()
                 continue
             asyncio.get_running_loop().create_task(self._score_batch(items))
 
@@ -187,7 +223,7 @@ class MicroBatcher:
                     it.future.set_result((handle, scores[start:start + n]))
                 start += n
         finally:
-            self._running.release()
+            self._release_thread()
 
     async def _score_alone(self, it: _Item) -> None:
         try:

@@ -45,8 +45,10 @@ class ScorerServicer(pb_grpc.ScorerServicer):
             records, anomalies = self._counters(handle)
             records.inc(scores.size)
             anomalies.inc(int(np.count_nonzero(flagged)))
-        return pb.ScoreResponse(request_id=req.request_id, model=handle.name, version=str(handle.version),
-                                scores=scores.tolist(), anomalous=flagged.tolist(), ids=req.ids, device="cpu")
+        resp = pb.ScoreResponse(request_id=req.request_id, model=handle.name, version=str(handle.version), ids=req.ids, device="cpu")
+        resp.scores.extend(scores.tolist())  # measured: faster than passing lists to the constructor
+        resp.anomalous.extend(flagged.tolist())
+        return resp
 
     def _counters(self, handle: ModelHandle) -> tuple:
         # labels() looks children up under a lock: keep them per handle, off the per-message path
