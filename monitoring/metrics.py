@@ -36,13 +36,51 @@ class ServiceMetrics:
         self.queue_depth = Gauge("outlierd_queue_depth_records", "Records waiting in the micro-batcher.",
                                  multiprocess_mode="livesum", **kw)
         self.overloaded = Counter("outlierd_overloaded_total", "Requests refused with RESOURCE_EXHAUSTED (queue full).", **kw)
+        self.data_quality = Counter("outlierd_data_quality_issues_total",
+                                    "Values with a data-quality issue, by feature and reason (missing, non_finite, out_of_range, constant_break).",
+                                    ["model", "feature", "reason"], **kw)
+        # Drift gauges: set here by a single worker; with several workers the parent computes them
+        # from the merged histograms (monitoring.collector.DriftCollector) and workers leave these unset.
+        self.drift = DriftGauges(registry)
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
+class DriftGauges:
+    """The drift metrics of the last evaluated window (names are a public contract)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        kw = {"registry": registry} if registry is not None else {}
+        mode = {"multiprocess_mode": "mostrecent"}
+        self.psi = Gauge("outlierd_feature_psi", "PSI of the feature over the drift window vs the reference.", ["model", "feature"], **mode, **kw)
+        self.wasserstein = Gauge("outlierd_feature_wasserstein", "Wasserstein-1 on the reference bins, over the bins' span.",
+                                 ["model", "feature"], **mode, **kw)
+        self.state = Gauge("outlierd_feature_drift_state", "Drift state per feature: 0 ok, 1 warn, 2 drift.", ["model", "feature"], **mode, **kw)
+        self.score_ks = Gauge("outlierd_score_ks", "KS distance of the window's scores vs the reference scores.", ["model"], **mode, **kw)
+        self.alert_rate = Gauge("outlierd_alert_rate", "Share of the window's records flagged anomalous.", ["model"], **mode, **kw)
+        self.expected_alert_rate = Gauge("outlierd_expected_alert_rate", "The calibrated alert rate of the serving version.", ["model"], **mode, **kw)
+        self.alert_rate_p = Gauge("outlierd_alert_rate_pvalue", "Binomial test p-value of the window's alert rate vs the calibrated one.",
+                                  ["model"], **mode, **kw)
+        self.window_records = Gauge("outlierd_drift_window_records", "Records in the evaluated drift window.", ["model"], **mode, **kw)
+
+    def set(self, model: str, result) -> None:
+        for f in result.features:
+            self.psi.labels(model, f.name).set(f.psi)
+            self.wasserstein.labels(model, f.name).set(f.wasserstein)
+            self.state.labels(model, f.name).set(f.state)
+        self.score_ks.labels(model).set(result.score_ks)
+        self.alert_rate.labels(model).set(result.alert_rate)
+        if result.expected_alert_rate is not None:
+            self.expected_alert_rate.labels(model).set(result.expected_alert_rate)
+        self.alert_rate_p.labels(model).set(result.alert_rate_p)
+        self.window_records.labels(model).set(result.records)
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0", extra_collectors: tuple = ()) -> None:
     """Serve ``/metrics`` on ``port``; aggregates worker processes when multiprocess mode is on."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
+        for c in extra_collectors:
+            registry.register(c)
         start_http_server(port, addr=addr, registry=registry)
     else:
         start_http_server(port, addr=addr)

@@ -101,6 +101,13 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--max-queue-records", type=int, default=None, metavar="N", help="queued records before RESOURCE_EXHAUSTED")
     p.add_argument("--max-request-records", type=int, default=None, metavar="N", help="records allowed per request")
     p.add_argument("--grace-s", type=float, default=None, metavar="S", help="shutdown grace in seconds (default 10)")
+    p.add_argument("--no-drift", dest="drift", action="store_const", const=0, default=None,
+                   help="turn drift and data-quality monitoring off")
+    p.add_argument("--drift-pane-records", type=int, default=None, metavar="N",
+                   help="close a drift pane every N records (default 0: by time)")
+    p.add_argument("--drift-pane-seconds", type=float, default=None, metavar="S", help="drift pane length in seconds (default 15)")
+    p.add_argument("--drift-window-panes", type=int, default=None, metavar="N",
+                   help="panes per sliding drift window, 1 for tumbling (default 4)")
     p.add_argument("--tls-cert", default=None, metavar="PEM")
     p.add_argument("--tls-key", default=None, metavar="PEM")
     p.add_argument("--tls-client-ca", default=None, metavar="PEM", help="require client certificates signed by this CA (mTLS)")
@@ -115,7 +122,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from server.workers import serve
 
     names = ("registry", "model", "alias", "host", "port", "metrics_port", "workers", "threads", "max_batch", "max_delay_us",
-             "max_queue_records", "max_request_records", "grace_s", "tls_cert", "tls_key", "tls_client_ca")
+             "max_queue_records", "max_request_records", "grace_s", "tls_cert", "tls_key", "tls_client_ca",
+             "drift", "drift_pane_records", "drift_pane_seconds", "drift_window_panes")
     overrides = {n: getattr(args, n) for n in names}
     overrides["auth_token"] = read_token(args.auth_token_file, os.environ.get("OUTLIERD_AUTH_TOKEN"))
     return serve(ServeSettings.from_env(**overrides))
@@ -158,6 +166,48 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
+def _add_drift(sub: Any) -> None:
+    p = sub.add_parser("drift", help="drift and data-quality reports against a model's reference profile",
+                       description="Compare data with the reference profile stored in a model's artifact.")
+    dsub = p.add_subparsers(dest="drift_command", metavar="{report}", required=True)
+    r = dsub.add_parser("report", help="an HTML drift report of a file against a registry model",
+                        description="Score a file with a registry model and test it against the model's reference "
+                                    "profile (PSI, Wasserstein and a state per feature; KS on scores; the alert rate against "
+                                    "the calibrated rate); write one self-contained HTML page and optionally a JSON summary.")
+    r.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
+    r.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
+    r.add_argument("--ref", "--alias", dest="ref", default="champion", metavar="VERSION|ALIAS",
+                   help="version or alias (default champion)")
+    r.add_argument("--data", "--input", dest="data", required=True, metavar="FILE", help="records to test (.csv, .parquet)")
+    r.add_argument("--out", required=True, metavar="FILE", help="write the HTML report here")
+    r.add_argument("--json", metavar="FILE", help="also write the JSON summary here")
+    r.set_defaults(func=_run_drift)
+
+
+def _run_drift(args: argparse.Namespace) -> int:
+    from monitoring.report import drift_report
+
+    rep = drift_report(args.registry, args.model, args.data, args.out, ref=args.ref, json_out=args.json)
+    s = rep.summary()
+    feats = s["features"]
+    flagged = [f for f in feats if f["state"] != "ok"]
+    print(f"drift report: {rep.model} version {rep.version} on {rep.data} ({rep.rows} rows): "
+          + (f"{sum(f['state'] == 'drift' for f in feats)} drift, {sum(f['state'] == 'warn' for f in feats)} warn "
+             f"of {len(feats)} features" if s["judged"] else f"not judged (fewer than {rep.config.min_records} records)"))
+    for f in flagged[:10]:
+        print(f"  {f['state']:<5} {f['name']:<24} PSI {f['psi']:.3f}  Wasserstein {f['wasserstein']:.3f}")
+    if len(flagged) > 10:
+        print(f"  ... and {len(flagged) - 10} more")
+    if not flagged and feats:
+        print(f"  highest PSI: {feats[0]['name']} {feats[0]['psi']:.3f}")
+    expected = s["expected_alert_rate"]
+    print(f"  score KS {s['score_ks']:.3f}{' (drift)' if s['score_drift'] else ''}; alert rate {s['alert_rate']:.4f}"
+          + (f" vs {expected:.4f} expected (p={s['alert_rate_p']:.3g}){' shifted' if s['alert_rate_shift'] else ''}"
+             if expected is not None else ""))
+    print(f"  report written to {args.out}" + (f"; summary to {args.json}" if args.json else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outlierd",
@@ -176,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(sub)
     _add_serve(sub)
     _add_demo(sub)
+    _add_drift(sub)
     registry_cli.add_parser(sub)
     return parser
 

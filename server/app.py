@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from core.registry import Registry
+from monitoring.drift import reference_for
 from monitoring.metrics import ServiceMetrics
+from monitoring.stream import ServingMonitor
 from outlierd.v1 import scoring_pb2, scoring_pb2_grpc
 
 from .auth import TokenAuthInterceptor
@@ -58,10 +62,37 @@ def _credentials(s: ServeSettings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def _monitor_factory(settings: ServeSettings, metrics: ServiceMetrics | None):
+    if not settings.drift:
+        return None
+    share = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    share_dir = Path(share) / "drift" if share else None
+    if share_dir is not None:
+        share_dir.mkdir(exist_ok=True)
+
+    def factory(handle):
+        ref = reference_for(handle.model, settings.drift_config())
+        return ServingMonitor(handle.name, ref, metrics, config=settings.drift_config(),
+                              pane_records=settings.drift_pane_records or None, pane_seconds=settings.drift_pane_seconds,
+                              window_panes=settings.drift_window_panes, share_dir=share_dir, version=handle.version)
+
+    return factory
+
+
+async def _background(slot: ModelSlot, settings: ServeSettings) -> None:
+    """Watch the alias; close time-based drift panes even when no traffic comes."""
+    while True:
+        await asyncio.sleep(settings.reload_interval_s)
+        await slot.check()
+        handle = slot.current
+        if handle is not None and handle.monitor is not None:
+            handle.monitor.tick()
+
+
 async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None) -> Worker:
     """Load the model, then start serving; returns once the port accepts calls."""
     registry = Registry(settings.registry)
-    slot = ModelSlot(registry, settings.model, settings.alias, metrics)
+    slot = ModelSlot(registry, settings.model, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics))
     loop = asyncio.get_running_loop()
     handle = await loop.run_in_executor(None, slot.load_initial)
     interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []
@@ -89,7 +120,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    watcher = loop.create_task(slot.watch(settings.reload_interval_s), name="outlierd-reload")
+    watcher = loop.create_task(_background(slot, settings), name="outlierd-reload")
     log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s", settings.host, port, handle.name,
              handle.version, settings.alias, creds is not None, bool(settings.auth_token))
     return Worker(server, port, slot, batcher, health_servicer, watcher, settings)

@@ -158,7 +158,13 @@ class MicroBatcher:
     @staticmethod
     def _kernel(handle: ModelHandle, X: np.ndarray) -> np.ndarray:
         # The pool's threads already use the cores: one core per batch, unless a batch is huge.
-        return handle.model.score(X, parallel=X.shape[0] > PARALLEL_MIN_ROWS)
+        scores = handle.model.score(X, parallel=X.shape[0] > PARALLEL_MIN_ROWS)
+        if handle.monitor is not None:
+            try:  # drift and data quality, per batch, still on the scoring thread (GIL released)
+                handle.monitor.observe(X, scores, handle.threshold)
+            except Exception:  # monitoring must never fail scoring
+                log.exception("drift monitor failed model=%s version=%d", handle.name, handle.version)
+        return scores
 
     def _observe(self, handle: ModelHandle, n: int) -> None:
         if self.metrics is not None:

@@ -9,10 +9,11 @@ logged, and the old one keeps serving; it is not retried until the alias moves a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,6 +30,7 @@ class ModelHandle:
     alias: str
     model: Model
     loaded_at: float
+    monitor: Any = None  # monitoring.stream.ServingMonitor of this version, or None
 
     @property
     def threshold(self) -> float:
@@ -51,8 +53,10 @@ def load_handle(registry: Registry, name: str, alias: str, version: int) -> Mode
 class ModelSlot:
     """The handle a worker serves now, and the watcher that replaces it."""
 
-    def __init__(self, registry: Registry, name: str, alias: str, metrics: Any = None):
+    def __init__(self, registry: Registry, name: str, alias: str, metrics: Any = None,
+                 monitor_factory: Callable[[ModelHandle], Any] | None = None):
         self.registry, self.name, self.alias, self.metrics = registry, name, alias, metrics
+        self.monitor_factory = monitor_factory
         self.current: ModelHandle | None = None
         self._refused: int | None = None  # last version refused, not retried until the alias moves
         self.changed = asyncio.Event()
@@ -63,7 +67,17 @@ class ModelSlot:
         assert self.current is not None
         return self.current
 
+    def _with_monitor(self, handle: ModelHandle) -> ModelHandle:
+        if self.monitor_factory is None:
+            return handle
+        try:
+            return dataclasses.replace(handle, monitor=self.monitor_factory(handle))
+        except ValueError as e:  # e.g. an artifact without a reference profile: serve, unmonitored
+            log.warning("drift monitoring off model=%s version=%d reason=%s", handle.name, handle.version, e)
+            return handle
+
     def _swap(self, handle: ModelHandle) -> None:
+        handle = self._with_monitor(handle)
         old = self.current
         self.current = handle
         if self.metrics is not None:

@@ -44,6 +44,20 @@ class ServeSettings:
     """How often workers check the alias."""
     grace_s: float = 10.0
     """On SIGTERM: how long in-flight work may take to finish."""
+    drift: int = 1
+    """Drift and data-quality monitoring on the scoring path (1 on, 0 off)."""
+    drift_pane_records: int = 0
+    """Close a drift pane every N records (0: by time, every drift_pane_seconds)."""
+    drift_pane_seconds: float = 15.0
+    """Pane length in seconds when panes go by time (they then align across workers)."""
+    drift_window_panes: int = 4
+    """Panes in the sliding drift window (1: tumbling windows)."""
+    drift_psi_warn: float = 0.1
+    """PSI at or above which a feature is 'warn'."""
+    drift_psi_drift: float = 0.25
+    """PSI at or above which a feature is 'drift'."""
+    drift_min_records: int = 1000
+    """Windows with fewer records are not judged."""
     tls_cert: Path | None = None
     """Server certificate (PEM) for TLS."""
     tls_key: Path | None = None
@@ -77,9 +91,11 @@ class ServeSettings:
 
     def validate(self) -> None:
         for name in ("workers", "threads", "max_batch", "max_queue_records", "max_request_records", "stream_inflight",
-                     "max_concurrent_rpcs"):
+                     "max_concurrent_rpcs", "drift_window_panes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.drift_pane_records < 0 or self.drift_pane_seconds <= 0:
+            raise ValueError("--drift-pane-records must be >= 0 and --drift-pane-seconds > 0")
         if self.max_delay_us < 0:
             raise ValueError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
         if self.workers > 1 and self.port == 0:
@@ -88,3 +104,8 @@ class ServeSettings:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+    def drift_config(self):
+        from monitoring.drift import DriftConfig
+
+        return DriftConfig(psi_warn=self.drift_psi_warn, psi_drift=self.drift_psi_drift, min_records=self.drift_min_records)

@@ -17,6 +17,7 @@ import socket
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 from .settings import ServeSettings
 
@@ -102,7 +103,13 @@ def serve(settings: ServeSettings) -> int:
         for i in range(settings.workers):
             start(i)
         if settings.metrics_port:
-            start_metrics_server(settings.metrics_port, settings.host)
+            extra = ()
+            if settings.drift:
+                from monitoring.collector import DriftCollector
+
+                extra = (DriftCollector(Path(mpdir) / "drift", settings.registry, settings.model, settings.drift_window_panes,
+                                        settings.drift_config()),)
+            start_metrics_server(settings.metrics_port, settings.host, extra)
         log.info("started workers=%d port=%d metrics_port=%d", settings.workers, settings.port, settings.metrics_port)
         while not stopping:
             time.sleep(0.2)

@@ -1,0 +1,379 @@
+"""The batch drift report behind ``outlierd drift report``.
+
+One file against a registry model's reference profile (``reference.json``): load the model, load
+the file with the model's feature columns, score it, observe every record into one
+:class:`~monitoring.drift.Window` and evaluate it with the same tests as streaming monitoring (PSI,
+Wasserstein and a state per feature; KS on scores; the alert rate against the calibrated rate with
+an exact binomial p-value; data-quality counts). The result is written as one self-contained HTML
+page (inline CSS and SVG, nothing fetched) and optionally as a JSON summary
+(:meth:`DriftResult.summary` plus a header: features most-drifted first).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.errors import ArtifactError
+from core.registry import Registry
+from training.data import load_dataset
+
+from .drift import QUALITY_REASONS, DriftConfig, DriftResult, Reference, Window, evaluate, observe, reference_for
+
+STATES = ("ok", "warn", "drift")
+STATE_COLOURS = {"ok": "#1a7f37", "warn": "#b7791f", "drift": "#c53030"}
+REF_COLOUR = "#a0aec0"
+CUR_COLOUR = "#2b6cb0"
+
+
+@dataclass
+class DriftReport:
+    """Everything the page and the JSON summary show."""
+
+    model: str
+    version: int
+    ref: str
+    data: str
+    rows: int
+    generated: str
+    threshold: float
+    result: DriftResult
+    window: Window
+    reference: Reference
+    profile: dict[str, Any]
+    config: DriftConfig
+    unscored: int = 0
+    published: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary: the header, then :meth:`DriftResult.summary` (features most-drifted first)."""
+        head = {"model": self.model, "version": self.version, "ref": self.ref, "data": self.data, "rows": self.rows,
+                "generated": self.generated, "threshold": self.threshold, "unscored_rows": self.unscored}
+        return _finite({**head, **self.result.summary()})
+
+
+def _finite(obj: Any) -> Any:
+    """NaN / inf become null so the summary is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def build_report(registry: str | os.PathLike, model: str, data: str | os.PathLike, ref: str | int = "champion",
+                 config: DriftConfig = DriftConfig()) -> DriftReport:
+    """Score ``data`` with ``model`` at ``ref`` and test it for drift against the model's reference."""
+    reg = Registry(registry)
+    version = reg.resolve(model, ref)
+    m = reg.load(model, version)
+    reference = reference_for(m, config)  # ValueError when the artifact has no reference profile
+    if reference.feature_names != m.feature_names:
+        raise ArtifactError(f"model {model!r} version {version}: the reference profile's features "
+                            f"{reference.feature_names[:5]} do not match the model's {m.feature_names[:5]}")
+    ds = load_dataset(data, feature_names=m.feature_names, require_rows=0)
+    X = ds.X
+    window = Window.empty(reference)
+    unscored = 0
+    if m.preprocessing.reject:
+        # The model cannot score records with NaN / inf: their values still count in the feature
+        # histograms and data quality, but not in the score histogram or the alert rate.
+        ok = np.all(np.isfinite(X), axis=1)
+        unscored = int((~ok).sum())
+        if unscored:
+            rest = Window.empty(reference)
+            observe(rest, reference, X[~ok], np.zeros(unscored), math.inf)
+            window.counts += rest.counts
+            window.missing += rest.missing
+            window.quality += rest.quality
+            X = X[ok]
+    if X.shape[0]:
+        observe(window, reference, X, m.score(X), m.threshold)
+    result = evaluate(window, reference, config)
+    warnings = list(ds.warnings)
+    if unscored:
+        warnings.append(f"{unscored} records with NaN or inf were not scored (the model's missing-value policy is 'reject')")
+    return DriftReport(model, version, str(ref), str(data), ds.n_rows,
+                       datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                       m.threshold, result, window, reference, m.reference, config, unscored,
+                       m.manifest.get("published"), warnings)
+
+
+def _write_text(path: str | os.PathLike, text: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def drift_report(registry: str | os.PathLike, model: str, data: str | os.PathLike, out: str | os.PathLike,
+                 *, ref: str | int = "champion", json_out: str | os.PathLike | None = None,
+                 config: DriftConfig = DriftConfig()) -> DriftReport:
+    """Build the report and write the HTML page to ``out`` (and the JSON summary to ``json_out``)."""
+    report = build_report(registry, model, data, ref, config)
+    _write_text(out, render_html(report))
+    if json_out is not None:
+        _write_text(json_out, json.dumps(report.summary(), indent=2, allow_nan=False) + "\n")
+    return report
+
+
+# ---------------------------------------------------------------------------------------- HTML
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _num(v: float | None, fmt: str = ".3f") -> str:
+    if v is None or not math.isfinite(v):
+        return "–"
+    return format(v, fmt)
+
+
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{100 * v:.{digits}f}%"
+
+
+def _edge(v: float) -> str:
+    return format(v, ".3g").replace("e+0", "e").replace("e-0", "e-")
+
+
+def _ticks(peak: float) -> tuple[float, float]:
+    """A round tick step for proportions up to ``peak`` (at most 5 intervals) and the axis top."""
+    peak = min(max(peak, 0.01), 1.0)
+    exp = 10 ** math.floor(math.log10(peak / 4))
+    step = next(m * exp for m in (1, 2, 2.5, 5, 10) if m * exp * 5 >= peak)
+    return step, min(step * math.ceil(peak / step - 1e-9), 1.0)
+
+
+def _histogram_svg(ref_p: np.ndarray, cur_p: np.ndarray | None, edges: np.ndarray, title: str,
+                   marker: float | None = None, width: int = 560, height: int = 190) -> str:
+    """Bar pairs (reference grey, current blue) on the reference bins, drawn at equal widths."""
+    k = ref_p.size
+    left, right, top, bottom = 44, 8, 10, 34
+    pw, ph = width - left - right, height - top - bottom
+    peak = max(float(ref_p.max(initial=0)), float(cur_p.max(initial=0)) if cur_p is not None else 0.0)
+    step, ymax = _ticks(peak)
+    gw = pw / k
+    bw = gw * 0.38
+    parts = [f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="{_e(title)}"><title>{_e(title)}</title>']
+    digits = next(n for n in (0, 1, 2, 3) if abs(round(step * 100, n) - step * 100) < 1e-9)
+    for t in range(int(round(ymax / step)) + 1):
+        v = step * t
+        y = top + ph - ph * v / ymax
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 3:.1f}" class="ylab">{_e(_pct(v, digits))}</text>')
+
+    def rng(i: int) -> str:
+        lo = "−∞" if i == 0 else _edge(edges[i - 1])
+        hi = "+∞" if i == k - 1 else _edge(edges[i])
+        return f"({lo}, {hi}]"
+
+    for i in range(k):
+        x0 = left + i * gw + (gw - 2 * bw) / 2
+        for j, (p, cls) in enumerate(((ref_p[i], "ref"), (cur_p[i] if cur_p is not None else None, "cur"))):
+            if p is None:
+                continue
+            h = ph * float(p) / ymax
+            tip = f"{'reference' if cls == 'ref' else 'current'} {rng(i)}: {_pct(float(p))}"
+            parts.append(f'<rect x="{x0 + j * bw:.1f}" y="{top + ph - h:.1f}" width="{bw:.1f}" height="{max(h, 0):.1f}" '
+                         f'class="{cls}"><title>{_e(tip)}</title></rect>')
+    # edge labels at the bin boundaries, thinned so they never overlap
+    stride = max(1, math.ceil((k - 1) * 34 / pw))
+    for i in range(1, k, stride):
+        x = left + i * gw
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" class="axis"/>')
+        parts.append(f'<text x="{x:.1f}" y="{top + ph + 15}" class="xlab">{_e(_edge(edges[i - 1]))}</text>')
+    parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>')
+    if marker is not None and math.isfinite(marker):
+        b = int(np.searchsorted(edges, marker, side="left"))  # bin of the marker: #edges < marker
+        if 0 < b < k - 1 and edges[b] > edges[b - 1]:
+            frac = (marker - edges[b - 1]) / (edges[b] - edges[b - 1])
+        else:
+            frac = 0.5
+        x = left + (b + frac) * gw
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + ph}" class="marker"/>')
+        parts.append(f'<text x="{x - 3:.1f}" y="{top + 9}" class="mlab">threshold {_e(_edge(marker))}</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 3}" class="xcap">reference bins (training quantiles; '
+                 'drawn at equal width, not to scale)</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+CSS = """
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#1a202c;background:#f7f8fa;margin:0}
+main{max-width:1220px;margin:0 auto;padding:24px 28px 48px}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 10px;border-bottom:1px solid #e2e8f0;padding-bottom:4px}
+.sub{color:#4a5568;margin:0 0 14px}
+dl.meta{display:grid;grid-template-columns:max-content 1fr max-content 1fr;gap:4px 16px;margin:0;background:#fff;
+  border:1px solid #e2e8f0;border-radius:6px;padding:12px 16px}
+dl.meta dt{color:#718096}
+dl.meta dd{margin:0;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:13px;overflow-wrap:anywhere}
+.banner{margin:16px 0 0;padding:10px 14px;border-radius:6px;border:1px solid;font-weight:600}
+.banner.ok{background:#f0fff4;border-color:#9ae6b4;color:#1a7f37}
+.banner.warn{background:#fffaf0;border-color:#fbd38d;color:#975a16}
+.banner.drift{background:#fff5f5;border-color:#feb2b2;color:#c53030}
+.banner.unjudged{background:#edf2f7;border-color:#cbd5e0;color:#4a5568}
+.cards{display:grid;grid-template-columns:repeat(3,1fr);gap:12px}
+.card{background:#fff;border:1px solid #e2e8f0;border-radius:6px;padding:12px 16px}
+.card .k{color:#718096;font-size:12px;text-transform:uppercase;letter-spacing:.04em}
+.card .v{font-size:22px;font-weight:600;margin:2px 0}
+.card .d{color:#4a5568;font-size:13px}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #e2e8f0}
+th,td{padding:5px 10px;border-bottom:1px solid #edf2f7;text-align:right;white-space:nowrap}
+th{background:#edf2f7;font-weight:600;font-size:12px;color:#4a5568}
+th:nth-child(-n+3),td:nth-child(-n+3){text-align:left}
+td.name{font-family:ui-monospace,"DejaVu Sans Mono",monospace;white-space:normal;overflow-wrap:anywhere}
+td.name a{color:inherit}
+td.zero{color:#a0aec0}
+tr.drift td{background:#fffafa}
+.pill{display:inline-block;min-width:46px;text-align:center;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px;font-weight:600}
+.pill.ok{background:#1a7f37}.pill.warn{background:#b7791f}.pill.drift{background:#c53030}.pill.na{background:#a0aec0}
+.legend{font-size:12px;color:#4a5568;margin:0 0 8px}
+.sw{display:inline-block;width:11px;height:11px;border-radius:2px;vertical-align:-1px;margin:0 4px 0 10px}
+.grid2{display:grid;grid-template-columns:repeat(2,1fr);gap:12px}
+.fig{background:#fff;border:1px solid #e2e8f0;border-radius:6px;padding:10px 12px}
+.fig h3{font-size:14px;margin:0 0 4px;display:flex;gap:10px;align-items:center;flex-wrap:wrap}
+.fig h3 code{font-size:14px;overflow-wrap:anywhere}
+.fig .stats{color:#4a5568;font-size:12px;font-weight:400}
+svg.hist{display:block;width:100%;height:auto;font-family:system-ui,"DejaVu Sans",sans-serif}
+svg .grid{stroke:#edf2f7}svg .axis{stroke:#a0aec0}
+svg .ref{fill:#a0aec0}svg .cur{fill:#2b6cb0}
+svg .ylab{font-size:10px;fill:#718096;text-anchor:end}
+svg .xlab{font-size:10px;fill:#4a5568;text-anchor:middle}
+svg .xcap{font-size:10px;fill:#a0aec0;text-anchor:middle}
+svg .marker{stroke:#c53030;stroke-dasharray:4 3}
+svg .mlab{font-size:10px;fill:#c53030;text-anchor:end}
+ul.warn{margin:6px 0;padding-left:20px;color:#975a16}
+footer{margin-top:28px;color:#a0aec0;font-size:12px}
+@media (max-width:900px){.grid2,.cards{grid-template-columns:1fr}dl.meta{grid-template-columns:max-content 1fr}}
+"""
+
+
+def _pill(state: str | None) -> str:
+    if state is None:
+        return '<span class="pill na">n/a</span>'
+    return f'<span class="pill {_e(state)}">{_e(state)}</span>'
+
+
+def _anchor(i: int) -> str:
+    return f"f{i}"
+
+
+def render_html(report: DriftReport) -> str:
+    """The report as one self-contained HTML page (inline CSS and SVG; every text escaped)."""
+    res, ref, win, cfg = report.result, report.reference, report.window, report.config
+    summary = res.summary()
+    index = {n: j for j, n in enumerate(ref.feature_names)}
+    prof_feats = {f.get("name"): f for f in (report.profile.get("features") or [])}
+    n_drift = sum(f["state"] == "drift" for f in summary["features"])
+    n_warn = sum(f["state"] == "warn" for f in summary["features"])
+    d = len(summary["features"])
+    out: list[str] = []
+    w = out.append
+    title = f"Drift report: {report.model} v{report.version} on {Path(report.data).name}"
+    w(f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+      f'<meta name="viewport" content="width=device-width,initial-scale=1"><title>{_e(title)}</title>'
+      f"<style>{CSS}</style></head><body><main>")
+
+    # header
+    w(f"<header><h1>Drift report: {_e(report.model)} <span style='color:#718096'>version {_e(report.version)}</span></h1>")
+    w(f'<p class="sub">{_e(report.data)} against the reference profile of the model\'s training data</p>')
+    meta = [("model", report.model), ("version", f"{report.version} (requested as {report.ref})"),
+            ("data file", report.data), ("rows", f"{report.rows:,}"),
+            ("generated", report.generated), ("model published", report.published or "–"),
+            ("reference rows", f"{report.profile.get('rows', '–'):,}" if isinstance(report.profile.get("rows"), int) else "–"),
+            ("threshold", _edge(report.threshold))]
+    w('<dl class="meta">' + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in meta) + "</dl>")
+    if not res.judged:
+        cls, text = "unjudged", (f"Not judged: {res.records:,} records is below the minimum of {cfg.min_records:,}; "
+                                 "the statistics are shown but no state is set.")
+    else:
+        bits = [f"{n_drift} of {d} features drifted" if n_drift else "no feature drifted"]
+        if n_warn:
+            bits.append(f"{n_warn} in warn")
+        bits.append("score distribution drifted" if res.score_drift else "score distribution stable")
+        bits.append("alert rate shifted" if res.alert_rate_shift else "alert rate as calibrated")
+        cls = "drift" if (n_drift or res.score_drift or res.alert_rate_shift) else "warn" if n_warn else "ok"
+        text = "; ".join(bits).capitalize() + "."
+    w(f'<div class="banner {cls}">{_e(text)}</div></header>')
+
+    # score and alert cards
+    w("<h2>Scores</h2><div class='cards'>")
+    ks_state = None if not res.judged else ("drift" if res.score_drift else "ok")
+    w(f"<div class='card'><div class='k'>Score KS distance</div><div class='v'>{_num(res.score_ks)} {_pill(ks_state)}</div>"
+      f"<div class='d'>largest gap between the score CDFs at the reference score bins; drift at ≥ {_num(cfg.ks_drift, 'g')}</div></div>")
+    al_state = None if not res.judged or res.expected_alert_rate is None else ("drift" if res.alert_rate_shift else "ok")
+    w(f"<div class='card'><div class='k'>Alert rate</div><div class='v'>{_pct(res.alert_rate)} {_pill(al_state)}</div>"
+      f"<div class='d'>{win.alerts:,} of {win.records:,} scored records at score ≥ {_e(_edge(report.threshold))}; "
+      f"expected {_pct(res.expected_alert_rate)} (calibrated on the training data); "
+      f"two-sided binomial p = {_num(res.alert_rate_p, '.3g')}, shifted below p = {_num(cfg.alert_rate_p, 'g')}</div></div>")
+    totals = win.quality.sum(axis=0)
+    q_text = ", ".join(f"{int(totals[q]):,} {r.replace('_', ' ')}" for q, r in enumerate(QUALITY_REASONS))
+    affected = len(res.quality)
+    w(f"<div class='card'><div class='k'>Data quality</div><div class='v'>{int(totals.sum()):,} <span style='font-size:14px;"
+      f"font-weight:400'>issues in {affected} of {d} features</span></div><div class='d'>{_e(q_text)} "
+      f"(out of range: beyond the training range by more than {_e(format(cfg.range_margin, '.0%'))} of it)</div></div>")
+    w("</div>")
+    if report.warnings:
+        w("<ul class='warn'>" + "".join(f"<li>{_e(x)}</li>" for x in report.warnings) + "</ul>")
+
+    # feature table
+    w(f"<h2>Features, most drifted first</h2><p class='legend'>State from PSI: warn at ≥ {_num(cfg.psi_warn, 'g')}, "
+      f"drift at ≥ {_num(cfg.psi_drift, 'g')}. Wasserstein-1 on the binned data, divided by the span of the reference bins.</p>")
+    w("<table><thead><tr><th>#</th><th>feature</th><th>state</th><th>PSI</th><th>Wasserstein</th><th>missing (current)</th>"
+      "<th>missing (reference)</th>" + "".join(f"<th>{_e(r.replace('_', ' '))}</th>" for r in QUALITY_REASONS) + "</tr></thead><tbody>")
+    for rank, f in enumerate(summary["features"], 1):
+        j = index[f["name"]]
+        state = f["state"] if res.judged else None
+        ref_missing = prof_feats.get(f["name"], {}).get("missing_rate")
+        cells = "".join(f"<td class='{'zero' if not win.quality[j, q] else ''}'>{int(win.quality[j, q]):,}</td>"
+                        for q in range(len(QUALITY_REASONS)))
+        w(f"<tr class='{_e(state or '')}'><td>{rank}</td><td class='name'><a href='#{_anchor(j)}'>{_e(f['name'])}</a></td>"
+          f"<td>{_pill(state)}</td><td>{_num(f['psi'])}</td><td>{_num(f['wasserstein'])}</td>"
+          f"<td>{_pct(f['missing_rate'])}</td><td>{_pct(ref_missing)}</td>{cells}</tr>")
+    w("</tbody></table>")
+
+    legend = (f"<p class='legend'><span class='sw' style='background:{REF_COLOUR};margin-left:0'></span>reference (training)"
+              f"<span class='sw' style='background:{CUR_COLOUR}'></span>current ({_e(Path(report.data).name)})</p>")
+    # score histogram
+    w("<h2>Score distribution</h2>" + legend)
+    s_total = win.score_counts.sum()
+    s_cur = win.score_counts / s_total if s_total else None
+    w("<div class='fig'>" + _histogram_svg(ref.score_proportions, s_cur, ref.score_edges, "score histogram",
+                                           marker=report.threshold, width=1160, height=220) + "</div>")
+
+    # per-feature histograms
+    w("<h2>Feature distributions, most drifted first</h2>" + legend + "<div class='grid2'>")
+    for f in summary["features"]:
+        j = index[f["name"]]
+        k = int(ref.n_bins[j])
+        seen = win.counts[j, :k].sum()
+        cur = win.counts[j, :k] / seen if seen else None
+        state = f["state"] if res.judged else None
+        extra = "" if seen else " · no finite values in the data"
+        w(f"<div class='fig' id='{_anchor(j)}'><h3><code>{_e(f['name'])}</code>{_pill(state)}"
+          f"<span class='stats'>PSI {_num(f['psi'])} · Wasserstein {_num(f['wasserstein'])} · "
+          f"missing {_pct(f['missing_rate'])}{_e(extra)}</span></h3>"
+          + _histogram_svg(ref.proportions[j, :k], cur, ref.edges[j, : k - 1], f"{f['name']} histogram") + "</div>")
+    w("</div>")
+    w(f"<footer>outlierd drift report · {_e(report.generated)} · {res.records:,} records</footer></main></body></html>\n")
+    return "".join(out)
