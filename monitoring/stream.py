@@ -26,12 +26,14 @@ from .drift import QUALITY_REASONS, DriftConfig, DriftResult, Reference, Window,
 
 
 class StreamMonitor:
-    def __init__(self, ref: Reference, config: DriftConfig = DriftConfig(), *, pane_records: int | None = 10_000,
+    def __init__(self, ref: Reference, config: DriftConfig = DriftConfig(), *, pane_records: int | None = None,
                  pane_seconds: float | None = None, window_panes: int = 1, share_dir: str | os.PathLike | None = None,
                  on_window: Callable[[DriftResult, Window], None] | None = None, clock: Callable[[], float] = time.time,
                  share_tag: int = 0):
-        if (pane_records is None) == (pane_seconds is None):
-            raise ValueError("set exactly one of pane_records and pane_seconds")
+        if pane_records is not None and pane_seconds is not None:
+            raise ValueError("set one of pane_records and pane_seconds, not both")
+        if pane_records is None and pane_seconds is None:
+            pane_records = 10_000
         if window_panes < 1:
             raise ValueError(f"window_panes must be >= 1; got {window_panes}")
         self.ref, self.config = ref, config
