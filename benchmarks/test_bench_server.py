@@ -392,3 +392,45 @@ def test_server(benchmark, record_value, server_bench: ServerBench, sc: Scenario
                 record_value(group=f"server-{sc.key}-{q}", metric="latency", value=_median(rs, f"{q}_us"),
                              statistic=f"median of {len(rs)} rounds' {q} ({sum(r['calls'] for r in rs):,} calls)",
                              **common)
+
+
+MONITORING_SCENARIOS = [sc for sc in SCENARIOS if sc.key in ("stream-256x1", "stream-256x4")]
+
+
+@pytest.fixture(scope="module")
+def unmonitored(server_bench: ServerBench, tmp_path_factory: pytest.TempPathFactory, bench_step) -> ServerProcess:
+    """The same server with drift and data-quality monitoring off: the peer for its overhead."""
+    port = free_port()
+    server = ServerProcess("outlierd-no-drift", [sys.executable, "-m", "outlierd", "serve", "--registry", str(server_bench.registry),
+                                                 "--model", MODEL, "--host", "127.0.0.1", "--port", str(port),
+                                                 "--metrics-port", "0", "--no-drift", *SERVER_ARGS], port, tmp_path_factory.mktemp("nodrift"))
+    with bench_step("starting `outlierd serve --no-drift` (monitoring off), waiting for SERVING"):
+        server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("sc", MONITORING_SCENARIOS, ids=[f"monitoring-{sc.key}" for sc in MONITORING_SCENARIOS])
+def test_monitoring_overhead(benchmark, record_value, server_bench: ServerBench, unmonitored: ServerProcess, sc: Scenario):
+    """Streaming throughput with drift + data-quality monitoring on vs off, alternating rounds."""
+    enabled = benchmark.enabled
+    rounds, warmup, seconds = (ROUNDS, WARMUP, SECONDS) if enabled else (1, SMOKE_SECONDS, SMOKE_SECONDS)
+    benchmark.group = f"monitoring-{sc.key}"
+
+    def run() -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {"off": [], "on": []}
+        for _ in range(rounds):
+            for role, server in (("off", unmonitored), ("on", server_bench.ours)):
+                out[role].append(run_loadgen(server, server_bench.data, sc, warmup, seconds))
+                assert server.alive(), f"{server.name} died under load:\n{server.log_tail()}"
+        return out
+
+    runs = benchmark.pedantic(run, rounds=1, iterations=1)
+    if not enabled:
+        return
+    for role, name in (("on", "outlierd serve (drift + data quality on)"), ("off", "outlierd serve --no-drift")):
+        rs = runs[role]
+        record_value(group=f"monitoring-{sc.key}", metric="throughput", value=_median(rs, "records_per_s"),
+                     statistic=f"median of {len(rs)} rounds of records/s over {seconds:g} s", name=name,
+                     role="ours" if role == "on" else "peer", rows=sc.records, seconds=sum(r["seconds"] for r in rs),
+                     extra={"runs": _summary(rs)})
