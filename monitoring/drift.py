@@ -134,13 +134,12 @@ def _observe(X, scores, threshold, edges, lo, hi, constant, constant_value, scor
     for i in range(n):
         for j in range(d):
             v = np.float64(X[i, j])
-            if np.isnan(v):
+            if not np.isfinite(v):
+                # like the training profile: non-finite values are missing for the bins
                 missing[j] += 1
-                quality[j, 0] += 1
+                quality[j, 0 if np.isnan(v) else 1] += 1
                 continue
-            if np.isinf(v):
-                quality[j, 1] += 1
-            elif v < lo[j] or v > hi[j]:
+            if v < lo[j] or v > hi[j]:
                 quality[j, 2] += 1
             if constant[j] and v != constant_value[j]:
                 quality[j, 3] += 1
@@ -170,6 +169,9 @@ def observe(window: Window, ref: Reference, X: np.ndarray, scores: np.ndarray, t
     if X.dtype.kind != "f":
         X = X.astype(np.float64)
     scores = np.ascontiguousarray(scores, dtype=np.float64)
+    # the kernel does not check bounds: shapes must be right before it runs
+    if X.ndim != 2 or X.shape[1] != ref.n_features or scores.shape != (X.shape[0],):
+        raise ValueError(f"observe needs X of shape (n, {ref.n_features}) and n scores; got {X.shape} and {scores.shape}")
     window.alerts += int(_observe(X, scores, float(threshold), ref.edges, ref.lo, ref.hi, ref.constant, ref.constant_value,
                                   ref.score_edges, window.counts, window.missing, window.quality, window.score_counts))
     window.records += X.shape[0]
@@ -189,7 +191,7 @@ def wasserstein_binned(current: np.ndarray, reference: np.ndarray, inner_edges: 
     gap = np.abs(np.cumsum(current)[:-1] - np.cumsum(reference)[:-1])  # CDF gap at each inner edge
     widths = np.diff(inner_edges)
     span = inner_edges[-1] - inner_edges[0]
-    return float(np.sum(gap[:-1] * widths) / span) if span > 0 else float(gap.max())
+    return float(np.sum(gap[:-1] * widths) / span) if span > 0 else float(gap[:-1].max())
 
 
 def ks_binned(current: np.ndarray, reference: np.ndarray) -> float:

@@ -24,13 +24,14 @@ import numpy as np
 
 from core.errors import ArtifactError
 from core.registry import Registry
-from training.data import load_dataset
+from training.data import DataError, load_dataset
 
 from .drift import QUALITY_REASONS, DriftConfig, DriftResult, Reference, Window, evaluate, observe, reference_for
 
 STATES = ("ok", "warn", "drift")
 STATE_COLOURS = {"ok": "#1a7f37", "warn": "#b7791f", "drift": "#c53030"}
 REF_COLOUR = "#a0aec0"
+QUALITY_LABELS = {"missing": "# NaN", "non_finite": "# ±inf", "out_of_range": "# out of range", "constant_break": "# constant break"}
 CUR_COLOUR = "#2b6cb0"
 
 
@@ -82,7 +83,10 @@ def build_report(registry: str | os.PathLike, model: str, data: str | os.PathLik
     if reference.feature_names != m.feature_names:
         raise ArtifactError(f"model {model!r} version {version}: the reference profile's features "
                             f"{reference.feature_names[:5]} do not match the model's {m.feature_names[:5]}")
+    # require_rows=0: a column that is entirely missing is drift to report, not an error
     ds = load_dataset(data, feature_names=m.feature_names, require_rows=0)
+    if ds.n_rows == 0:
+        raise DataError(f"{data}: no records to compare with the reference")
     X = ds.X
     window = Window.empty(reference)
     unscored = 0
@@ -162,15 +166,19 @@ def _ticks(peak: float) -> tuple[float, float]:
 
 
 def _histogram_svg(ref_p: np.ndarray, cur_p: np.ndarray | None, edges: np.ndarray, title: str,
-                   marker: float | None = None, width: int = 560, height: int = 190) -> str:
-    """Bar pairs (reference grey, current blue) on the reference bins, drawn at equal widths."""
+                   marker: float | None = None, missing: tuple[float, float] | None = None,
+                   width: int = 560, height: int = 190) -> str:
+    """Bar pairs (reference grey, current blue) on the reference bins, drawn at equal widths; with
+    ``missing`` (reference, current share of records with NaN) one more pair after a gap."""
     k = ref_p.size
-    left, right, top, bottom = 44, 8, 10, 34
+    left, right, top, bottom = 44, 8, (26 if marker is not None else 10), 34
     pw, ph = width - left - right, height - top - bottom
-    peak = max(float(ref_p.max(initial=0)), float(cur_p.max(initial=0)) if cur_p is not None else 0.0)
+    peak = max(float(ref_p.max(initial=0)), float(cur_p.max(initial=0)) if cur_p is not None else 0.0,
+               max(missing) if missing else 0.0)
     step, ymax = _ticks(peak)
-    gw = pw / k
-    bw = gw * 0.38
+    slots = k + (1.5 if missing else 0)
+    gw = pw / slots
+    bw = min(gw * 0.38, 36.0)
     parts = [f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
              f'aria-label="{_e(title)}"><title>{_e(title)}</title>']
     digits = next(n for n in (0, 1, 2, 3) if abs(round(step * 100, n) - step * 100) < 1e-9)
@@ -185,13 +193,20 @@ def _histogram_svg(ref_p: np.ndarray, cur_p: np.ndarray | None, edges: np.ndarra
         hi = "+∞" if i == k - 1 else _edge(edges[i])
         return f"({lo}, {hi}]"
 
-    for i in range(k):
+    groups = [(i, rng(i), ref_p[i], cur_p[i] if cur_p is not None else None) for i in range(k)]
+    if missing:
+        groups.append((k + 0.5, "missing (NaN, share of records)", missing[0], missing[1]))
+        xm = left + (k + 1) * gw
+        parts.append(f'<line x1="{left + (k + 0.25) * gw:.1f}" x2="{left + (k + 0.25) * gw:.1f}" y1="{top}" '
+                     f'y2="{top + ph}" class="sep"/>')
+        parts.append(f'<text x="{xm:.1f}" y="{top + ph + 15}" class="xlab">missing</text>')
+    for i, label, rp, cp in groups:
         x0 = left + i * gw + (gw - 2 * bw) / 2
-        for j, (p, cls) in enumerate(((ref_p[i], "ref"), (cur_p[i] if cur_p is not None else None, "cur"))):
+        for j, (p, cls) in enumerate(((rp, "ref"), (cp, "cur"))):
             if p is None:
                 continue
             h = ph * float(p) / ymax
-            tip = f"{'reference' if cls == 'ref' else 'current'} {rng(i)}: {_pct(float(p))}"
+            tip = f"{'reference' if cls == 'ref' else 'current'} {label}: {_pct(float(p))}"
             parts.append(f'<rect x="{x0 + j * bw:.1f}" y="{top + ph - h:.1f}" width="{bw:.1f}" height="{max(h, 0):.1f}" '
                          f'class="{cls}"><title>{_e(tip)}</title></rect>')
     # edge labels at the bin boundaries, thinned so they never overlap
@@ -200,7 +215,7 @@ def _histogram_svg(ref_p: np.ndarray, cur_p: np.ndarray | None, edges: np.ndarra
         x = left + i * gw
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" class="axis"/>')
         parts.append(f'<text x="{x:.1f}" y="{top + ph + 15}" class="xlab">{_e(_edge(edges[i - 1]))}</text>')
-    parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>')
+    parts.append(f'<line x1="{left}" x2="{left + k * gw:.1f}" y1="{top + ph}" y2="{top + ph}" class="axis"/>')
     if marker is not None and math.isfinite(marker):
         b = int(np.searchsorted(edges, marker, side="left"))  # bin of the marker: #edges < marker
         if 0 < b < k - 1 and edges[b] > edges[b - 1]:
@@ -208,10 +223,13 @@ def _histogram_svg(ref_p: np.ndarray, cur_p: np.ndarray | None, edges: np.ndarra
         else:
             frac = 0.5
         x = left + (b + frac) * gw
-        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + ph}" class="marker"/>')
-        parts.append(f'<text x="{x - 3:.1f}" y="{top + 9}" class="mlab">threshold {_e(_edge(marker))}</text>')
-    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 3}" class="xcap">reference bins (training quantiles; '
-                 'drawn at equal width, not to scale)</text>')
+        anchor = "end" if x > left + pw * 0.8 else "start"
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top - 14}" y2="{top + ph}" class="marker">'
+                     f'<title>{_e(f"alert threshold {marker:.6g}")}</title></line>')
+        parts.append(f'<text x="{x + (-4 if anchor == "end" else 4):.1f}" y="{top - 6}" class="mlab" '
+                     f'text-anchor="{anchor}">alert threshold {_e(_edge(marker))}</text>')
+    parts.append(f'<text x="{left + k * gw / 2:.1f}" y="{height - 3}" class="xcap">reference bins (training quantiles, '
+                 f'drawn at equal width){"; share of non-missing values" if missing else ""}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -255,13 +273,13 @@ tr.drift td{background:#fffafa}
 .fig h3 code{font-size:14px;overflow-wrap:anywhere}
 .fig .stats{color:#4a5568;font-size:12px;font-weight:400}
 svg.hist{display:block;width:100%;height:auto;font-family:system-ui,"DejaVu Sans",sans-serif}
-svg .grid{stroke:#edf2f7}svg .axis{stroke:#a0aec0}
+svg .grid{stroke:#edf2f7}svg .axis{stroke:#a0aec0}svg .sep{stroke:#cbd5e0;stroke-dasharray:2 2}
 svg .ref{fill:#a0aec0}svg .cur{fill:#2b6cb0}
 svg .ylab{font-size:10px;fill:#718096;text-anchor:end}
 svg .xlab{font-size:10px;fill:#4a5568;text-anchor:middle}
 svg .xcap{font-size:10px;fill:#a0aec0;text-anchor:middle}
-svg .marker{stroke:#c53030;stroke-dasharray:4 3}
-svg .mlab{font-size:10px;fill:#c53030;text-anchor:end}
+svg .marker{stroke:#c53030;stroke-width:1.5;stroke-dasharray:5 3}
+svg .mlab{font-size:11px;fill:#c53030}
 ul.warn{margin:6px 0;padding-left:20px;color:#975a16}
 footer{margin-top:28px;color:#a0aec0;font-size:12px}
 @media (max-width:900px){.grid2,.cards{grid-template-columns:1fr}dl.meta{grid-template-columns:max-content 1fr}}
@@ -313,7 +331,8 @@ def render_html(report: DriftReport) -> str:
         bits.append("score distribution drifted" if res.score_drift else "score distribution stable")
         bits.append("alert rate shifted" if res.alert_rate_shift else "alert rate as calibrated")
         cls = "drift" if (n_drift or res.score_drift or res.alert_rate_shift) else "warn" if n_warn else "ok"
-        text = "; ".join(bits).capitalize() + "."
+        text = "; ".join(bits) + "."
+        text = text[0].upper() + text[1:]
     w(f'<div class="banner {cls}">{_e(text)}</div></header>')
 
     # score and alert cards
@@ -339,8 +358,9 @@ def render_html(report: DriftReport) -> str:
     # feature table
     w(f"<h2>Features, most drifted first</h2><p class='legend'>State from PSI: warn at ≥ {_num(cfg.psi_warn, 'g')}, "
       f"drift at ≥ {_num(cfg.psi_drift, 'g')}. Wasserstein-1 on the binned data, divided by the span of the reference bins.</p>")
-    w("<table><thead><tr><th>#</th><th>feature</th><th>state</th><th>PSI</th><th>Wasserstein</th><th>missing (current)</th>"
-      "<th>missing (reference)</th>" + "".join(f"<th>{_e(r.replace('_', ' '))}</th>" for r in QUALITY_REASONS) + "</tr></thead><tbody>")
+    w("<table><thead><tr><th>#</th><th>feature</th><th>state</th><th>PSI</th><th>Wasserstein</th><th>missing rate</th>"
+      "<th>training missing rate</th>" + "".join(f"<th>{_e(QUALITY_LABELS.get(r, r))}</th>" for r in QUALITY_REASONS)
+      + "</tr></thead><tbody>")
     for rank, f in enumerate(summary["features"], 1):
         j = index[f["name"]]
         state = f["state"] if res.judged else None
@@ -369,11 +389,14 @@ def render_html(report: DriftReport) -> str:
         seen = win.counts[j, :k].sum()
         cur = win.counts[j, :k] / seen if seen else None
         state = f["state"] if res.judged else None
-        extra = "" if seen else " · no finite values in the data"
+        extra = "" if seen else " · no values in the data"
+        ref_missing = float(prof_feats.get(f["name"], {}).get("missing_rate") or 0.0)
+        miss = (ref_missing, f["missing_rate"]) if ref_missing or win.missing[j] else None
         w(f"<div class='fig' id='{_anchor(j)}'><h3><code>{_e(f['name'])}</code>{_pill(state)}"
           f"<span class='stats'>PSI {_num(f['psi'])} · Wasserstein {_num(f['wasserstein'])} · "
           f"missing {_pct(f['missing_rate'])}{_e(extra)}</span></h3>"
-          + _histogram_svg(ref.proportions[j, :k], cur, ref.edges[j, : k - 1], f"{f['name']} histogram") + "</div>")
+          + _histogram_svg(ref.proportions[j, :k], cur, ref.edges[j, : k - 1], f"{f['name']} histogram",
+                           missing=miss) + "</div>")
     w("</div>")
     w(f"<footer>outlierd drift report · {_e(report.generated)} · {res.records:,} records</footer></main></body></html>\n")
     return "".join(out)

@@ -114,8 +114,3 @@ class ModelSlot:
         log.info("reloaded model=%s version=%d in %.3fs", self.name, version, time.perf_counter() - t0)
         self.changed.set()
         return True
-
-    async def watch(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            await self.check()
