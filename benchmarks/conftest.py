@@ -511,27 +511,18 @@ class HbosParams:
 
 @pytest.fixture(scope="session")
 def robust_z_params(bench_data: BenchData) -> RobustZParams:
-    X = bench_data.X_train.astype(np.float64)
-    med = np.median(X, axis=0)
-    scale = 1.4826 * np.median(np.abs(X - med), axis=0)
-    scale = np.where(scale > 0, scale, 1.0)
-    return RobustZParams(med, 1.0 / scale)
+    from training.detectors import fit_robust_z  # the same fit `outlierd train` uses
+
+    _, a = fit_robust_z(bench_data.X_train.astype(np.float64))
+    return RobustZParams(a["rz_median"], a["rz_scale_inv"])
 
 
 @pytest.fixture(scope="session")
 def hbos_params(bench_data: BenchData) -> HbosParams:
-    X = bench_data.X_train.astype(np.float64)
-    n_bins, alpha = HBOS_BINS, 1.0
-    lo, hi = X.min(axis=0), X.max(axis=0)
-    width = (hi - lo) / n_bins
-    inv_width = np.where(width > 0, 1.0 / np.where(width > 0, width, 1.0), 0.0)
-    table = np.empty((N_FEATURES, n_bins + 2))
-    for j in range(N_FEATURES):
-        k = np.minimum(((X[:, j] - lo[j]) * inv_width[j]).astype(np.int64), n_bins - 1)
-        counts = np.zeros(n_bins + 2)
-        counts[1:-1] = np.bincount(k, minlength=n_bins)
-        table[j] = np.log(counts.max() + alpha) - np.log(counts + alpha)
-    return HbosParams(lo, hi, inv_width, table)
+    from training.detectors import fit_hbos
+
+    _, a = fit_hbos(bench_data.X_train.astype(np.float64), n_bins=HBOS_BINS, alpha=1.0)
+    return HbosParams(a["hb_lo"], a["hb_hi"], a["hb_inv_width"], a["hb_table"])
 
 
 def _export_and_load(tmp_path_factory: pytest.TempPathFactory, kind: str, detector: dict, arrays: dict,

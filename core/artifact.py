@@ -53,7 +53,7 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(manifest)).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -132,11 +132,11 @@ def write_artifact(
         }
         manifest[_DIGEST_KEY] = manifest_digest(manifest)
         _write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if dest.exists():
             dest.rmdir()
         os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -229,5 +229,5 @@ def rewrite_manifest(path: str | os.PathLike, **updates: Any) -> dict[str, Any]:
     tmp = root / f".{MANIFEST}.{uuid.uuid4().hex}"
     _write_json(tmp, manifest)
     os.replace(tmp, root / MANIFEST)
-    _fsync_dir(root)
+    fsync_dir(root)
     return manifest
