@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .artifact import MANIFEST, read_manifest, rewrite_manifest, verify_files
+from .artifact import MANIFEST, fsync_dir, read_manifest, rewrite_manifest, verify_files
 from .errors import ArtifactError, ModelNotFoundError, RegistryError
 from .model import Model, load_model
 
@@ -57,14 +57,6 @@ def _user() -> str | None:
         return getpass.getuser()
     except Exception:  # no passwd entry / no login name in a container: the audit still gets written
         return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def validate_name(name: Any, what: str = "model name") -> str:
@@ -216,7 +208,7 @@ class Registry:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(mdir)
+        fsync_dir(mdir)
 
     def _require_model(self, name: str) -> tuple[Path, list[int]]:
         mdir = self._model_dir(name)
@@ -294,12 +286,12 @@ class Registry:
                 rewrite_manifest(tmp, model=name, version=version, published=_now())
                 # The source could have changed between the check above and the copy: check the copy.
                 verify_files(tmp, read_manifest(tmp))
-                _fsync_dir(tmp)
+                fsync_dir(tmp)
                 os.rename(tmp, mdir / str(version))
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            _fsync_dir(mdir)
+            fsync_dir(mdir)
             self._append_audit(mdir, action="publish", model=name, version=version, alias=None, source=str(src.resolve()))
             for alias in alias_list:
                 self._set_alias_locked(mdir, name, alias, version)
@@ -330,6 +322,24 @@ class Registry:
             previous = aliases.pop(alias)
             self._write_aliases(mdir, aliases)
             self._append_audit(mdir, action="remove_alias", model=name, alias=alias, version=None, previous=previous)
+
+    def record(self, name: str, action: str, **fields: Any) -> None:
+        """Append ``{"action": action, "model": name, **fields}`` to the audit log of ``name``, under
+        the model's lock: for events decided outside the registry (e.g. a retraining trigger and its
+        reason). ``fields`` must be JSON-serialisable; ``time``, ``user``, ``host`` and ``pid`` are
+        stamped here and cannot be given.
+        """
+        if not isinstance(action, str) or not action:
+            raise ValueError(f"audit action must be a non-empty string; got {action!r}")
+        reserved = sorted({"time", "user", "host", "pid"} & fields.keys())
+        if reserved:
+            raise ValueError(f"audit fields {', '.join(reserved)} are stamped by the registry and cannot be given")
+        try:
+            json.dumps(fields)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"audit fields must be JSON-serialisable: {e}") from e
+        with self._locked(name) as mdir:
+            self._append_audit(mdir, action=action, model=name, **fields)
 
     # ------------------------------------------------------------------ readers
 

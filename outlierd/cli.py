@@ -208,6 +208,51 @@ def _run_drift(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_retrain_policy(sub: Any) -> None:
+    p = sub.add_parser("retrain-policy", help="retrain on sustained drift, on a schedule or on demand; publish as 'challenger'",
+                       description="Train on --data and publish the result as the 'challenger' alias (never 'champion'): "
+                                   "once with --now, or in a loop when a feature of the served model has been in drift "
+                                   "(state 2) for --sustained consecutive windows of --metrics-url (one scrape every "
+                                   "--interval seconds is one window: match the server's --drift-pane-seconds), and/or "
+                                   "every --every seconds. Every trigger and its reason go to the registry audit log. "
+                                   "Exit status 1 when a trigger's training failed.")
+    p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
+    p.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="training data (.csv, .csv.gz, .tsv, .parquet), or a directory: its newest data file at each trigger")
+    p.add_argument("--metrics-url", metavar="URL", help="the server's Prometheus endpoint, e.g. http://127.0.0.1:9100/metrics")
+    p.add_argument("--sustained", type=int, default=3, metavar="N", help="drifted windows in a row that trigger (default 3)")
+    p.add_argument("--interval", type=float, default=15.0, metavar="S", help="seconds between scrapes (default 15)")
+    p.add_argument("--every", type=float, default=0.0, metavar="S", help="also retrain every S seconds (default 0: no schedule)")
+    p.add_argument("--now", action="store_true", help="retrain once now (on demand) and exit")
+    p.add_argument("--max-triggers", type=int, metavar="N", help="exit after N triggers")
+    p.add_argument("--max-seconds", type=float, metavar="S", help="exit after S seconds")
+    p.add_argument("--detector", default="iforest", choices=("iforest", "robust_z", "hbos"), help="detector (default iforest)")
+    p.add_argument("--label-column", metavar="COL", help="column with 0/1 labels: used for evaluation only")
+    p.add_argument("--alert-rate", type=float, default=0.01, metavar="R", help="share of records to flag (default 0.01)")
+    p.set_defaults(func=_run_retrain_policy)
+
+
+def _run_retrain_policy(args: argparse.Namespace) -> int:
+    from monitoring.trigger import CHALLENGER, RetrainPolicy
+    from training.train import train
+
+    policy = RetrainPolicy(args.registry, args.model, args.data, train=train,
+                           train_kwargs={"detector": args.detector, "label_column": args.label_column,
+                                         "alert_rate": args.alert_rate},
+                           metrics_url=args.metrics_url, sustained=args.sustained, interval=args.interval, every=args.every,
+                           max_triggers=args.max_triggers, max_seconds=args.max_seconds)
+    if args.now:
+        triggers = [policy.trigger_now()]
+    else:
+        with policy.handle_signals():
+            triggers = policy.run()
+    for t in triggers:
+        print(f"{CHALLENGER}: {args.model} version {t.version} ({t.kind}: {t.reason})" if t.ok
+              else f"failed: {args.model} ({t.kind}: {t.reason}): {t.error}")
+    return 0 if all(t.ok for t in triggers) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outlierd",
@@ -227,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_demo(sub)
     _add_drift(sub)
+    _add_retrain_policy(sub)
     registry_cli.add_parser(sub)
     return parser
 
