@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench env clean
+.PHONY: demo test bench env clean deps-system
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,17 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/outlierd demo --registry runs/demo-registry
 
+# promtool + prometheus for the deploy/ monitoring tests (Debian's prometheus package): installed
+# when missing, as root with apt-get; otherwise a note, and those tests skip saying why.
+deps-system:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "make deps-system: installing prometheus (promtool) with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else echo "make deps-system: no promtool/prometheus and no root apt-get to install them: the deploy/prometheus tests will skip" >&2; fi
+
 # pytest exits 5 when it collected no test: that is a failure here, said plainly.
-test: $(STAMP)
+test: $(STAMP) deps-system
 	@$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
