@@ -57,6 +57,9 @@ class ModelSlot:
                  monitor_factory: Callable[[ModelHandle], Any] | None = None):
         self.registry, self.name, self.alias, self.metrics = registry, name, alias, metrics
         self.monitor_factory = monitor_factory
+        if metrics is not None:  # series exist at 0 from the start, so rate() sees the first event
+            for result in ("ok", "refused"):
+                metrics.reloads.labels(name, result)
         self.current: ModelHandle | None = None
         self._refused: int | None = None  # last version refused, not retried until the alias moves
         self.changed = asyncio.Event()

@@ -20,6 +20,7 @@ from .requests import decode
 from .settings import ServeSettings
 
 log = logging.getLogger("outlierd.servicer")
+INVALID_REASONS = ("n_features", "shape", "both_values", "ids", "too_large", "non_finite", "unknown_model", "explain", "internal")
 
 
 class ScorerServicer(pb_grpc.ScorerServicer):
@@ -28,6 +29,9 @@ class ScorerServicer(pb_grpc.ScorerServicer):
         self._counter_handle: ModelHandle | None = None
         self._counter_cache: tuple = ()
         self._latency = {m: metrics.request_latency.labels(m) for m in ("Score", "ScoreStream")} if metrics else {}
+        if metrics is not None:  # every reason's series exists at 0, so rate() sees the first one
+            for reason in INVALID_REASONS:
+                metrics.invalid_inputs.labels(reason)
 
     # -- shared steps -------------------------------------------------------------------------
 
@@ -80,6 +84,7 @@ class ScorerServicer(pb_grpc.ScorerServicer):
             raise
         except Exception as e:  # a kernel failure: INTERNAL with a message, never a bare traceback
             log.exception("scoring failed request_id=%d", request.request_id)
+            self._count_invalid(RequestError(str(e), code="INTERNAL", reason="internal"))
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error while scoring: {e}")
         response = self._response(request, handle, scores)
         self._observe("Score", t0)
@@ -126,6 +131,7 @@ class ScorerServicer(pb_grpc.ScorerServicer):
                     except Exception as e:  # a kernel failure answers this message, not the stream
                         log.exception("scoring failed request_id=%d", req.request_id)
                         err = RequestError(f"internal error: {e}", code="INTERNAL", reason="internal")
+                        self._count_invalid(err)
                 if err is not None:
                     yield pb.ScoreResponse(request_id=req.request_id, error=f"{err.code}: {message(err)}")
                     continue
