@@ -93,11 +93,17 @@ def write_artifact(
     reference: Mapping[str, Any],
     lineage: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write an artifact directory atomically (temporary sibling, then rename) and return its path.
 
-    ``path`` must not exist yet, or be an empty directory.
+    ``path`` must not exist yet, or be an empty directory. ``extra_files`` (name -> bytes, e.g.
+    ``model.onnx``) are written beside the standard files and checksummed like them.
     """
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if Path(name).name != name or name in (MANIFEST, ARRAYS, PROBE, REFERENCE) or name.endswith((".pkl", ".pickle", ".joblib")):
+            raise ArtifactError(f"invalid extra artifact file name {name!r}")
     dest = Path(path)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ArtifactError(f"artifact path {dest} already exists and is not an empty directory")
@@ -114,6 +120,11 @@ def write_artifact(
             {"X": np.asarray(probe_X, dtype=np.float64), "expected": np.asarray(probe_expected, dtype=np.float64)},
         )
         _write_json(tmp / REFERENCE, reference)
+        for name, data in extra_files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "detector": dict(detector),
@@ -127,7 +138,7 @@ def write_artifact(
             "version": None,
             "files": {
                 name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                for name in (ARRAYS, PROBE, REFERENCE)
+                for name in (ARRAYS, PROBE, REFERENCE, *extra_files)
             },
         }
         manifest[_DIGEST_KEY] = manifest_digest(manifest)

@@ -8,27 +8,20 @@ training-time probe scores is refused (:class:`~core.errors.ArtifactError`).
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numba as nb
 import numpy as np
 
 from . import hbos, iforest, robust_z
 from .artifact import ARRAYS, PROBE, REFERENCE, load_json, load_npz, read_manifest, verify_files
+from .backends import BACKENDS, BUILDERS, NATIVE_BACKEND, SERIAL_MAX_ROWS, NumbaScorer, register, resolve_device
 from .errors import ArtifactError, InvalidInputError
 from .preprocess import Preprocessing
 
 DETECTORS = ("iforest", "robust_z", "hbos")
-# Up to this many rows the single-threaded kernel is cheaper than waking the thread pool.
-SERIAL_MAX_ROWS = 1024
 _FLOAT_KINDS = "fiub"
 
-# Numba picks its threading layer at run time (omp, tbb or workqueue); workqueue must not be
-# entered by two Python threads at once. One lock per process serialises the parallel kernels,
-# which use every core anyway, so the choice of layer never matters for correctness.
-_PARALLEL_LOCK = threading.Lock()
 
 
 class Model:
@@ -37,7 +30,7 @@ class Model:
     Scores are float64, **higher = more anomalous**; ``predict`` flags ``score >= threshold``.
     """
 
-    def __init__(self, path: Path | None, manifest: dict[str, Any], prep: Preprocessing, serial: Callable, parallel: Callable, params: tuple, reference: dict[str, Any]):
+    def __init__(self, path: Path | None, manifest: dict[str, Any], prep: Preprocessing, scorer: Any, reference: dict[str, Any]):
         self.path = path
         self.manifest = manifest
         self.kind: str = manifest["detector"]["kind"]
@@ -49,12 +42,13 @@ class Model:
         self.metrics: dict[str, Any] = manifest.get("metrics", {})
         self.reference = reference
         self.preprocessing = prep
-        self._serial = serial
-        self._parallel = parallel
-        self._args = (prep.median, prep.center, prep.scale_inv, prep.reject, *params)
+        self._scorer = scorer
+        self.backend: str = scorer.backend
+        self.device: str = scorer.device
 
     def __repr__(self) -> str:
-        return f"Model(kind={self.kind!r}, name={self.name!r}, version={self.version}, n_features={self.n_features})"
+        return (f"Model(kind={self.kind!r}, name={self.name!r}, version={self.version}, n_features={self.n_features}, "
+                f"backend={self.backend!r}, device={self.device!r})")
 
     def _check(self, X: Any) -> np.ndarray:
         if not (isinstance(X, np.ndarray) and X.dtype.kind == "f" and X.dtype.itemsize in (4, 8)):
@@ -87,40 +81,50 @@ class Model:
         ``parallel``: use every core (True), one (False), or decide by batch size (None). A server
         that already scores several batches at once wants False.
         """
-        X = self._check(X)
-        n = X.shape[0]
-        out = np.empty(n, dtype=np.float64)
-        if not parallel if parallel is not None else n <= SERIAL_MAX_ROWS:
-            bad = self._serial(X, out, *self._args)
-        else:
-            with _PARALLEL_LOCK:
-                bad = self._parallel(X, out, *self._args, nb.get_num_threads())
-        if bad >= 0:
-            raise InvalidInputError(
-                f"record {bad} contains NaN or inf and this model's missing-value policy is 'reject'"
-            )
-        return out
+        return self._scorer(self._check(X), parallel)
 
     def predict(self, X: Any) -> np.ndarray:
         """``(n,)`` bool: ``score(X) >= threshold``."""
         return self.score(X) >= self.threshold
 
 
-def _build(kind: str, detector: dict[str, Any], arrays: dict[str, np.ndarray], d: int) -> tuple[Callable, Callable, tuple]:
-    if kind == "iforest":
-        f = iforest.Forest.from_arrays(arrays, d)
-        return iforest.score_serial, iforest.score_parallel, (f.feature, f.threshold, f.leaf_value, f.denominator)
-    if kind == "robust_z":
-        rz = robust_z.RobustZ.from_arrays(arrays, d, detector.get("params", {}).get("combine", "rms"))
-        return robust_z.score_serial, robust_z.score_parallel, (rz.median, rz.scale_inv, rz.combine == "max")
-    if kind == "hbos":
-        h = hbos.Hbos.from_arrays(arrays, d)
-        return hbos.score_serial, hbos.score_parallel, (h.lo, h.hi, h.inv_width, h.table)
-    raise ArtifactError(f"unknown detector kind {kind!r}; this outlierd knows {', '.join(DETECTORS)}")
+@register("iforest", "numba")
+def _iforest_numba(detector, arrays, d, prep, device, files):
+    f = iforest.Forest.from_arrays(arrays, d)
+    return NumbaScorer(iforest.score_serial, iforest.score_parallel, prep, (f.feature, f.threshold, f.leaf_value, f.denominator))
 
 
-def build_model(manifest: dict[str, Any], arrays: dict[str, np.ndarray], reference: dict[str, Any] | None = None, path: Path | None = None) -> Model:
-    """Assemble a :class:`Model` from a manifest and its arrays (no file checks, no probe)."""
+@register("robust_z", "numba")
+def _robust_z_numba(detector, arrays, d, prep, device, files):
+    rz = robust_z.RobustZ.from_arrays(arrays, d, detector.get("params", {}).get("combine", "rms"))
+    return NumbaScorer(robust_z.score_serial, robust_z.score_parallel, prep, (rz.median, rz.scale_inv, rz.combine == "max"))
+
+
+@register("hbos", "numba")
+def _hbos_numba(detector, arrays, d, prep, device, files):
+    h = hbos.Hbos.from_arrays(arrays, d)
+    return NumbaScorer(hbos.score_serial, hbos.score_parallel, prep, (h.lo, h.hi, h.inv_width, h.table))
+
+
+def _load_plugins() -> None:
+    # detectors and backends that register themselves on import (optional dependencies inside)
+    import importlib
+
+    for mod in PLUGINS:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            pass
+
+
+PLUGINS: tuple[str, ...] = ("core.forest_onnx", "core.forest_torch")
+
+
+def build_model(manifest: dict[str, Any], arrays: dict[str, np.ndarray], reference: dict[str, Any] | None = None,
+                path: Path | None = None, *, backend: str = "numba", device: str = "auto",
+                files: dict[str, bytes] | None = None) -> Model:
+    """Assemble a :class:`Model` from a manifest and its arrays (no file checks, no probe).
+    ``files`` holds extra artifact files by name (e.g. ``model.onnx``); read from ``path`` if absent."""
     try:
         detector = manifest["detector"]
         kind = detector["kind"]
@@ -130,16 +134,36 @@ def build_model(manifest: dict[str, Any], arrays: dict[str, np.ndarray], referen
         raise ArtifactError(f"manifest lacks a required field: {e}") from e
     if d < 1 or not np.isfinite(threshold):
         raise ArtifactError(f"manifest declares {d} features and threshold {threshold}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    _load_plugins()
+    if (kind, backend) not in BUILDERS and backend == "numba" and kind in NATIVE_BACKEND:
+        backend = NATIVE_BACKEND[kind]  # e.g. the autoencoder has no Numba kernel: ONNX is its default
+    if (kind, backend) not in BUILDERS:
+        kinds = sorted({k for k, _ in BUILDERS})
+        if kind not in kinds:
+            raise ArtifactError(f"unknown detector kind {kind!r}; this outlierd knows {', '.join(kinds)}")
+        have = sorted(b for k, b in BUILDERS if k == kind)
+        raise ValueError(f"detector {kind!r} has no {backend!r} backend; available: {', '.join(have)}")
     prep = Preprocessing.from_artifact(manifest.get("preprocessing", {}), arrays, d)
-    serial, parallel, params = _build(kind, detector, arrays, d)
-    return Model(path, manifest, prep, serial, parallel, params, reference or {})
+    if files is None:
+        files = {}
+        if path is not None:
+            for name in manifest.get("files", {}):
+                if name not in (ARRAYS, PROBE, REFERENCE):
+                    files[name] = (path / name).read_bytes()
+    scorer = BUILDERS[(kind, backend)](detector, arrays, d, prep, resolve_device(device, backend), files)
+    return Model(path, manifest, prep, scorer, reference or {})
 
 
-def load_model(path: str | os.PathLike, *, verify_probe: bool = True) -> Model:
+def load_model(path: str | os.PathLike, *, backend: str = "numba", device: str = "auto", verify_probe: bool = True) -> Model:
     """Load and verify the artifact directory ``path``.
 
-    Raises :class:`~core.errors.ArtifactError` when the artifact is missing, corrupt, edited, of a
-    newer format, or does not reproduce its probe scores.
+    ``backend``: "numba" (CPU kernels, the default), "onnx" (ONNX Runtime) or "torch"; ``device``:
+    "cpu", "cuda" or "auto" (CUDA when the backend can use a present GPU). ``model.backend`` and
+    ``model.device`` say what was chosen. Raises :class:`~core.errors.ArtifactError` when the
+    artifact is missing, corrupt, edited, of a newer format, or does not reproduce its probe scores,
+    and :class:`~core.backends.DeviceError` for ``device="cuda"`` without a usable GPU.
     """
     root = Path(path)
     if not root.is_dir():
@@ -147,7 +171,7 @@ def load_model(path: str | os.PathLike, *, verify_probe: bool = True) -> Model:
     manifest = read_manifest(root)
     verify_files(root, manifest)
     reference = load_json(root / REFERENCE)
-    model = build_model(manifest, load_npz(root / ARRAYS), reference, root)
+    model = build_model(manifest, load_npz(root / ARRAYS), reference, root, backend=backend, device=device)
     if verify_probe:
         _verify_probe(model, root, manifest)
     return model

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from core.model import SERIAL_MAX_ROWS, Model
+from core.backends import SERIAL_MAX_ROWS
+from core.model import Model
 from core.registry import Registry
 
 log = logging.getLogger("outlierd.reload")

@@ -67,6 +67,7 @@ def export_detector(
     metrics: Mapping[str, Any] | None = None,
     expected_scorer: Any = None,
     seed: int = 0,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write an artifact for any detector.
 
@@ -79,7 +80,7 @@ def export_detector(
     all_arrays = {**prep.arrays(), **arrays}
     manifest = {"detector": dict(detector), "features": [{"name": n} for n in feature_names],
                 "threshold": float(threshold), "preprocessing": prep.manifest()}
-    model = build_model(manifest, all_arrays)
+    model = build_model(manifest, all_arrays, files=dict(extra_files or {}))
     source = probe_source if probe_source is not None else X_train
     probe = _probe_rows(source, d, prep.median - 1.0, prep.median + 1.0, seed)
     if prep.reject:
@@ -109,6 +110,7 @@ def export_detector(
         reference=reference,
         lineage=lineage,
         metrics=metrics,
+        extra_files=extra_files,
     )
 
 

@@ -1,0 +1,126 @@
+"""Scoring backends: the Numba kernels (CPU) and array programs (ONNX Runtime, torch; CPU or CUDA).
+
+A backend turns validated records into scores. ``NumbaScorer`` runs the fused kernels (the
+preprocessing happens inside them); ``ArrayScorer`` applies the same preprocessing in NumPy, then
+hands float32 records to an array program. Each builder is registered per (detector, backend);
+``core.model.load_model(path, backend=..., device=...)`` picks one.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import numba as nb
+import numpy as np
+
+from .errors import InvalidInputError, OutlierdError
+from .preprocess import Preprocessing
+
+BACKENDS = ("numba", "onnx", "torch")
+DEVICES = ("cpu", "cuda", "auto")
+# Up to this many rows the single-threaded kernel is cheaper than waking the thread pool.
+SERIAL_MAX_ROWS = 1024
+# Numba picks its threading layer at run time (omp, tbb or workqueue); workqueue must not be
+# entered by two Python threads at once. One lock per process serialises the parallel kernels,
+# which use every core anyway, so the choice of layer never matters for correctness.
+_PARALLEL_LOCK = threading.Lock()
+
+
+class DeviceError(OutlierdError):
+    """The requested device cannot be used (e.g. ``--device cuda`` without a usable GPU)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+def _reject_message(row: int) -> str:
+    return f"record {row} contains NaN or inf and this model's missing-value policy is 'reject'"
+
+
+class NumbaScorer:
+    backend, device = "numba", "cpu"
+
+    def __init__(self, serial: Callable, parallel: Callable, prep: Preprocessing, params: tuple):
+        self._serial, self._parallel = serial, parallel
+        self._args = (prep.median, prep.center, prep.scale_inv, prep.reject, *params)
+
+    def __call__(self, X: np.ndarray, parallel: bool | None = None) -> np.ndarray:
+        n = X.shape[0]
+        out = np.empty(n, dtype=np.float64)
+        if not parallel if parallel is not None else n <= SERIAL_MAX_ROWS:
+            bad = self._serial(X, out, *self._args)
+        else:
+            with _PARALLEL_LOCK:
+                bad = self._parallel(X, out, *self._args, nb.get_num_threads())
+        if bad >= 0:
+            raise InvalidInputError(_reject_message(int(bad)))
+        return out
+
+
+class ArrayScorer:
+    """Preprocess in NumPy (same rules as the kernels), then run ``fn(float32 records) -> scores``."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, backend: str, device: str):
+        self._fn, self._prep, self.backend, self.device = fn, prep, backend, device
+
+    def __call__(self, X: np.ndarray, parallel: bool | None = None) -> np.ndarray:
+        if X.shape[0] == 0:
+            return np.empty(0, dtype=np.float64)
+        if self._prep.reject:
+            bad = ~np.isfinite(X).all(axis=1)
+            if bad.any():
+                raise InvalidInputError(_reject_message(int(np.flatnonzero(bad)[0])))
+        Xp = self._prep.transform(X).astype(np.float32)
+        return np.asarray(self._fn(Xp), dtype=np.float64).reshape(-1)
+
+
+# (detector kind, backend) -> builder(detector, arrays, n_features, prep, device, files) -> scorer
+Builder = Callable[[dict, dict, int, Preprocessing, str, dict], Any]
+BUILDERS: dict[tuple[str, str], Builder] = {}
+# the backend a detector uses when the default (numba) does not exist for it
+NATIVE_BACKEND: dict[str, str] = {}
+
+
+def register(kind: str, backend: str, native: bool = False) -> Callable[[Builder], Builder]:
+    def deco(fn: Builder) -> Builder:
+        BUILDERS[(kind, backend)] = fn
+        if native:
+            NATIVE_BACKEND[kind] = backend
+        return fn
+    return deco
+
+
+def cuda_available() -> bool:
+    """True when ONNX Runtime's CUDA provider or torch.cuda can run here (never imports torch eagerly
+    when it is not installed)."""
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return True
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def resolve_device(device: str, backend: str) -> str:
+    """'auto' -> 'cuda' when the backend can use a present GPU, else 'cpu'; 'cuda' without one fails."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
+    if backend == "numba":
+        if device == "cuda":
+            raise DeviceError("the numba backend runs on the CPU; use backend='onnx' or 'torch' for --device cuda")
+        return "cpu"
+    if device == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    if device == "cuda":
+        raise DeviceError("--device cuda: no usable CUDA device (no CUDAExecutionProvider in onnxruntime and "
+                          "torch.cuda.is_available() is False); install the 'gpu' extra on a GPU machine, or use --device auto")
+    return "cpu"
