@@ -90,22 +90,25 @@ def register(kind: str, backend: str, native: bool = False) -> Callable[[Builder
     return deco
 
 
-def cuda_available() -> bool:
-    """True when ONNX Runtime's CUDA provider or torch.cuda can run here (never imports torch eagerly
-    when it is not installed)."""
-    try:
-        import onnxruntime as ort
+def cuda_available(backend: str | None = None) -> bool:
+    """True when a CUDA device can run here for ``backend`` ("onnx": ONNX Runtime's CUDA provider;
+    "torch": torch.cuda; None: either). torch is imported only when asked about and installed."""
+    if backend in (None, "onnx"):
+        try:
+            import onnxruntime as ort
 
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return True
-    except ImportError:
-        pass
-    try:
-        import torch
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                return True
+        except ImportError:
+            pass
+    if backend in (None, "torch"):
+        try:
+            import torch
 
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
+            return bool(torch.cuda.is_available())
+        except ImportError:
+            return False
+    return False
 
 
 def resolve_device(device: str, backend: str) -> str:
@@ -118,7 +121,7 @@ def resolve_device(device: str, backend: str) -> str:
         return "cpu"
     if device == "cpu":
         return "cpu"
-    if cuda_available():
+    if cuda_available(backend):
         return "cuda"
     if device == "cuda":
         raise DeviceError("--device cuda: no usable CUDA device (no CUDAExecutionProvider in onnxruntime and "

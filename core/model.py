@@ -117,7 +117,7 @@ def _load_plugins() -> None:
             pass
 
 
-PLUGINS: tuple[str, ...] = ("core.forest_onnx", "core.forest_torch")
+PLUGINS: tuple[str, ...] = ("core.forest_onnx", "core.forest_torch", "core.knn", "core.autoencoder")
 
 
 def build_model(manifest: dict[str, Any], arrays: dict[str, np.ndarray], reference: dict[str, Any] | None = None,

@@ -35,6 +35,7 @@ class ServiceMetrics:
         self.invalid_inputs = Counter("outlierd_invalid_inputs_total", "Rejected requests by reason.", ["reason"], **kw)
         self.queue_depth = Gauge("outlierd_queue_depth_records", "Records waiting in the micro-batcher.",
                                  multiprocess_mode="livesum", **kw)
+        self.device_fallbacks = Counter("outlierd_device_fallbacks_total", "Batches that failed on the GPU and ran on the CPU.", ["model"], **kw)
         self.overloaded = Counter("outlierd_overloaded_total", "Requests refused with RESOURCE_EXHAUSTED (queue full).", **kw)
         self.data_quality = Counter("outlierd_data_quality_issues_total",
                                     "Values with a data-quality issue, by feature and reason (missing, non_finite, out_of_range, constant_break).",

@@ -20,7 +20,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="training data: .csv, .csv.gz, .tsv, .parquet")
     p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
     p.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
-    p.add_argument("--detector", default="iforest", choices=("iforest", "robust_z", "hbos"), help="detector (default iforest)")
+    p.add_argument("--detector", default="iforest", choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder"),
+                   help="detector (default iforest); knn/lof: k=20 neighbours in a reference sample of up to 4096 "
+                        "training rows; autoencoder needs the torch extra")
     p.add_argument("--label-column", metavar="COL", help="column with 0 (normal) / 1 (anomaly) labels: used for evaluation only")
     p.add_argument("--alert-rate", type=float, default=0.01, metavar="R", help="share of records to flag (default 0.01)")
     p.add_argument("--alias", metavar="ALIAS", help="alias to point at the new version, e.g. champion")
@@ -60,6 +62,8 @@ def _add_score(sub: Any) -> None:
     p.add_argument("--ref", "--alias", dest="ref", default="champion", metavar="VERSION|ALIAS", help="version or alias (default champion)")
     p.add_argument("--output", "--out", dest="out", metavar="FILE", help="write score and anomalous columns here (.csv or .parquet)")
     p.add_argument("--label-column", metavar="COL", help="evaluate against this 0/1 column")
+    p.add_argument("--backend", default="numba", choices=("numba", "onnx", "torch"), help="scoring backend (default numba)")
+    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"), help="cpu, cuda or auto (default auto)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_run_score)
 
@@ -67,14 +71,15 @@ def _add_score(sub: Any) -> None:
 def _run_score(args: argparse.Namespace) -> int:
     from training.scoring import score_file
 
-    res = score_file(args.data, args.registry, args.model, args.ref, out=args.out, label_column=args.label_column)
+    res = score_file(args.data, args.registry, args.model, args.ref, out=args.out, label_column=args.label_column,
+                     backend=args.backend, device=args.device)
     rate = res.rows / res.seconds if res.seconds > 0 else float("inf")
     summary = {"model": res.model, "version": res.version, "rows": res.rows, "anomalies": res.anomalies,
-               "seconds": res.seconds, "records_per_s": rate, "metrics": res.metrics}
+               "seconds": res.seconds, "records_per_s": rate, "metrics": res.metrics, "backend": res.backend, "device": res.device}
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
-    print(f"scored {res.rows} records with {res.model} version {res.version} in {res.seconds * 1e3:.1f} ms "
+    print(f"scored {res.rows} records with {res.model} version {res.version} ({res.backend} on {res.device}) in {res.seconds * 1e3:.1f} ms "
           f"({rate:,.0f} records/s); {res.anomalies} flagged")
     for key in ("roc_auc", "pr_auc", "precision_at_alert_rate", "recall_at_alert_rate"):
         if key in res.metrics:
@@ -101,6 +106,11 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--max-queue-records", type=int, default=None, metavar="N", help="queued records before RESOURCE_EXHAUSTED")
     p.add_argument("--max-request-records", type=int, default=None, metavar="N", help="records allowed per request")
     p.add_argument("--grace-s", type=float, default=None, metavar="S", help="shutdown grace in seconds (default 10)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"),
+                   help="where batches run: cpu, cuda (fails at start without a GPU) or auto (default: large batches on a GPU when present)")
+    p.add_argument("--gpu-backend", default=None, choices=("onnx", "torch"), help="GPU backend (default onnx)")
+    p.add_argument("--gpu-min-rows", type=int, default=None, metavar="N",
+                   help="with --device auto: batches of at least N records go to the GPU (default 4096; measure it with benchmarks/gpu_suite.py)")
     p.add_argument("--no-drift", dest="drift", action="store_const", const=0, default=None,
                    help="turn drift and data-quality monitoring off")
     p.add_argument("--drift-pane-records", type=int, default=None, metavar="N",
@@ -123,7 +133,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     names = ("registry", "model", "alias", "host", "port", "metrics_port", "workers", "threads", "max_batch", "max_delay_us",
              "max_queue_records", "max_request_records", "grace_s", "tls_cert", "tls_key", "tls_client_ca",
-             "drift", "drift_pane_records", "drift_pane_seconds", "drift_window_panes")
+             "drift", "drift_pane_records", "drift_pane_seconds", "drift_window_panes", "device", "gpu_backend", "gpu_min_rows")
     overrides = {n: getattr(args, n) for n in names}
     overrides["auth_token"] = read_token(args.auth_token_file, os.environ.get("OUTLIERD_AUTH_TOKEN"))
     return serve(ServeSettings.from_env(**overrides))

@@ -26,7 +26,7 @@ from outlierd.v1 import scoring_pb2, scoring_pb2_grpc
 from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
 from .health import HealthServicer
-from .reload import ModelSlot
+from .reload import DevicePolicy, ModelSlot
 from .servicer import ScorerServicer
 from .settings import ServeSettings
 
@@ -92,7 +92,8 @@ async def _background(slot: ModelSlot, settings: ServeSettings) -> None:
 async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None) -> Worker:
     """Load the model, then start serving; returns once the port accepts calls."""
     registry = Registry(settings.registry)
-    slot = ModelSlot(registry, settings.model, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics))
+    policy = DevicePolicy(settings.device, settings.gpu_backend, settings.gpu_min_rows)
+    slot = ModelSlot(registry, settings.model, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics), policy=policy)
     loop = asyncio.get_running_loop()
     handle = await loop.run_in_executor(None, slot.load_initial)
     interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []

@@ -78,7 +78,7 @@ class MicroBatcher:
 
     def submit(self, X: np.ndarray, handle: ModelHandle | None = None) -> asyncio.Future:
         """Queue ``X`` for scoring with ``handle`` (default: the one serving now); the future
-        resolves to ``(handle, scores)``."""
+        resolves to ``(handle, scores, device)``."""
         handle = handle or self.slot.current
         assert handle is not None, "no model loaded"
         loop = asyncio.get_running_loop()
@@ -132,11 +132,11 @@ class MicroBatcher:
         elif job.exception() is not None:
             fut.set_exception(job.exception())
         else:
-            scores = job.result()
+            scores, device = job.result()
             self._observe(handle, scores.shape[0])
-            fut.set_result((handle, scores))
+            fut.set_result((handle, scores, device))
 
-    async def _score_direct(self, handle: ModelHandle, X: np.ndarray) -> tuple[ModelHandle, np.ndarray]:
+    async def _score_direct(self, handle: ModelHandle, X: np.ndarray) -> tuple[ModelHandle, np.ndarray, str]:
         n = X.shape[0]
         try:
             await self._acquire_thread()
@@ -151,20 +151,31 @@ class MicroBatcher:
             self._release(n)
 
         job.add_done_callback(done)
-        scores = await asyncio.shield(job)
+        scores, device = await asyncio.shield(job)
         self._observe(handle, scores.shape[0])
-        return handle, scores
+        return handle, scores, device
 
-    @staticmethod
-    def _kernel(handle: ModelHandle, X: np.ndarray) -> np.ndarray:
-        # The pool's threads already use the cores: one core per batch, unless a batch is huge.
-        scores = handle.model.score(X, parallel=X.shape[0] > PARALLEL_MIN_ROWS)
+    def _kernel(self, handle: ModelHandle, X: np.ndarray) -> tuple[np.ndarray, str]:
+        """Score one batch where the device policy says; returns (scores, device it ran on)."""
+        scores = None
+        device = "cpu"
+        if handle.gpu_model is not None and X.shape[0] >= handle.gpu_min_rows:
+            try:
+                scores, device = handle.gpu_model.score(X), "cuda"
+            except Exception as e:  # a GPU failure falls back to the CPU kernel: counted and logged
+                log.error("cuda scoring failed, falling back to cpu model=%s version=%d error=%s", handle.name, handle.version, e)
+                if self.metrics is not None:
+                    self.metrics.device_fallbacks.labels(handle.name).inc()
+        if scores is None:
+            # The pool's threads already use the cores: one core per batch, unless a batch is huge.
+            scores = handle.model.score(X, parallel=X.shape[0] > PARALLEL_MIN_ROWS)
+            device = handle.model.device
         if handle.monitor is not None:
             try:  # drift and data quality, per batch, still on the scoring thread (GIL released)
                 handle.monitor.observe(X, scores, handle.threshold)
             except Exception:  # monitoring must never fail scoring
                 log.exception("drift monitor failed model=%s version=%d", handle.name, handle.version)
-        return scores
+        return scores, device
 
     def _observe(self, handle: ModelHandle, n: int) -> None:
         if self.metrics is not None:
@@ -215,7 +226,7 @@ class MicroBatcher:
             X = items[0].X if len(items) == 1 else np.concatenate([it.X for it in items])
             loop = asyncio.get_running_loop()
             try:
-                scores = await loop.run_in_executor(self.executor, self._kernel, handle, X)
+                scores, device = await loop.run_in_executor(self.executor, self._kernel, handle, X)
             except Exception:
                 # one bad request must not fail its batch-mates: score them one by one
                 for it in items:
@@ -226,17 +237,17 @@ class MicroBatcher:
             for it in items:
                 n = it.X.shape[0]
                 if not it.future.done():
-                    it.future.set_result((handle, scores[start:start + n]))
+                    it.future.set_result((handle, scores[start:start + n], device))
                 start += n
         finally:
             self._release_thread()
 
     async def _score_alone(self, it: _Item) -> None:
         try:
-            scores = await asyncio.get_running_loop().run_in_executor(self.executor, self._kernel, it.handle, it.X)
+            scores, device = await asyncio.get_running_loop().run_in_executor(self.executor, self._kernel, it.handle, it.X)
         except Exception as e:
             if not it.future.done():
                 it.future.set_exception(e)
             return
         if not it.future.done():
-            it.future.set_result((it.handle, scores))
+            it.future.set_result((it.handle, scores, device))

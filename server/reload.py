@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from core.backends import SERIAL_MAX_ROWS
-from core.model import Model
+from core.backends import SERIAL_MAX_ROWS, resolve_device
+from core.model import Model, load_model
 from core.registry import Registry
 
 log = logging.getLogger("outlierd.reload")
@@ -32,13 +32,26 @@ class ModelHandle:
     model: Model
     loaded_at: float
     monitor: Any = None  # monitoring.stream.ServingMonitor of this version, or None
+    gpu_model: Model | None = None  # the same version on CUDA, when the device policy uses a GPU
+    gpu_min_rows: int = 0  # batches at least this large go to gpu_model
 
     @property
     def threshold(self) -> float:
         return self.model.threshold
 
 
-def load_handle(registry: Registry, name: str, alias: str, version: int) -> ModelHandle:
+@dataclass(frozen=True)
+class DevicePolicy:
+    """Where batches run: ``cpu``; ``cuda`` (every batch on the GPU); ``auto`` (batches of at least
+    ``gpu_min_rows`` on the GPU when one is usable, smaller ones on the Numba kernel). Measure the
+    crossover with ``benchmarks/gpu_suite.py`` and set ``--gpu-min-rows`` from it."""
+
+    device: str = "auto"
+    gpu_backend: str = "onnx"
+    gpu_min_rows: int = 4096
+
+
+def load_handle(registry: Registry, name: str, alias: str, version: int, policy: DevicePolicy = DevicePolicy()) -> ModelHandle:
     """Load and warm up one version (blocking: run it off the event loop)."""
     model = registry.load(name, version)  # verifies checksums and probe scores
     # First call per kernel (serial / parallel), dtype and writability compiles the kernel or loads
@@ -48,15 +61,22 @@ def load_handle(registry: Registry, name: str, alias: str, version: int) -> Mode
         model.score(warm)
         model.score(warm.astype(np.float32))
         model.score(np.frombuffer(warm.astype("<f4").tobytes(), dtype="<f4").reshape(rows, -1))
-    return ModelHandle(name, version, alias, model, time.time())
+    gpu_model = None
+    if policy.device != "cpu" and model.device != "cuda" and resolve_device(policy.device, policy.gpu_backend) == "cuda":
+        # the same verified artifact, on the GPU; --device cuda without a usable GPU fails in resolve_device
+        gpu_model = load_model(registry.path(name, version), backend=policy.gpu_backend, device="cuda")
+        gpu_model.score(np.zeros((policy.gpu_min_rows, model.n_features), dtype=np.float32))
+    return ModelHandle(name, version, alias, model, time.time(), gpu_model=gpu_model,
+                       gpu_min_rows=0 if policy.device == "cuda" else policy.gpu_min_rows)
 
 
 class ModelSlot:
     """The handle a worker serves now, and the watcher that replaces it."""
 
     def __init__(self, registry: Registry, name: str, alias: str, metrics: Any = None,
-                 monitor_factory: Callable[[ModelHandle], Any] | None = None):
+                 monitor_factory: Callable[[ModelHandle], Any] | None = None, policy: DevicePolicy = DevicePolicy()):
         self.registry, self.name, self.alias, self.metrics = registry, name, alias, metrics
+        self.policy = policy
         self.monitor_factory = monitor_factory
         if metrics is not None:  # series exist at 0 from the start, so rate() sees the first event
             for result in ("ok", "refused"):
@@ -67,7 +87,7 @@ class ModelSlot:
 
     def load_initial(self) -> ModelHandle:
         version = self.registry.resolve(self.name, self.alias)
-        self._swap(load_handle(self.registry, self.name, self.alias, version))
+        self._swap(load_handle(self.registry, self.name, self.alias, version, self.policy))
         assert self.current is not None
         return self.current
 
@@ -103,7 +123,7 @@ class ModelSlot:
             return False
         t0 = time.perf_counter()
         try:
-            handle = await loop.run_in_executor(None, load_handle, self.registry, self.name, self.alias, version)
+            handle = await loop.run_in_executor(None, load_handle, self.registry, self.name, self.alias, version, self.policy)
         except Exception as e:
             self._refused = version
             if self.metrics is not None:

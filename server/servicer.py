@@ -43,13 +43,13 @@ class ScorerServicer(pb_grpc.ScorerServicer):
         X = decode(req, handle, self.settings.model, self.settings.max_request_records)
         return self.batcher.submit(X, handle)
 
-    def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray) -> pb.ScoreResponse:
+    def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray, device: str) -> pb.ScoreResponse:
         flagged = scores >= handle.threshold
         if self.metrics is not None and scores.size:
             records, anomalies = self._counters(handle)
             records.inc(scores.size)
             anomalies.inc(int(np.count_nonzero(flagged)))
-        resp = pb.ScoreResponse(request_id=req.request_id, model=handle.name, version=str(handle.version), ids=req.ids, device="cpu")
+        resp = pb.ScoreResponse(request_id=req.request_id, model=handle.name, version=str(handle.version), ids=req.ids, device=device)
         resp.scores.extend(scores.tolist())  # measured: faster than passing lists to the constructor
         resp.anomalous.extend(flagged.tolist())
         return resp
@@ -76,7 +76,7 @@ class ScorerServicer(pb_grpc.ScorerServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         t0 = time.perf_counter()
         try:
-            handle, scores = await self._start(request)
+            handle, scores, device = await self._start(request)
         except RequestError as e:
             self._count_invalid(e)
             await context.abort(status_code(e), message(e))
@@ -86,7 +86,7 @@ class ScorerServicer(pb_grpc.ScorerServicer):
             log.exception("scoring failed request_id=%d", request.request_id)
             self._count_invalid(RequestError(str(e), code="INTERNAL", reason="internal"))
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error while scoring: {e}")
-        response = self._response(request, handle, scores)
+        response = self._response(request, handle, scores, device)
         self._observe("Score", t0)
         return response
 
@@ -125,7 +125,7 @@ class ScorerServicer(pb_grpc.ScorerServicer):
                 req, t0, fut, err = entry
                 if err is None:
                     try:
-                        handle, scores = await fut
+                        handle, scores, device = await fut
                     except RequestError as e:
                         err = e
                     except Exception as e:  # a kernel failure answers this message, not the stream
@@ -135,7 +135,7 @@ class ScorerServicer(pb_grpc.ScorerServicer):
                 if err is not None:
                     yield pb.ScoreResponse(request_id=req.request_id, error=f"{err.code}: {message(err)}")
                     continue
-                yield self._response(req, handle, scores)
+                yield self._response(req, handle, scores, device)
                 self._observe("ScoreStream", t0)
         finally:
             task.cancel()

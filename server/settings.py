@@ -44,6 +44,12 @@ class ServeSettings:
     """How often workers check the alias."""
     grace_s: float = 10.0
     """On SIGTERM: how long in-flight work may take to finish."""
+    device: str = "auto"
+    """cpu, cuda (every batch on the GPU; fails at start without one) or auto (large batches on the GPU when present)."""
+    gpu_backend: str = "onnx"
+    """Backend for GPU batches: onnx (ONNX Runtime CUDA) or torch."""
+    gpu_min_rows: int = 4096
+    """With device auto: batches of at least this many records go to the GPU (measure it: benchmarks/gpu_suite.py)."""
     drift: int = 1
     """Drift and data-quality monitoring on the scoring path (1 on, 0 off)."""
     drift_pane_records: int = 0
@@ -94,6 +100,10 @@ class ServeSettings:
                      "max_concurrent_rpcs", "drift_window_panes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"--device must be cpu, cuda or auto; got {self.device!r}")
+        if self.gpu_backend not in ("onnx", "torch"):
+            raise ValueError(f"--gpu-backend must be onnx or torch; got {self.gpu_backend!r}")
         if self.drift_pane_records < 0 or self.drift_pane_seconds <= 0:
             raise ValueError("--drift-pane-records must be >= 0 and --drift-pane-seconds > 0")
         if self.max_delay_us < 0:

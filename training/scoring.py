@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from core.model import load_model
 from core.registry import Registry
 
 from .data import load_dataset
@@ -28,6 +29,8 @@ class ScoreResult:
     seconds: float
     scores: np.ndarray
     metrics: dict[str, Any]
+    backend: str = "numba"
+    device: str = "cpu"
 
 
 def score_file(
@@ -39,13 +42,15 @@ def score_file(
     out: str | os.PathLike | None = None,
     label_column: str | None = None,
     quiet: bool = False,
+    backend: str = "numba",
+    device: str = "auto",
 ) -> ScoreResult:
     """Score every record of ``data`` with ``model`` at ``ref`` (version or alias), in chunks,
     showing progress; optionally write ``score`` and ``anomalous`` columns to ``out`` (CSV or
     Parquet by extension). With labels, evaluate at the model's threshold."""
     reg = Registry(registry)
     version = reg.resolve(model, ref)
-    m = reg.load(model, version)
+    m = load_model(reg.path(model, version), backend=backend, device=device)
     ds = load_dataset(data, label_column=label_column, feature_names=m.feature_names, require_rows=0)
     n = ds.n_rows
     scores = np.empty(n)
@@ -60,7 +65,7 @@ def score_file(
     metrics = evaluate(scores, ds.labels, m.threshold) if ds.labels is not None else {}
     if out is not None:
         _write_scores(Path(out), scores, flagged)
-    return ScoreResult(model, version, n, int(flagged.sum()), seconds, scores, metrics)
+    return ScoreResult(model, version, n, int(flagged.sum()), seconds, scores, metrics, m.backend, m.device)
 
 
 def _write_scores(path: Path, scores: np.ndarray, flagged: np.ndarray) -> None:
