@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench env clean deps-system
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,onnx]"
+	$(BIN)/pip install -q -e ".[dev,onnx,torch]"  # torch==2.13.0: the CPU wheel
 	touch $(STAMP)
 
 env: $(STAMP)
