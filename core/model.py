@@ -19,7 +19,6 @@ from .backends import BACKENDS, BUILDERS, NATIVE_BACKEND, SERIAL_MAX_ROWS, Numba
 from .errors import ArtifactError, InvalidInputError
 from .preprocess import Preprocessing
 
-DETECTORS = ("iforest", "robust_z", "hbos")
 _FLOAT_KINDS = "fiub"
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-DETECTORS = ("iforest", "robust_z", "hbos")
+DETECTORS = ("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder")
 MAD_TO_SIGMA = 1.4826
 MEANAD_TO_SIGMA = 1.2533
 
@@ -53,3 +53,52 @@ def fit_hbos(X: np.ndarray, *, n_bins: int | None = None, alpha: float = 1.0) ->
         table[j] = np.log(counts.max() + alpha) - np.log(counts + alpha)
     detector = {"kind": "hbos", "params": {"n_bins": n_bins, "alpha": alpha}}
     return detector, {"hb_lo": lo, "hb_hi": hi, "hb_inv_width": inv_width, "hb_table": table}
+
+
+def reference_sample(X: np.ndarray, *, seed: int = 0, max_rows: int = 4096) -> np.ndarray:
+    """A seeded random sample of ``min(n, max_rows)`` rows of ``X`` (in their original order), float64."""
+    X = np.asarray(X, dtype=np.float64)
+    n = X.shape[0]
+    if n <= max_rows:
+        return np.ascontiguousarray(X)
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+    return np.ascontiguousarray(X[rows])
+
+
+def fit_knn(X: np.ndarray, *, k: int = 20, seed: int = 0, max_reference: int = 4096) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """kNN distance: score = Euclidean distance to the k-th nearest record of a stored reference
+    sample (``min(n, max_reference)`` preprocessed training rows, seeded). ``k`` is capped at the
+    sample size."""
+    from core.knn import Neighbors
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    ref = reference_sample(X, seed=seed, max_rows=max_reference)
+    if ref.shape[0] < 1:
+        raise ValueError("knn needs at least one training record")
+    k_eff = min(int(k), ref.shape[0])
+    nn = Neighbors("knn", ref, k_eff, np.empty(0), np.empty(0))
+    detector = {"kind": "knn", "params": {"k": k_eff, "k_requested": int(k), "metric": "euclidean",
+                                          "reference_rows": int(ref.shape[0]), "seed": int(seed),
+                                          "score": "distance to the k-th nearest reference record"}}
+    return detector, nn.arrays()
+
+
+def fit_lof(X: np.ndarray, *, k: int = 20, seed: int = 0, max_reference: int = 4096) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Local outlier factor (novelty) against a stored reference sample, with scikit-learn's
+    definitions: the reference's k-distances and local reachability densities are computed here and
+    stored. ``k`` is capped at the sample size - 1 (as scikit-learn does)."""
+    from core.knn import Neighbors, lof_tables
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    ref = reference_sample(X, seed=seed, max_rows=max_reference)
+    if ref.shape[0] < 2:
+        raise ValueError("lof needs at least two training records")
+    k_eff = min(int(k), ref.shape[0] - 1)
+    kdist, lrd = lof_tables(ref, k_eff)
+    nn = Neighbors("lof", ref, k_eff, kdist, lrd)
+    detector = {"kind": "lof", "params": {"k": k_eff, "k_requested": int(k), "metric": "euclidean",
+                                          "reference_rows": int(ref.shape[0]), "seed": int(seed),
+                                          "score": "local outlier factor against the reference sample"}}
+    return detector, nn.arrays()

@@ -24,7 +24,7 @@ from core.preprocess import Preprocessing
 from core.registry import Registry
 
 from .data import load_dataset
-from .detectors import DETECTORS, fit_hbos, fit_iforest, fit_robust_z
+from .detectors import DETECTORS, fit_hbos, fit_iforest, fit_knn, fit_lof, fit_robust_z
 from .evaluate import evaluate, threshold_for_alert_rate
 from .export import export_detector, export_sklearn
 from .lineage import base_lineage, data_lineage
@@ -62,8 +62,17 @@ def _fit_and_export(detector: str, X: np.ndarray, names: list[str], prep: Prepro
     if detector == "iforest":
         forest = fit_iforest(Xp, seed=seed)
         return export_sklearn(forest, dest, names, X_train=X, lineage=lineage)
-    fit: Callable[..., tuple[dict[str, Any], dict[str, np.ndarray]]] = fit_robust_z if detector == "robust_z" else fit_hbos
-    spec, arrays = fit(Xp)
+    if detector == "autoencoder":
+        from .autoencoder import export_autoencoder, fit_autoencoder, standardizing_prep
+
+        prep = standardizing_prep(X, prep.median, prep.missing)
+        ae = fit_autoencoder(prep.transform(X), seed=seed)
+        return export_autoencoder(dest, ae, prep, names, X_train=X, lineage=base_lineage(**lineage), seed=seed)
+    if detector in ("knn", "lof"):
+        spec, arrays = (fit_knn if detector == "knn" else fit_lof)(Xp, seed=seed)
+    else:
+        fit: Callable[..., tuple[dict[str, Any], dict[str, np.ndarray]]] = fit_robust_z if detector == "robust_z" else fit_hbos
+        spec, arrays = fit(Xp)
     return export_detector(dest, detector=spec, arrays=arrays, prep=prep, feature_names=names, threshold=0.0,
                            X_train=X, lineage=base_lineage(**lineage), seed=seed)
 
