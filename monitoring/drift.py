@@ -125,38 +125,62 @@ class Window:
         return cls(a["counts"], a["missing"], a["quality"], a["score_counts"], int(a["records"]), int(a["alerts"]))
 
 
+OBSERVE_BLOCK = 256
+
+
 @nb.njit(nogil=True, cache=True)
 def _observe(X, scores, threshold, edges, lo, hi, constant, constant_value, score_edges, counts, missing, quality, score_counts):
-    """One pass over a batch: value bins, missing, quality reasons, score bins; returns alerts."""
+    """One pass over a batch: value bins, missing, quality reasons, score bins; returns alerts.
+
+    Column by column over blocks of rows, so that the bin count of a block (the number of inner
+    edges strictly below each value) is a vectorised loop over rows per edge."""
     n, d = X.shape
     k1 = edges.shape[1]
+    col = np.empty(OBSERVE_BLOCK)
+    bins = np.empty(OBSERVE_BLOCK, dtype=np.int64)
+    for b0 in range(0, n, OBSERVE_BLOCK):
+        m = min(OBSERVE_BLOCK, n - b0)
+        for j in range(d):
+            lo_j, hi_j = lo[j], hi[j]
+            bad = 0
+            oor = 0
+            for i in range(m):  # branch-free: copy the column, count non-finite and out-of-range
+                v = np.float64(X[b0 + i, j])
+                col[i] = v
+                bins[i] = 0
+                bad += not (abs(v) < np.inf)
+                oor += (v < lo_j) | (v > hi_j)
+            if bad:  # rare: tell NaN from inf, and make them missing (NaN: bin 0, skipped below)
+                for i in range(m):
+                    v = col[i]
+                    if not np.isfinite(v):
+                        missing[j] += 1
+                        if np.isnan(v):
+                            quality[j, 0] += 1
+                        else:
+                            quality[j, 1] += 1
+                            oor -= 1  # +/-inf compared as out of range above
+                        col[i] = np.nan
+            quality[j, 2] += oor
+            if constant[j]:
+                cv = constant_value[j]
+                for i in range(m):
+                    quality[j, 3] += (col[i] != cv) & (col[i] == col[i])
+            for k in range(k1):
+                e = edges[j, k]
+                if e == np.inf:  # padding: no more real edges for this feature
+                    break
+                for i in range(m):
+                    bins[i] += col[i] > e
+            for i in range(m):
+                if col[i] == col[i]:  # not NaN
+                    counts[j, bins[i]] += 1
     alerts = 0
     for i in range(n):
-        for j in range(d):
-            v = np.float64(X[i, j])
-            if not np.isfinite(v):
-                # like the training profile: non-finite values are missing for the bins
-                missing[j] += 1
-                quality[j, 0 if np.isnan(v) else 1] += 1
-                continue
-            if v < lo[j] or v > hi[j]:
-                quality[j, 2] += 1
-            if constant[j] and v != constant_value[j]:
-                quality[j, 3] += 1
-            # bin = number of inner edges strictly below v; a branch-free count beats a binary search
-            # on ~10 edges (+inf padding never counts)
-            a = 0
-            for m in range(k1):
-                a += edges[j, m] < v
-            counts[j, a] += 1
         s = scores[i]
-        a, b = 0, score_edges.shape[0]
-        while a < b:
-            m = (a + b) >> 1
-            if score_edges[m] < s:
-                a = m + 1
-            else:
-                b = m
+        a = 0
+        for k in range(score_edges.shape[0]):
+            a += score_edges[k] < s
         score_counts[a] += 1
         if s >= threshold:
             alerts += 1
