@@ -58,10 +58,12 @@ class NumbaScorer:
 
 
 class ArrayScorer:
-    """Preprocess in NumPy (same rules as the kernels), then run ``fn(float32 records) -> scores``."""
+    """Preprocess in NumPy (same rules as the kernels), then run ``fn(records as dtype) -> scores``
+    (float32 by default; float64 for programs that must reproduce float64 scores exactly)."""
 
-    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, backend: str, device: str):
-        self._fn, self._prep, self.backend, self.device = fn, prep, backend, device
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, backend: str, device: str,
+                 dtype: type = np.float32):
+        self._fn, self._prep, self.backend, self.device, self._dtype = fn, prep, backend, device, dtype
 
     def __call__(self, X: np.ndarray, parallel: bool | None = None) -> np.ndarray:
         if X.shape[0] == 0:
@@ -70,7 +72,7 @@ class ArrayScorer:
             bad = ~np.isfinite(X).all(axis=1)
             if bad.any():
                 raise InvalidInputError(_reject_message(int(np.flatnonzero(bad)[0])))
-        Xp = self._prep.transform(X).astype(np.float32)
+        Xp = self._prep.transform(X).astype(self._dtype, copy=False)
         return np.asarray(self._fn(Xp), dtype=np.float64).reshape(-1)
 
 
@@ -127,3 +129,16 @@ def resolve_device(device: str, backend: str) -> str:
         raise DeviceError("--device cuda: no usable CUDA device (no CUDAExecutionProvider in onnxruntime and "
                           "torch.cuda.is_available() is False); install the 'gpu' extra on a GPU machine, or use --device auto")
     return "cpu"
+
+
+def import_torch(device: str) -> Any:
+    """torch, for a builder that needs it on ``device`` (a clear error when it is missing or cannot
+    reach CUDA)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ValueError("the torch backend needs the torch extra: pip install 'outlierd[torch]'") from e
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: torch.cuda.is_available() is False here (a CPU-only torch build or no "
+                          "usable GPU); install a CUDA build of torch on a GPU machine, or use --device cpu")
+    return torch

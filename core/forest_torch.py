@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backends import ArrayScorer, DeviceError, register
+from .backends import ArrayScorer, import_torch, register
 from .iforest import Forest
 
 CHUNK_ROWS = 65_536  # rows per step: bounds the (n, T) index tensors' memory
@@ -70,12 +70,6 @@ class TorchForest:
 
 @register("iforest", "torch")
 def _iforest_torch(detector, arrays, d, prep, device, files):
-    try:
-        import torch
-    except ImportError as e:
-        raise ValueError("the torch backend needs `pip install torch`") from e
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda: torch.cuda.is_available() is False here (a CPU-only torch build or no "
-                          "usable GPU); install a CUDA build of torch on a GPU machine, or use --device cpu")
+    import_torch(device)
     forest = Forest.from_arrays(arrays, d)
     return ArrayScorer(TorchForest(forest, device), prep, "torch", device)

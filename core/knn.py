@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 
-from .backends import ArrayScorer, DeviceError, NumbaScorer, _reject_message, register
-from .errors import ArtifactError, InvalidInputError
+from .backends import ArrayScorer, NumbaScorer, import_torch, register
+from .errors import ArtifactError
 from .preprocess import prep_block
 
 BLOCK = 64          # query rows per block
@@ -227,20 +227,6 @@ def _neighbors_numba(detector, arrays, d, prep, device, files):
 
 # --------------------------------------------------------------------------- torch (CPU or CUDA)
 
-class Float64ArrayScorer(ArrayScorer):
-    """:class:`ArrayScorer` that hands the program float64 records (the neighbour scores are
-    float64 throughout, so that every backend reproduces the training-time probe scores)."""
-
-    def __call__(self, X: np.ndarray, parallel: bool | None = None) -> np.ndarray:
-        if X.shape[0] == 0:
-            return np.empty(0, dtype=np.float64)
-        if self._prep.reject:
-            bad = ~np.isfinite(X).all(axis=1)
-            if bad.any():
-                raise InvalidInputError(_reject_message(int(np.flatnonzero(bad)[0])))
-        return np.asarray(self._fn(self._prep.transform(X)), dtype=np.float64).reshape(-1)
-
-
 class TorchNeighbors:
     """``fn(float64 (n, d) preprocessed) -> float64 (n,)``: GEMM candidates, exact re-ranking."""
 
@@ -287,12 +273,7 @@ class TorchNeighbors:
 @register("knn", "torch")
 @register("lof", "torch")
 def _neighbors_torch(detector, arrays, d, prep, device, files):
-    try:
-        import torch
-    except ImportError as e:
-        raise ValueError("the torch backend needs the torch extra: pip install 'outlierd[torch]'") from e
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda: torch.cuda.is_available() is False here (a CPU-only torch build or no "
-                          "usable GPU); use --device cpu")
+    import_torch(device)
     nn = _neighbors(detector, arrays, d)
-    return Float64ArrayScorer(TorchNeighbors(nn, device), prep, "torch", device)
+    # float64 records: the neighbour scores must reproduce the training-time probe exactly
+    return ArrayScorer(TorchNeighbors(nn, device), prep, "torch", device, dtype=np.float64)

@@ -138,7 +138,7 @@ def test_torch_missing_is_a_clear_error(tmp_path, rng, monkeypatch):
     X = rng.normal(size=(300, 3))
     path = _export(tmp_path, X, n_estimators=5, random_state=0)
     monkeypatch.setattr(builtins, "__import__", no_torch)
-    with pytest.raises(ValueError, match=r"pip install torch"):
+    with pytest.raises(ValueError, match=r"torch backend needs the torch extra"):
         load_model(path, backend="torch", device="cpu")
 
 
