@@ -71,6 +71,18 @@ class StreamMonitor:
         observe(self.pane, self.ref, X, scores, threshold)
         self.quality_total += self.pane.quality - before
 
+    def add(self, window: Window) -> None:
+        """Add histograms counted elsewhere (time-based panes only: they carry no record boundary)."""
+        self.tick()
+        p = self.pane
+        p.counts += window.counts
+        p.missing += window.missing
+        p.quality += window.quality
+        p.score_counts += window.score_counts
+        p.records += window.records
+        p.alerts += window.alerts
+        self.quality_total += window.quality
+
     def tick(self) -> None:
         """Close the pane if its time is up (time-based panes); call it periodically when idle."""
         if self.pane_seconds:
@@ -160,6 +172,7 @@ class ServingMonitor:
                                     share_dir=share_dir, on_window=on_window, share_tag=version)
         self._exported = np.zeros_like(self.stream.quality_total)
         self._lock = threading.Lock()
+        self._local = threading.local()
         # compile (or load from cache) the observe kernel for the dtypes requests bring, off the hot path
         scratch = Window.empty(ref)
         zeros = np.zeros((1, ref.n_features))
@@ -169,6 +182,20 @@ class ServingMonitor:
             metrics.drift.expected_alert_rate.labels(name).set(ref.alert_rate)
 
     def observe(self, X: np.ndarray, scores: np.ndarray, threshold: float) -> None:
+        if self.stream.pane_seconds:
+            # Time panes: count the batch into this thread's scratch histograms without the lock,
+            # then add them to the pane under it, so scoring threads do not queue on each other.
+            scratch = getattr(self._local, "window", None)
+            if scratch is None:
+                scratch = self._local.window = Window.empty(self.stream.ref)
+            for a in (scratch.counts, scratch.missing, scratch.quality, scratch.score_counts):
+                a.fill(0)
+            scratch.records = scratch.alerts = 0
+            observe(scratch, self.stream.ref, X, scores, threshold)
+            with self._lock:
+                self.stream.add(scratch)
+                self._export_quality()
+            return
         with self._lock:
             self.stream.observe(X, scores, threshold)
             self._export_quality()

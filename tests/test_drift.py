@@ -196,3 +196,33 @@ def test_merged_workers_equal_one_process(model, rng, tmp_path):
 def test_empty_reference_is_refused():
     with pytest.raises(ValueError, match="reference profile is empty"):
         Reference.from_profile({})
+
+
+def test_serving_monitor_threads_count_every_record_once(model, rng):
+    import threading
+
+    from monitoring.stream import ServingMonitor
+
+    ref = reference_for(model)
+    mon = ServingMonitor("m", ref, None, pane_seconds=3600.0, window_panes=1)
+    batches = [_draw(rng, 500) for _ in range(40)]
+    for X in batches[:3]:
+        X[:5, 1] = np.nan
+    whole = Window.empty(ref)
+    scored = [(X, model.score(X)) for X in batches]
+    for X, s in scored:
+        observe(whole, ref, X, s, model.threshold)
+
+    def work(part):
+        for X, s in part:
+            mon.observe(X, s, model.threshold)
+
+    threads = [threading.Thread(target=work, args=(scored[i::2],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pane = mon.stream.pane
+    assert np.array_equal(pane.counts, whole.counts) and np.array_equal(pane.quality, whole.quality)
+    assert (pane.records, pane.alerts) == (whole.records, whole.alerts)
+    assert np.array_equal(mon.stream.quality_total, whole.quality)
