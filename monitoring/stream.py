@@ -72,8 +72,8 @@ class StreamMonitor:
         self.quality_total += self.pane.quality - before
 
     def add(self, window: Window) -> None:
-        """Add histograms counted elsewhere (time-based panes only: they carry no record boundary)."""
-        self.tick()
+        """Add histograms counted elsewhere to the current pane (time-based panes only: they carry
+        no record boundary)."""
         p = self.pane
         p.counts += window.counts
         p.missing += window.missing
@@ -173,6 +173,7 @@ class ServingMonitor:
         self._exported = np.zeros_like(self.stream.quality_total)
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._threads: list[tuple[Window, threading.Lock]] = []
         # compile (or load from cache) the observe kernel for the dtypes requests bring, off the hot path
         scratch = Window.empty(ref)
         zeros = np.zeros((1, ref.n_features))
@@ -183,26 +184,34 @@ class ServingMonitor:
 
     def observe(self, X: np.ndarray, scores: np.ndarray, threshold: float) -> None:
         if self.stream.pane_seconds:
-            # Time panes: count the batch into this thread's scratch histograms without the lock,
-            # then add them to the pane under it, so scoring threads do not queue on each other.
-            scratch = getattr(self._local, "window", None)
-            if scratch is None:
-                scratch = self._local.window = Window.empty(self.stream.ref)
-            for a in (scratch.counts, scratch.missing, scratch.quality, scratch.score_counts):
-                a.fill(0)
-            scratch.records = scratch.alerts = 0
-            observe(scratch, self.stream.ref, X, scores, threshold)
-            with self._lock:
-                self.stream.add(scratch)
-                self._export_quality()
+            # Time panes: each scoring thread counts into its own histograms (its own, uncontended
+            # lock); tick() folds them into the pane. Per batch that is one kernel call and no
+            # shared state, so scoring threads neither queue nor hold the GIL for bookkeeping.
+            tw = getattr(self._local, "tw", None)
+            if tw is None:
+                tw = self._local.tw = (Window.empty(self.stream.ref), threading.Lock())
+                with self._lock:
+                    self._threads.append(tw)
+            with tw[1]:
+                observe(tw[0], self.stream.ref, X, scores, threshold)
             return
         with self._lock:
             self.stream.observe(X, scores, threshold)
             self._export_quality()
 
     def tick(self) -> None:
+        """Fold the threads' counts into the pane, close it if its time is up, export quality
+        counts. The server calls it every reload interval (250 ms)."""
         with self._lock:
+            for window, lock in self._threads:
+                with lock:
+                    if window.records:
+                        self.stream.add(window)
+                        for a in (window.counts, window.missing, window.quality, window.score_counts):
+                            a.fill(0)
+                        window.records = window.alerts = 0
             self.stream.tick()
+            self._export_quality()
 
     def _export_quality(self) -> None:
         delta = self.stream.quality_total - self._exported

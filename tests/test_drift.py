@@ -222,6 +222,7 @@ def test_serving_monitor_threads_count_every_record_once(model, rng):
         t.start()
     for t in threads:
         t.join()
+    mon.tick()  # folds the threads' counts into the pane
     pane = mon.stream.pane
     assert np.array_equal(pane.counts, whole.counts) and np.array_equal(pane.quality, whole.quality)
     assert (pane.records, pane.alerts) == (whole.records, whole.alerts)
