@@ -175,15 +175,15 @@ def _observe(X, scores, threshold, edges, lo, hi, constant, constant_value, scor
             for i in range(m):
                 if col[i] == col[i]:  # not NaN
                     counts[j, bins[i]] += 1
+    sbin = np.zeros(n, dtype=np.int64)
+    for k in range(score_edges.shape[0]):  # edges outer: a vectorised loop over the scores
+        e = score_edges[k]
+        for i in range(n):
+            sbin[i] += scores[i] > e
     alerts = 0
     for i in range(n):
-        s = scores[i]
-        a = 0
-        for k in range(score_edges.shape[0]):
-            a += score_edges[k] < s
-        score_counts[a] += 1
-        if s >= threshold:
-            alerts += 1
+        score_counts[sbin[i]] += 1
+        alerts += scores[i] >= threshold
     return alerts
 
 
