@@ -349,13 +349,10 @@ def _pct(x: float | None) -> str:
 @dataclass
 class DemoSummary:
     registry: Path
-    records: int = 0
+    total: _Tally = field(default_factory=_Tally)  # every streamed record, all versions
     messages: int = 0
     errors: int = 0
     stream_seconds: float = 0.0
-    injected: int = 0
-    caught: int = 0
-    flagged: int = 0
     by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     by_version: dict[int, _Tally] = field(default_factory=dict)
     versions_seen: list[int] = field(default_factory=list)
@@ -371,13 +368,13 @@ class DemoSummary:
     def throughput(self) -> float:
         return self.records / self.stream_seconds if self.stream_seconds > 0 else 0.0
 
-    @property
-    def recall(self) -> float | None:
-        return self.caught / self.injected if self.injected else None
-
-    @property
-    def precision(self) -> float | None:
-        return self.caught / self.flagged if self.flagged else None
+    # the totals, read from the tally the stream keeps
+    records = property(lambda self: self.total.records)
+    injected = property(lambda self: self.total.injected)
+    caught = property(lambda self: self.total.caught)
+    flagged = property(lambda self: self.total.flagged)
+    recall = property(lambda self: self.total.recall)
+    precision = property(lambda self: self.total.precision)
 
     @property
     def ok(self) -> bool:
@@ -537,7 +534,7 @@ def _stream(port: int | None, s: DemoSummary, say: _Printer, *, records: int, se
 
     t0 = time.perf_counter()
     feed = _Feed(np.random.default_rng(seed + 1000), records, batch, anomaly_rate, deadline=t0 + seconds)
-    total = _Tally()
+    total = s.total
     retrainer: _Retrainer | None = None
     last_print, last_records = t0, 0
     version: int | None = None
@@ -600,7 +597,6 @@ def _stream(port: int | None, s: DemoSummary, say: _Printer, *, records: int, se
         if retrainer is not None:
             retrainer.join(300.0)
     say(_live_line(s.stream_seconds, version, total, total.records / max(s.stream_seconds, 1e-9)) + "  (end; average rate)")
-    s.records, s.injected, s.caught, s.flagged = total.records, total.injected, total.caught, total.flagged
     if retrainer is not None:
         s.new_version, s.retrain_error = retrainer.version, retrainer.error
         if retrainer.moved_at is not None:

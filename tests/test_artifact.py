@@ -35,6 +35,13 @@ def _write_manifest(path, m, resign=False):
     (path / "manifest.json").write_text(json.dumps(m))
 
 
+def _resign_arrays(path):
+    """Record the rewritten arrays.npz in the manifest and re-sign it, as a deliberate forger would."""
+    m = _manifest(path)
+    m["files"]["arrays.npz"] = {"sha256": sha256_file(path / "arrays.npz"), "bytes": (path / "arrays.npz").stat().st_size}
+    _write_manifest(path, m, resign=True)
+
+
 def test_layout_and_contents(artifact):
     path, forest = artifact
     assert sorted(p.name for p in path.iterdir()) == ["arrays.npz", "manifest.json", "probe.npz", "reference.json"]
@@ -106,18 +113,14 @@ def test_tampered_arrays_with_valid_checksums_fail_the_probe(copy):
         arrays = {k: z[k] for k in z.files}
     arrays["if_leaf_value"] = arrays["if_leaf_value"] * 1.01
     np.savez(copy / "arrays.npz", **arrays)
-    m = _manifest(copy)
-    m["files"]["arrays.npz"] = {"sha256": sha256_file(copy / "arrays.npz"), "bytes": (copy / "arrays.npz").stat().st_size}
-    _write_manifest(copy, m, resign=True)
+    _resign_arrays(copy)
     with pytest.raises(ArtifactError, match="does not reproduce its training-time scores"):
         load_model(copy)
 
 
 def test_object_arrays_are_never_unpickled(copy):
     np.savez(copy / "arrays.npz", if_feature=np.array([object()], dtype=object))
-    m = _manifest(copy)
-    m["files"]["arrays.npz"] = {"sha256": sha256_file(copy / "arrays.npz"), "bytes": (copy / "arrays.npz").stat().st_size}
-    _write_manifest(copy, m, resign=True)
+    _resign_arrays(copy)
     with pytest.raises(ArtifactError, match="cannot read"):
         load_model(copy)
 
@@ -127,9 +130,7 @@ def test_wrong_shapes_are_refused(copy):
         arrays = {k: z[k] for k in z.files}
     arrays["if_feature"] = arrays["if_feature"][:, :-1]
     np.savez(copy / "arrays.npz", **arrays)
-    m = _manifest(copy)
-    m["files"]["arrays.npz"] = {"sha256": sha256_file(copy / "arrays.npz"), "bytes": (copy / "arrays.npz").stat().st_size}
-    _write_manifest(copy, m, resign=True)
+    _resign_arrays(copy)
     with pytest.raises(ArtifactError, match="inconsistent shapes"):
         load_model(copy)
 
