@@ -1,13 +1,23 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Label(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LABEL_UNSPECIFIED: _ClassVar[Label]
+    ANOMALY: _ClassVar[Label]
+    NORMAL: _ClassVar[Label]
+LABEL_UNSPECIFIED: Label
+ANOMALY: Label
+NORMAL: Label
+
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "n_features", "values", "ids", "request_id", "explain", "raw_values")
+    __slots__ = ("model", "n_features", "values", "ids", "request_id", "explain", "raw_values", "top_k", "explain_flagged_only")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     N_FEATURES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +25,8 @@ class ScoreRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     RAW_VALUES_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FLAGGED_ONLY_FIELD_NUMBER: _ClassVar[int]
     model: str
     n_features: int
     values: _containers.RepeatedScalarFieldContainer[float]
@@ -22,10 +34,24 @@ class ScoreRequest(_message.Message):
     request_id: int
     explain: bool
     raw_values: bytes
-    def __init__(self, model: _Optional[str] = ..., n_features: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[int] = ..., explain: _Optional[bool] = ..., raw_values: _Optional[bytes] = ...) -> None: ...
+    top_k: int
+    explain_flagged_only: bool
+    def __init__(self, model: _Optional[str] = ..., n_features: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[int] = ..., explain: _Optional[bool] = ..., raw_values: _Optional[bytes] = ..., top_k: _Optional[int] = ..., explain_flagged_only: _Optional[bool] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("record", "features", "contributions", "feature_names")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    record: int
+    features: _containers.RepeatedScalarFieldContainer[int]
+    contributions: _containers.RepeatedScalarFieldContainer[float]
+    feature_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, record: _Optional[int] = ..., features: _Optional[_Iterable[int]] = ..., contributions: _Optional[_Iterable[float]] = ..., feature_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "model", "version", "scores", "anomalous", "ids", "device", "error")
+    __slots__ = ("request_id", "model", "version", "scores", "anomalous", "ids", "device", "error", "explanations", "alias")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +60,8 @@ class ScoreResponse(_message.Message):
     IDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     model: str
     version: str
@@ -42,7 +70,9 @@ class ScoreResponse(_message.Message):
     ids: _containers.RepeatedScalarFieldContainer[str]
     device: str
     error: str
-    def __init__(self, request_id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., anomalous: _Optional[_Iterable[bool]] = ..., ids: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
+    alias: str
+    def __init__(self, request_id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., anomalous: _Optional[_Iterable[bool]] = ..., ids: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., error: _Optional[str] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., alias: _Optional[str] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ("model",)
@@ -63,3 +93,29 @@ class ModelInfo(_message.Message):
     threshold: float
     alias: str
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., alias: _Optional[str] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("model", "record_id", "label", "reviewer", "note")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    record_id: str
+    label: Label
+    reviewer: str
+    note: str
+    def __init__(self, model: _Optional[str] = ..., record_id: _Optional[str] = ..., label: _Optional[_Union[Label, str]] = ..., reviewer: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
+
+class FeedbackAck(_message.Message):
+    __slots__ = ("record_id", "stored", "error", "known_record")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_RECORD_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    stored: bool
+    error: str
+    known_record: bool
+    def __init__(self, record_id: _Optional[str] = ..., stored: _Optional[bool] = ..., error: _Optional[str] = ..., known_record: _Optional[bool] = ...) -> None: ...

@@ -49,6 +49,16 @@ class ScorerStub:
                 request_serializer=outlierd_dot_v1_dot_scoring__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=outlierd_dot_v1_dot_scoring__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.SubmitFeedback = channel.unary_unary(
+                '/outlierd.v1.Scorer/SubmitFeedback',
+                request_serializer=outlierd_dot_v1_dot_scoring__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=outlierd_dot_v1_dot_scoring__pb2.FeedbackAck.FromString,
+                _registered_method=True)
+        self.SubmitFeedbackStream = channel.stream_stream(
+                '/outlierd.v1.Scorer/SubmitFeedbackStream',
+                request_serializer=outlierd_dot_v1_dot_scoring__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=outlierd_dot_v1_dot_scoring__pb2.FeedbackAck.FromString,
+                _registered_method=True)
 
 
 class ScorerServicer:
@@ -76,6 +86,20 @@ class ScorerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitFeedback(self, request, context):
+        """A reviewer's verdict on a scored record. Acknowledged (stored = true) only once durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitFeedbackStream(self, request_iterator, context):
+        """Bulk feedback; acks come in request order, each only once its label is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScorerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +117,16 @@ def add_ScorerServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=outlierd_dot_v1_dot_scoring__pb2.ModelInfoRequest.FromString,
                     response_serializer=outlierd_dot_v1_dot_scoring__pb2.ModelInfo.SerializeToString,
+            ),
+            'SubmitFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitFeedback,
+                    request_deserializer=outlierd_dot_v1_dot_scoring__pb2.FeedbackRequest.FromString,
+                    response_serializer=outlierd_dot_v1_dot_scoring__pb2.FeedbackAck.SerializeToString,
+            ),
+            'SubmitFeedbackStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitFeedbackStream,
+                    request_deserializer=outlierd_dot_v1_dot_scoring__pb2.FeedbackRequest.FromString,
+                    response_serializer=outlierd_dot_v1_dot_scoring__pb2.FeedbackAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +210,60 @@ class Scorer:
             '/outlierd.v1.Scorer/GetModelInfo',
             outlierd_dot_v1_dot_scoring__pb2.ModelInfoRequest.SerializeToString,
             outlierd_dot_v1_dot_scoring__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/outlierd.v1.Scorer/SubmitFeedback',
+            outlierd_dot_v1_dot_scoring__pb2.FeedbackRequest.SerializeToString,
+            outlierd_dot_v1_dot_scoring__pb2.FeedbackAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitFeedbackStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/outlierd.v1.Scorer/SubmitFeedbackStream',
+            outlierd_dot_v1_dot_scoring__pb2.FeedbackRequest.SerializeToString,
+            outlierd_dot_v1_dot_scoring__pb2.FeedbackAck.FromString,
             options,
             channel_credentials,
             insecure,
