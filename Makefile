@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,onnx,torch]"  # torch==2.13.0: the CPU wheel
+	$(BIN)/pip install -q -e ".[dev,onnx,torch,mlflow,dask]"  # torch==2.13.0: the CPU wheel
 	touch $(STAMP)
 
 env: $(STAMP)
