@@ -6,6 +6,7 @@ Layout under ``root``::
     <root>/<model>/aliases.json {"champion": 3, "challenger": 4}
     <root>/<model>/audit.log    append-only JSON lines, one per publish and alias move
     <root>/<model>/.lock        fcntl.flock lock serialising writers of this model
+    <root>/<model>/thresholds/<version>/<n>.json   threshold versions 1, 2, 3 … of a model version
 
 Writers take the model's lock. A publish copies the artifact into ``<model>/.tmp-<uuid>/``, stamps
 the manifest (model, version, published time), fsyncs it and renames it to ``<model>/<N>`` in one
@@ -33,6 +34,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .artifact import MANIFEST, fsync_dir, read_manifest, rewrite_manifest, verify_files
 from .errors import ArtifactError, ModelNotFoundError, RegistryError
 from .model import Model, load_model
@@ -41,6 +44,7 @@ ALIASES = "aliases.json"
 AUDIT = "audit.log"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
+THRESHOLDS = "thresholds"  # <model>/thresholds/<version>/<n>.json: threshold versions of a model version
 MAX_NAME = 128
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -341,6 +345,53 @@ class Registry:
         with self._locked(name) as mdir:
             self._append_audit(mdir, action=action, model=name, **fields)
 
+
+    def publish_threshold(self, name: str, version: int | str, threshold: float, info: dict[str, Any] | None = None) -> int:
+        """Publish ``threshold`` as the next threshold version of version ``version`` of ``name``.
+
+        The artifact stays immutable (its manifest digest covers its own threshold, threshold version
+        0); threshold versions 1, 2, 3 … are JSON files beside it, written under the model's lock
+        (temporary file, fsync, rename, directory fsync), so ``n`` is monotonic and each file is
+        complete when it appears. ``info`` (JSON-serialisable: method, target, sample sizes …) is
+        stored with it; ``time``, ``user``, ``host`` are stamped here. The publish is audited.
+        Returns the new threshold version.
+        """
+        value = float(threshold)
+        if not np.isfinite(value):
+            raise ValueError(f"threshold must be a finite number; got {threshold!r}")
+        extra = dict(info or {})
+        reserved = sorted({"model", "version", "threshold", "threshold_version", "time", "user", "host"} & extra.keys())
+        if reserved:
+            raise ValueError(f"threshold info fields {', '.join(reserved)} are set by the registry and cannot be given")
+        try:
+            json.dumps(extra, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"threshold info must be JSON-serialisable with finite numbers: {e}") from e
+        target = self.resolve(name, version)  # version directories are never removed: resolving before the lock is safe
+        with self._locked(name) as mdir:
+            tdir = mdir / THRESHOLDS / str(target)
+            tdir.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_tmp(tdir)
+            numbers = self._threshold_numbers(tdir)
+            n = (numbers[-1] + 1) if numbers else 1
+            record = {**extra, "model": name, "version": target, "threshold": value, "threshold_version": n,
+                      "time": _now(), "user": _user(), "host": socket.gethostname()}
+            tmp = tdir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(record, f, indent=2, sort_keys=True, allow_nan=False)
+                    f.write("\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(tmp, tdir / f"{n}.json")
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            fsync_dir(tdir)
+            self._append_audit(mdir, action="threshold", model=name, version=target, threshold=value, threshold_version=n,
+                               **{k: v for k, v in extra.items() if k in ("method", "target")})
+        return n
+
     # ------------------------------------------------------------------ readers
 
     def models(self) -> list[str]:
@@ -433,6 +484,49 @@ class Registry:
             if isinstance(record, dict):
                 out.append(record)
         return out
+
+    @staticmethod
+    def _threshold_numbers(tdir: Path) -> list[int]:
+        try:
+            names = os.listdir(tdir)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(int(f[:-5]) for f in names if f.endswith(".json") and _VERSION_RE.fullmatch(f[:-5]))
+
+    def threshold_version(self, name: str, version: int) -> int:
+        """The latest threshold version of model version ``version`` (an int, not resolved: cheap,
+        one directory listing, for watchers); 0 when only the artifact's own threshold exists."""
+        numbers = self._threshold_numbers(self._model_dir(name) / THRESHOLDS / str(int(version)))
+        return numbers[-1] if numbers else 0
+
+    def _read_threshold(self, name: str, version: int, n: int) -> dict[str, Any]:
+        path = self._model_dir(name) / THRESHOLDS / str(version) / f"{n}.json"
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise RegistryError(f"cannot read threshold version {n} of {name!r} version {version} ({path}): {e}") from e
+        value = record.get("threshold") if isinstance(record, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise RegistryError(f"{path} holds no finite threshold")
+        return record
+
+    def threshold(self, name: str, version: int | str) -> tuple[float, int]:
+        """``(threshold, threshold_version)`` in force for a version of ``name``: the latest published
+        threshold version, or the artifact's own threshold and 0 when none was published."""
+        target = self.resolve(name, version)
+        n = self.threshold_version(name, target)
+        if n == 0:
+            return float(read_manifest(self._model_dir(name) / str(target))["threshold"]), 0
+        return float(self._read_threshold(name, target, n)["threshold"]), n
+
+    def thresholds(self, name: str, version: int | str) -> list[dict[str, Any]]:
+        """Every published threshold version of a version of ``name``, oldest first (each the stored
+        record: ``threshold_version``, ``threshold``, ``time``, ``user``, ``host`` and the publisher's
+        info such as ``method`` and ``target``). Empty when only the artifact's own threshold exists."""
+        target = self.resolve(name, version)
+        tdir = self._model_dir(name) / THRESHOLDS / str(target)
+        return [self._read_threshold(name, target, n) for n in self._threshold_numbers(tdir)]
 
 
 def _ranges(numbers: list[int]) -> str:
