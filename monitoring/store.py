@@ -1,0 +1,343 @@
+"""The feedback store: captured predictions and reviewers' labels, durably.
+
+Storage only (no server code). :class:`Store` is the interface; :func:`open_store` gives the
+embedded default, one SQLite file in WAL mode shared by every worker process of a server and by the
+CLI. PostgreSQL (or anything else) can implement the same protocol.
+
+Durability: :meth:`Store.add_labels` commits with ``synchronous=FULL`` (in WAL mode: the WAL is
+fsynced at every commit), so a label is on disk when the call returns. Captured predictions are
+high-volume and best-effort: they commit with ``synchronous=NORMAL`` (durable at the next checkpoint,
+safe against a crashed process, not against a power cut).
+
+Concurrency: every thread gets its own connection; writers take the database lock up front
+(``BEGIN IMMEDIATE``) and keep transactions short; ``busy_timeout`` makes a writer wait for another
+process's transaction instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+LABELS = ("anomaly", "normal")
+ROLES = ("champion", "challenger")
+DEFAULT_FILENAME = "feedback.sqlite"
+BUSY_TIMEOUT_MS = 10_000
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    record_id: str
+    label: str          # "anomaly" | "normal"
+    reviewer: str = ""
+    note: str = ""
+    ts: float = 0.0     # time stored (epoch s); 0 when handing a row to add_labels: the store stamps it
+
+
+def _f64(n: int = 0) -> np.ndarray:
+    return np.zeros(n, dtype=np.float64)
+
+
+@dataclass
+class Predictions:
+    """Columnar, one row per captured record, in capture order."""
+
+    record_id: list[str]
+    version: np.ndarray     # int64
+    role: list[str]         # "champion" | "challenger" (shadow/split captures)
+    score: np.ndarray       # float64
+    flagged: np.ndarray     # bool (score >= the threshold in force)
+    sampled: np.ndarray     # bool (captured by the random sample rather than because flagged)
+    ts: np.ndarray          # float64 epoch seconds
+    latency_us: np.ndarray  # float64: kernel time per record of the batch it was scored in (NaN: unknown)
+    X: np.ndarray           # float32 (n, n_features); (n, 0) when read with features=False
+    sample_rate: np.ndarray = field(default_factory=_f64)  # float64: the capture sample rate in force (for recall estimates)
+
+    def __len__(self) -> int:
+        return len(self.record_id)
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Captured predictions and labels, per model name. SQLite (WAL) is the embedded default."""
+
+    def add_predictions(self, model: str, version: int, role: str, record_ids: Sequence[str], X: np.ndarray,
+                        scores: np.ndarray, flagged: np.ndarray, sampled: np.ndarray, latency_us: float | np.ndarray,
+                        ts: float | None = None, *, sample_rate: float | np.ndarray = float("nan")) -> None:
+        """Append captured records (one transaction)."""
+
+    def add_labels(self, model: str, rows: Sequence[LabelRow]) -> list[bool]:
+        """Store labels in one transaction, durable (committed and fsynced) when it returns; returns,
+        per row, whether a captured prediction has its record id (``known_record``). Raises
+        ``ValueError`` (nothing stored) for an empty record id or a label outside :data:`LABELS`."""
+
+    def labels(self, model: str) -> list[LabelRow]:
+        """Every stored label, in arrival order (duplicates kept: they measure disagreement)."""
+
+    def predictions(self, model: str, *, role: str | None = None, version: int | None = None,
+                    features: bool = True) -> Predictions:
+        """Captured records, in capture order, optionally of one role and/or version."""
+
+    def labelled(self, model: str, *, role: str = "champion") -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """``(X float64 (n, d), y int8 (1 anomaly, 0 normal), record ids)``: the latest label of each
+        record id that has a captured prediction of ``role`` (its latest capture's features)."""
+
+    def close(self) -> None:
+        ...
+
+
+def default_store_path(registry_dir: str | os.PathLike) -> Path:
+    """``<registry>/feedback.sqlite``."""
+    return Path(registry_dir) / DEFAULT_FILENAME
+
+
+def open_store(path: str | os.PathLike) -> "SQLiteStore":
+    """The SQLite store at ``path``, created (with its schema) on first use. Raises ``OSError``
+    naming the path when the file cannot be opened or written."""
+    return SQLiteStore(path)
+
+
+def validate_label(label: str) -> str:
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {', '.join(LABELS)}; got {label!r}")
+    return label
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    role TEXT NOT NULL,
+    score REAL NOT NULL,
+    flagged INTEGER NOT NULL,
+    sampled INTEGER NOT NULL,
+    sample_rate REAL,
+    ts REAL NOT NULL,
+    latency_us REAL,
+    n_features INTEGER NOT NULL,
+    x BLOB NOT NULL            -- little-endian float32, n_features values
+);
+CREATE INDEX IF NOT EXISTS predictions_model_record ON predictions (model, record_id);
+CREATE TABLE IF NOT EXISTS labels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    model TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    label TEXT NOT NULL CHECK (label IN ('anomaly', 'normal')),
+    reviewer TEXT NOT NULL DEFAULT '',
+    note TEXT NOT NULL DEFAULT '',
+    ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS labels_model_record ON labels (model, record_id);
+"""
+
+
+class SQLiteStore:
+    """:class:`Store` on one SQLite file in WAL mode (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        conn = self._conn()  # fail now, naming the file, rather than on the first write
+        try:
+            with self._write(conn, durable=True):
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.Error as e:
+            raise OSError(f"cannot write the feedback store {self.path}: {e}") from e
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise OSError(f"feedback store {self.path} is closed")
+        try:
+            # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT)
+            conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as e:
+            raise OSError(f"cannot open the feedback store {self.path}: {e}") from e
+        self._local.conn = conn
+        with self._lock:
+            self._conns.append(conn)
+        return conn
+
+    class _Txn:
+        def __init__(self, conn: sqlite3.Connection, durable: bool):
+            self.conn, self.durable = conn, durable
+
+        def __enter__(self) -> sqlite3.Connection:
+            # synchronous is per connection and may change between transactions
+            self.conn.execute("PRAGMA synchronous = " + ("FULL" if self.durable else "NORMAL"))
+            self.conn.execute("BEGIN IMMEDIATE")  # take the write lock now: no upgrade deadlocks
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            else:
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+
+    def _write(self, conn: sqlite3.Connection, durable: bool) -> "SQLiteStore._Txn":
+        return SQLiteStore._Txn(conn, durable)
+
+    def close(self) -> None:
+        """Close every thread's connection (checkpointing the WAL when this is the last one)."""
+        self._closed = True
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def add_predictions(self, model: str, version: int, role: str, record_ids: Sequence[str], X: np.ndarray,
+                        scores: np.ndarray, flagged: np.ndarray, sampled: np.ndarray, latency_us: float | np.ndarray,
+                        ts: float | None = None, *, sample_rate: float | np.ndarray = float("nan")) -> None:
+        """Append captured records in one (non-fsynced) transaction. ``latency_us`` and
+        ``sample_rate`` are one value for all rows or one per row."""
+        n = len(record_ids)
+        X = np.ascontiguousarray(X, dtype="<f4")
+        if X.ndim != 2 or X.shape[0] != n:
+            raise ValueError(f"X must be (n_records, n_features) with n_records={n}; got shape {X.shape}")
+        scores = np.asarray(scores, dtype=np.float64)
+        flagged, sampled = np.asarray(flagged, dtype=bool), np.asarray(sampled, dtype=bool)
+        for name, a in (("scores", scores), ("flagged", flagged), ("sampled", sampled)):
+            if a.shape != (n,):
+                raise ValueError(f"{name} must hold one value per record ({n}); got shape {a.shape}")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+        if n == 0:
+            return
+        lat = np.broadcast_to(np.asarray(latency_us, dtype=np.float64), (n,))
+        rate = np.broadcast_to(np.asarray(sample_rate, dtype=np.float64), (n,))
+        now = time.time() if ts is None else float(ts)
+        d = X.shape[1]
+        rows = [(model, str(rid), int(version), role, float(s), int(f), int(sm), None if np.isnan(r) else float(r), now,
+                 None if np.isnan(lt) else float(lt), d, x.tobytes())
+                for rid, s, f, sm, r, lt, x in zip(record_ids, scores, flagged, sampled, rate, lat, X)]
+        conn = self._conn()
+        with self._write(conn, durable=False):
+            conn.executemany("INSERT INTO predictions (model, record_id, version, role, score, flagged, sampled, sample_rate, ts, "
+                             "latency_us, n_features, x) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def add_labels(self, model: str, rows: Sequence[LabelRow]) -> list[bool]:
+        """See :meth:`Store.add_labels`: one transaction, fsynced before returning."""
+        for i, r in enumerate(rows):
+            if not r.record_id:
+                raise ValueError(f"label {i}: record_id is empty")
+            try:
+                validate_label(r.label)
+            except ValueError as e:
+                raise ValueError(f"label {i} (record_id {r.record_id!r}): {e}") from None
+        if not rows:
+            return []
+        now = time.time()
+        conn = self._conn()
+        with self._write(conn, durable=True):
+            known = [conn.execute("SELECT 1 FROM predictions WHERE model = ? AND record_id = ? LIMIT 1",
+                                  (model, r.record_id)).fetchone() is not None for r in rows]
+            conn.executemany("INSERT INTO labels (model, record_id, label, reviewer, note, ts) VALUES (?, ?, ?, ?, ?, ?)",
+                             [(model, r.record_id, r.label, r.reviewer or "", r.note or "", r.ts or now) for r in rows])
+        return known
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def labels(self, model: str) -> list[LabelRow]:
+        cur = self._conn().execute("SELECT record_id, label, reviewer, note, ts FROM labels WHERE model = ? ORDER BY id", (model,))
+        return [LabelRow(*row) for row in cur]
+
+    def predictions(self, model: str, *, role: str | None = None, version: int | None = None,
+                    features: bool = True) -> Predictions:
+        where, params = ["model = ?"], [model]
+        if role is not None:
+            where.append("role = ?")
+            params.append(role)
+        if version is not None:
+            where.append("version = ?")
+            params.append(int(version))
+        cols = "record_id, version, role, score, flagged, sampled, ts, latency_us, sample_rate, n_features" + (", x" if features else "")
+        rows = self._conn().execute(f"SELECT {cols} FROM predictions WHERE {' AND '.join(where)} ORDER BY id", params).fetchall()
+        return _columns(rows, features)
+
+    def labelled(self, model: str, *, role: str = "champion") -> tuple[np.ndarray, np.ndarray, list[str]]:
+        # SQLite returns the bare columns of the row that holds MAX(id): the latest label / capture
+        rows = self._conn().execute(
+            """
+            SELECT l.record_id, l.label, p.n_features, p.x FROM
+              (SELECT record_id, label, MAX(id) AS lid FROM labels WHERE model = ? GROUP BY record_id) AS l
+            JOIN
+              (SELECT record_id, n_features, x, MAX(id) AS pid FROM predictions WHERE model = ? AND role = ? GROUP BY record_id) AS p
+            ON l.record_id = p.record_id
+            ORDER BY l.lid
+            """, (model, model, role)).fetchall()
+        ids = [r[0] for r in rows]
+        y = np.array([1 if r[1] == "anomaly" else 0 for r in rows], dtype=np.int8)
+        X = _stack([r[2] for r in rows], [r[3] for r in rows]).astype(np.float64)
+        return X, y, ids
+
+    def counts(self, model: str) -> dict[str, int]:
+        """Rows stored for ``model``: ``predictions``, ``labels``."""
+        c = self._conn()
+        return {"predictions": c.execute("SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)).fetchone()[0],
+                "labels": c.execute("SELECT COUNT(*) FROM labels WHERE model = ?", (model,)).fetchone()[0]}
+
+    def journal_mode(self) -> str:
+        return str(self._conn().execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+
+def _stack(widths: list[int], blobs: list[bytes]) -> np.ndarray:
+    if not blobs:
+        return np.zeros((0, 0), dtype=np.float32)
+    d = widths[0]
+    if any(w != d for w in widths):
+        raise ValueError(f"captured records have different feature counts ({sorted(set(widths))}); select one version")
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), d).astype(np.float32)
+
+
+def _columns(rows: list[tuple], features: bool) -> Predictions:
+    n = len(rows)
+    cols = list(zip(*rows)) if rows else [()] * 11
+
+    def f64(col: tuple) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in col], dtype=np.float64).reshape(n)
+
+    X = _stack(list(cols[9]), list(cols[10])) if features else np.zeros((n, 0), dtype=np.float32)
+    if features and n == 0:
+        X = np.zeros((0, 0), dtype=np.float32)
+    return Predictions(record_id=list(cols[0]), version=np.array(cols[1], dtype=np.int64).reshape(n), role=list(cols[2]),
+                       score=np.array(cols[3], dtype=np.float64).reshape(n), flagged=np.array(cols[4], dtype=bool).reshape(n),
+                       sampled=np.array(cols[5], dtype=bool).reshape(n), ts=np.array(cols[6], dtype=np.float64).reshape(n),
+                       latency_us=f64(cols[7]), X=X, sample_rate=f64(cols[8]))
