@@ -34,10 +34,12 @@ class ModelHandle:
     monitor: Any = None  # monitoring.stream.ServingMonitor of this version, or None
     gpu_model: Model | None = None  # the same version on CUDA, when the device policy uses a GPU
     gpu_min_rows: int = 0  # batches at least this large go to gpu_model
+    threshold_value: float | None = None  # a published threshold version's value; None: the artifact's own
+    threshold_version: int = 0  # 0: the artifact's own threshold (Registry.threshold)
 
     @property
     def threshold(self) -> float:
-        return self.model.threshold
+        return self.model.threshold if self.threshold_value is None else self.threshold_value
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,10 @@ def load_handle(registry: Registry, name: str, alias: str, version: int, policy:
         # the same verified artifact, on the GPU; --device cuda without a usable GPU fails in resolve_device
         gpu_model = load_model(registry.path(name, version), backend=policy.gpu_backend, device="cuda")
         gpu_model.score(np.zeros((policy.gpu_min_rows, model.n_features), dtype=np.float32))
+    value, tver = registry.threshold(name, version)  # a published threshold version overrides the artifact's
     return ModelHandle(name, version, alias, model, time.time(), gpu_model=gpu_model,
-                       gpu_min_rows=0 if policy.device == "cuda" else policy.gpu_min_rows)
+                       gpu_min_rows=0 if policy.device == "cuda" else policy.gpu_min_rows,
+                       threshold_value=value if tver else None, threshold_version=tver)
 
 
 class ModelSlot:
@@ -83,6 +87,7 @@ class ModelSlot:
                 metrics.reloads.labels(name, result)
         self.current: ModelHandle | None = None
         self._refused: int | None = None  # last version refused, not retried until the alias moves
+        self._refused_threshold: tuple[int, int] | None = None  # (version, threshold version) that could not be read
         self.changed = asyncio.Event()
 
     def load_initial(self) -> ModelHandle:
@@ -108,7 +113,34 @@ class ModelSlot:
             if old is not None:
                 self.metrics.model_info.labels(old.name, str(old.version), old.alias).set(0)
             self.metrics.model_info.labels(handle.name, str(handle.version), handle.alias).set(1)
-        log.info("serving model=%s version=%d alias=%s", handle.name, handle.version, handle.alias)
+        log.info("serving model=%s version=%d alias=%s threshold=%.6g threshold_version=%d", handle.name, handle.version,
+                 handle.alias, handle.threshold, handle.threshold_version)
+
+    async def _check_threshold(self, cur: ModelHandle) -> bool:
+        """A new threshold version of the served version: swap in a handle with the same loaded model
+        (and monitor) and the new threshold; no reload. True if the handle changed."""
+        loop = asyncio.get_running_loop()
+        try:
+            n = await loop.run_in_executor(None, self.registry.threshold_version, self.name, cur.version)
+        except Exception as e:  # registry unreachable: keep serving
+            log.warning("threshold check failed model=%s version=%d error=%s", self.name, cur.version, e)
+            return False
+        if n == cur.threshold_version or (cur.version, n) == self._refused_threshold:
+            return False
+        try:
+            value, n = await loop.run_in_executor(None, self.registry.threshold, self.name, cur.version)
+        except Exception as e:  # unreadable threshold file: keep the threshold in force
+            self._refused_threshold = (cur.version, n)
+            log.error("threshold refused model=%s version=%d error=%s; still using threshold=%.6g threshold_version=%d",
+                      self.name, cur.version, e, cur.threshold, cur.threshold_version)
+            return False
+        if self.current is not cur:  # the version moved while we read: the next check looks again
+            return False
+        self.current = dataclasses.replace(cur, threshold_value=value if n else None, threshold_version=n)
+        log.info("threshold model=%s version=%d alias=%s threshold=%.6g threshold_version=%d (was %.6g, %d)", self.name,
+                 cur.version, self.alias, self.current.threshold, n, cur.threshold, cur.threshold_version)
+        self.changed.set()
+        return True
 
     async def check(self) -> bool:
         """Look at the alias once; swap in a new version if it moved. True if the handle changed."""
@@ -119,7 +151,9 @@ class ModelSlot:
             log.warning("alias check failed model=%s alias=%s error=%s", self.name, self.alias, e)
             return False
         cur = self.current
-        if cur is not None and version == cur.version or version == self._refused:
+        if cur is not None and version == cur.version:
+            return await self._check_threshold(cur)
+        if version == self._refused:
             return False
         t0 = time.perf_counter()
         try:
