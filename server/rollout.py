@@ -210,11 +210,11 @@ class ShadowScorer:
     path. ``offer`` never blocks: beyond ``max_records`` waiting, records are dropped and counted."""
 
     def __init__(self, sink: Any, metrics: RolloutMetrics | None = None, *, max_batch: int = 1024, max_records: int = 65536):
-        self.sink = sink  # capture writer: offer(handle, role, ids, X, scores, flagged, latency_us)
+        self.sink = sink  # monitoring.capture.CaptureWriter: offer(handle, role, ids, X, scores, flagged, latency_us, request_id)
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_records = max_records
-        self._queue: deque[tuple[ModelHandle, np.ndarray, Sequence[str] | None, Any]] = deque()
+        self._queue: deque[tuple[ModelHandle, np.ndarray, Sequence[str], int]] = deque()
         self._queued = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -222,21 +222,21 @@ class ShadowScorer:
         self._thread = threading.Thread(target=self._run, name="outlierd-shadow", daemon=True)
         self._thread.start()
 
-    def offer(self, handle: ModelHandle, X: np.ndarray, ids: Sequence[str] | None, ctx: Any = None) -> bool:
-        """Queue ``X`` (records with ``ids``; ``ctx`` is handed back to the sink) for the challenger
-        ``handle``. False (and counted) when the shadow queue is full."""
+    def offer(self, handle: ModelHandle, X: np.ndarray, ids: Sequence[str] = (), request_id: int = 0) -> bool:
+        """Queue ``X`` (records with ``ids``, one per record or none, of message ``request_id``) for
+        the challenger ``handle``. False (and counted) when the shadow queue is full."""
         n = X.shape[0]
         with self._cond:
             if self._closed or (self._queued and self._queued + n > self.max_records):
                 if self.metrics is not None:
                     self.metrics.shadow_dropped.labels(handle.name, "behind").inc(n)
                 return False
-            self._queue.append((handle, X, ids, ctx))
+            self._queue.append((handle, X, ids, request_id))
             self._queued += n
             self._cond.notify()
         return True
 
-    def _take(self) -> list[tuple[ModelHandle, np.ndarray, Sequence[str] | None, Any]] | None:
+    def _take(self) -> list[tuple[ModelHandle, np.ndarray, Sequence[str], int]] | None:
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
@@ -266,11 +266,11 @@ class ShadowScorer:
                 if self.metrics is not None:
                     self.metrics.records.labels(handle.name, "shadow").inc(X.shape[0])
                 start = 0
-                for _, Xi, ids, ctx in items:
+                for _, Xi, ids, request_id in items:
                     n = Xi.shape[0]
                     if self.sink is not None:
                         self.sink.offer(handle, CHALLENGER, ids, Xi, scores[start:start + n], flagged[start:start + n],
-                                        latency_us, ctx)
+                                        latency_us, request_id)
                     start += n
                 self.scored += X.shape[0]
             except Exception:  # the shadow must never disturb serving: count, log, go on
@@ -310,7 +310,7 @@ class Rollout:
                 return chal
         return handle
 
-    def after(self, fut: asyncio.Future, req: Any, X: np.ndarray, handle: ModelHandle, ctx: Any = None) -> None:
+    def after(self, fut: asyncio.Future, req: Any, X: np.ndarray, handle: ModelHandle) -> None:
         """Count the records by role; in shadow mode queue them for the challenger once the
         champion's result is in (the response does not wait for it)."""
         if self.metrics is not None and X.shape[0]:
@@ -321,11 +321,11 @@ class Rollout:
         chal = self.challenger.current
         if chal is None:
             return
-        ids = list(req.ids) if len(req.ids) else None
+        ids, request_id = req.ids, req.request_id  # ids: the message's repeated field, read in the shadow thread
 
         def done(f: asyncio.Future | ThreadFuture) -> None:
             if not f.cancelled() and f.exception() is None:
-                self.shadow.offer(chal, X, ids, ctx)  # type: ignore[union-attr]
+                self.shadow.offer(chal, X, ids, request_id)  # type: ignore[union-attr]
 
         fut.add_done_callback(done)
 

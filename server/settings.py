@@ -64,6 +64,14 @@ class ServeSettings:
     """PSI at or above which a feature is 'drift'."""
     drift_min_records: int = 1000
     """Windows with fewer records are not judged."""
+    rollout: str = "off"
+    """Challenger rollout: off; shadow (the 'challenger' alias scores every message too, captured, never
+    returned); split (a share of messages is answered by the challenger). No challenger alias: champion only."""
+    split_share: float = 0.1
+    """With rollout split: the share of messages (by a stable hash of split_key) answered by the challenger."""
+    split_key: str = "id"
+    """With rollout split: route each message by its first record id (id; messages without ids by
+    request_id) or by its request_id (request)."""
     tls_cert: Path | None = None
     """Server certificate (PEM) for TLS."""
     tls_key: Path | None = None
@@ -106,6 +114,12 @@ class ServeSettings:
             raise ValueError(f"--gpu-backend must be onnx or torch; got {self.gpu_backend!r}")
         if self.drift_pane_records < 0 or self.drift_pane_seconds <= 0:
             raise ValueError("--drift-pane-records must be >= 0 and --drift-pane-seconds > 0")
+        if self.rollout not in ("off", "shadow", "split"):
+            raise ValueError(f"--rollout must be off, shadow or split; got {self.rollout!r}")
+        if not 0.0 <= self.split_share <= 1.0:
+            raise ValueError(f"--split-share must be in [0, 1]; got {self.split_share}")
+        if self.split_key not in ("id", "request"):
+            raise ValueError(f"--split-key must be id or request; got {self.split_key!r}")
         if self.max_delay_us < 0:
             raise ValueError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
         if self.workers > 1 and self.port == 0:
