@@ -5,6 +5,10 @@ records ``x`` (n, d) to ``score`` (n,), the mean squared reconstruction error ov
 (higher = more anomalous), and ``squared_error`` (n, d), the per-feature squared errors. The
 standardization (median imputation, then ``(x - mean) / std``) is the artifact's Preprocessing,
 applied by :class:`~core.backends.ArrayScorer` before the graph runs.
+
+Explanations: feature ``j`` contributes its squared reconstruction error (the graph's
+``squared_error`` output; their mean is the score). With ``flagged_only`` the graph computes
+``squared_error`` only for the flagged records.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import numpy as np
 
 from .backends import ArrayScorer, DeviceError, register
 from .errors import ArtifactError
+from .explain import top_k_of
 
 MODEL_FILE = "model.onnx"
 INPUT_NAME = "x"
@@ -77,4 +82,10 @@ def _autoencoder_onnx(detector, arrays, d, prep, device, files):
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise ValueError("the autoencoder is scored by ONNX Runtime: pip install 'outlierd[onnx]'") from e
-    return ArrayScorer(make_scorer_fn(files[MODEL_FILE], d, device), prep, "onnx", device)
+    fn = make_scorer_fn(files[MODEL_FILE], d, device)
+
+    def explain_fn(X: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        # X: validated raw records (the scorer already enforced the missing-value policy)
+        return top_k_of(fn.squared_error(prep.transform(X).astype(np.float32)), top_k)
+
+    return ArrayScorer(fn, prep, "onnx", device, explain_fn=explain_fn)

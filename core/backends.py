@@ -15,6 +15,7 @@ import numba as nb
 import numpy as np
 
 from .errors import InvalidInputError, OutlierdError
+from .explain import empty_outputs
 from .preprocess import Preprocessing
 
 BACKENDS = ("numba", "onnx", "torch")
@@ -38,11 +39,19 @@ def _reject_message(row: int) -> str:
 
 
 class NumbaScorer:
+    """The fused Numba kernels. ``explain``: ``(explain_serial, explain_parallel, extra)``, kernels
+    taking ``(X, out, features, contributions, flag_threshold, flagged_only, <score args>, *extra)``
+    that score exactly as the scoring kernels do and explain the rows they are asked to; ``extra``
+    is a tuple or a callable returning one (computed once, on the first explanation)."""
+
     backend, device = "numba", "cpu"
 
-    def __init__(self, serial: Callable, parallel: Callable, prep: Preprocessing, params: tuple):
+    def __init__(self, serial: Callable, parallel: Callable, prep: Preprocessing, params: tuple,
+                 explain: tuple[Callable, Callable, Any] | None = None):
         self._serial, self._parallel = serial, parallel
         self._args = (prep.median, prep.center, prep.scale_inv, prep.reject, *params)
+        self._explain = explain
+        self._explain_lock = threading.Lock()
 
     def __call__(self, X: np.ndarray, parallel: bool | None = None) -> np.ndarray:
         n = X.shape[0]
@@ -56,14 +65,70 @@ class NumbaScorer:
             raise InvalidInputError(_reject_message(int(bad)))
         return out
 
+    def _explain_kernels(self) -> tuple[Callable, Callable, tuple]:
+        if self._explain is None:
+            raise NotImplementedError("this detector has no explanation kernel")
+        serial, parallel, extra = self._explain
+        if callable(extra):
+            with self._explain_lock:  # computed once even when several scoring threads ask at once
+                serial, parallel, extra = self._explain
+                if callable(extra):
+                    extra = extra()
+                    self._explain = (serial, parallel, extra)
+        return serial, parallel, extra
+
+    def explain(self, X: np.ndarray, top_k: int, threshold: float, flagged_only: bool,
+                parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(scores, features, contributions)`` in one pass: the scores equal ``self(X)``; records are
+        explained when ``not flagged_only`` or ``score >= threshold`` (the others: -1 / NaN)."""
+        serial, par, extra = self._explain_kernels()
+        n = X.shape[0]
+        out = np.empty(n, dtype=np.float64)
+        feat = np.empty((n, top_k), dtype=np.int64)
+        contrib = np.empty((n, top_k), dtype=np.float64)
+        args = (float(threshold), bool(flagged_only), *self._args, *extra)
+        if not parallel if parallel is not None else n <= SERIAL_MAX_ROWS:
+            bad = serial(X, out, feat, contrib, *args)
+        else:
+            with _PARALLEL_LOCK:
+                bad = par(X, out, feat, contrib, *args, nb.get_num_threads())
+        if bad >= 0:
+            raise InvalidInputError(_reject_message(int(bad)))
+        return out, feat, contrib
+
+    def top_k(self, X: np.ndarray, top_k: int, parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(features, contributions)`` of every record (the fallback explainer of array backends)."""
+        _, feat, contrib = self.explain(X, top_k, np.inf, False, parallel)
+        return feat, contrib
+
 
 class ArrayScorer:
     """Preprocess in NumPy (same rules as the kernels), then run ``fn(records as dtype) -> scores``
-    (float32 by default; float64 for programs that must reproduce float64 scores exactly)."""
+    (float32 by default; float64 for programs that must reproduce float64 scores exactly).
+
+    ``explain_fn(X, top_k) -> (features, contributions)`` explains raw (validated, not yet
+    preprocessed) records: the graph's own per-feature output, or a Numba kernel on the same arrays."""
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, backend: str, device: str,
-                 dtype: type = np.float32):
+                 dtype: type = np.float32, explain_fn: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None):
         self._fn, self._prep, self.backend, self.device, self._dtype = fn, prep, backend, device, dtype
+        self._explain_fn = explain_fn
+
+    def explain(self, X: np.ndarray, top_k: int, threshold: float, flagged_only: bool,
+                parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(scores, features, contributions)``: scores from this backend (equal to ``self(X)``),
+        attributions from ``explain_fn`` for all records or only those with ``score >= threshold``."""
+        if self._explain_fn is None:
+            raise NotImplementedError(f"the {self.backend} backend of this detector has no explanations")
+        scores = self(X, parallel)
+        if not flagged_only:
+            feat, contrib = self._explain_fn(X, top_k)
+            return scores, feat, contrib
+        feat, contrib = empty_outputs(X.shape[0], top_k)
+        rows = np.flatnonzero(scores >= threshold)
+        if rows.size:
+            feat[rows], contrib[rows] = self._explain_fn(X[rows], top_k)
+        return scores, feat, contrib
 
     def __call__(self, X: np.ndarray, parallel: bool | None = None) -> np.ndarray:
         if X.shape[0] == 0:

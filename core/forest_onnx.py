@@ -16,6 +16,10 @@ The leaves' path lengths are gathered as float64 and summed in float64, and the 
 ``2 ** (-sum / denominator)`` is computed in float64, so scores match the Numba kernel to ~1e-15
 (only the summation order differs). Input ``X``: float32 ``(n, d)``, dynamic ``n``; output
 ``score``: float64 ``(n,)``.
+
+Explanations: the graph has no per-split output, so ``Model.explain`` / ``score_explain`` on this
+backend take the scores from the graph and the attributions from the Numba explanation kernel
+(:mod:`core.iforest`) on the same forest arrays, on the CPU.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import ArrayScorer, DeviceError, register
-from .iforest import Forest
+from .iforest import Forest, numba_explainer
 
 OPSET = 17
 CHUNK_ROWS = 65_536  # rows per session run: bounds the (n, T) index tensors' memory
@@ -140,4 +144,4 @@ def _iforest_onnx(detector, arrays, d, prep, device, files):
     except ImportError as e:
         raise ValueError("the onnx backend needs `pip install onnx onnxruntime` (or onnxruntime-gpu for CUDA)") from e
     forest = Forest.from_arrays(arrays, d)
-    return ArrayScorer(make_scorer_fn(forest, d, device), prep, "onnx", device)
+    return ArrayScorer(make_scorer_fn(forest, d, device), prep, "onnx", device, explain_fn=numba_explainer(forest, prep))

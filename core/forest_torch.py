@@ -6,6 +6,9 @@ the record's value at that feature, and steps to child ``2i+1 + (x > thr)``. Lea
 are summed in float64 and ``2 ** (-sum / denominator)`` is computed in float64 (NumPy, on the
 host), so scores match the Numba kernel to ~1e-15. torch is imported only when the backend is
 built: ``core`` imports without it.
+
+Explanations: scores from torch, attributions from the Numba explanation kernel
+(:mod:`core.iforest`) on the same forest arrays, on the CPU (as for the ONNX backend).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import ArrayScorer, import_torch, register
-from .iforest import Forest
+from .iforest import Forest, numba_explainer
 
 CHUNK_ROWS = 65_536  # rows per step: bounds the (n, T) index tensors' memory
 
@@ -72,4 +75,4 @@ class TorchForest:
 def _iforest_torch(detector, arrays, d, prep, device, files):
     import_torch(device)
     forest = Forest.from_arrays(arrays, d)
-    return ArrayScorer(TorchForest(forest, device), prep, "torch", device)
+    return ArrayScorer(TorchForest(forest, device), prep, "torch", device, explain_fn=numba_explainer(forest, prep))

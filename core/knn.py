@@ -15,6 +15,12 @@ on preprocessed records. Higher = more anomalous for both:
 
 Ties (equal distances) are broken by the lower reference index, on every backend.
 
+Explanations (Numba kernels ``explain_serial`` / ``explain_parallel``, beside the scoring ones):
+feature ``j`` contributes ``mean_{i in N_k(x)} (x_j - R[i, j])**2``, the squared per-feature
+difference to the record's k nearest reference records (the same neighbours the score uses), so a
+record's contributions sum to its mean squared distance to them. The torch backend's scores come
+from torch; its explanations from this kernel on the same arrays.
+
 Backends: ``numba`` (CPU): a blocked kernel, preprocessing fused; a block of query rows passes over
 the reference in blocks, every row keeping a sorted top-k insertion buffer of squared distances.
 ``torch`` (CPU or CUDA): GEMM distances ``|q|^2 + |r|^2 - 2 q.r`` pick ``k + 8`` candidates per row
@@ -31,6 +37,7 @@ import numpy as np
 
 from .backends import ArrayScorer, NumbaScorer, import_torch, register
 from .errors import ArtifactError
+from .explain import mark_unexplained, select_top_k
 from .preprocess import prep_block
 
 BLOCK = 64          # query rows per block
@@ -218,11 +225,90 @@ def _neighbors(detector: dict, arrays: dict, d: int) -> Neighbors:
     return Neighbors.from_arrays(detector["kind"], arrays, d, params["k"])
 
 
+@nb.njit(nogil=True, cache=True)
+def _explain_rows(X, lo, hi, out, feat, contrib, flag_threshold, flagged_only, median, center, scale_inv, reject,
+                  ref, k, use_lof, kdist, lrd, buf, topd, topi, c):
+    """``_score_rows``' scores (same neighbours, same operations), then the per-feature squared
+    differences to those neighbours for the rows to explain."""
+    d = X.shape[1]
+    for b0 in range(lo, hi, BLOCK):
+        b1 = min(b0 + BLOCK, hi)
+        bad = prep_block(X, b0, b1, median, center, scale_inv, reject, buf)
+        if bad >= 0:
+            return bad
+        nq = b1 - b0
+        _topk_block(buf, nq, ref, k, topd, topi, -1)
+        for r in range(nq):
+            if use_lof:
+                reach = 0.0
+                dens = 0.0
+                for p in range(k):
+                    i = topi[r, p]
+                    reach += max(np.sqrt(topd[r, p]), kdist[i])
+                    dens += lrd[i]
+                s = (dens / k) * (reach / k + LOF_EPS)
+            else:
+                s = np.sqrt(topd[r, k - 1])
+            out[b0 + r] = s
+            if flagged_only and not s >= flag_threshold:
+                mark_unexplained(feat[b0 + r], contrib[b0 + r])
+                continue
+            for j in range(d):
+                c[j] = 0.0
+            for p in range(k):
+                i = topi[r, p]
+                for j in range(d):
+                    t = buf[r, j] - ref[i, j]
+                    c[j] += t * t
+            for j in range(d):
+                c[j] /= k
+            select_top_k(c, feat[b0 + r], contrib[b0 + r])
+    return -1
+
+
+@nb.njit(nogil=True, cache=True)
+def explain_serial(X, out, feat, contrib, flag_threshold, flagged_only, median, center, scale_inv, reject,
+                   ref, k, use_lof, kdist, lrd):
+    d = X.shape[1]
+    buf = np.empty((BLOCK, d), dtype=np.float64)
+    topd = np.empty((BLOCK, k), dtype=np.float64)
+    topi = np.empty((BLOCK, k), dtype=np.int64)
+    c = np.empty(d, dtype=np.float64)
+    return _explain_rows(X, 0, X.shape[0], out, feat, contrib, flag_threshold, flagged_only, median, center, scale_inv,
+                         reject, ref, k, use_lof, kdist, lrd, buf, topd, topi, c)
+
+
+@nb.njit(nogil=True, cache=True, parallel=True)
+def explain_parallel(X, out, feat, contrib, flag_threshold, flagged_only, median, center, scale_inv, reject,
+                     ref, k, use_lof, kdist, lrd, n_threads):
+    n, d = X.shape
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    n_tasks = max(1, min(n_blocks, n_threads * 4))
+    bad = np.full(n_tasks, -1, dtype=np.int64)
+    for task in nb.prange(n_tasks):
+        buf = np.empty((BLOCK, d), dtype=np.float64)
+        topd = np.empty((BLOCK, k), dtype=np.float64)
+        topi = np.empty((BLOCK, k), dtype=np.int64)
+        c = np.empty(d, dtype=np.float64)
+        lo = (task * n_blocks // n_tasks) * BLOCK
+        hi = min(((task + 1) * n_blocks // n_tasks) * BLOCK, n)
+        bad[task] = _explain_rows(X, lo, hi, out, feat, contrib, flag_threshold, flagged_only, median, center,
+                                  scale_inv, reject, ref, k, use_lof, kdist, lrd, buf, topd, topi, c)
+    for task in range(n_tasks):
+        if bad[task] >= 0:
+            return bad[task]
+    return -1
+
+
+def _numba_scorer(nn: Neighbors, prep) -> NumbaScorer:
+    return NumbaScorer(score_serial, score_parallel, prep, (nn.ref, nn.k, nn.kind == "lof", nn.kdist, nn.lrd),
+                       explain=(explain_serial, explain_parallel, ()))
+
+
 @register("knn", "numba")
 @register("lof", "numba")
 def _neighbors_numba(detector, arrays, d, prep, device, files):
-    nn = _neighbors(detector, arrays, d)
-    return NumbaScorer(score_serial, score_parallel, prep, (nn.ref, nn.k, nn.kind == "lof", nn.kdist, nn.lrd))
+    return _numba_scorer(_neighbors(detector, arrays, d), prep)
 
 
 # --------------------------------------------------------------------------- torch (CPU or CUDA)
@@ -275,5 +361,7 @@ class TorchNeighbors:
 def _neighbors_torch(detector, arrays, d, prep, device, files):
     import_torch(device)
     nn = _neighbors(detector, arrays, d)
-    # float64 records: the neighbour scores must reproduce the training-time probe exactly
-    return ArrayScorer(TorchNeighbors(nn, device), prep, "torch", device, dtype=np.float64)
+    # float64 records: the neighbour scores must reproduce the training-time probe exactly;
+    # explanations: the Numba kernel on the same arrays (see the module docstring)
+    return ArrayScorer(TorchNeighbors(nn, device), prep, "torch", device, dtype=np.float64,
+                       explain_fn=_numba_scorer(nn, prep).top_k)

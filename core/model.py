@@ -17,6 +17,7 @@ from . import hbos, iforest, robust_z
 from .artifact import ARRAYS, PROBE, REFERENCE, load_json, load_npz, read_manifest, verify_files
 from .backends import BACKENDS, BUILDERS, NATIVE_BACKEND, SERIAL_MAX_ROWS, NumbaScorer, register, resolve_device
 from .errors import ArtifactError, InvalidInputError
+from .explain import check_top_k
 from .preprocess import Preprocessing
 
 _FLOAT_KINDS = "fiub"
@@ -86,23 +87,44 @@ class Model:
         """``(n,)`` bool: ``score(X) >= threshold``."""
         return self.score(X) >= self.threshold
 
+    def explain(self, X: Any, top_k: int = 3, *, parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-record feature attributions of ``X`` (same input rules and preprocessing as
+        :meth:`score`): ``(features, contributions)``, two ``(n, top_k)`` arrays, int64 feature
+        indices (most contributing first; ties: lower index first) and float64 contributions
+        (higher = pushes the record towards anomalous; their meaning per detector is in
+        :mod:`core.explain`). ``top_k`` must be in ``[1, n_features]``."""
+        _, feat, contrib = self.score_explain(X, top_k, parallel=parallel)
+        return feat, contrib
+
+    def score_explain(self, X: Any, top_k: int = 3, flagged_only: bool = False, *,
+                      parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scores and explanations in one pass over ``X``: ``(scores, features, contributions)``;
+        ``scores`` is exactly :meth:`score`'s. With ``flagged_only`` only records with
+        ``score >= threshold`` are explained (inside the kernel, while their block is in cache);
+        the others get feature -1 and contribution NaN, which keeps throughput near plain scoring
+        at low alert rates."""
+        X = self._check(X)
+        top_k = check_top_k(top_k, self.n_features)
+        return self._scorer.explain(X, top_k, self.threshold, bool(flagged_only), parallel)
+
 
 @register("iforest", "numba")
 def _iforest_numba(detector, arrays, d, prep, device, files):
-    f = iforest.Forest.from_arrays(arrays, d)
-    return NumbaScorer(iforest.score_serial, iforest.score_parallel, prep, (f.feature, f.threshold, f.leaf_value, f.denominator))
+    return iforest.numba_scorer(iforest.Forest.from_arrays(arrays, d), prep)
 
 
 @register("robust_z", "numba")
 def _robust_z_numba(detector, arrays, d, prep, device, files):
     rz = robust_z.RobustZ.from_arrays(arrays, d, detector.get("params", {}).get("combine", "rms"))
-    return NumbaScorer(robust_z.score_serial, robust_z.score_parallel, prep, (rz.median, rz.scale_inv, rz.combine == "max"))
+    return NumbaScorer(robust_z.score_serial, robust_z.score_parallel, prep, (rz.median, rz.scale_inv, rz.combine == "max"),
+                       explain=(robust_z.explain_serial, robust_z.explain_parallel, ()))
 
 
 @register("hbos", "numba")
 def _hbos_numba(detector, arrays, d, prep, device, files):
     h = hbos.Hbos.from_arrays(arrays, d)
-    return NumbaScorer(hbos.score_serial, hbos.score_parallel, prep, (h.lo, h.hi, h.inv_width, h.table))
+    return NumbaScorer(hbos.score_serial, hbos.score_parallel, prep, (h.lo, h.hi, h.inv_width, h.table),
+                       explain=(hbos.explain_serial, hbos.explain_parallel, ()))
 
 
 def _load_plugins() -> None:
@@ -116,7 +138,7 @@ def _load_plugins() -> None:
             pass
 
 
-PLUGINS: tuple[str, ...] = ("core.forest_onnx", "core.forest_torch", "core.knn", "core.autoencoder")
+PLUGINS: tuple[str, ...] = ("core.forest_onnx", "core.forest_torch", "core.knn", "core.autoencoder", "core.stacked")
 
 
 def build_model(manifest: dict[str, Any], arrays: dict[str, np.ndarray], reference: dict[str, Any] | None = None,

@@ -5,6 +5,9 @@ Per feature ``j``: ``z_j = (x_j - median_j) / scale_j`` with ``scale_j`` the MAD
 Combined score, higher = more anomalous:
   - ``rms`` (default): ``sqrt(mean_j z_j**2)``;
   - ``max``: ``max_j |z_j|``.
+
+Explanations (separate kernels, ``explain_serial`` / ``explain_parallel``): feature ``j``
+contributes ``|z_j|``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numba as nb
 import numpy as np
 
 from .errors import ArtifactError
+from .explain import mark_unexplained, select_top_k
 from .preprocess import prep_block
 
 BLOCK = 64
@@ -83,6 +87,68 @@ def score_parallel(X, out, median, center, scale_inv, reject, rz_median, rz_scal
         lo = (task * n_blocks // n_tasks) * BLOCK
         hi = min(((task + 1) * n_blocks // n_tasks) * BLOCK, n)
         bad[task] = _score_rows(X, lo, hi, out, median, center, scale_inv, reject, rz_median, rz_scale_inv, use_max, buf)
+    for task in range(n_tasks):
+        if bad[task] >= 0:
+            return bad[task]
+    return -1
+
+
+# --------------------------------------------------------------------------- explanations
+
+
+@nb.njit(nogil=True, cache=True)
+def _explain_rows(X, lo, hi, out, feat, contrib, flag_threshold, flagged_only, median, center, scale_inv, reject,
+                  rz_median, rz_scale_inv, use_max, buf, c):
+    """``_score_rows``' scores (same operations, same order), then ``|z_j|`` of the rows to explain."""
+    d = X.shape[1]
+    for b0 in range(lo, hi, BLOCK):
+        b1 = min(b0 + BLOCK, hi)
+        bad = prep_block(X, b0, b1, median, center, scale_inv, reject, buf)
+        if bad >= 0:
+            return bad
+        for r in range(b1 - b0):
+            s = 0.0
+            for j in range(d):
+                z = (buf[r, j] - rz_median[j]) * rz_scale_inv[j]
+                if use_max:
+                    s = max(s, abs(z))
+                else:
+                    s += z * z
+            s = s if use_max else np.sqrt(s / d)
+            out[b0 + r] = s
+            if flagged_only and not s >= flag_threshold:
+                mark_unexplained(feat[b0 + r], contrib[b0 + r])
+                continue
+            for j in range(d):
+                c[j] = abs((buf[r, j] - rz_median[j]) * rz_scale_inv[j])
+            select_top_k(c, feat[b0 + r], contrib[b0 + r])
+    return -1
+
+
+@nb.njit(nogil=True, cache=True)
+def explain_serial(X, out, feat, contrib, flag_threshold, flagged_only, median, center, scale_inv, reject,
+                   rz_median, rz_scale_inv, use_max):
+    d = X.shape[1]
+    buf = np.empty((BLOCK, d), dtype=np.float64)
+    c = np.empty(d, dtype=np.float64)
+    return _explain_rows(X, 0, X.shape[0], out, feat, contrib, flag_threshold, flagged_only, median, center, scale_inv,
+                         reject, rz_median, rz_scale_inv, use_max, buf, c)
+
+
+@nb.njit(nogil=True, cache=True, parallel=True)
+def explain_parallel(X, out, feat, contrib, flag_threshold, flagged_only, median, center, scale_inv, reject,
+                     rz_median, rz_scale_inv, use_max, n_threads):
+    n, d = X.shape
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    n_tasks = max(1, min(n_blocks, n_threads * 4))
+    bad = np.full(n_tasks, -1, dtype=np.int64)
+    for task in nb.prange(n_tasks):
+        buf = np.empty((BLOCK, d), dtype=np.float64)
+        c = np.empty(d, dtype=np.float64)
+        lo = (task * n_blocks // n_tasks) * BLOCK
+        hi = min(((task + 1) * n_blocks // n_tasks) * BLOCK, n)
+        bad[task] = _explain_rows(X, lo, hi, out, feat, contrib, flag_threshold, flagged_only, median, center,
+                                  scale_inv, reject, rz_median, rz_scale_inv, use_max, buf, c)
     for task in range(n_tasks):
         if bad[task] >= 0:
             return bad[task]
