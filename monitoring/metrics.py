@@ -43,6 +43,12 @@ class ServiceMetrics:
         # Drift gauges: set here by a single worker; with several workers the parent computes them
         # from the merged histograms (monitoring.collector.DriftCollector) and workers leave these unset.
         self.drift = DriftGauges(registry)
+        # Prediction capture (monitoring.capture) and reviewers' feedback (server.feedback)
+        self.captured = Counter("outlierd_captured_total", "Scored records written to the feedback store.", ["model", "role"], **kw)
+        self.capture_dropped = Counter("outlierd_capture_dropped_total",
+                                       "Records that should have been captured and were not, by reason (queue_full, write_error).",
+                                       ["model", "reason"], **kw)
+        self.feedback = FeedbackGauges(registry)
 
 
 class DriftGauges:
@@ -73,6 +79,33 @@ class DriftGauges:
             self.expected_alert_rate.labels(model).set(result.expected_alert_rate)
         self.alert_rate_p.labels(model).set(result.alert_rate_p)
         self.window_records.labels(model).set(result.records)
+
+
+class FeedbackGauges:
+    """Live quality from reviewers' labels (monitoring.quality), recomputed from the shared store by
+    every worker every few seconds: the workers agree, so multiprocess mode keeps the most recent.
+    NaN: not enough labels to say."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        kw = {"registry": registry} if registry is not None else {}
+        mode = {"multiprocess_mode": "mostrecent"}
+        self.precision = Gauge("outlierd_feedback_precision", "Share of reviewed flagged records labelled anomaly.", ["model"], **mode, **kw)
+        self.recall = Gauge("outlierd_feedback_recall_estimate",
+                            "Estimated recall: flagged anomalies over flagged plus estimated missed ones (from reviewed random-sample captures).",
+                            ["model"], **mode, **kw)
+        self.disagreement = Gauge("outlierd_feedback_disagreement", "Share of records labelled by several reviewers whose labels disagree.",
+                                  ["model"], **mode, **kw)
+        self.labels = Gauge("outlierd_feedback_labels_total", "Labels stored, by label.", ["model", "label"], **mode, **kw)
+        self.unknown = Gauge("outlierd_feedback_unknown_records", "Labelled record ids without a captured prediction.", ["model"], **mode, **kw)
+
+    def set(self, model: str, q) -> None:
+        nan = float("nan")
+        self.precision.labels(model).set(nan if q.precision is None else q.precision)
+        self.recall.labels(model).set(nan if q.recall_estimate is None else q.recall_estimate)
+        self.disagreement.labels(model).set(nan if q.disagreement is None else q.disagreement)
+        for label, n in q.by_label.items():
+            self.labels.labels(model, label).set(n)
+        self.unknown.labels(model).set(q.unknown_records)
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0", extra_collectors: tuple = ()) -> None:

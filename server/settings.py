@@ -72,6 +72,12 @@ class ServeSettings:
     split_key: str = "id"
     """With rollout split: route each message by its first record id (id; messages without ids by
     request_id) or by its request_id (request)."""
+    capture: int = 1
+    """Prediction capture into the feedback store (1 on, 0 off): every flagged record and a random sample of the others."""
+    capture_sample: float = 0.01
+    """Share of unflagged records captured (the random sample that estimates recall from labels)."""
+    feedback_store: Path | None = None
+    """Feedback store (SQLite file) for captures and labels; default: feedback.sqlite in the registry directory."""
     tls_cert: Path | None = None
     """Server certificate (PEM) for TLS."""
     tls_key: Path | None = None
@@ -120,6 +126,8 @@ class ServeSettings:
             raise ValueError(f"--split-share must be in [0, 1]; got {self.split_share}")
         if self.split_key not in ("id", "request"):
             raise ValueError(f"--split-key must be id or request; got {self.split_key!r}")
+        if not 0.0 <= self.capture_sample <= 1.0:
+            raise ValueError(f"--capture-sample must be in [0, 1]; got {self.capture_sample}")
         if self.max_delay_us < 0:
             raise ValueError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
         if self.workers > 1 and self.port == 0:
