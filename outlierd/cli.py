@@ -29,18 +29,25 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    registry_cli.add_mlflow_args(p, what="also log the run (params, metrics, lineage, artifact) to MLflow and mirror the version and --alias to its Model Registry")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from training.train import train
 
+    if args.mlflow_uri:  # fail before training when the extra is missing
+        from training.tracking import require_mlflow
+        require_mlflow()
     res = train(args.data, args.registry, args.model, detector=args.detector, label_column=args.label_column,
                 alert_rate=args.alert_rate, alias=args.alias, seed=args.seed, quiet=args.quiet)
+    mlflow, mlflow_rc = registry_cli.train_to_mlflow(
+        args, res, None if args.quiet else (lambda msg: print(f"[mlflow] {msg}", file=sys.stderr, flush=True)))
     if args.json:
         print(json.dumps({"model": args.model, "version": res.version, "path": str(res.path), "threshold": res.threshold,
-                          "metrics": res.metrics, "warnings": res.warnings}, indent=2, sort_keys=True))
-        return 0
+                          "metrics": res.metrics, "warnings": res.warnings, **({"mlflow": mlflow} if mlflow else {})},
+                         indent=2, sort_keys=True))
+        return mlflow_rc
     print(f"model {args.model} version {res.version} ({args.detector}): {res.rows} rows x {res.n_features} features")
     print(f"  artifact   {res.path}")
     print(f"  threshold  {res.threshold:.6g} (alert rate {args.alert_rate:g}; flags {res.metrics['train_alert_rate']:.4f} of the training rows)")
@@ -50,7 +57,9 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"  {key:<24} {res.metrics[key]:.4f}{extra}")
     if "note" in res.metrics:
         print(f"  note: {res.metrics['note']}")
-    return 0
+    if mlflow and mlflow.get("run_id"):
+        print(f"  mlflow     run {mlflow['run_id']}, model version {mlflow['model_version']} ({mlflow['uri']})")
+    return mlflow_rc
 
 
 def _add_score(sub: Any) -> None:
