@@ -71,7 +71,7 @@ class Store(Protocol):
 
     def add_predictions(self, model: str, version: int, role: str, record_ids: Sequence[str], X: np.ndarray,
                         scores: np.ndarray, flagged: np.ndarray, sampled: np.ndarray, latency_us: float | np.ndarray,
-                        ts: float | None = None, *, sample_rate: float | np.ndarray = float("nan")) -> None:
+                        ts: float | np.ndarray | None = None, *, sample_rate: float | np.ndarray = float("nan")) -> None:
         """Append captured records (one transaction)."""
 
     def add_labels(self, model: str, rows: Sequence[LabelRow]) -> list[bool]:
@@ -225,9 +225,9 @@ class SQLiteStore:
 
     def add_predictions(self, model: str, version: int, role: str, record_ids: Sequence[str], X: np.ndarray,
                         scores: np.ndarray, flagged: np.ndarray, sampled: np.ndarray, latency_us: float | np.ndarray,
-                        ts: float | None = None, *, sample_rate: float | np.ndarray = float("nan")) -> None:
-        """Append captured records in one (non-fsynced) transaction. ``latency_us`` and
-        ``sample_rate`` are one value for all rows or one per row."""
+                        ts: float | np.ndarray | None = None, *, sample_rate: float | np.ndarray = float("nan")) -> None:
+        """Append captured records in one (non-fsynced) transaction. ``latency_us``, ``ts`` (default:
+        now) and ``sample_rate`` are one value for all rows or one per row."""
         n = len(record_ids)
         X = np.ascontiguousarray(X, dtype="<f4")
         if X.ndim != 2 or X.shape[0] != n:
@@ -243,11 +243,11 @@ class SQLiteStore:
             return
         lat = np.broadcast_to(np.asarray(latency_us, dtype=np.float64), (n,))
         rate = np.broadcast_to(np.asarray(sample_rate, dtype=np.float64), (n,))
-        now = time.time() if ts is None else float(ts)
+        when = np.broadcast_to(np.asarray(time.time() if ts is None else ts, dtype=np.float64), (n,))
         d = X.shape[1]
-        rows = [(model, str(rid), int(version), role, float(s), int(f), int(sm), None if np.isnan(r) else float(r), now,
+        rows = [(model, str(rid), int(version), role, float(s), int(f), int(sm), None if np.isnan(r) else float(r), float(t),
                  None if np.isnan(lt) else float(lt), d, x.tobytes())
-                for rid, s, f, sm, r, lt, x in zip(record_ids, scores, flagged, sampled, rate, lat, X)]
+                for rid, s, f, sm, r, t, lt, x in zip(record_ids, scores, flagged, sampled, rate, when, lat, X)]
         conn = self._conn()
         with self._write(conn, durable=False):
             conn.executemany("INSERT INTO predictions (model, record_id, version, role, score, flagged, sampled, sample_rate, ts, "

@@ -1,0 +1,171 @@
+"""Feedback RPCs (SubmitFeedback, SubmitFeedbackStream) and the worker's feedback service.
+
+A label is acknowledged (``stored = true``) only after its transaction committed with
+``synchronous=FULL`` (fsynced). SQLite never runs on the event loop: writes go to one writer thread
+per worker; a stream's consecutive labels are committed together (group commit) and each is acked
+after that commit, in request order. Unknown record ids (no captured prediction) are stored and
+acked with ``known_record = false``. Invalid input: unary calls fail with INVALID_ARGUMENT or
+NOT_FOUND naming the problem; on a stream that message gets an ack with ``stored = false`` and
+``error`` set, and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, AsyncIterator, Sequence
+
+import grpc
+
+from monitoring.capture import StoreOpener
+from monitoring.quality import from_store
+from monitoring.store import LabelRow
+from outlierd.v1 import scoring_pb2 as pb
+
+from .errors import RequestError, message, status_code
+
+log = logging.getLogger("outlierd.feedback")
+STREAM_GROUP = 512  # labels of one stream committed in one transaction at most
+_LABELS = {pb.ANOMALY: "anomaly", pb.NORMAL: "normal"}
+
+
+class FeedbackService:
+    """A worker's feedback side: the store (opened lazily), one writer thread for labels, and the
+    quality gauges recomputed at most every ``quality_interval_s`` on their own thread."""
+
+    def __init__(self, opener: StoreOpener, model: str, metrics: Any = None, quality_interval_s: float = 5.0):
+        self.opener, self.model, self.metrics = opener, model, metrics
+        self.quality_interval_s = quality_interval_s
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlierd-feedback")
+        self._quality_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlierd-quality")
+        self._quality_job: Future | None = None
+        self._quality_at = -math.inf
+        self._quality_failed_logged = -math.inf
+
+    def _add(self, rows: Sequence[LabelRow]) -> list[bool]:
+        return self.opener.get().add_labels(self.model, rows)
+
+    async def store(self, rows: Sequence[LabelRow]) -> list[bool]:
+        """Store ``rows`` in one durable transaction (off the event loop); known_record per row.
+        A store that cannot be written raises RequestError(UNAVAILABLE)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._writer, self._add, rows)
+        except ValueError as e:  # the store's own validation (label_row checks first; kept for other callers)
+            raise RequestError(str(e), reason="feedback") from e
+        except Exception as e:  # sqlite3.Error, OSError: not stored, the caller answers UNAVAILABLE
+            log.error("feedback write failed labels=%d error=%s", len(rows), e)
+            raise RequestError(f"feedback store unavailable, labels not stored: {e}", code="UNAVAILABLE", reason="feedback") from e
+
+    def tick(self) -> None:
+        """From the worker's background tick: start a quality recomputation when due (never waits)."""
+        if self.metrics is None:
+            return
+        now = time.monotonic()
+        if now - self._quality_at < self.quality_interval_s or (self._quality_job is not None and not self._quality_job.done()):
+            return
+        self._quality_at = now
+        self._quality_job = self._quality_pool.submit(self._update_quality)
+
+    def _update_quality(self) -> None:
+        try:
+            q = from_store(self.opener.get(), self.model)
+            self.metrics.feedback.set(self.model, q)
+        except Exception as e:  # gauges go stale; serving goes on
+            now = time.monotonic()
+            if now - self._quality_failed_logged > 60:
+                self._quality_failed_logged = now
+                log.warning("feedback quality not computed model=%s error=%s", self.model, e)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._quality_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def label_row(req: pb.FeedbackRequest, default_model: str) -> LabelRow:
+    """The store row for a request, or RequestError naming what is wrong."""
+    if req.model and req.model != default_model:
+        raise RequestError(f"unknown model {req.model!r}; this server serves {default_model!r}", code="NOT_FOUND", reason="unknown_model")
+    if not req.record_id:
+        raise RequestError("record_id is empty: send the id the record was scored with", reason="feedback")
+    label = _LABELS.get(req.label)
+    if label is None:
+        raise RequestError(f"label is {pb.Label.Name(req.label) if req.label in pb.Label.values() else req.label}: "
+                           "set ANOMALY or NORMAL", reason="feedback")
+    return LabelRow(req.record_id, label, req.reviewer, req.note)
+
+
+class FeedbackRpcs:
+    """Mixin for ScorerServicer: the two feedback RPCs. The worker sets ``feedback``; the servicer
+    provides ``settings.model``."""
+
+    feedback: FeedbackService | None = None
+    settings: Any
+
+    def _feedback_service(self) -> FeedbackService:
+        if self.feedback is None:
+            raise RequestError("feedback is not enabled on this server", code="UNAVAILABLE", reason="feedback")
+        return self.feedback
+
+    async def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackAck:
+        try:
+            service = self._feedback_service()
+            row = label_row(request, self.settings.model)
+            known = (await service.store([row]))[0]
+        except RequestError as e:
+            await context.abort(status_code(e), message(e))
+        return pb.FeedbackAck(record_id=request.record_id, stored=True, known_record=known)
+
+    async def SubmitFeedbackStream(self, request_iterator: AsyncIterator[pb.FeedbackRequest],
+                                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FeedbackAck]:
+        # A reader task takes messages as they come; each round commits every valid label waiting
+        # (up to STREAM_GROUP) in one transaction, then acks them all in order. Labels arriving
+        # during a commit form the next group: the busier the stream, the larger the groups.
+        pending: asyncio.Queue = asyncio.Queue(maxsize=STREAM_GROUP)
+
+        async def reader() -> None:
+            try:
+                async for req in request_iterator:
+                    await pending.put(req)
+            finally:
+                await pending.put(None)
+
+        task = asyncio.get_running_loop().create_task(reader())
+        try:
+            done = False
+            while not done:
+                first = await pending.get()
+                if first is None:
+                    break
+                group = [first]
+                while len(group) < STREAM_GROUP and not pending.empty():
+                    nxt = pending.get_nowait()
+                    if nxt is None:
+                        done = True
+                        break
+                    group.append(nxt)
+                acks: list[pb.FeedbackAck] = []
+                rows: list[LabelRow] = []
+                slots: list[int] = []
+                for req in group:
+                    try:
+                        rows.append(label_row(req, self.settings.model))
+                        slots.append(len(acks))
+                        acks.append(pb.FeedbackAck(record_id=req.record_id))
+                    except RequestError as e:
+                        acks.append(pb.FeedbackAck(record_id=req.record_id, stored=False, error=f"{e.code}: {message(e)}"))
+                if rows:
+                    try:
+                        known = await self._feedback_service().store(rows)
+                    except RequestError as e:
+                        for i in slots:
+                            acks[i].error = f"{e.code}: {message(e)}"
+                    else:
+                        for i, k in zip(slots, known):
+                            acks[i].stored, acks[i].known_record = True, k
+                for ack in acks:
+                    yield ack
+        finally:
+            task.cancel()
