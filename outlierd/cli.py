@@ -127,6 +127,14 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--drift-pane-seconds", type=float, default=None, metavar="S", help="drift pane length in seconds (default 15)")
     p.add_argument("--drift-window-panes", type=int, default=None, metavar="N",
                    help="panes per sliding drift window, 1 for tumbling (default 4)")
+    p.add_argument("--rollout", default=None, choices=("off", "shadow", "split"),
+                   help="challenger rollout (default off): shadow scores every message with the 'challenger' alias too "
+                        "(captured with role challenger, never returned); split answers --split-share of messages with it")
+    p.add_argument("--split-share", type=float, default=None, metavar="S",
+                   help="with --rollout split: share of messages answered by the challenger (default 0.1)")
+    p.add_argument("--split-key", default=None, choices=("id", "request"),
+                   help="with --rollout split: route by a stable hash of the message's first record id (id, default; "
+                        "messages without ids by request_id) or of its request_id (request)")
     p.add_argument("--tls-cert", default=None, metavar="PEM")
     p.add_argument("--tls-key", default=None, metavar="PEM")
     p.add_argument("--tls-client-ca", default=None, metavar="PEM", help="require client certificates signed by this CA (mTLS)")
@@ -142,7 +150,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     names = ("registry", "model", "alias", "host", "port", "metrics_port", "workers", "threads", "max_batch", "max_delay_us",
              "max_queue_records", "max_request_records", "grace_s", "tls_cert", "tls_key", "tls_client_ca",
-             "drift", "drift_pane_records", "drift_pane_seconds", "drift_window_panes", "device", "gpu_backend", "gpu_min_rows")
+             "drift", "drift_pane_records", "drift_pane_seconds", "drift_window_panes", "device", "gpu_backend", "gpu_min_rows",
+             "rollout", "split_share", "split_key")
     overrides = {n: getattr(args, n) for n in names}
     overrides["auth_token"] = read_token(args.auth_token_file, os.environ.get("OUTLIERD_AUTH_TOKEN"))
     return serve(ServeSettings.from_env(**overrides))

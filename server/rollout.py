@@ -300,6 +300,7 @@ class Rollout:
             raise ValueError(f"rollout mode must be one of {', '.join(MODES)}; got {mode!r}")
         self.mode, self.share, self.key = mode, share, key
         self.champion, self.challenger, self.shadow, self.metrics = champion, challenger, shadow, metrics
+        self._counters: dict[tuple[str, str], Any] = {}
 
     def route(self, req: Any, handle: ModelHandle) -> ModelHandle:
         """The handle that answers ``req``: the champion's ``handle``, or in split mode the
@@ -315,7 +316,10 @@ class Rollout:
         champion's result is in (the response does not wait for it)."""
         if self.metrics is not None and X.shape[0]:
             role = CHALLENGER if handle.alias == CHALLENGER else "champion"
-            self.metrics.records.labels(handle.name, role).inc(X.shape[0])
+            counter = self._counters.get((handle.name, role))
+            if counter is None:  # labels() takes a lock: once per (model, role)
+                counter = self._counters[(handle.name, role)] = self.metrics.records.labels(handle.name, role)
+            counter.inc(X.shape[0])
         if self.mode != "shadow" or self.shadow is None or self.challenger is None or not X.shape[0]:
             return
         chal = self.challenger.current

@@ -24,8 +24,9 @@ INVALID_REASONS = ("n_features", "shape", "both_values", "ids", "too_large", "no
 
 
 class ScorerServicer(pb_grpc.ScorerServicer):
-    def __init__(self, settings: ServeSettings, slot: ModelSlot, batcher: MicroBatcher, metrics=None):
+    def __init__(self, settings: ServeSettings, slot: ModelSlot, batcher: MicroBatcher, metrics=None, rollout=None):
         self.settings, self.slot, self.batcher, self.metrics = settings, slot, batcher, metrics
+        self.rollout = rollout  # server.rollout.Rollout: split routing, shadow scoring (None: champion only)
         self._counter_handle: ModelHandle | None = None
         self._counter_cache: tuple = ()
         self._latency = {m: metrics.request_latency.labels(m) for m in ("Score", "ScoreStream")} if metrics else {}
@@ -40,8 +41,13 @@ class ScorerServicer(pb_grpc.ScorerServicer):
         if req.explain:
             raise RequestError("explain is not implemented yet", code="UNIMPLEMENTED", reason="explain")
         handle = self.slot.current
+        if self.rollout is not None:  # split: the challenger answers a stable share of messages
+            handle = self.rollout.route(req, handle)
         X = decode(req, handle, self.settings.model, self.settings.max_request_records)
-        return self.batcher.submit(X, handle)
+        fut = self.batcher.submit(X, handle)
+        if self.rollout is not None:  # shadow: the challenger scores X once the champion's result is in
+            self.rollout.after(fut, req, X, handle)
+        return fut
 
     def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray, device: str) -> pb.ScoreResponse:
         flagged = scores >= handle.threshold
@@ -49,7 +55,8 @@ class ScorerServicer(pb_grpc.ScorerServicer):
             records, anomalies = self._counters(handle)
             records.inc(scores.size)
             anomalies.inc(int(np.count_nonzero(flagged)))
-        resp = pb.ScoreResponse(request_id=req.request_id, model=handle.name, version=str(handle.version), ids=req.ids, device=device)
+        resp = pb.ScoreResponse(request_id=req.request_id, model=handle.name, version=str(handle.version), ids=req.ids, device=device,
+                                alias=handle.alias)
         resp.scores.extend(scores.tolist())  # measured: faster than passing lists to the constructor
         resp.anomalous.extend(flagged.tolist())
         return resp
