@@ -63,33 +63,58 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_score(sub: Any) -> None:
-    p = sub.add_parser("score", help="score a CSV/Parquet file with a registry model",
-                       description="Score every record of a file; optionally write scores and flags to a file.")
-    p.add_argument("--input", "--data", dest="data", required=True, metavar="FILE", help="records to score (.csv, .parquet)")
+    p = sub.add_parser("score", help="score a CSV/Parquet file or dataset with a registry model (streamed, or on Dask)",
+                       description="Score every record of a file or directory, streamed in bounded record batches with a "
+                                   "progress line on stderr; optionally write, in input order, [id], score, anomalous, "
+                                   "version (and top-k explanations) to a file, batch by batch.")
+    p.add_argument("--input", "--data", dest="data", required=True, metavar="FILE|DIR",
+                   help="records to score: .csv, .csv.gz, .tsv, .parquet, or a directory (a Parquet dataset, or "
+                        "CSV/Parquet files read in sorted order)")
     p.add_argument("--registry", required=True, metavar="DIR")
     p.add_argument("--model", required=True, metavar="NAME")
     p.add_argument("--ref", "--alias", dest="ref", default="champion", metavar="VERSION|ALIAS", help="version or alias (default champion)")
-    p.add_argument("--output", "--out", dest="out", metavar="FILE", help="write score and anomalous columns here (.csv or .parquet)")
+    p.add_argument("--output", "--out", dest="out", metavar="FILE",
+                   help="write [id], score, anomalous, version columns here (.csv, .csv.gz, .tsv or .parquet, by extension)")
     p.add_argument("--label-column", metavar="COL", help="evaluate against this 0/1 column")
     p.add_argument("--backend", default="numba", choices=("numba", "onnx", "torch"), help="scoring backend (default numba)")
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"), help="cpu, cuda or auto (default auto)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--id-column", metavar="COL", help="pass this input column through, first in the output")
+    p.add_argument("--explain", action="store_true",
+                   help="add top1_feature, top1_contribution, ... (the features that made each record's score) to the output")
+    p.add_argument("--top-k", type=int, default=3, metavar="K", help="features per explained record (default 3)")
+    p.add_argument("--explain-flagged-only", action="store_true",
+                   help="with --explain, explain only anomalous records (cheaper; the others get empty columns)")
+    p.add_argument("--batch-rows", type=int, default=65536, metavar="N", help="records per streamed batch (default 65536)")
+    p.add_argument("--dask", metavar="ADDRESS|local",
+                   help="score a Parquet input partition by partition on the Dask scheduler at ADDRESS, or on a "
+                        "LocalCluster started for the job ('local'); needs the dask extra")
+    p.add_argument("--dask-workers", type=int, default=2, metavar="N",
+                   help="with --dask local: worker processes, one thread each (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(func=_run_score)
 
 
 def _run_score(args: argparse.Namespace) -> int:
     from training.scoring import score_file
 
+    if args.explain_flagged_only and not args.explain:
+        raise ValueError("--explain-flagged-only needs --explain")
+    # keep_scores=False: only the output file (and, with labels, scores + labels) -- flat memory
     res = score_file(args.data, args.registry, args.model, args.ref, out=args.out, label_column=args.label_column,
-                     backend=args.backend, device=args.device)
+                     backend=args.backend, device=args.device, id_column=args.id_column, explain=args.explain,
+                     top_k=args.top_k, explain_flagged_only=args.explain_flagged_only, batch_rows=args.batch_rows,
+                     keep_scores=False, dask=args.dask, dask_workers=args.dask_workers, quiet=args.quiet)
     rate = res.rows / res.seconds if res.seconds > 0 else float("inf")
     summary = {"model": res.model, "version": res.version, "rows": res.rows, "anomalies": res.anomalies,
-               "seconds": res.seconds, "records_per_s": rate, "metrics": res.metrics, "backend": res.backend, "device": res.device}
+               "seconds": res.seconds, "records_per_s": rate, "metrics": res.metrics, "backend": res.backend, "device": res.device,
+               "mode": res.mode, "explained": res.explained, "output": res.output}
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
-    print(f"scored {res.rows} records with {res.model} version {res.version} ({res.backend} on {res.device}) in {res.seconds * 1e3:.1f} ms "
-          f"({rate:,.0f} records/s); {res.anomalies} flagged")
+    where = f"{res.backend} on {res.device}" + (f", Dask {args.dask}" if args.dask else "")
+    print(f"scored {res.rows} records with {res.model} version {res.version} ({where}) in {res.seconds * 1e3:.1f} ms "
+          f"({rate:,.0f} records/s); {res.anomalies} flagged" + (f", {res.explained} explained" if args.explain else ""))
     for key in ("roc_auc", "pr_auc", "precision_at_alert_rate", "recall_at_alert_rate"):
         if key in res.metrics:
             print(f"  {key:<24} {res.metrics[key]:.4f}")

@@ -27,6 +27,7 @@ from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
 from .health import HealthServicer
 from .reload import DevicePolicy, ModelSlot
+from .rollout import ChallengerSlot, Rollout, RolloutMetrics, ShadowScorer
 from .servicer import ScorerServicer
 from .settings import ServeSettings
 
@@ -43,6 +44,7 @@ class Worker:
     health: HealthServicer
     watcher: asyncio.Task
     settings: ServeSettings
+    rollout: Rollout | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: NOT_SERVING first, then no new calls, in-flight ones finish."""
@@ -51,6 +53,8 @@ class Worker:
         self.watcher.cancel()
         await self.server.stop(grace)
         await self.batcher.close()
+        if self.rollout is not None:
+            self.rollout.close()
         log.info("stopped port=%d", self.port)
 
 
@@ -79,14 +83,31 @@ def _monitor_factory(settings: ServeSettings, metrics: ServiceMetrics | None):
     return factory
 
 
-async def _background(slot: ModelSlot, settings: ServeSettings) -> None:
+async def _background(slot: ModelSlot, settings: ServeSettings, rollout: Rollout | None = None) -> None:
     """Watch the alias; close time-based drift panes even when no traffic comes."""
     while True:
         await asyncio.sleep(settings.reload_interval_s)
         await slot.check()
+        if rollout is not None:  # the challenger alias, and the thresholds in force as metrics
+            await rollout.tick()
         handle = slot.current
         if handle is not None and handle.monitor is not None:
             handle.monitor.tick()
+
+
+async def _start_rollout(settings: ServeSettings, registry: Registry, slot: ModelSlot, metrics: ServiceMetrics | None,
+                         policy: DevicePolicy, capture=None) -> Rollout:
+    """The challenger slot (rollout shadow / split) and the rollout metrics; ``capture`` receives shadow scores."""
+    challenger = shadow = None
+    rmetrics = RolloutMetrics.for_service(metrics)
+    if settings.rollout != "off":
+        challenger = ChallengerSlot(registry, settings.model, slot, metrics, policy)
+        await asyncio.get_running_loop().run_in_executor(None, challenger.load_initial)
+        if settings.rollout == "shadow":
+            shadow = ShadowScorer(capture, rmetrics, max_batch=settings.max_batch, max_records=settings.max_queue_records)
+    rollout = Rollout(settings.rollout, settings.split_share, settings.split_key, slot, challenger, shadow, rmetrics)
+    await rollout.tick()
+    return rollout
 
 
 async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None) -> Worker:
@@ -107,7 +128,9 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     batcher = MicroBatcher(slot, threads=settings.threads, max_batch=settings.max_batch, max_delay_us=settings.max_delay_us,
                            max_queue_records=settings.max_queue_records, metrics=metrics)
     batcher.start()
-    scoring_pb2_grpc.add_ScorerServicer_to_server(ScorerServicer(settings, slot, batcher, metrics), server)
+    rollout = await _start_rollout(settings, registry, slot, metrics, policy)
+    scoring_pb2_grpc.add_ScorerServicer_to_server(ScorerServicer(settings, slot, batcher, metrics,
+                                                               rollout=rollout if settings.rollout != "off" else None), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -117,14 +140,15 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
         port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     except RuntimeError as e:  # grpc says "Failed to bind": give the CLI a clear OSError
         await batcher.close()
+        rollout.close()
         raise OSError(f"cannot listen on {address}: {e} (is another server using the port?)") from e
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    watcher = loop.create_task(_background(slot, settings), name="outlierd-reload")
+    watcher = loop.create_task(_background(slot, settings, rollout), name="outlierd-reload")
     log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s", settings.host, port, handle.name,
              handle.version, settings.alias, creds is not None, bool(settings.auth_token))
-    return Worker(server, port, slot, batcher, health_servicer, watcher, settings)
+    return Worker(server, port, slot, batcher, health_servicer, watcher, settings, rollout)
 
 
 async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None) -> None:
