@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 
@@ -88,9 +88,28 @@ def train(
     alias: str | None = None,
     seed: int = 0,
     quiet: bool = False,
+    select: str | Sequence[str] | None = None,
+    labels_from_feedback: bool = False,
+    feedback_store: str | os.PathLike | None = None,
+    min_labels: int = 5,
+    folds: int = 5,
 ) -> TrainResult:
     """Train ``detector`` on ``data`` and publish it to ``registry`` as ``model``; returns the
-    published version with its threshold and metrics."""
+    published version with its threshold and metrics.
+
+    Labels: a ``label_column`` with every row labelled (0/1) is used for evaluation only, as
+    before. Partial labels (empty cells), ``labels_from_feedback``, ``select`` or ``detector``
+    "auto" / "stacked" take the label-aware path (training/semi.py): known anomalies are left out
+    of the fit, detectors are compared out of fold, a semi-supervised model is fitted when there
+    are ``min_labels`` labels of each kind."""
+    from . import semi
+
+    if semi.uses_labels(detector, select, labels_from_feedback) or (
+            label_column is not None and bool(np.any(semi.read_label_column(data, label_column) < 0))):
+        return semi.train_with_labels(
+            data, registry, model, detector=detector, label_column=label_column, select=select,
+            labels_from_feedback=labels_from_feedback, feedback_store=feedback_store, min_labels=min_labels,
+            folds=folds, alert_rate=alert_rate, alias=alias, seed=seed, quiet=quiet)
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
     if not 0.0 < alert_rate < 1.0:
