@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from . import registry_cli
+from . import feedback_cli, registry_cli
 
 EXIT_ERROR = 2
 
@@ -160,6 +160,12 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--split-key", default=None, choices=("id", "request"),
                    help="with --rollout split: route by a stable hash of the message's first record id (id, default; "
                         "messages without ids by request_id) or of its request_id (request)")
+    p.add_argument("--capture-sample", type=float, default=None, metavar="R",
+                   help="share of unflagged records captured for feedback next to every flagged one (default 0.01)")
+    p.add_argument("--no-capture", dest="capture", action="store_const", const=0, default=None,
+                   help="turn prediction capture off (feedback RPCs still store labels)")
+    p.add_argument("--feedback-store", default=None, metavar="PATH",
+                   help="feedback store (SQLite) for captures and labels (default: feedback.sqlite in the registry)")
     p.add_argument("--tls-cert", default=None, metavar="PEM")
     p.add_argument("--tls-key", default=None, metavar="PEM")
     p.add_argument("--tls-client-ca", default=None, metavar="PEM", help="require client certificates signed by this CA (mTLS)")
@@ -176,7 +182,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     names = ("registry", "model", "alias", "host", "port", "metrics_port", "workers", "threads", "max_batch", "max_delay_us",
              "max_queue_records", "max_request_records", "grace_s", "tls_cert", "tls_key", "tls_client_ca",
              "drift", "drift_pane_records", "drift_pane_seconds", "drift_window_panes", "device", "gpu_backend", "gpu_min_rows",
-             "rollout", "split_share", "split_key")
+             "rollout", "split_share", "split_key", "capture", "capture_sample", "feedback_store")
     overrides = {n: getattr(args, n) for n in names}
     overrides["auth_token"] = read_token(args.auth_token_file, os.environ.get("OUTLIERD_AUTH_TOKEN"))
     return serve(ServeSettings.from_env(**overrides))
@@ -328,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drift(sub)
     _add_retrain_policy(sub)
     registry_cli.add_parser(sub)
+    feedback_cli.add_parser(sub)
     return parser
 
 

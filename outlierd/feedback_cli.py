@@ -1,0 +1,200 @@
+"""``outlierd feedback``: import, export and summarise reviewers' labels in the feedback store.
+
+Public forms::
+
+    outlierd feedback import --registry DIR --model NAME [--feedback-store PATH] FILE.csv
+    outlierd feedback export --registry DIR --model NAME [--feedback-store PATH] --out FILE.csv
+    outlierd feedback stats  --registry DIR --model NAME [--feedback-store PATH] [--json]
+
+CSV columns: ``record_id,label[,reviewer,note]`` with a header row; labels ``anomaly``/``normal``
+(also ``1``/``0``, ``true``/``false``). An import is one transaction, fsynced: every row or none.
+Export writes every stored label in arrival order, in the same columns (it round-trips with import).
+The store defaults to ``<registry>/feedback.sqlite``. Errors are one ``outlierd: error: ...`` line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from core.errors import OutlierdError
+from core.registry import Registry
+from monitoring.store import LabelRow, default_store_path, open_store
+
+EXIT_ERROR = 2
+COLUMNS = ("record_id", "label", "reviewer", "note")
+_LABEL_WORDS = {"anomaly": "anomaly", "1": "anomaly", "true": "anomaly", "normal": "normal", "0": "normal", "false": "normal"}
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the ``feedback`` subcommand (``import``, ``export``, ``stats``) to an argparse subparsers object."""
+    fb = subparsers.add_parser("feedback", help="import, export and summarise reviewers' labels",
+                               description="Labels from reviewers, joined to the predictions the server captured, "
+                                           "in the feedback store (default: feedback.sqlite in the registry directory).")
+    fb.set_defaults(func=run)
+    sub = fb.add_subparsers(dest="feedback_command", metavar="{import,export,stats}", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
+        p.add_argument("--model", required=True, metavar="NAME", help="model name")
+        p.add_argument("--feedback-store", metavar="PATH", help="feedback store file (default: DIR/feedback.sqlite)")
+
+    p_imp = sub.add_parser("import", help="store labels from a CSV file (record_id,label[,reviewer,note]); all or nothing")
+    common(p_imp)
+    p_imp.add_argument("file", metavar="FILE.csv", help="CSV with a header: record_id,label[,reviewer,note]")
+    p_exp = sub.add_parser("export", help="write every stored label to a CSV file (same columns as import)")
+    common(p_exp)
+    p_exp.add_argument("--out", required=True, metavar="FILE.csv", help="CSV to write ('-' for stdout)")
+    p_st = sub.add_parser("stats", help="label counts, precision of alerts, estimated recall, reviewer disagreement")
+    common(p_st)
+    p_st.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute a parsed ``outlierd feedback ...`` command; returns the exit code."""
+    try:
+        Registry(args.registry).aliases(args.model)  # the model must exist: catches typos before touching the store
+        path = Path(args.feedback_store) if args.feedback_store else default_store_path(args.registry)
+        if args.feedback_command == "import":
+            return _import(args, path)
+        if args.feedback_command == "export":
+            return _export(args, path)
+        if args.feedback_command == "stats":
+            return _stats(args, path)
+        raise ValueError(f"unknown feedback command {args.feedback_command!r}")
+    except (OutlierdError, ValueError, OSError) as e:
+        msg = str(e.args[0]) if isinstance(e, LookupError) and len(e.args) == 1 else str(e)
+        print(f"outlierd: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def parse_label(value: str) -> str:
+    """``anomaly`` or ``normal`` from anomaly/normal/1/0/true/false (any case), or ValueError."""
+    label = _LABEL_WORDS.get(value.strip().lower())
+    if label is None:
+        raise ValueError(f"label {value!r} is not one of anomaly, normal, 1, 0, true, false")
+    return label
+
+
+def read_labels(file: str | os.PathLike) -> list[LabelRow]:
+    """Every row of a labels CSV, validated; ValueError naming the file and line of the first bad row."""
+    try:
+        f = open(file, newline="", encoding="utf-8")
+    except OSError as e:
+        raise OSError(f"cannot read {file}: {e.strerror}") from e
+    with f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{file} is empty: expected a header record_id,label[,reviewer,note]")
+        header = [h.strip().lower() for h in header]
+        unknown = [h for h in header if h not in COLUMNS]
+        if "record_id" not in header or "label" not in header or unknown or len(set(header)) != len(header):
+            raise ValueError(f"{file} line 1: header is {','.join(header)!r}; expected the columns record_id,label[,reviewer,note]")
+        col = {h: i for i, h in enumerate(header)}
+        rows: list[LabelRow] = []
+        try:
+            for rec in reader:
+                line = reader.line_num
+                if not rec or all(not c.strip() for c in rec):
+                    continue  # blank line
+                if len(rec) != len(header):
+                    raise ValueError(f"{file} line {line}: {len(rec)} fields, the header has {len(header)}")
+                rid = rec[col["record_id"]].strip()
+                if not rid:
+                    raise ValueError(f"{file} line {line}: record_id is empty")
+                try:
+                    label = parse_label(rec[col["label"]])
+                except ValueError as e:
+                    raise ValueError(f"{file} line {line}: {e}") from None
+                rows.append(LabelRow(rid, label, rec[col["reviewer"]] if "reviewer" in col else "",
+                                     rec[col["note"]] if "note" in col else ""))
+        except csv.Error as e:
+            raise ValueError(f"{file} line {reader.line_num}: not valid CSV: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{file}: not UTF-8 text: {e}") from e
+    return rows
+
+
+def _open_existing(path: Path):
+    if not path.is_file():
+        raise OSError(f"no feedback store at {path} (nothing captured or imported yet; or pass --feedback-store)")
+    return open_store(path)
+
+
+def _import(args: argparse.Namespace, path: Path) -> int:
+    rows = read_labels(args.file)  # every row validated before anything is written
+    store = open_store(path)
+    try:
+        known = store.add_labels(args.model, rows)  # one transaction, fsynced
+    finally:
+        store.close()
+    k = sum(known)
+    print(f"imported {len(rows)} labels for {args.model} into {path} ({k} for captured predictions, "
+          f"{len(rows) - k} for unknown record ids)")
+    return 0
+
+
+def _export(args: argparse.Namespace, path: Path) -> int:
+    store = _open_existing(path)
+    try:
+        labels = store.labels(args.model)
+    finally:
+        store.close()
+
+    def write(f) -> None:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(COLUMNS)
+        for r in labels:
+            w.writerow((r.record_id, r.label, r.reviewer, r.note))
+
+    if args.out == "-":
+        write(sys.stdout)
+    else:
+        out = Path(args.out)
+        # write beside the target, then rename: a reader never sees half a file
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
+        try:
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+                write(f)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        print(f"exported {len(labels)} labels for {args.model} to {out}")
+    return 0
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _stats(args: argparse.Namespace, path: Path) -> int:
+    from monitoring.quality import from_store
+
+    store = _open_existing(path)
+    try:
+        q = from_store(store, args.model)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"model": args.model, "store": str(path), **q.as_dict()}, indent=2, sort_keys=True))
+        return 0
+    counts = ", ".join(f"{n} {lab}" for lab, n in q.by_label.items())
+    print(f"feedback for {args.model} ({path})")
+    print(f"  labels          {q.labels} ({counts}) on {q.labelled_records} records; {q.unknown_records} unknown record ids")
+    print(f"  captured        {q.captured_flagged} flagged, {q.captured_sampled} sampled unflagged (champion)")
+    print(f"  precision       {_fmt(q.precision)} ({q.reviewed_flagged_anomalies} anomalies of {q.reviewed_flagged} reviewed flagged)")
+    print(f"  recall (est.)   {_fmt(q.recall_estimate)} ({q.reviewed_sampled_anomalies} anomalies of {q.reviewed_sampled} reviewed "
+          f"sampled unflagged, weighted by 1/sample rate)")
+    print(f"  disagreement    {_fmt(q.disagreement)} ({q.disagreeing_records} of {q.multi_reviewer_records} records with 2+ reviewers)")
+    for note in q.notes:
+        print(f"  note: {note}")
+    return 0
