@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from . import feedback_cli, registry_cli
+from . import feedback_cli, health_cli, registry_cli
 
 EXIT_ERROR = 2
 
@@ -335,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retrain_policy(sub)
     registry_cli.add_parser(sub)
     feedback_cli.add_parser(sub)
+    health_cli.add_parser(sub)
     return parser
 
 
