@@ -348,7 +348,8 @@ def score_batch(model: Any, batch: pa.RecordBatch | pa.Table, how: BatchScoring,
     X = feature_matrix(batch, how.columns.features)
     try:
         if how.top_k:
-            scores, feats, contrib = model.score_explain(X, top_k=how.top_k, flagged_only=how.flagged_only)
+            scores, feats, contrib = model.score_explain(X, top_k=how.top_k, flagged_only=how.flagged_only,
+                                                           parallel=how.parallel)
         else:
             scores = model.score(X, parallel=how.parallel)
     except InvalidInputError as e:
@@ -381,6 +382,12 @@ def score_batch(model: Any, batch: pa.RecordBatch | pa.Table, how: BatchScoring,
 # ------------------------------------------------------------------------------------------------
 
 
+def check_output(path: str | os.PathLike) -> None:
+    """Refuse an output path whose extension says no format we write (before any work is done)."""
+    if _kind(Path(path)) is None:
+        raise DataError(f"--output {path}: unknown file type; write .parquet, .pq, .csv, .csv.gz or .tsv")
+
+
 class ScoreWriter:
     """Writes output batches incrementally to ``path`` (.parquet/.pq, or .csv/.csv.gz/.tsv by
     extension) through a temporary file renamed into place by :meth:`close`."""
@@ -388,9 +395,8 @@ class ScoreWriter:
     def __init__(self, path: str | os.PathLike, schema: pa.Schema):
         self.path = Path(path)
         self.schema = schema
+        check_output(self.path)
         kind = _kind(self.path)
-        if kind is None:
-            raise DataError(f"--output {self.path}: unknown file type; write .parquet, .pq, .csv, .csv.gz or .tsv")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         if kind == "parquet":

@@ -16,7 +16,7 @@ import numpy as np
 from core.model import load_model
 from core.registry import Registry
 
-from .batch import DEFAULT_BATCH_ROWS, BatchScoring, Columns, RowProgress, open_source, stream_score
+from .batch import DEFAULT_BATCH_ROWS, BatchScoring, Columns, RowProgress, check_output, open_source, stream_score
 from .evaluate import evaluate
 
 CHUNK_ROWS = DEFAULT_BATCH_ROWS
@@ -82,6 +82,8 @@ def score_file(
     resolved once here, so an alias moving mid-job changes nothing.
     """
     source = open_source(data)  # a missing or unreadable input fails before any model is loaded
+    if out is not None:
+        check_output(out)
     reg = Registry(registry)
     version = reg.resolve(model, ref)
     path = reg.path(model, version)
