@@ -334,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drift(sub)
     _add_retrain_policy(sub)
     registry_cli.add_parser(sub)
+    __import__("outlierd.rollout_cli").rollout_cli.add_parser(sub)  # threshold, compare, promote, rollback
     feedback_cli.add_parser(sub)
     health_cli.add_parser(sub)
     return parser
