@@ -155,6 +155,25 @@ class StackedScorer:
         S = self.base_scores(X, parallel)  # the bases apply the missing-value policy (reject raises)
         return self._comb.combine(S, self._prep.transform(X))
 
+    def contributions(self, X: np.ndarray) -> np.ndarray:
+        """Per-feature attributions ``(n, d)``: ``alpha * v_j * z_j``, the feature's term in the
+        label model's logit, weighted as in the blend (the base detectors' ranks are not split
+        into features)."""
+        c = self._comb
+        z = np.clip((self._prep.transform(X) - c.center) * c.scale_inv, -c.clip, c.clip)
+        return c.alpha * z * c.coef[len(self._bases):]
+
+    def explain(self, X: np.ndarray, top_k: int, threshold: float, flagged_only: bool,
+                parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from .explain import empty_outputs, top_k_of
+
+        scores = self(X, parallel)
+        rows = np.flatnonzero(scores >= threshold) if flagged_only else np.arange(X.shape[0])
+        feat, contrib = empty_outputs(X.shape[0], top_k)
+        if rows.size:
+            feat[rows], contrib[rows] = top_k_of(self.contributions(X[rows]), top_k)
+        return scores, feat, contrib
+
 
 def build_bases(detector: dict[str, Any], arrays: dict[str, np.ndarray], d: int, backend: str = "numba") -> list[Any]:
     """One scorer per base detector of a stacked manifest entry."""

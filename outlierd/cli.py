@@ -20,10 +20,27 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="training data: .csv, .csv.gz, .tsv, .parquet")
     p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
     p.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
-    p.add_argument("--detector", default="iforest", choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder"),
+    p.add_argument("--detector", default=None,
+                   choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder", "auto", "stacked"),
                    help="detector (default iforest); knn/lof: k=20 neighbours in a reference sample of up to 4096 "
-                        "training rows; autoencoder needs the torch extra")
-    p.add_argument("--label-column", metavar="COL", help="column with 0 (normal) / 1 (anomaly) labels: used for evaluation only")
+                        "training rows; autoencoder needs the torch extra; auto: the best of --select's candidates by "
+                        "out-of-fold PR-AUC on the labelled records (iforest when there are too few labels); stacked: "
+                        "the semi-supervised model over the unsupervised detectors (needs --min-labels of each kind)")
+    p.add_argument("--label-column", metavar="COL",
+                   help="column of labels: 0/1, true/false or anomaly/normal; an empty cell = unlabelled. Every row "
+                        "labelled (and no --select/--detector auto): evaluation only. Partially labelled: reviewers' "
+                        "labels, used for training (known anomalies left out of the fit, metrics out of fold)")
+    p.add_argument("--labels-from-feedback", action="store_true",
+                   help="append the captured records of --model that reviewers labelled (the feedback store) to the "
+                        "training data, with their labels")
+    p.add_argument("--feedback-store", metavar="PATH", help="feedback store (default <registry>/feedback.sqlite)")
+    p.add_argument("--select", metavar="LIST",
+                   help="choose the detector by out-of-fold PR-AUC on the labelled records among these comma-separated "
+                        "candidates: iforest, iforest_1024, robust_z, hbos, knn, lof, stacked (implies --detector auto; "
+                        "default candidates of auto: iforest,iforest_1024,robust_z,hbos,knn,stacked)")
+    p.add_argument("--min-labels", type=int, default=5, metavar="N",
+                   help="labelled anomalies and normals (each) needed for the stacked model (default 5)")
+    p.add_argument("--folds", type=int, default=5, metavar="K", help="folds of the out-of-fold evaluation (default 5)")
     p.add_argument("--alert-rate", type=float, default=0.01, metavar="R", help="share of records to flag (default 0.01)")
     p.add_argument("--alias", metavar="ALIAS", help="alias to point at the new version, e.g. champion")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
@@ -39,8 +56,12 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.mlflow_uri:  # fail before training when the extra is missing
         from training.tracking import require_mlflow
         require_mlflow()
+    if args.detector is None:  # --select implies auto; an explicit --detector X with --select is refused by train
+        args.detector = "auto" if args.select else "iforest"
     res = train(args.data, args.registry, args.model, detector=args.detector, label_column=args.label_column,
-                alert_rate=args.alert_rate, alias=args.alias, seed=args.seed, quiet=args.quiet)
+                alert_rate=args.alert_rate, alias=args.alias, seed=args.seed, quiet=args.quiet, select=args.select,
+                labels_from_feedback=args.labels_from_feedback, feedback_store=args.feedback_store,
+                min_labels=args.min_labels, folds=args.folds)
     mlflow, mlflow_rc = registry_cli.train_to_mlflow(
         args, res, None if args.quiet else (lambda msg: print(f"[mlflow] {msg}", file=sys.stderr, flush=True)))
     if args.json:
@@ -57,6 +78,13 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"  {key:<24} {res.metrics[key]:.4f}{extra}")
     if "note" in res.metrics:
         print(f"  note: {res.metrics['note']}")
+    if "chosen" in res.metrics:
+        sel = res.metrics.get("selection_pr_auc", {})
+        print(f"  chosen     {res.metrics['chosen']}" + (" (out-of-fold PR-AUC: " + ", ".join(f"{k} {v:.3f}" for k, v in sel.items()) + ")" if sel else ""))
+    if "label_eval" in res.metrics:
+        print(f"  labels     {res.metrics['label_eval']}")
+    for line in res.metrics.get("label_notes", []):
+        print(f"  note: {line}")
     if mlflow and mlflow.get("run_id"):
         print(f"  mlflow     run {mlflow['run_id']}, model version {mlflow['model_version']} ({mlflow['uri']})")
     return mlflow_rc
@@ -108,7 +136,7 @@ def _run_score(args: argparse.Namespace) -> int:
     rate = res.rows / res.seconds if res.seconds > 0 else float("inf")
     summary = {"model": res.model, "version": res.version, "rows": res.rows, "anomalies": res.anomalies,
                "seconds": res.seconds, "records_per_s": rate, "metrics": res.metrics, "backend": res.backend, "device": res.device,
-               "mode": res.mode, "explained": res.explained, "output": res.output}
+               "mode": res.mode, "explained": res.explained, "output": res.output, "setup_seconds": res.setup_seconds}
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
