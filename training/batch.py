@@ -496,6 +496,7 @@ class StreamStats:
     rows: int = 0
     anomalies: int = 0
     explained: int = 0
+    setup_seconds: float = 0.0     # Dask: starting/reaching the cluster, before the first task
     scores: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
 

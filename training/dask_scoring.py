@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -215,8 +216,10 @@ def score_on_dask(source: Source, artifact: str | os.PathLike, how: BatchScoring
     progress = progress or RowProgress(source.total_rows, quiet=True)
     writer = ScoreWriter(out, how.schema(id_field)) if out is not None else None
     try:
+        t0 = time.perf_counter()
         with dask_client(address, n_workers) as client:
             _check_workers(client)
+            stats.setup_seconds = time.perf_counter() - t0
             window = max(2, IN_FLIGHT_PER_THREAD * sum(client.nthreads().values()))
             run = uuid.uuid4().hex
             todo = iter(parts)

@@ -37,6 +37,7 @@ class ScoreResult:
     explained: int = 0             # records with explanations in the output
     mode: str = "local"            # "local" or "dask"
     output: str | None = None
+    setup_seconds: float = 0.0     # part of ``seconds`` spent starting/reaching a Dask cluster
 
 
 def _check_options(top_k: int | None, n_features: int, batch_rows: int) -> None:
@@ -112,4 +113,4 @@ def score_file(
             scores = None
     return ScoreResult(model, version, stats.rows, stats.anomalies, seconds, scores, metrics, m.backend, m.device,
                        explained=stats.explained, mode="dask" if dask is not None else "local",
-                       output=None if out is None else str(out))
+                       output=None if out is None else str(out), setup_seconds=stats.setup_seconds)
