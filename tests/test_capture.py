@@ -1,0 +1,301 @@
+"""Prediction capture (monitoring/capture.py): what is captured, generated ids, and that capture never
+blocks scoring: with a blocked, a failing or an unopenable store the server keeps answering with the
+right scores while the dropped-capture counter rises."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from test_feedback import MODEL, LoopThread, cardio_X, make_registry, score_request, serving
+
+from core import load_model
+from core.registry import Registry
+from monitoring import capture as capture_mod
+from monitoring.capture import CaptureWriter, StoreOpener
+from monitoring.metrics import ServiceMetrics
+from monitoring.store import open_store
+from outlierd.v1 import scoring_pb2 as pb
+
+
+def _handle(d: int, name: str = "m", version: int = 2):
+    return SimpleNamespace(name=name, version=version, model=SimpleNamespace(n_features=d))
+
+
+def _metrics():
+    reg = CollectorRegistry()
+    return reg, ServiceMetrics(reg)
+
+
+def _value(reg: CollectorRegistry, name: str, labels: dict[str, str]) -> float:
+    v = reg.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = open_store(tmp_path / "fb.sqlite")
+    yield s
+    s.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the writer on its own
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_flagged_record_and_a_random_sample_are_captured(store, rng):
+    reg, metrics = _metrics()
+    rate, d = 0.05, 6
+    w = CaptureWriter(store, sample_rate=rate, metrics=metrics, seed=int(rng.integers(2**31))).start()
+    h = _handle(d)
+    sent: dict[str, tuple] = {}
+    unflagged = 0
+    for k in range(40):
+        n = 500
+        X = rng.standard_normal((n, d)).astype(np.float32)
+        scores = rng.random(n)
+        flagged = scores > 0.97
+        ids = [f"m{k}-{i}" for i in range(n)]
+        assert w.offer(h, "champion", ids, X, scores, flagged, 7.5, k)
+        unflagged += int((~flagged).sum())
+        sent.update({ids[i]: (X[i], scores[i], flagged[i]) for i in range(n)})
+    assert w.flush(20)
+    w.close()
+    p = store.predictions("m")
+    got_flagged = {rid for rid, f in zip(p.record_id, p.flagged) if f}
+    assert got_flagged == {rid for rid, v in sent.items() if v[2]}  # every flagged record, nothing else flagged
+    assert not (p.flagged & p.sampled).any() and (p.flagged | p.sampled).all()
+    for i, rid in enumerate(p.record_id):  # each row is the record it names
+        X, score, flag = sent[rid]
+        np.testing.assert_array_equal(p.X[i], X)
+        assert p.score[i] == score and p.flagged[i] == flag
+    assert set(p.version) == {2} and set(p.role) == {"champion"}
+    np.testing.assert_array_equal(p.latency_us, 7.5)
+    np.testing.assert_array_equal(p.sample_rate, rate)
+    # the sample: Binomial(unflagged, rate); 6 standard deviations either side
+    k_sampled = int(p.sampled.sum())
+    mean, sd = unflagged * rate, (unflagged * rate * (1 - rate)) ** 0.5
+    assert abs(k_sampled - mean) < 6 * sd, (k_sampled, mean, sd)
+    assert _value(reg, "outlierd_captured_total", {"model": "m", "role": "champion"}) == len(p) == w.captured
+    assert w.dropped == 0
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw_values", "values"])
+def test_requests_without_ids_get_unique_generated_ids_and_their_features(store, rng, raw):
+    d = 4
+    w = CaptureWriter(store, sample_rate=1.0, token="tok").start()
+    h = _handle(d)
+    Xs = [rng.standard_normal((n, d)).astype(np.float32) for n in (3, 5, 2)]
+    for X in Xs:  # the same request_id each time (clients often leave it 0): ids still differ
+        req = score_request(X, request_id=7, raw=raw)
+        w.offer_request(h, "challenger", req, rng.random(len(X)), np.zeros(len(X), bool))
+    assert w.flush(10)
+    w.close()
+    p = store.predictions("m")
+    expect_ids = [f"gen:tok:{seq}:7:{i}" for seq, X in enumerate(Xs, 1) for i in range(len(X))]
+    assert p.record_id == expect_ids and len(set(p.record_id)) == len(expect_ids)
+    np.testing.assert_array_equal(p.X, np.concatenate(Xs))
+    assert set(p.role) == {"challenger"} and p.sampled.all()
+
+
+def test_two_writers_never_generate_the_same_id(store):
+    a, b = CaptureWriter(store, sample_rate=1.0), CaptureWriter(store, sample_rate=1.0)
+    assert a.token != b.token  # one random token per worker start
+
+
+class BlockingStore:
+    """A store whose writes wait until released (a stuck disk)."""
+
+    def __init__(self, inner):
+        self.inner, self.release, self.calls = inner, threading.Event(), 0
+
+    def add_predictions(self, *args, **kw):
+        self.calls += 1
+        self.release.wait()
+        return self.inner.add_predictions(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class FailingStore:
+    """A store whose writes raise until healed (a full or read-only disk)."""
+
+    def __init__(self, inner):
+        self.inner, self.failing = inner, True
+
+    def add_predictions(self, *args, **kw):
+        if self.failing:
+            raise OSError("disk I/O error")
+        return self.inner.add_predictions(*args, **kw)
+
+    def add_labels(self, *args, **kw):
+        if self.failing:
+            raise OSError("disk I/O error")
+        return self.inner.add_labels(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_full_queue_drops_and_counts_never_blocks(store, rng):
+    reg, metrics = _metrics()
+    slow = BlockingStore(store)
+    w = CaptureWriter(slow, sample_rate=0.0, max_queue=8, metrics=metrics).start()
+    h = _handle(3)
+    accepted_flags = dropped_flags = 0
+    results = []
+    total_flags = [0]
+
+    def offers() -> None:
+        nonlocal accepted_flags, dropped_flags
+        for k in range(300):
+            flagged = rng.random(50) < 0.2
+            ok = w.offer(h, "champion", [f"{k}-{i}" for i in range(50)], np.zeros((50, 3), np.float32), np.ones(50), flagged)
+            results.append(ok)
+            total_flags[0] += int(flagged.sum())
+            if ok:
+                accepted_flags += int(flagged.sum())
+            else:
+                dropped_flags += int(flagged.sum())
+
+    t = threading.Thread(target=offers)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "offer() blocked on a stuck store"
+    # the writer holds what it took before the store stuck, the queue 8 more: the rest is dropped
+    assert results.count(False) >= 250
+    assert _value(reg, "outlierd_capture_dropped_total", {"model": "m", "reason": "queue_full"}) == dropped_flags == w.dropped
+    slow.release.set()  # the disk comes back: what was queued gets written
+    assert w.flush(20)
+    w.close()
+    assert len(store.predictions("m")) == accepted_flags == w.captured
+    assert accepted_flags + dropped_flags == total_flags[0]  # every flagged record: written or counted as dropped
+
+
+def test_failing_store_counts_write_errors_and_recovers(store, rng, monkeypatch):
+    monkeypatch.setattr(capture_mod, "ERROR_BACKOFF_S", 0.01)
+    reg, metrics = _metrics()
+    bad = FailingStore(store)
+    w = CaptureWriter(bad, sample_rate=0.0, metrics=metrics).start()
+    h = _handle(2)
+    flagged = np.array([True, False, True, True])
+    for k in range(5):
+        w.offer(h, "champion", [f"a{k}-{i}" for i in range(4)], np.zeros((4, 2), np.float32), np.ones(4), flagged)
+    assert w.flush(10)
+    assert _value(reg, "outlierd_capture_dropped_total", {"model": "m", "reason": "write_error"}) == 15
+    bad.failing = False
+    w.offer(h, "champion", ["b0", "b1", "b2", "b3"], np.zeros((4, 2), np.float32), np.ones(4), flagged)
+    assert w.flush(10)
+    w.close()
+    assert store.predictions("m").record_id == ["b0", "b2", "b3"]
+
+
+def test_store_opener_retries_after_a_failure(tmp_path):
+    target = tmp_path / "later" / "fb.sqlite"
+    opener = StoreOpener(target, retry_s=0.0)
+    with pytest.raises(OSError, match="unavailable"):
+        opener.get()
+    target.parent.mkdir()
+    s = opener.get()  # the directory exists now: opened
+    assert s is opener.get()
+    opener.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# in the server
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory):
+    return make_registry(tmp_path_factory.mktemp("capture"))
+
+
+@pytest.fixture(scope="module")
+def X():
+    return cardio_X()
+
+
+@pytest.fixture(scope="module")
+def model(registry_dir):
+    return load_model(Registry(registry_dir).path(MODEL, "champion"))
+
+
+@pytest.fixture(scope="module")
+def loop_thread():
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def test_server_captures_flagged_records_with_scores_version_and_features(loop_thread, registry_dir, X, model, tmp_path):
+    path = tmp_path / "fb.sqlite"
+    with serving(loop_thread, registry_dir, feedback_store=path, capture_sample=0.0) as srv:
+        ids = [f"p{i}" for i in range(len(X))]
+        unary = srv.stub.Score(score_request(X[:600], ids[:600]))
+        msgs = [score_request(X[k:k + 200], ids[k:k + 200], request_id=k, raw=bool(k % 400)) for k in range(600, len(X), 200)]
+        stream = list(srv.stub.ScoreStream(iter(msgs)))
+        assert srv.worker.capture.flush(10)
+        captured = srv.sample("outlierd_captured_total", {"model": MODEL, "role": "champion"})
+    scores = np.concatenate([unary.scores] + [r.scores for r in stream])
+    flags = np.concatenate([unary.anomalous] + [r.anomalous for r in stream])
+    np.testing.assert_allclose(scores, model.score(X), atol=1e-9)
+    s = open_store(path)
+    p = s.predictions(MODEL)
+    s.close()
+    want = [ids[i] for i in np.flatnonzero(flags)]
+    assert flags.sum() > 10 and sorted(p.record_id) == sorted(want) and captured == len(want)
+    pos = {rid: i for i, rid in enumerate(ids)}
+    idx = np.array([pos[r] for r in p.record_id])
+    np.testing.assert_array_equal(p.X, X[idx])
+    np.testing.assert_array_equal(p.score, scores[idx])
+    assert p.flagged.all() and not p.sampled.any() and set(p.version) == {1} and set(p.role) == {"champion"}
+
+
+def _stuck_store(tmp_path):
+    return BlockingStore(open_store(tmp_path / "fb.sqlite"))
+
+
+def _failing_store(tmp_path):
+    return FailingStore(open_store(tmp_path / "fb.sqlite"))
+
+
+@pytest.mark.parametrize("kind", ["stuck", "failing", "unopenable"])
+def test_scoring_goes_on_when_the_store_cannot_keep_up(loop_thread, registry_dir, X, model, tmp_path, kind):
+    store, overrides = None, {}
+    if kind == "stuck":
+        store = _stuck_store(tmp_path)
+    elif kind == "failing":
+        store = _failing_store(tmp_path)
+    else:  # the store path is a directory: SQLite cannot open it
+        (tmp_path / "dir.sqlite").mkdir()
+        overrides["feedback_store"] = tmp_path / "dir.sqlite"
+    try:
+        with serving(loop_thread, registry_dir, store=store, capture_sample=1.0, **overrides) as srv:
+            srv.worker.capture._queue.maxsize = 4  # a small queue so a stuck store fills it within the test
+            before = 0.0
+            for round_ in range(3):
+                msgs = [score_request(X[k:k + 64], [f"{round_}-{k}-{i}" for i in range(64)], request_id=k) for k in range(0, 1600, 64)]
+                got = list(srv.stub.ScoreStream(iter(msgs), timeout=30))
+                assert [r.request_id for r in got] == [m.request_id for m in msgs] and not any(r.error for r in got)
+                np.testing.assert_allclose(np.concatenate([r.scores for r in got]), model.score(X[:1600]), atol=1e-9)
+                one = srv.stub.Score(score_request(X[:3]), timeout=10)
+                np.testing.assert_allclose(one.scores, model.score(X[:3]), atol=1e-9)
+                dropped = sum(srv.sample("outlierd_capture_dropped_total", {"model": MODEL, "reason": r}) for r in ("queue_full", "write_error"))
+                assert dropped > before  # every round: capture loses records, scoring does not wait
+                before = dropped
+                time.sleep(0.05 if kind != "stuck" else 0)
+            assert srv.sample("outlierd_captured_total", {"model": MODEL, "role": "champion"}) == 0
+            if kind == "stuck":
+                store.release.set()  # let the stopped worker's writer finish
+    finally:
+        if isinstance(store, BlockingStore):
+            store.release.set()
+        if store is not None:
+            store.inner.close()
