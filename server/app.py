@@ -18,13 +18,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from core.registry import Registry
+from monitoring.capture import CaptureWriter, StoreOpener
 from monitoring.drift import reference_for
 from monitoring.metrics import ServiceMetrics
+from monitoring.store import default_store_path, open_store
 from monitoring.stream import ServingMonitor
 from outlierd.v1 import scoring_pb2, scoring_pb2_grpc
 
 from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
+from .feedback import FeedbackService
 from .health import HealthServicer
 from .reload import DevicePolicy, ModelSlot
 from .rollout import ChallengerSlot, Rollout, RolloutMetrics, ShadowScorer
@@ -45,6 +48,8 @@ class Worker:
     watcher: asyncio.Task
     settings: ServeSettings
     rollout: Rollout | None = None
+    capture: CaptureWriter | None = None
+    feedback: FeedbackService | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: NOT_SERVING first, then no new calls, in-flight ones finish."""
@@ -55,6 +60,10 @@ class Worker:
         await self.batcher.close()
         if self.rollout is not None:
             self.rollout.close()
+        if self.capture is not None:  # after the batcher and the shadow: their last offers get written
+            await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
+        if self.feedback is not None:
+            self.feedback.close()
         log.info("stopped port=%d", self.port)
 
 
@@ -83,7 +92,8 @@ def _monitor_factory(settings: ServeSettings, metrics: ServiceMetrics | None):
     return factory
 
 
-async def _background(slot: ModelSlot, settings: ServeSettings, rollout: Rollout | None = None) -> None:
+async def _background(slot: ModelSlot, settings: ServeSettings, rollout: Rollout | None = None,
+                      feedback: FeedbackService | None = None) -> None:
     """Watch the alias; close time-based drift panes even when no traffic comes."""
     while True:
         await asyncio.sleep(settings.reload_interval_s)
@@ -93,6 +103,8 @@ async def _background(slot: ModelSlot, settings: ServeSettings, rollout: Rollout
         handle = slot.current
         if handle is not None and handle.monitor is not None:
             handle.monitor.tick()
+        if feedback is not None:  # quality gauges from the labels, recomputed every few seconds off the loop
+            feedback.tick()
 
 
 async def _start_rollout(settings: ServeSettings, registry: Registry, slot: ModelSlot, metrics: ServiceMetrics | None,
@@ -110,8 +122,23 @@ async def _start_rollout(settings: ServeSettings, registry: Registry, slot: Mode
     return rollout
 
 
-async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None) -> Worker:
-    """Load the model, then start serving; returns once the port accepts calls."""
+async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | None, store=None):
+    """The capture writer (None with capture off) and the feedback service, sharing one store. A
+    store that cannot be opened does not stop the server: captures are dropped (counted) and
+    feedback answers UNAVAILABLE until it can be opened."""
+    path = settings.feedback_store or default_store_path(settings.registry)
+    opener = StoreOpener(path, opener=(lambda _p: store) if store is not None else open_store)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, opener.get)
+    except OSError as e:
+        log.error("feedback store not available; captures are dropped and feedback refused until it is error=%s", e)
+    capture = CaptureWriter(opener, sample_rate=settings.capture_sample, metrics=metrics).start() if settings.capture else None
+    return capture, FeedbackService(opener, settings.model, metrics)
+
+
+async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None, store=None) -> Worker:
+    """Load the model, then start serving; returns once the port accepts calls. ``store``: a
+    monitoring.store.Store to use instead of opening ``settings.feedback_store`` (tests)."""
     registry = Registry(settings.registry)
     policy = DevicePolicy(settings.device, settings.gpu_backend, settings.gpu_min_rows)
     slot = ModelSlot(registry, settings.model, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics), policy=policy)
@@ -128,9 +155,12 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     batcher = MicroBatcher(slot, threads=settings.threads, max_batch=settings.max_batch, max_delay_us=settings.max_delay_us,
                            max_queue_records=settings.max_queue_records, metrics=metrics)
     batcher.start()
-    rollout = await _start_rollout(settings, registry, slot, metrics, policy)
-    scoring_pb2_grpc.add_ScorerServicer_to_server(ScorerServicer(settings, slot, batcher, metrics,
-                                                               rollout=rollout if settings.rollout != "off" else None), server)
+    capture, feedback = await _start_feedback(settings, metrics, store)
+    rollout = await _start_rollout(settings, registry, slot, metrics, policy, capture)
+    servicer = ScorerServicer(settings, slot, batcher, metrics,
+                              rollout=rollout if settings.rollout != "off" else None)
+    servicer.capture, servicer.feedback = capture, feedback
+    scoring_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -141,14 +171,17 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     except RuntimeError as e:  # grpc says "Failed to bind": give the CLI a clear OSError
         await batcher.close()
         rollout.close()
+        if capture is not None:
+            capture.close()
+        feedback.close()
         raise OSError(f"cannot listen on {address}: {e} (is another server using the port?)") from e
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    watcher = loop.create_task(_background(slot, settings, rollout), name="outlierd-reload")
+    watcher = loop.create_task(_background(slot, settings, rollout, feedback), name="outlierd-reload")
     log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s", settings.host, port, handle.name,
              handle.version, settings.alias, creds is not None, bool(settings.auth_token))
-    return Worker(server, port, slot, batcher, health_servicer, watcher, settings, rollout)
+    return Worker(server, port, slot, batcher, health_servicer, watcher, settings, rollout, capture, feedback)
 
 
 async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None) -> None:

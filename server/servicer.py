@@ -15,6 +15,7 @@ from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 
 from .batcher import MicroBatcher
 from .errors import Overloaded, RequestError, message, status_code
+from .feedback import FeedbackRpcs
 from .reload import ModelHandle, ModelSlot
 from .requests import decode
 from .settings import ServeSettings
@@ -23,7 +24,9 @@ log = logging.getLogger("outlierd.servicer")
 INVALID_REASONS = ("n_features", "shape", "both_values", "ids", "too_large", "non_finite", "unknown_model", "explain", "internal")
 
 
-class ScorerServicer(pb_grpc.ScorerServicer):
+class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
+    capture = None  # monitoring.capture.CaptureWriter, set by the worker: flagged records + a sample go to the store
+
     def __init__(self, settings: ServeSettings, slot: ModelSlot, batcher: MicroBatcher, metrics=None, rollout=None):
         self.settings, self.slot, self.batcher, self.metrics = settings, slot, batcher, metrics
         self.rollout = rollout  # server.rollout.Rollout: split routing, shadow scoring (None: champion only)
@@ -59,6 +62,8 @@ class ScorerServicer(pb_grpc.ScorerServicer):
                                 alias=handle.alias)
         resp.scores.extend(scores.tolist())  # measured: faster than passing lists to the constructor
         resp.anomalous.extend(flagged.tolist())
+        if self.capture is not None and scores.size:  # a queue hand-off: selection and I/O happen on the writer thread
+            self.capture.offer_request(handle, "challenger" if handle.alias == "challenger" else "champion", req, scores, flagged)
         return resp
 
     def _counters(self, handle: ModelHandle) -> tuple:
