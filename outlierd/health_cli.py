@@ -6,6 +6,9 @@ Exit status 0 when the answer is SERVING, 1 otherwise (NOT_SERVING, unknown serv
 timed out), 2 for bad arguments; one line either way. Made for container health checks (the
 Dockerfile's HEALTHCHECK), where Kubernetes' native gRPC probes are not available. The default
 port follows ``OUTLIERD_PORT`` as ``outlierd serve`` does. Health checks need no auth token.
+
+``python -m outlierd.health_cli`` is the same command without the rest of the CLI: it imports gRPC
+only (not Numba), which keeps a health check run every few seconds cheap.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 EXIT_SERVING = 0
 EXIT_UNHEALTHY = 1
@@ -23,6 +26,14 @@ EXIT_ERROR = 2
 def default_address() -> str:
     """``127.0.0.1:<OUTLIERD_PORT or 50051>``."""
     return f"127.0.0.1:{os.environ.get('OUTLIERD_PORT') or 50051}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m outlierd.health_cli [options]``: parse and run; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="outlierd health")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    return run(parser.parse_args(["health", *(sys.argv[1:] if argv is None else argv)]))
 
 
 def add_parser(subparsers: Any) -> None:
@@ -88,3 +99,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_SERVING
     print(f"outlierd health: {target} not serving: {what}", file=sys.stderr)
     return EXIT_UNHEALTHY
+
+
+if __name__ == "__main__":
+    sys.exit(main())
