@@ -118,8 +118,9 @@ def test_fully_labelled_column_stays_evaluation_only(tmp_path, rng):
 
 def test_known_anomalies_are_left_out_of_the_fit(tmp_path, rng):
     X, y = planted(rng, 500)
-    X[y == 1, 2] += 50.0  # the anomalies would stretch the histograms' range
-    reveal = set(np.flatnonzero(y == 1)[:12].tolist()) | set(rng.choice(np.flatnonzero(y == 0), 30, replace=False).tolist())
+    known_idx = np.flatnonzero(y == 1)[:12]
+    X[known_idx, 2] += 50.0  # the known anomalies would stretch the histograms' range
+    reveal = set(known_idx.tolist()) | set(rng.choice(np.flatnonzero(y == 0), 30, replace=False).tolist())
     res = train(_write(tmp_path / "d.csv", X, _partial(y, reveal)), tmp_path / "r", "m", detector="hbos",
                 label_column="label", quiet=True, seed=int(rng.integers(1000)))
     arrays = load_npz(res.path / "arrays.npz")
