@@ -5,6 +5,8 @@ up without reloading its model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -25,6 +27,7 @@ from core import load_model
 from core.registry import Registry
 from monitoring.metrics import ServiceMetrics
 from monitoring.store import LabelRow, open_store
+from outlierd.cli import main as cli_main
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 from server.app import start_worker
@@ -252,8 +255,11 @@ def test_calibration_errors(tmp_path, reg_dir, rng):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "outlierd", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    """``outlierd ARGS`` in this process (the console script's main: same parsing, same exit codes)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli_main(list(args))
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
 
 
 def test_cli_calibrate_and_list(tmp_path, data, rng):
