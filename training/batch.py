@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,11 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")
 # bytes of CSV text per block read by pyarrow.csv.open_csv: bounds the CSV reader's memory
 CSV_BLOCK_BYTES = 8 << 20
+# Parquet reads: buffered 1 MiB at a time instead of pre-buffering whole row groups (pyarrow's
+# default), which keeps the reader's memory near one row group's decoded columns
+PARQUET_BUFFER_BYTES = 1 << 20
+# output batches queued for the writer thread before scoring waits for it
+WRITE_BEHIND = 2
 
 
 def _kind(path: Path) -> str | None:
@@ -204,7 +210,8 @@ class ParquetFileSource(Source):
 
         self.path, self.files = path, [path]
         try:
-            self._file = pq.ParquetFile(path)
+            # no pre-buffering, 1 MiB buffered reads: memory bounded by one row group's columns
+            self._file = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"cannot read {path}: {e}") from e
         self.schema = self._file.schema_arrow
@@ -241,8 +248,12 @@ class ParquetDatasetSource(Source):
         columns.check(self.schema, self.path)
         try:
             # to_batches yields in dataset (file, then row) order; small read-ahead keeps memory flat
-            for batch in self.dataset.to_batches(columns=columns.read, batch_size=batch_rows,
-                                                 batch_readahead=2, fragment_readahead=1):
+            import pyarrow.dataset as pads
+
+            opts = pads.ParquetFragmentScanOptions(pre_buffer=False, use_buffered_stream=True,
+                                                   buffer_size=PARQUET_BUFFER_BYTES)
+            for batch in self.dataset.to_batches(columns=columns.read, batch_size=batch_rows, batch_readahead=2,
+                                                 fragment_readahead=1, fragment_scan_options=opts):
                 yield from _slices(batch, batch_rows)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"cannot read the Parquet dataset {self.path}: {e}") from e
@@ -515,33 +526,55 @@ class StreamStats:
 def stream_score(source: Source, model: Any, how: BatchScoring, *, out: str | os.PathLike | None = None,
                  batch_rows: int = DEFAULT_BATCH_ROWS, keep_scores: bool = False,
                  progress: RowProgress | None = None) -> StreamStats:
-    """Score ``source`` batch by batch with ``model``; write the output (if ``out``) as it goes."""
+    """Score ``source`` batch by batch with ``model``; write the output (if ``out``) as it goes.
+
+    Reading the next batch and writing the previous output (pyarrow, GIL released) overlap with
+    scoring the current one (Numba, GIL released) on two helper threads; at most one batch read
+    ahead and ``WRITE_BEHIND`` output batches queued, so memory stays bounded.
+    """
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1; got {batch_rows}")
+    from concurrent.futures import ThreadPoolExecutor
+
     stats = StreamStats()
     writer: ScoreWriter | None = None
     progress = progress or RowProgress(source.total_rows, quiet=True)
-    try:
-        for batch in source.batches(how.columns, batch_rows):
-            ob, scores = score_batch(model, batch, how, first_row=stats.rows, where=source.path)
-            labels = None
-            if how.columns.label_column is not None:
-                labels = label_array(batch, how.columns.label_column, source.path, stats.rows)
-            if out is not None:
-                if writer is None:
-                    writer = ScoreWriter(out, ob.schema)
-                writer.write(ob)
-            stats.add(ob, scores, int(ob.column("anomalous").true_count), labels,
-                      keep_scores or labels is not None, how.top_k)
-            progress.update(batch.num_rows)
-        if out is not None and writer is None:  # no rows at all: an empty file with the right columns
-            id_field = source.schema.field(how.columns.id_column) if how.columns.id_column else None
-            how.columns.check(source.schema, source.path)
-            writer = ScoreWriter(out, how.schema(id_field))
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
+    pending: deque[Any] = deque()
+    batches = source.batches(how.columns, batch_rows)
+    with ThreadPoolExecutor(1, thread_name_prefix="outlierd-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="outlierd-write") as wpool:
+        try:
+            ahead = reader.submit(next, batches, None)
+            while (batch := ahead.result()) is not None:
+                ahead = reader.submit(next, batches, None)  # read the next batch while this one is scored
+                ob, scores = score_batch(model, batch, how, first_row=stats.rows, where=source.path)
+                labels = None
+                if how.columns.label_column is not None:
+                    labels = label_array(batch, how.columns.label_column, source.path, stats.rows)
+                if out is not None:
+                    if writer is None:
+                        writer = ScoreWriter(out, ob.schema)
+                    pending.append(wpool.submit(writer.write, ob))
+                    while len(pending) > WRITE_BEHIND:
+                        pending.popleft().result()
+                stats.add(ob, scores, int(np.count_nonzero(scores >= model.threshold)), labels,
+                          keep_scores or labels is not None, how.top_k)
+                progress.update(batch.num_rows)
+            while pending:
+                pending.popleft().result()
+            if out is not None and writer is None:  # no rows at all: an empty file with the right columns
+                id_field = source.schema.field(how.columns.id_column) if how.columns.id_column else None
+                how.columns.check(source.schema, source.path)
+                writer = ScoreWriter(out, how.schema(id_field))
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            wpool.shutdown(wait=True)
+            if writer is not None:
+                writer.abort()
+            reader.shutdown(wait=True)  # let a read-ahead finish before closing its generator
+            batches.close()
+            raise
     if writer is not None:
         writer.close()
     progress.close()

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .batch import BatchScoring, RowProgress, ScoreWriter, Source, StreamStats, label_array, score_batch
+from .batch import PARQUET_BUFFER_BYTES, BatchScoring, RowProgress, ScoreWriter, Source, StreamStats, label_array, score_batch
 from .data import DataError
 
 LABEL_FIELD = "__outlierd_label__"
@@ -122,7 +122,7 @@ def score_part(part: Part, job: Job) -> pa.Table:
     import pyarrow.parquet as pq
 
     model = _worker_model(job)
-    pf = pq.ParquetFile(part.path)
+    pf = pq.ParquetFile(part.path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
     names = set(pf.schema_arrow.names)
     table = pf.read_row_groups(list(part.row_groups), columns=[c for c in job.how.columns.read if c in names])
     types = dict(job.partition_types)

@@ -17,7 +17,6 @@ from core.model import load_model
 from core.registry import Registry
 
 from .batch import DEFAULT_BATCH_ROWS, BatchScoring, Columns, RowProgress, check_output, open_source, stream_score
-from .evaluate import evaluate
 
 CHUNK_ROWS = DEFAULT_BATCH_ROWS
 DEFAULT_TOP_K = 3
@@ -107,6 +106,8 @@ def score_file(
     scores = np.concatenate(stats.scores) if stats.scores else (np.empty(0) if keep_scores or label_column else None)
     metrics: dict[str, Any] = {}
     if label_column is not None:
+        from .evaluate import evaluate  # scikit-learn: imported only when there is something to evaluate
+
         labels = np.concatenate(stats.labels) if stats.labels else np.empty(0, dtype=np.int8)
         metrics = evaluate(scores, labels, m.threshold)
         if not keep_scores:
