@@ -278,7 +278,7 @@ def test_scoring_goes_on_when_the_store_cannot_keep_up(loop_thread, registry_dir
         overrides["feedback_store"] = tmp_path / "dir.sqlite"
     try:
         with serving(loop_thread, registry_dir, store=store, capture_sample=1.0, **overrides) as srv:
-            srv.worker.capture._queue.maxsize = 4  # a small queue so a stuck store fills it within the test
+            srv.worker.capture.max_queue = 4  # a small queue so a stuck store fills it within the test
             before = 0.0
             for round_ in range(3):
                 msgs = [score_request(X[k:k + 64], [f"{round_}-{k}-{i}" for i in range(64)], request_id=k) for k in range(0, 1600, 64)]
