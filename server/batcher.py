@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ class MicroBatcher:
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task | None = None
+        # kernel time per record of the latest batch, per (model, version): captured with the records
+        # (rollout compares champion and challenger latency); written by scoring threads, a plain dict store
+        self._kernel_us: dict[tuple[str, int], float] = {}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="outlierd-batcher")
@@ -159,6 +163,7 @@ class MicroBatcher:
         """Score one batch where the device policy says; returns (scores, device it ran on)."""
         scores = None
         device = "cpu"
+        t0 = time.perf_counter()
         if handle.gpu_model is not None and X.shape[0] >= handle.gpu_min_rows:
             try:
                 scores, device = handle.gpu_model.score(X), "cuda"
@@ -170,12 +175,19 @@ class MicroBatcher:
             # The pool's threads already use the cores: one core per batch, unless a batch is huge.
             scores = handle.model.score(X, parallel=X.shape[0] > PARALLEL_MIN_ROWS)
             device = handle.model.device
+        if X.shape[0]:
+            self._kernel_us[(handle.name, handle.version)] = (time.perf_counter() - t0) * 1e6 / X.shape[0]
         if handle.monitor is not None:
             try:  # drift and data quality, per batch, still on the scoring thread (GIL released)
                 handle.monitor.observe(X, scores, handle.threshold)
             except Exception:  # monitoring must never fail scoring
                 log.exception("drift monitor failed model=%s version=%d", handle.name, handle.version)
         return scores, device
+
+    def kernel_us(self, handle: ModelHandle) -> float:
+        """Kernel time per record (microseconds) of the latest batch scored with ``handle``'s
+        version; NaN before the first one."""
+        return self._kernel_us.get((handle.name, handle.version), float("nan"))
 
     def _observe(self, handle: ModelHandle, n: int) -> None:
         if self.metrics is not None:

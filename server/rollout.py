@@ -35,6 +35,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from core.errors import ModelNotFoundError
 
+from .batcher import PARALLEL_MIN_ROWS
 from .reload import ModelHandle, ModelSlot, load_handle
 
 log = logging.getLogger("outlierd.rollout")
@@ -260,7 +261,7 @@ class ShadowScorer:
             try:
                 X = items[0][1] if len(items) == 1 else np.concatenate([it[1] for it in items])
                 t0 = time.perf_counter()
-                scores = handle.model.score(X)
+                scores = handle.model.score(X, parallel=X.shape[0] > PARALLEL_MIN_ROWS)  # as the champion's batches
                 latency_us = (time.perf_counter() - t0) * 1e6 / max(1, X.shape[0])
                 flagged = scores >= handle.threshold
                 if self.metrics is not None:

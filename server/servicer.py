@@ -63,7 +63,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
         resp.scores.extend(scores.tolist())  # measured: faster than passing lists to the constructor
         resp.anomalous.extend(flagged.tolist())
         if self.capture is not None and scores.size:  # a queue hand-off: selection and I/O happen on the writer thread
-            self.capture.offer_request(handle, "challenger" if handle.alias == "challenger" else "champion", req, scores, flagged)
+            self.capture.offer_request(handle, "challenger" if handle.alias == "challenger" else "champion", req, scores, flagged,
+                                       self.batcher.kernel_us(handle))
         return resp
 
     def _counters(self, handle: ModelHandle) -> tuple:

@@ -195,6 +195,18 @@ def test_shadow_mode(loop_thread, reg_dir, tmp_path, rng):
             assert c.jaccard == pytest.approx((fa & fb).sum() / (fa | fb).sum())
         assert c.champion.alert_rate == pytest.approx(fa.mean()) and c.challenger.alert_rate == pytest.approx(fb.mean())
         assert c.alert_rate_diff == pytest.approx(fb.mean() - fa.mean())
+        assert np.isfinite(champ.latency_us).all() and c.latency_ratio is not None and c.latency_ratio > 0
+
+        # gates on this traffic: refused, then passed; the server follows the alias; rollback restores
+        refused = promote(reg, store, "m", Gates(min_records=total + 1, min_agreement=0.0, min_labelled=None,
+                                                 min_precision_gain=None, max_latency_ratio=None))
+        assert not refused.promoted and [g.name for g in refused.failed] == ["min_records"]
+        assert reg.resolve("m", "champion") == 1
+        lenient = Gates(min_records=total, min_agreement=0.0, min_labelled=None, min_precision_gain=None, max_latency_ratio=1e6)
+        assert promote(reg, store, "m", lenient).promoted and reg.resolve("m", "champion") == 2
+        _wait(lambda: worker.slot.current.version == 2, what="champion reload after promotion")
+        assert rollback(reg, "m") == (2, 1)
+        _wait(lambda: worker.slot.current.version == 1, what="champion reload after rollback")
         store.close()
 
         # a challenger with other features is refused; champion traffic goes on; alias removed: champion only
