@@ -338,6 +338,13 @@ class Rollout:
         """The background tick: watch the challenger alias; export thresholds in force."""
         if self.challenger is not None:
             await self.challenger.check()
+            chal = self.challenger.current
+            if chal is not None:
+                try:  # the champion may have moved to other features since the challenger loaded
+                    self.challenger._compatible(chal)
+                except ValueError as e:
+                    self.challenger._refused = chal.version
+                    self.challenger._drop(f"version {chal.version} refused: {e}")
         if self.metrics is not None:
             self.metrics.show(self.champion.current)
             if self.challenger is not None:
