@@ -507,7 +507,7 @@ class StreamStats:
     rows: int = 0
     anomalies: int = 0
     explained: int = 0
-    setup_seconds: float = 0.0     # Dask: starting/reaching the cluster, before the first task
+    setup_seconds: float = 0.0     # Dask: starting/reaching the cluster and loading the model on the workers
     scores: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
 

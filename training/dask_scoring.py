@@ -116,6 +116,11 @@ def _worker_model(job: Job) -> Any:
         return model
 
 
+def preload(job: Job) -> str:
+    """Worker warm-up (``Client.run``): load the job's model before the first partition arrives."""
+    return repr(_worker_model(job))
+
+
 def score_part(part: Part, job: Job) -> pa.Table:
     """Worker task: read ``part``'s row groups, score them, return the output columns (plus the
     labels under ``LABEL_FIELD`` when the job evaluates)."""
@@ -147,8 +152,9 @@ def score_part(part: Part, job: Job) -> pa.Table:
 
 @contextmanager
 def _worker_pythonpath() -> Iterator[None]:
-    # LocalCluster workers are spawned processes: they see this process's environment, not its
-    # sys.path. Put the package root first on PYTHONPATH while the cluster lives.
+    # LocalCluster workers are separate (spawned) processes: make them import this very checkout --
+    # not another installed copy, and whatever sys.path edits this process made at run time -- by
+    # putting the package root first on PYTHONPATH while the cluster lives.
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + old if old else "")
     try:
@@ -219,6 +225,7 @@ def score_on_dask(source: Source, artifact: str | os.PathLike, how: BatchScoring
         t0 = time.perf_counter()
         with dask_client(address, n_workers) as client:
             _check_workers(client)
+            client.run(preload, job)  # every worker loads (and probe-verifies) the artifact once, in parallel
             stats.setup_seconds = time.perf_counter() - t0
             window = max(2, IN_FLIGHT_PER_THREAD * sum(client.nthreads().values()))
             run = uuid.uuid4().hex

@@ -36,7 +36,7 @@ class ScoreResult:
     explained: int = 0             # records with explanations in the output
     mode: str = "local"            # "local" or "dask"
     output: str | None = None
-    setup_seconds: float = 0.0     # part of ``seconds`` spent starting/reaching a Dask cluster
+    setup_seconds: float = 0.0     # part of ``seconds`` spent starting/reaching a Dask cluster and loading the model there
 
 
 def _check_options(top_k: int | None, n_features: int, batch_rows: int) -> None:
