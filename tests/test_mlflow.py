@@ -154,6 +154,11 @@ def test_mirror_syncs_every_version_and_alias_idempotently(store, tmp_path, rng,
     registry = Registry(reg)
     registry.set_alias("synced", "champion", 2)
     registry.set_alias("synced", "challenger", 3)
+    # version 1 already has a finished run (as when a train's run was logged but registering failed):
+    # the mirror registers from that run instead of uploading the artifact again
+    from training.tracking import log_version_run
+
+    run1 = log_version_run(uri, reg, "synced", 1, experiment=EXPERIMENT)
     cmd = ["registry", "mirror", "--registry", str(reg), "--model", "synced", "--mlflow-uri", uri,
            "--mlflow-experiment", EXPERIMENT, "--json"]
     capsys.readouterr()
@@ -162,6 +167,10 @@ def test_mirror_syncs_every_version_and_alias_idempotently(store, tmp_path, rng,
     assert [v["created"] for v in first["versions"]] == [True, True, True]
     versions = _by_tag(client, "synced")
     assert sorted(versions) == [1, 2, 3]
+    assert versions[1].run_id == run1
+    exp_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = client.search_runs([exp_id], filter_string="tags.`outlierd.model` = 'synced'")
+    assert sorted(r.data.tags["outlierd.version"] for r in runs) == ["1", "2", "3"]
     for n, mv in versions.items():
         assert mv.tags["outlierd.manifest_sha256"] == registry.get("synced", n)["manifest"]["manifest_sha256"]
     aliases = client.get_registered_model("synced").aliases
