@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import multiprocessing as mp
-import os
 import subprocess
 import sys
 import threading
@@ -19,7 +18,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ROOT
 from prometheus_client import CollectorRegistry
 from sklearn.ensemble import IsolationForest
 
@@ -34,7 +32,7 @@ from server.app import start_worker
 from server.client import request
 from server.settings import ServeSettings
 from training import export_sklearn
-from training.calibrate import alert_rate_threshold, calibrate, precision_threshold, publish
+from training.calibrate import alert_rate_threshold, calibrate, precision_threshold
 
 D = 6
 
