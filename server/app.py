@@ -116,6 +116,8 @@ async def _start_rollout(settings: ServeSettings, registry: Registry, slot: Mode
         challenger = ChallengerSlot(registry, settings.model, slot, metrics, policy)
         await asyncio.get_running_loop().run_in_executor(None, challenger.load_initial)
         if settings.rollout == "shadow":
+            if capture is None:
+                log.warning("rollout shadow with capture off: challenger scores are counted but not stored (outlierd compare needs them)")
             shadow = ShadowScorer(capture, rmetrics, max_batch=settings.max_batch, max_records=settings.max_queue_records)
     rollout = Rollout(settings.rollout, settings.split_share, settings.split_key, slot, challenger, shadow, rmetrics)
     await rollout.tick()
