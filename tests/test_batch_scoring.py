@@ -275,3 +275,18 @@ def test_dask_local_cluster_equals_local_scoring(registry, tmp_path, capsys, rng
     model = load_model(Registry(registry).path("m", "champion"))
     X = np.concatenate([np.column_stack([t.column(c).to_numpy() for c in FEATURES]) for t in tables])
     np.testing.assert_array_equal(dask.column("score").to_numpy(), model.score(X))
+
+
+def test_failure_mid_stream_leaves_no_output(registry, tmp_path, capsys, rng):
+    # the second file of a directory lacks a feature column: found after the first file was scored
+    d = tmp_path / "in"
+    d.mkdir()
+    good, _, _ = _records(rng, 200)
+    bad, _, _ = _records(rng, 50)
+    _write(good, d / "a.csv")
+    _write(bad.drop_columns(["f4"]), d / "b.csv")
+    out = tmp_path / "out.csv"
+    rc, _, err = _run(capsys, "score", "--input", d, "--registry", registry, "--model", "m", "--output", out,
+                      "--batch-rows", 16)
+    assert rc == 2 and "b.csv" in err and "['f4'] are missing" in err and "Traceback" not in err, err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["in"]
