@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from conftest import ROOT
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it comes with the dev extra's kubernetes-validate)")
 
 from server.settings import ServeSettings
 
