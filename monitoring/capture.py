@@ -85,8 +85,6 @@ class _Offer(NamedTuple):
     flagged: np.ndarray
     latency_us: float
     request_id: int
-    seq: int
-    ts: float
 
 
 class CaptureWriter:
@@ -112,7 +110,7 @@ class CaptureWriter:
         self._rng = np.random.default_rng(seed)
         # deque.append / popleft are atomic: no lock and no wake-up of the writer per message
         self._queue: deque[_Offer] = deque()
-        self._seq = itertools.count(1)  # next() is atomic under the GIL: offers may come from several threads
+        self._seq = itertools.count(1)  # per message with generated ids (writer thread only)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._busy = False
@@ -139,7 +137,7 @@ class CaptureWriter:
             f = int(np.count_nonzero(flagged))
             self._count_dropped(handle.name, f + int(round((n - f) * self.sample_rate)), "queue_full")
             return False
-        self._queue.append(_Offer(handle, role, ids, X, req, scores, flagged, latency_us, request_id, next(self._seq), time.time()))
+        self._queue.append(_Offer(handle, role, ids, X, req, scores, flagged, latency_us, request_id))
         return True
 
     def offer_request(self, handle: Any, role: str, req: Any, scores: np.ndarray, flagged: np.ndarray,
@@ -199,43 +197,53 @@ class CaptureWriter:
             if stopping:
                 return
 
-    def _select(self, o: _Offer, flagged: np.ndarray, sampled: np.ndarray) -> dict[str, Any]:
-        idx = np.flatnonzero(flagged | sampled)
-        d = o.handle.model.n_features
-        if o.X is not None:
-            X = np.asarray(o.X)[idx]
-        elif len(o.req.raw_values):
-            X = np.frombuffer(o.req.raw_values, dtype="<f4").reshape(-1, d)[idx]
-        else:
-            vals = o.req.values
-            X = np.array([vals[i * d:(i + 1) * d] for i in idx], dtype=np.float32).reshape(idx.size, d)
-        if len(o.ids):
-            ids = [o.ids[int(i)] for i in idx]
-        else:
-            ids = [f"gen:{self.token}:{o.seq}:{o.request_id}:{int(i)}" for i in idx]
-        return {"ids": ids, "X": X, "scores": np.asarray(o.scores, dtype=np.float64)[idx], "flagged": flagged[idx],
-                "sampled": sampled[idx], "latency": np.full(idx.size, o.latency_us), "ts": np.full(idx.size, o.ts)}
-
     def _write(self, batch: list[_Offer]) -> None:
-        # one draw for the whole batch; only messages with a record to keep are looked at further
-        flags = [np.asarray(o.flagged, dtype=bool).reshape(-1) for o in batch]
-        F = np.concatenate(flags)
+        # Vectorised over the whole batch: one random draw, one pass to find the kept rows; Python
+        # only loops over the messages that keep a row (to decode their features and ids).
+        now = time.time()
+        flags = [o.flagged for o in batch]
+        sizes = np.fromiter(map(len, flags), dtype=np.int64, count=len(flags))
+        F = np.concatenate(flags).astype(bool, copy=False) if flags else np.zeros(0, dtype=bool)
         S = ~F & (self._rng.random(F.size) < self.sample_rate) if self.sample_rate > 0 else np.zeros(F.size, dtype=bool)
-        ends = np.cumsum([f.size for f in flags])
-        starts = ends - np.array([f.size for f in flags])
-        kept = np.concatenate([[0], np.cumsum(F | S)])
-        groups: dict[tuple, list[dict[str, Any]]] = {}
-        for j in np.flatnonzero(kept[ends] - kept[starts]):
-            o, a, b = batch[j], starts[j], ends[j]
-            groups.setdefault((o.handle.name, o.handle.version, o.role), []).append(self._select(o, F[a:b], S[a:b]))
-        for (model, version, role), parts in groups.items():
-            n = sum(len(p["ids"]) for p in parts)
+        kept = np.flatnonzero(F | S)
+        if kept.size == 0:
+            return
+        ends = np.cumsum(sizes)
+        owner = np.searchsorted(ends, kept, side="right")  # the message each kept row belongs to
+        local = kept - (ends - sizes)[owner]
+        cuts = [0, *(np.flatnonzero(np.diff(owner)) + 1).tolist(), kept.size]
+        groups: dict[tuple, dict[str, list]] = {}
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            o = batch[int(owner[a])]
+            li = local[a:b]
+            g = groups.get((o.handle.name, o.handle.version, o.role))
+            if g is None:
+                g = groups[(o.handle.name, o.handle.version, o.role)] = {"ids": [], "X": [], "scores": [], "rows": [], "latency": [], "n": []}
+            d = o.handle.model.n_features
+            if o.X is not None:
+                g["X"].append(np.asarray(o.X)[li])
+            elif len(o.req.raw_values):
+                g["X"].append(np.frombuffer(o.req.raw_values, dtype="<f4").reshape(-1, d)[li])
+            else:
+                vals = o.req.values
+                g["X"].append(np.array([vals[i * d:(i + 1) * d] for i in li.tolist()], dtype=np.float32).reshape(li.size, d))
+            if len(o.ids):
+                g["ids"].extend([o.ids[i] for i in li.tolist()])
+            else:
+                seq = next(self._seq)
+                g["ids"].extend([f"gen:{self.token}:{seq}:{o.request_id}:{i}" for i in li.tolist()])
+            g["scores"].append(np.asarray(o.scores, dtype=np.float64)[li])
+            g["rows"].append(kept[a:b])
+            g["latency"].append(o.latency_us)
+            g["n"].append(b - a)
+        for (model, version, role), g in groups.items():
+            rows = np.concatenate(g["rows"])
+            n = rows.size
             try:
                 store = self._get_store()
-                cat = (lambda k: np.concatenate([p[k] for p in parts]))  # noqa: E731
-                ids = [i for p in parts for i in p["ids"]]
-                store.add_predictions(model, version, role, ids, np.concatenate([p["X"] for p in parts]).astype(np.float32, copy=False),
-                                      cat("scores"), cat("flagged"), cat("sampled"), cat("latency"), cat("ts"),
+                store.add_predictions(model, version, role, g["ids"], np.concatenate(g["X"]).astype(np.float32, copy=False),
+                                      np.concatenate(g["scores"]), F[rows], S[rows],
+                                      np.repeat(np.asarray(g["latency"], dtype=np.float64), g["n"]), now,
                                       sample_rate=self.sample_rate)
             except Exception as e:
                 self._count_dropped(model, n, "write_error")

@@ -78,59 +78,71 @@ def compute(preds: Predictions, labels: Sequence[LabelRow], *, known_ids: Iterab
     """Quality from one role's captures ``preds`` and every label of the model (see the module
     docstring). ``known_ids``: record ids captured in any role (default: ``preds``' ids), for the
     unknown-id counts."""
+    flagged = np.asarray(preds.flagged, dtype=bool)
+    sampled = np.asarray(preds.sampled, dtype=bool) & ~flagged
+    rates = np.asarray(preds.sample_rate, dtype=np.float64) if len(preds.sample_rate) else np.full(len(flagged), np.nan)
+    usable = sampled & np.isfinite(rates) & (rates > 0)
+    last: dict[str, int] = {rid: i for i, rid in enumerate(preds.record_id)}  # each id's latest capture decides its group
+    captures = {rid: ((bool(flagged[last[rid]]), bool(sampled[last[rid]])) if rid in last else None) for rid in latest_labels(labels)}
+    known = set(preds.record_id) if known_ids is None else set(known_ids)
+    return summarize(labels, captures, known, captured_flagged=int(flagged.sum()), captured_sampled=int(sampled.sum()),
+                     sampled_weight=float(np.sum(1.0 / rates[usable])), sampled_no_rate=int(sampled.sum() - usable.sum()))
+
+
+def summarize(labels: Sequence[LabelRow], captures: dict[str, tuple[bool, bool] | None], known: set[str], *,
+              captured_flagged: int, captured_sampled: int, sampled_weight: float, sampled_no_rate: int = 0) -> Quality:
+    """The estimators from what they need: every label; per labelled record id its latest capture's
+    ``(flagged, sampled)`` (None: not captured in this role); the ids captured in any role; the
+    capture totals (``sampled_weight``: sum of 1 / sample rate over the sampled unflagged captures)."""
     latest = latest_labels(labels)
     by_label = {lab: 0 for lab in LABELS}
     for r in labels:
         by_label[r.label] = by_label.get(r.label, 0) + 1
-    known = set(preds.record_id) if known_ids is None else set(known_ids)
     unknown = {rid for rid in latest if rid not in known}
     unknown_labels = sum(1 for r in labels if r.record_id in unknown)
-
-    flagged = np.asarray(preds.flagged, dtype=bool)
-    sampled = np.asarray(preds.sampled, dtype=bool) & ~flagged
-    # each record id's latest capture decides its group
-    last: dict[str, int] = {rid: i for i, rid in enumerate(preds.record_id)}
     rf = rfa = rs = rsa = 0
     for rid, lab in latest.items():
-        i = last.get(rid)
-        if i is None:
+        c = captures.get(rid)
+        if c is None:
             continue
-        if flagged[i]:
+        if c[0]:
             rf += 1
             rfa += lab == "anomaly"
-        elif sampled[i]:
+        elif c[1]:
             rs += 1
             rsa += lab == "anomaly"
     notes: list[str] = []
+    if sampled_no_rate:
+        notes.append(f"{sampled_no_rate} sampled captures without a sample rate are left out of the recall estimate")
     precision = rfa / rf if rf else None
-    n_flagged, n_sampled = int(flagged.sum()), int(sampled.sum())
-    rates = np.asarray(preds.sample_rate, dtype=np.float64)[sampled] if len(preds.sample_rate) else np.full(n_sampled, np.nan)
-    usable = np.isfinite(rates) & (rates > 0)
-    if n_sampled and not usable.all():
-        notes.append(f"{int((~usable).sum())} sampled captures without a sample rate are left out of the recall estimate")
-    est_u = float(np.sum(1.0 / rates[usable])) if n_sampled else 0.0
     tp = fn = recall = None
     if precision is not None and rs:
-        tp = precision * n_flagged
-        fn = rsa / rs * est_u
+        tp = precision * captured_flagged
+        fn = rsa / rs * sampled_weight
         recall = tp / (tp + fn) if tp + fn > 0 else None
     elif not rs:
         notes.append("no reviewed random-sample capture: recall cannot be estimated")
     multi, disagreeing, share = disagreement(labels)
     return Quality(labels=len(labels), by_label=by_label, labelled_records=len(latest), unknown_records=len(unknown),
-                   unknown_labels=unknown_labels, captured_flagged=n_flagged, captured_sampled=n_sampled,
+                   unknown_labels=unknown_labels, captured_flagged=captured_flagged, captured_sampled=captured_sampled,
                    reviewed_flagged=rf, reviewed_flagged_anomalies=int(rfa), reviewed_sampled=rs, reviewed_sampled_anomalies=int(rsa),
-                   precision=precision, est_unflagged_records=est_u if n_sampled else None, est_true_positives=tp,
+                   precision=precision, est_unflagged_records=sampled_weight if captured_sampled else None, est_true_positives=tp,
                    est_false_negatives=fn, recall_estimate=recall, multi_reviewer_records=multi, disagreeing_records=disagreeing,
                    disagreement=share, notes=notes)
 
 
 def from_store(store: Any, model: str, *, role: str = "champion") -> Quality:
-    """:func:`compute` on what ``store`` holds for ``model`` (features are not read)."""
+    """Quality of what ``store`` holds for ``model``. A store with ``quality_inputs`` (SQLite) answers
+    from running totals and one lookup per labelled record; any other :class:`Store` is read whole
+    (features left out) and goes through :func:`compute`."""
+    labels = store.labels(model)
+    if hasattr(store, "quality_inputs"):
+        q = store.quality_inputs(model, role)
+        return summarize(labels, q["captures"], q["known"], captured_flagged=q["captured_flagged"], captured_sampled=q["captured_sampled"],
+                         sampled_weight=q["sampled_weight"], sampled_no_rate=q["sampled_no_rate"])
     allp = store.predictions(model, features=False)
-    keep = np.array([r == role for r in allp.role], dtype=bool)
-    idx = np.flatnonzero(keep)
+    idx = np.flatnonzero(np.array([r == role for r in allp.role], dtype=bool))
     sub = Predictions(record_id=[allp.record_id[i] for i in idx], version=allp.version[idx], role=[role] * idx.size,
                       score=allp.score[idx], flagged=allp.flagged[idx], sampled=allp.sampled[idx], ts=allp.ts[idx],
                       latency_us=allp.latency_us[idx], X=allp.X[idx], sample_rate=allp.sample_rate[idx])
-    return compute(sub, store.labels(model), known_ids=allp.record_id)
+    return compute(sub, labels, known_ids=allp.record_id)

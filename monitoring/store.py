@@ -16,6 +16,7 @@ process's transaction instead of failing.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -111,9 +112,10 @@ def validate_label(label: str) -> str:
     return label
 
 
-_SCHEMA = """
+_SCHEMA = """  -- statements are split on semicolons: none in comments
+
 CREATE TABLE IF NOT EXISTS predictions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,    -- the rowid: capture order (rows are never deleted, and AUTOINCREMENT costs a write per insert)
     model TEXT NOT NULL,
     record_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -138,6 +140,15 @@ CREATE TABLE IF NOT EXISTS labels (
     ts REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS labels_model_record ON labels (model, record_id);
+CREATE TABLE IF NOT EXISTS capture_totals (  -- kept up to date by add_predictions: live quality without scanning captures
+    model TEXT NOT NULL,
+    role TEXT NOT NULL,
+    flagged INTEGER NOT NULL DEFAULT 0,        -- flagged captures
+    sampled INTEGER NOT NULL DEFAULT 0,        -- sampled unflagged captures
+    sampled_weight REAL NOT NULL DEFAULT 0,    -- sum of 1 / sample rate over them: the unflagged records they stand for
+    sampled_no_rate INTEGER NOT NULL DEFAULT 0,  -- ... of which without a usable sample rate
+    PRIMARY KEY (model, role)
+);
 """
 
 
@@ -245,13 +256,24 @@ class SQLiteStore:
         rate = np.broadcast_to(np.asarray(sample_rate, dtype=np.float64), (n,))
         when = np.broadcast_to(np.asarray(time.time() if ts is None else ts, dtype=np.float64), (n,))
         d = X.shape[1]
-        rows = [(model, str(rid), int(version), role, float(s), int(f), int(sm), None if np.isnan(r) else float(r), float(t),
-                 None if np.isnan(lt) else float(lt), d, x.tobytes())
-                for rid, s, f, sm, r, t, lt, x in zip(record_ids, scores, flagged, sampled, rate, when, lat, X)]
+        # columns to Python lists in C (.tolist), rows by zip: this runs for every captured record.
+        # SQLite stores a NaN as NULL (unknown rate / latency).
+        buf, rb = X.tobytes(), 4 * d
+        blobs = [buf[i:i + rb] for i in range(0, n * rb, rb)]
+        rep = itertools.repeat
+        rows = list(zip(rep(model), map(str, record_ids), rep(int(version)), rep(role), scores.tolist(), flagged.astype(np.int8).tolist(),
+                        sampled.astype(np.int8).tolist(), rate.tolist(), when.tolist(), lat.tolist(), rep(d), blobs))
+        su = sampled & ~flagged
+        usable = su & np.isfinite(rate) & (rate > 0)
+        totals = (model, role, int(flagged.sum()), int(su.sum()), float(np.sum(1.0 / rate[usable])), int(su.sum() - usable.sum()))
         conn = self._conn()
         with self._write(conn, durable=False):
             conn.executemany("INSERT INTO predictions (model, record_id, version, role, score, flagged, sampled, sample_rate, ts, "
                              "latency_us, n_features, x) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            conn.execute("INSERT INTO capture_totals (model, role, flagged, sampled, sampled_weight, sampled_no_rate) VALUES (?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT (model, role) DO UPDATE SET flagged = flagged + excluded.flagged, sampled = sampled + excluded.sampled, "
+                         "sampled_weight = sampled_weight + excluded.sampled_weight, sampled_no_rate = sampled_no_rate + excluded.sampled_no_rate",
+                         totals)
 
     def add_labels(self, model: str, rows: Sequence[LabelRow]) -> list[bool]:
         """See :meth:`Store.add_labels`: one transaction, fsynced before returning."""
@@ -307,6 +329,28 @@ class SQLiteStore:
         y = np.array([1 if r[1] == "anomaly" else 0 for r in rows], dtype=np.int8)
         X = _stack([r[2] for r in rows], [r[3] for r in rows]).astype(np.float64)
         return X, y, ids
+
+    def quality_inputs(self, model: str, role: str = "champion") -> dict:
+        """What live quality needs, without reading every capture: the capture totals of ``role``
+        and, for each labelled record id, its latest ``role`` capture's (flagged, sampled) or None,
+        and whether any role captured it. Cost: one index lookup per labelled record."""
+        c = self._conn()
+        row = c.execute("SELECT flagged, sampled, sampled_weight, sampled_no_rate FROM capture_totals WHERE model = ? AND role = ?",
+                        (model, role)).fetchone() or (0, 0, 0.0, 0)
+        captures, known = {}, set()
+        for rid, fs, any_role in c.execute(
+                """
+                SELECT l.record_id,
+                  (SELECT p.flagged * 2 + p.sampled FROM predictions AS p
+                     WHERE p.model = ?1 AND p.record_id = l.record_id AND p.role = ?2 ORDER BY p.id DESC LIMIT 1),
+                  EXISTS (SELECT 1 FROM predictions AS p WHERE p.model = ?1 AND p.record_id = l.record_id)
+                FROM (SELECT DISTINCT record_id FROM labels WHERE model = ?1) AS l
+                """, (model, role)):
+            captures[rid] = None if fs is None else (bool(fs & 2), bool(fs & 1))
+            if any_role:
+                known.add(rid)
+        return {"captured_flagged": int(row[0]), "captured_sampled": int(row[1]), "sampled_weight": float(row[2]),
+                "sampled_no_rate": int(row[3]), "captures": captures, "known": known}
 
     def counts(self, model: str) -> dict[str, int]:
         """Rows stored for ``model``: ``predictions``, ``labels``."""

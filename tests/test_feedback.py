@@ -360,6 +360,46 @@ def test_recall_estimate_recovers_the_true_recall_on_simulated_traffic(rng):
     assert q.precision == pytest.approx((truth & flagged).sum() / flagged.sum())
 
 
+class _PlainStore:
+    """The store seen through the Store protocol only (no SQL shortcuts)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def labels(self, model):
+        return self.inner.labels(model)
+
+    def predictions(self, model, **kw):
+        return self.inner.predictions(model, **kw)
+
+
+def test_quality_from_sqlite_totals_equals_the_full_read(tmp_path, rng):
+    s = open_store(tmp_path / "fb.sqlite")
+    try:
+        for k in range(6):  # several batches: the running totals add up; ids re-captured; both roles
+            n = int(rng.integers(50, 300))
+            ids = [f"r{int(i)}" for i in rng.integers(0, 400, n)]
+            flagged = rng.random(n) < 0.1
+            sampled = ~flagged & (rng.random(n) < 0.5)
+            rate = [0.01, 0.05, float("nan")][k % 3]  # a rate change, and captures from a writer without one
+            s.add_predictions(MODEL, 1 + k // 3, ["champion", "challenger"][k % 2], ids, rng.standard_normal((n, 3)), rng.random(n),
+                              flagged, sampled, 1.0, sample_rate=rate)
+        pool = [f"r{i}" for i in range(420)]
+        s.add_labels(MODEL, [LabelRow(pool[int(rng.integers(420))], LABELS[int(rng.integers(2))], f"v{int(rng.integers(3))}")
+                             for _ in range(600)])
+        for role in ("champion", "challenger"):
+            fast, slow = quality.from_store(s, MODEL, role=role), quality.from_store(_PlainStore(s), MODEL, role=role)
+            a, b = fast.as_dict(), slow.as_dict()
+            for key in a:
+                if isinstance(a[key], float):
+                    assert a[key] == pytest.approx(b[key]), key
+                else:
+                    assert a[key] == b[key], key
+            assert fast.reviewed_flagged > 0 and fast.reviewed_sampled > 0
+    finally:
+        s.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # the CLI
 # ---------------------------------------------------------------------------------------------
