@@ -23,9 +23,11 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--detector", default=None,
                    choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder", "auto", "stacked"),
                    help="detector (default iforest); knn/lof: k=20 neighbours in a reference sample of up to 4096 "
-                        "training rows; autoencoder needs the torch extra; auto: the best of --select's candidates by "
-                        "out-of-fold PR-AUC on the labelled records (iforest when there are too few labels); stacked: "
-                        "the semi-supervised model over the unsupervised detectors (needs --min-labels of each kind)")
+                        "training rows; autoencoder needs the torch extra; auto: chosen on the labelled records out of fold "
+                        "among --select's candidates: the stacked model when there are --min-labels labels of each kind "
+                        "(unless the labels show with 90%% bootstrap confidence that it ranks them worse), else iforest "
+                        "unless another candidate beats it with that confidence; stacked: the semi-supervised model "
+                        "over the unsupervised detectors (needs --min-labels of each kind)")
     p.add_argument("--label-column", metavar="COL",
                    help="column of labels: 0/1, true/false or anomaly/normal; an empty cell = unlabelled. Every row "
                         "labelled (and no --select/--detector auto): evaluation only. Partially labelled: reviewers' "

@@ -7,6 +7,14 @@ Out of fold: the labelled records are split into k stratified folds; for fold f 
 fitted on the training rows minus the known anomalies minus fold f, and scores fold f. So every
 labelled record is judged by models that never saw it, and the metrics stored in the manifest come
 from those scores (``metrics["label_eval"]`` says how). Scores: higher = more anomalous.
+
+Choosing (``--detector auto``): the labelled records are mostly the unsupervised model's own alerts
+plus a small random sample, so on them every detector looks good and their PR-AUC differences are
+noisy. Hence a default is kept unless the labels argue against it with confidence (a stratified
+bootstrap of the labelled records, :data:`SELECT_CONFIDENCE`): iforest among the unsupervised
+candidates, and the stacked model (which keeps the unsupervised rank with weight ``1 - alpha``,
+``alpha`` growing with the labelled anomalies) once there are ``min_labels`` labels of each kind.
+``benchmarks/label_quality.py`` measures the result on held-back records.
 """
 
 from __future__ import annotations
@@ -43,6 +51,11 @@ BLEND_KAPPA = 10.0      # alpha = anomalies / (anomalies + kappa): few labels ->
 LOGREG_C = 1.0
 CLIP = 5.0
 CALIBRATION_ROWS = 4096
+# A candidate replaces the default (or the best unsupervised one, for the stacked model) only when
+# it wins on at least this share of bootstrap resamples of the labelled records: a dozen labels
+# cannot tell close detectors apart, and then the default stays.
+SELECT_CONFIDENCE = 0.9
+BOOTSTRAP_ROUNDS = 200
 
 
 # --- labels ----------------------------------------------------------------------------------
@@ -330,9 +343,33 @@ def out_of_fold(X: np.ndarray, y: np.ndarray, names: Sequence[str], *, folds: in
 
 
 def pr_auc(y: np.ndarray, s: np.ndarray) -> float:
-    from sklearn.metrics import average_precision_score
+    """Average precision (scikit-learn's definition: ties form one threshold), NumPy only so the
+    bootstrap below stays cheap."""
+    y = np.asarray(y)
+    s = np.asarray(s, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]  # the last index of each distinct score
+    tps = np.cumsum(y)[last].astype(np.float64)
+    if tps[-1] == 0:
+        return 0.0
+    precision = tps / (last + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
-    return float(average_precision_score(y, s))
+
+def beats(y: np.ndarray, a: np.ndarray, b: np.ndarray, *, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0) -> float:
+    """Share of stratified bootstrap resamples of the labelled records on which scores ``a`` have
+    a higher PR-AUC than scores ``b`` (ties count half): how sure the labels are that ``a`` ranks
+    better. With a dozen labels this stays near 0.5 unless the difference is large."""
+    rng = np.random.default_rng(seed + 104729)
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    wins = 0.0
+    for _ in range(rounds):
+        idx = np.r_[rng.choice(pos, pos.size), rng.choice(neg, neg.size)]
+        da, db = pr_auc(y[idx], a[idx]), pr_auc(y[idx], b[idx])
+        wins += 1.0 if da > db else 0.5 if da == db else 0.0
+    return wins / rounds
 
 
 def blend_alpha(anomalies: int, kappa: float = BLEND_KAPPA) -> float:
@@ -391,10 +428,12 @@ def uses_labels(detector: str | None, select: Any, labels_from_feedback: bool) -
 
 
 def plan(ld: LabelledData, *, detector: str, select: Sequence[str], min_labels: int = MIN_LABELS,
-         folds: int = DEFAULT_FOLDS, seed: int = 0, log: Any = None) -> Plan:
-    """Decide what to fit: ``detector`` exactly, or (``auto`` / ``select``) the candidate with the
-    best out-of-fold PR-AUC, the stacked model included when there are ``min_labels`` labelled
-    anomalies and normals."""
+         folds: int = DEFAULT_FOLDS, seed: int = 0, log: Any = None, confidence: float = SELECT_CONFIDENCE) -> Plan:
+    """Decide what to fit: ``detector`` exactly, or (``auto`` / ``select``) by out-of-fold PR-AUC
+    on the labelled records: among the unsupervised candidates the first (the default) stays
+    unless another beats it on ``confidence`` of bootstrap resamples; with ``min_labels`` labelled
+    anomalies and normals, the stacked model over them is taken unless the best unsupervised one
+    beats it with that confidence."""
     na, nn = ld.anomalies, ld.normals
     selecting = detector == "auto" or bool(select) or detector == STACKED
     if not selecting:
@@ -424,8 +463,15 @@ def plan(ld: LabelledData, *, detector: str, select: Sequence[str], min_labels: 
     unsup = tuple(c for c in names if c != STACKED)
     oof = out_of_fold(ld.X, ld.y, unsup, folds=folds, seed=seed, log=log)
     selection = {c: pr_auc(oof.y, oof.raw[c]) for c in unsup}
-    best = max(unsup, key=lambda c: selection[c])  # first in order on ties
+    # the default is the first candidate (iforest in the default list); another one must beat it
+    # with confidence, and the best of those that do is taken
+    default = unsup[0]
+    confident = [c for c in unsup[1:] if selection[c] > selection[default]
+                 and beats(oof.y, oof.raw[c], oof.raw[default], seed=seed) >= confidence]
+    best = max(confident, key=lambda c: selection[c]) if confident else default
     p = Plan(best, oof=oof, oof_scores=oof.raw[best], selection=selection)
+    if log and best != max(unsup, key=lambda c: selection[c]):
+        log(f"  kept {best}: no candidate beats it on {confidence:.0%} of bootstrap resamples of the labels")
     if STACKED in names:
         if na < min_labels or nn < min_labels:
             msg = (f"stacked model needs at least {min_labels} labelled anomalies and {min_labels} normals "
@@ -444,9 +490,18 @@ def plan(ld: LabelledData, *, detector: str, select: Sequence[str], min_labels: 
             selection[STACKED] = pr_auc(oof.y, s)
             if log:
                 log(f"  {STACKED:<14} out-of-fold PR-AUC {selection[STACKED]:.4f} (primary {best}, alpha {alpha:.2f})")
-            if detector == STACKED or selection[STACKED] > selection[best]:
+            # The labelled records were mostly picked by the unsupervised model (its alerts plus a
+            # small sample), so on them every detector looks nearly perfect and out-of-fold PR-AUC
+            # cannot show what the labels add on the population. The stacked model keeps the
+            # unsupervised rank with weight 1 - alpha; it is taken unless the labels say, with
+            # confidence, that it ranks them worse than the best unsupervised detector.
+            worse = beats(oof.y, oof.raw[best], s, seed=seed)
+            if detector == STACKED or worse < confidence:
                 p = Plan(STACKED, bases=bases, primary=primary, alpha=alpha, oof=oof, oof_scores=s,
                          selection=selection, notes=p.notes)
+            else:
+                p.notes.append(f"stacked model not taken: {best} ranks the labelled records better on {worse:.0%} of "
+                               "bootstrap resamples")
     return p
 
 
