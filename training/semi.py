@@ -165,9 +165,14 @@ def load_labelled_data(
     """The training rows of ``data`` with their labels (``label_column``: partial labels allowed),
     plus, with ``feedback_store``, the captured records of ``model`` that reviewers labelled
     (appended after the file's rows, features in the model's order)."""
-    labels = read_label_column(data, label_column) if label_column is not None else None
-    table_cols = read_table(data).column_names if label_column is not None else None
-    names = [c for c in table_cols if c != label_column] if table_cols is not None else None
+    labels, names = None, None
+    if label_column is not None:
+        table = read_table(data)
+        if label_column not in table.column_names:
+            raise DataError(f"{data}: label column {label_column!r} not found; columns are {list(table.column_names)[:20]}")
+        labels = parse_labels(table.column(label_column), label_column, str(data))
+        names = [c for c in table.column_names if c != label_column]
+        del table
     ds = load_dataset(data, feature_names=names)
     n = ds.n_rows
     y = labels if labels is not None else np.full(n, -1, dtype=np.int8)
