@@ -9,7 +9,8 @@
 3. Peer, in this process: plain ``load_model().score`` on the small file's records as one
    in-memory array (median of 3 calls) -- the throughput streaming is compared with.
 4. ``outlierd score --input FILE --output out.parquet --id-column id`` in a subprocess per size;
-   peak RSS from ``os.wait4`` (the child's ``ru_maxrss``), records/s from its JSON summary.
+   peak RSS = its ``ru_maxrss`` (``RUSAGE_CHILDREN`` of a small launcher), records/s from its JSON
+   summary (reading, scoring and writing; model loading excluded).
 5. The same with ``--dask local --dask-workers N`` on the big file (records/s with and without the
    cluster start).
 6. Checks every output row against ``load_model().score`` computed chunk by chunk, and the Dask
@@ -75,19 +76,24 @@ def train_model(data: Path, registry: Path, d: int) -> Path:
     return Registry(registry).path("bench", res.version)
 
 
-def run_cli(args: list[str]) -> tuple[dict[str, Any], float, float]:
+# Linux counts a forked child's copy of its parent in the child's ru_maxrss (kept across exec): a
+# child forked from this process (which holds the peer's array) would report at least our RSS. So a
+# small, fresh Python starts `outlierd score` and reports its child's peak (RUSAGE_CHILDREN, KiB).
+_LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:]); "
+             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)); sys.exit(rc)")
+
+
+def run_cli(args: list[str], work: Path) -> tuple[dict[str, Any], float, float]:
     """``python -m outlierd score ...`` in a subprocess: (JSON summary, peak RSS MiB, wall seconds)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+    rss_file = work / "maxrss.txt"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "outlierd", "score", *args, "--json"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read() if proc.stdout else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(rss_file), sys.executable, "-m", "outlierd", "score",
+                           *args, "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"outlierd score {' '.join(args)} failed with exit status {proc.returncode}")
-    return json.loads(out), usage.ru_maxrss / 1024.0, wall  # Linux: ru_maxrss in KiB
+    return json.loads(proc.stdout), int(rss_file.read_text()) / 1024.0, wall
 
 
 def peer_rate(model: Any, data: Path, d: int) -> float:
@@ -162,7 +168,7 @@ def main() -> int:
         runs: dict[str, dict[str, Any]] = {}
         for name, src in (("local-small", small), ("local-big", big)):
             out = work / f"{name}.parquet"
-            summary, rss, wall = run_cli(["--input", str(src), "--output", str(out), *common])
+            summary, rss, wall = run_cli(["--input", str(src), "--output", str(out), *common], work)
             runs[name] = {"rows": summary["rows"], "records_per_s": summary["records_per_s"], "peak_rss_mib": rss,
                           "wall_s": wall, "output": out}
             print(f"[bench] {name}: {summary['rows']:,} rows, {summary['records_per_s']:,.0f} records/s, "
@@ -170,7 +176,7 @@ def main() -> int:
         if not a.no_dask:
             out = work / "dask-big.parquet"
             summary, rss, wall = run_cli(["--input", str(big), "--output", str(out), *common, "--dask", "local",
-                                          "--dask-workers", str(a.workers)])
+                                          "--dask-workers", str(a.workers)], work)
             scoring_s = summary["seconds"] - summary["setup_seconds"]
             runs["dask-big"] = {"rows": summary["rows"], "records_per_s": summary["records_per_s"],
                                 "records_per_s_after_start": summary["rows"] / scoring_s if scoring_s > 0 else None,
