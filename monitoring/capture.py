@@ -33,8 +33,9 @@ from .store import Store, open_store
 log = logging.getLogger("outlierd.capture")
 
 DEFAULT_QUEUE_OFFERS = 8192      # offers (messages) waiting for the writer; beyond it, offers are dropped
-MAX_OFFERS_PER_TXN = 2048        # offers folded into one transaction
+MAX_OFFERS_PER_TXN = 512         # offers folded into one transaction (the GIL is released between transactions)
 INTERVAL_S = 0.1                 # the writer wakes this often and takes everything queued
+YIELD_EVERY = 64                 # messages decoded between voluntary GIL releases of the writer
 ERROR_BACKOFF_S = 1.0            # after a failed write: the queue fills meanwhile, and offers are dropped
 LOG_EVERY_S = 30.0               # rate limit of the "capture failing" log line
 
@@ -194,6 +195,7 @@ class CaptureWriter:
                 except Exception as e:  # capture must never take the server down
                     self._log_failure(e)
                 self._busy = False
+                time.sleep(0)  # between transactions, the event loop gets the GIL at once
             if stopping:
                 return
 
@@ -213,17 +215,20 @@ class CaptureWriter:
         local = kept - (ends - sizes)[owner]
         cuts = [0, *(np.flatnonzero(np.diff(owner)) + 1).tolist(), kept.size]
         groups: dict[tuple, dict[str, list]] = {}
-        for a, b in zip(cuts[:-1], cuts[1:]):
+        for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            if k % YIELD_EVERY == YIELD_EVERY - 1:
+                time.sleep(0)  # let the event loop have the GIL now rather than after the 5 ms switch interval
             o = batch[int(owner[a])]
             li = local[a:b]
             g = groups.get((o.handle.name, o.handle.version, o.role))
             if g is None:
                 g = groups[(o.handle.name, o.handle.version, o.role)] = {"ids": [], "X": [], "scores": [], "rows": [], "latency": [], "n": []}
             d = o.handle.model.n_features
+            raw = None if o.X is not None else o.req.raw_values  # a bytes field: each access is a copy
             if o.X is not None:
                 g["X"].append(np.asarray(o.X)[li])
-            elif len(o.req.raw_values):
-                g["X"].append(np.frombuffer(o.req.raw_values, dtype="<f4").reshape(-1, d)[li])
+            elif raw:
+                g["X"].append(np.frombuffer(raw, dtype="<f4").reshape(-1, d)[li])
             else:
                 vals = o.req.values
                 g["X"].append(np.array([vals[i * d:(i + 1) * d] for i in li.tolist()], dtype=np.float32).reshape(li.size, d))
