@@ -124,7 +124,8 @@ async def _start_rollout(settings: ServeSettings, registry: Registry, slot: Mode
     return rollout
 
 
-async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | None, store=None):
+async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | None,
+                          store=None) -> tuple[CaptureWriter | None, FeedbackService]:
     """The capture writer (None with capture off) and the feedback service, sharing one store. A
     store that cannot be opened does not stop the server: captures are dropped (counted) and
     feedback answers UNAVAILABLE until it can be opened."""
