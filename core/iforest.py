@@ -349,36 +349,51 @@ def split_gains(forest: Forest) -> np.ndarray:
     return gain
 
 
-@nb.njit(nogil=True, cache=True, inline="always")
-def _attribute(x, feature, threshold, gain, depth, denominator, c):
-    """``c[j]``: the record ``x``'s gains on splits of feature ``j``, over all trees, / denominator."""
-    for j in range(c.shape[0]):
-        c[j] = 0.0
+@nb.njit(nogil=True, cache=True)
+def _attribute_pending(pbuf, npend, rows, feature, threshold, gain, depth, denominator, idx, cpend, feat, contrib):
+    """Explain the ``npend`` preprocessed records in ``pbuf`` (output rows ``rows``): walk them
+    through one tree at a time, level by level like ``_walk_rows``, each split adding its gain to
+    ``cpend[r, feature]``. Batching the flagged records of many blocks loads each tree's tables
+    once per batch instead of once per record (at a 1% alert rate a lone record's walk would miss
+    the cache at every level). Per record, gains add up in tree order whatever the batch."""
     n_trees = feature.shape[0]
+    d = cpend.shape[1]
+    for r in range(npend):
+        for j in range(d):
+            cpend[r, j] = 0.0
     for t in range(n_trees):
         f_t = feature[t]
         t_t = threshold[t]
         g_t = gain[t]
-        i = 0
+        for r in range(npend):
+            idx[r] = 0
         for _ in range(depth):
-            f = f_t[i]
-            q = 2 * i + 1 + (x[f] > t_t[i])
-            c[f] += g_t[q - 1]  # 0 on padding nodes (below a leaf)
-            i = q
-    if denominator != 0:
-        for j in range(c.shape[0]):
-            c[j] /= denominator
+            for r in range(npend):
+                i = idx[r]
+                f = f_t[i]
+                q = 2 * i + 1 + (pbuf[r, f] > t_t[i])
+                cpend[r, f] += g_t[q - 1]  # 0 on padding nodes (below a leaf)
+                idx[r] = q
+    scale = 1.0 / denominator if denominator != 0 else 0.0
+    for r in range(npend):
+        c = cpend[r]
+        for j in range(d):
+            c[j] *= scale
+        select_top_k(c, feat[rows[r]], contrib[rows[r]])
 
 
 @nb.njit(nogil=True, cache=True)
 def _explain_rows(X, lo, hi, out, feat, contrib, flag_threshold, flagged_only, median, center, scale_inv, reject,
-                  feature, threshold, leaf_value, denominator, gain, buf, idx, acc, c):
-    """Score rows ``X[lo:hi]`` exactly as ``_score_rows`` does, then explain the block's rows (all,
-    or only those with ``score >= flag_threshold``) while the block is still in cache."""
+                  feature, threshold, leaf_value, denominator, gain, buf, idx, acc, pbuf, rows, cpend):
+    """Score rows ``X[lo:hi]`` exactly as ``_score_rows`` does; copy the preprocessed records to
+    explain (all, or those with ``score >= flag_threshold``) from the block while it is in cache
+    into a pending batch, explained whenever BLOCK records are pending and at the end."""
     n_int = feature.shape[1]
+    d = X.shape[1]
     depth = 0
     while (1 << depth) - 1 < n_int:
         depth += 1
+    npend = 0
     for b0 in range(lo, hi, BLOCK):
         b1 = min(b0 + BLOCK, hi)
         m = b1 - b0
@@ -395,8 +410,14 @@ def _explain_rows(X, lo, hi, out, feat, contrib, flag_threshold, flagged_only, m
             if flagged_only and not s >= flag_threshold:
                 mark_unexplained(feat[b0 + r], contrib[b0 + r])
                 continue
-            _attribute(buf[r], feature, threshold, gain, depth, denominator, c)
-            select_top_k(c, feat[b0 + r], contrib[b0 + r])
+            for j in range(d):
+                pbuf[npend, j] = buf[r, j]
+            rows[npend] = b0 + r
+            npend += 1
+        if npend >= BLOCK or (npend > 0 and b1 == hi):
+            # capacity 2 * BLOCK: fewer than BLOCK were pending before this block, which adds <= BLOCK
+            _attribute_pending(pbuf, npend, rows, feature, threshold, gain, depth, denominator, idx, cpend, feat, contrib)
+            npend = 0
     return -1
 
 
@@ -405,11 +426,13 @@ def explain_serial(X, out, feat, contrib, flag_threshold, flagged_only, median, 
                    feature, threshold, leaf_value, denominator, gain):
     d = X.shape[1]
     buf = np.empty((BLOCK, d), dtype=np.float32)
-    idx = np.empty(BLOCK, dtype=np.uint32)
+    idx = np.empty(2 * BLOCK, dtype=np.uint32)
     acc = np.empty(BLOCK, dtype=np.float64)
-    c = np.empty(d, dtype=np.float64)
+    pbuf = np.empty((2 * BLOCK, d), dtype=np.float32)
+    rows = np.empty(2 * BLOCK, dtype=np.int64)
+    cpend = np.empty((2 * BLOCK, d), dtype=np.float64)
     return _explain_rows(X, 0, X.shape[0], out, feat, contrib, flag_threshold, flagged_only, median, center, scale_inv,
-                         reject, feature, threshold, leaf_value, denominator, gain, buf, idx, acc, c)
+                         reject, feature, threshold, leaf_value, denominator, gain, buf, idx, acc, pbuf, rows, cpend)
 
 
 @nb.njit(nogil=True, cache=True, parallel=True)
@@ -422,13 +445,16 @@ def explain_parallel(X, out, feat, contrib, flag_threshold, flagged_only, median
     bad = np.full(n_tasks, -1, dtype=np.int64)
     for task in nb.prange(n_tasks):
         buf = np.empty((BLOCK, d), dtype=np.float32)
-        idx = np.empty(BLOCK, dtype=np.uint32)
+        idx = np.empty(2 * BLOCK, dtype=np.uint32)
         acc = np.empty(BLOCK, dtype=np.float64)
-        c = np.empty(d, dtype=np.float64)
+        pbuf = np.empty((2 * BLOCK, d), dtype=np.float32)
+        rows = np.empty(2 * BLOCK, dtype=np.int64)
+        cpend = np.empty((2 * BLOCK, d), dtype=np.float64)
         lo = (task * n_blocks // n_tasks) * BLOCK
         hi = min(((task + 1) * n_blocks // n_tasks) * BLOCK, n)
         bad[task] = _explain_rows(X, lo, hi, out, feat, contrib, flag_threshold, flagged_only, median, center,
-                                  scale_inv, reject, feature, threshold, leaf_value, denominator, gain, buf, idx, acc, c)
+                                  scale_inv, reject, feature, threshold, leaf_value, denominator, gain, buf, idx, acc,
+                                  pbuf, rows, cpend)
     for task in range(n_tasks):
         if bad[task] >= 0:
             return bad[task]
