@@ -299,3 +299,40 @@ def test_scoring_goes_on_when_the_store_cannot_keep_up(loop_thread, registry_dir
             store.release.set()
         if store is not None:
             store.inner.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# settings: flags and OUTLIERD_* variables
+# ---------------------------------------------------------------------------------------------
+
+
+def test_capture_settings_from_flags_and_environment(monkeypatch, tmp_path):
+    from outlierd.cli import build_parser
+    from server.settings import ServeSettings
+
+    args = build_parser().parse_args(["serve", "--registry", str(tmp_path), "--model", "m", "--no-capture", "--capture-sample", "0.2",
+                                      "--feedback-store", str(tmp_path / "x.sqlite")])
+    assert (args.capture, args.capture_sample, args.feedback_store) == (0, 0.2, str(tmp_path / "x.sqlite"))
+    defaults = ServeSettings(registry=tmp_path, model="m")
+    assert (defaults.capture, defaults.capture_sample, defaults.feedback_store) == (1, 0.01, None)
+    monkeypatch.setenv("OUTLIERD_CAPTURE_SAMPLE", "0.3")
+    monkeypatch.setenv("OUTLIERD_CAPTURE", "0")
+    monkeypatch.setenv("OUTLIERD_FEEDBACK_STORE", str(tmp_path / "env.sqlite"))
+    s = ServeSettings.from_env(registry=tmp_path, model="m")
+    assert (s.capture, s.capture_sample, s.feedback_store) == (0, 0.3, tmp_path / "env.sqlite")
+    assert ServeSettings.from_env(registry=tmp_path, model="m", capture_sample=0.05).capture_sample == 0.05  # flags win
+    monkeypatch.setenv("OUTLIERD_CAPTURE_SAMPLE", "1.5")
+    with pytest.raises(ValueError, match=r"--capture-sample must be in \[0, 1\]; got 1.5"):
+        ServeSettings.from_env(registry=tmp_path, model="m")
+
+
+def test_no_capture_server_writes_no_predictions(loop_thread, registry_dir, X, tmp_path):
+    path = tmp_path / "fb.sqlite"
+    with serving(loop_thread, registry_dir, feedback_store=path, capture=0) as srv:
+        assert srv.worker.capture is None
+        srv.stub.Score(score_request(X[:500], [f"n{i}" for i in range(500)]))
+        ack = srv.stub.SubmitFeedback(pb.FeedbackRequest(record_id="n1", label=pb.NORMAL))
+        assert ack.stored and not ack.known_record  # labels are still taken
+    s = open_store(path)
+    assert len(s.predictions(MODEL)) == 0 and len(s.labels(MODEL)) == 1
+    s.close()
