@@ -251,11 +251,12 @@ def test_dask_local_cluster_equals_local_scoring(registry, tmp_path, capsys, rng
     ddir = tmp_path / "ds"
     ddir.mkdir()
     tables = []
-    for i in range(3):
+    for i in range(3):  # hive-partitioned: the id passed through is the partition key, found in the path
         t, _, _ = _records(rng, int(rng.integers(150, 400)))
-        _write(t, ddir / f"part-{i}.parquet", row_group_size=int(rng.integers(20, 90)))
+        (ddir / f"day={i + 1}").mkdir()
+        _write(t, ddir / f"day={i + 1}" / "part-0.parquet", row_group_size=int(rng.integers(20, 90)))
         tables.append(t)
-    common = ["score", "--input", ddir, "--registry", registry, "--model", "m", "--id-column", "id",
+    common = ["score", "--input", ddir, "--registry", registry, "--model", "m", "--id-column", "day",
               "--label-column", "label", "--explain", "--top-k", "2", "--explain-flagged-only", "--batch-rows", 100, "--json"]
     rc, out_local, err = _run(capsys, *common, "--output", tmp_path / "local.parquet")
     assert rc == 0, err
@@ -263,6 +264,8 @@ def test_dask_local_cluster_equals_local_scoring(registry, tmp_path, capsys, rng
     assert rc == 0, err
     local, dask = pq.read_table(tmp_path / "local.parquet"), pq.read_table(tmp_path / "dask.parquet")
     assert dask.num_rows == sum(t.num_rows for t in tables)
+    days = np.concatenate([np.full(t.num_rows, i + 1) for i, t in enumerate(tables)])
+    np.testing.assert_array_equal(local.column("day").to_numpy(), days)
     assert dask.schema == local.schema
     for name in local.column_names:  # NaN (unexplained contributions) equal to NaN
         a, b = dask.column(name), local.column(name)
