@@ -96,16 +96,18 @@ class Model:
         _, feat, contrib = self.score_explain(X, top_k, parallel=parallel)
         return feat, contrib
 
-    def score_explain(self, X: Any, top_k: int = 3, flagged_only: bool = False, *,
+    def score_explain(self, X: Any, top_k: int = 3, flagged_only: bool = False, *, threshold: float | None = None,
                       parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scores and explanations in one pass over ``X``: ``(scores, features, contributions)``;
         ``scores`` is exactly :meth:`score`'s. With ``flagged_only`` only records with
         ``score >= threshold`` are explained (inside the kernel, while their block is in cache);
         the others get feature -1 and contribution NaN, which keeps throughput near plain scoring
-        at low alert rates."""
+        at low alert rates. ``threshold``: the cut for ``flagged_only`` when it is not the model's
+        own (e.g. a server's threshold in force); default ``self.threshold``."""
         X = self._check(X)
         top_k = check_top_k(top_k, self.n_features)
-        return self._scorer.explain(X, top_k, self.threshold, bool(flagged_only), parallel)
+        cut = self.threshold if threshold is None else float(threshold)
+        return self._scorer.explain(X, top_k, cut, bool(flagged_only), parallel)
 
 
 @register("iforest", "numba")

@@ -257,6 +257,10 @@ def test_flagged_only_explains_exactly_the_flagged(rng, kind, monkeypatch):
         np.testing.assert_array_equal(features[flagged], f_all[flagged])
         np.testing.assert_array_equal(contributions[flagged], c_all[flagged])
         assert np.all(features[flagged] >= 0) and np.all(np.isfinite(contributions[flagged]))
+    # another cut (a server's threshold in force): exactly the records at or above it
+    cut = np.sort(model.score(Xt))[-10]
+    scores, features, _ = model.score_explain(Xt, top_k=3, flagged_only=True, threshold=cut)
+    np.testing.assert_array_equal(features[:, 0] >= 0, scores >= cut)
     # the whole score_explain(flagged_only=False) equals explain()
     scores, features, contributions = model.score_explain(Xt, top_k=3)
     np.testing.assert_array_equal(features, model.explain(Xt, top_k=3)[0])
