@@ -2,8 +2,9 @@
 
 A label is acknowledged (``stored = true``) only after its transaction committed with
 ``synchronous=FULL`` (fsynced). SQLite never runs on the event loop: writes go to one writer thread
-per worker; a stream's consecutive labels are committed together (group commit) and each is acked
-after that commit, in request order. Unknown record ids (no captured prediction) are stored and
+per worker. Labels are committed in groups: a stream's consecutive labels, and every call waiting
+while the previous commit ran, share one transaction (one fsync); each is acked after that commit,
+a stream's in request order. Unknown record ids (no captured prediction) are stored and
 acked with ``known_record = false``. Invalid input: unary calls fail with INVALID_ARGUMENT or
 NOT_FOUND naming the problem; on a stream that message gets an ack with ``stored = false`` and
 ``error`` set, and the stream goes on.
@@ -44,20 +45,48 @@ class FeedbackService:
         self._quality_job: Future | None = None
         self._quality_at = -math.inf
         self._quality_failed_logged = -math.inf
+        self._pending: list[tuple[Sequence[LabelRow], asyncio.Future]] = []  # calls waiting for the next commit
+        self._committing = False
 
     def _add(self, rows: Sequence[LabelRow]) -> list[bool]:
         return self.opener.get().add_labels(self.model, rows)
 
     async def store(self, rows: Sequence[LabelRow]) -> list[bool]:
-        """Store ``rows`` in one durable transaction (off the event loop); known_record per row.
-        A store that cannot be written raises RequestError(UNAVAILABLE)."""
+        """Store ``rows`` durably (off the event loop); known_record per row. Calls that arrive while
+        a commit is running are committed together in the next transaction (group commit: one fsync
+        for all of them), each answered only after it. A store that cannot be written raises
+        RequestError(UNAVAILABLE); nothing of that transaction is stored."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.append((rows, fut))
+        if not self._committing:
+            self._committing = True
+            loop.create_task(self._commit_pending())
+        return await fut
+
+    async def _commit_pending(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._writer, self._add, rows)
-        except ValueError as e:  # the store's own validation (label_row checks first; kept for other callers)
-            raise RequestError(str(e), reason="feedback") from e
-        except Exception as e:  # sqlite3.Error, OSError: not stored, the caller answers UNAVAILABLE
-            log.error("feedback write failed labels=%d error=%s", len(rows), e)
-            raise RequestError(f"feedback store unavailable, labels not stored: {e}", code="UNAVAILABLE", reason="feedback") from e
+            while self._pending:
+                batch, self._pending = self._pending, []
+                rows = [r for part, _ in batch for r in part]
+                try:
+                    known = await loop.run_in_executor(self._writer, self._add, rows)
+                except Exception as e:  # sqlite3.Error, OSError (or ValueError from the store's own checks)
+                    log.error("feedback write failed labels=%d error=%s", len(rows), e)
+                    err = (RequestError(str(e), reason="feedback") if isinstance(e, ValueError) else
+                           RequestError(f"feedback store unavailable, labels not stored: {e}", code="UNAVAILABLE", reason="feedback"))
+                    for _, fut in batch:
+                        if not fut.done():  # a caller that went away (cancelled) needs no answer
+                            fut.set_exception(err)
+                    continue
+                start = 0
+                for part, fut in batch:
+                    if not fut.done():
+                        fut.set_result(known[start:start + len(part)])
+                    start += len(part)
+        finally:
+            self._committing = False
 
     def tick(self) -> None:
         """From the worker's background tick: start a quality recomputation when due (never waits)."""

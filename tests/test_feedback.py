@@ -209,6 +209,34 @@ def test_stream_acks_in_order_and_goes_on_after_invalid_messages(loop_thread, re
     s.close()
 
 
+class _CountingStore:
+    def __init__(self, inner):
+        self.inner, self.label_calls = inner, 0
+
+    def add_labels(self, model, rows):
+        self.label_calls += 1
+        return self.inner.add_labels(model, rows)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_concurrent_unary_calls_share_commits(loop_thread, registry_dir, tmp_path, rng):
+    store = _CountingStore(open_store(tmp_path / "fb.sqlite"))
+    n = 300
+    labels = [pb.FeedbackRequest(record_id=f"c{i}", label=pb.ANOMALY if rng.random() < 0.5 else pb.NORMAL, reviewer="r") for i in range(n)]
+    try:
+        with serving(loop_thread, registry_dir, store=store) as srv:
+            futures = [srv.stub.SubmitFeedback.future(req, timeout=30) for req in labels]
+            acks = [f.result() for f in futures]
+        assert [(a.record_id, a.stored, a.known_record) for a in acks] == [(r.record_id, True, False) for r in labels]
+        got = {(r.record_id, r.label) for r in store.labels(MODEL)}
+        assert got == {(r.record_id, "anomaly" if r.label == pb.ANOMALY else "normal") for r in labels}
+        assert store.label_calls < n  # calls that waited for a commit went into the next one together
+    finally:
+        store.inner.close()
+
+
 def test_unwritable_store_refuses_feedback_and_scoring_goes_on(loop_thread, registry_dir, tmp_path, X):
     not_a_file = tmp_path / "a-directory"
     not_a_file.mkdir()
