@@ -80,9 +80,11 @@ class MicroBatcher:
     def _release(self, n: int) -> None:
         self._inflight -= n
 
-    def submit(self, X: np.ndarray, handle: ModelHandle | None = None) -> asyncio.Future:
+    def submit(self, X: np.ndarray, handle: ModelHandle | None = None, explain: tuple[int, bool] | None = None) -> asyncio.Future:
         """Queue ``X`` for scoring with ``handle`` (default: the one serving now); the future
-        resolves to ``(handle, scores, device)``."""
+        resolves to ``(handle, scores, device)``. ``explain=(top_k, flagged_only)``: scored and
+        explained in one kernel pass on a scoring thread (not micro-batched), resolving to
+        ``(handle, scores, device, (features, contributions))``."""
         handle = handle or self.slot.current
         assert handle is not None, "no model loaded"
         loop = asyncio.get_running_loop()
@@ -95,8 +97,8 @@ class MicroBatcher:
             raise Overloaded(f"server overloaded: {self._inflight} records waiting or being scored "
                              f"(limit {self.max_queue_records}); retry later")
         self._inflight += n
-        if n >= self.max_batch or n == 0:
-            return loop.create_task(self._score_direct(handle, X))
+        if n >= self.max_batch or n == 0 or explain is not None:
+            return loop.create_task(self._score_direct(handle, X, explain))
         fut = loop.create_future()
         fut.add_done_callback(lambda _f, n=n: self._release(n))
         if not self._queue and self._busy < self._threads and self.max_delay_s == 0:
@@ -140,14 +142,14 @@ class MicroBatcher:
             self._observe(handle, scores.shape[0])
             fut.set_result((handle, scores, device))
 
-    async def _score_direct(self, handle: ModelHandle, X: np.ndarray) -> tuple[ModelHandle, np.ndarray, str]:
+    async def _score_direct(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None) -> tuple:
         n = X.shape[0]
         try:
             await self._acquire_thread()
         except asyncio.CancelledError:
             self._release(n)
             raise
-        job = asyncio.get_running_loop().run_in_executor(self.executor, self._kernel, handle, X)
+        job = asyncio.get_running_loop().run_in_executor(self.executor, self._kernel, handle, X, explain)
 
         def done(_job: asyncio.Future) -> None:
             # the thread and the records stay counted until the thread is done, even if the caller gave up
@@ -155,16 +157,23 @@ class MicroBatcher:
             self._release(n)
 
         job.add_done_callback(done)
-        scores, device = await asyncio.shield(job)
+        scores, device, *explanation = await asyncio.shield(job)
         self._observe(handle, scores.shape[0])
-        return handle, scores, device
+        return (handle, scores, device, *explanation)
 
-    def _kernel(self, handle: ModelHandle, X: np.ndarray) -> tuple[np.ndarray, str]:
-        """Score one batch where the device policy says; returns (scores, device it ran on)."""
+    def _kernel(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None) -> tuple:
+        """Score one batch where the device policy says; returns (scores, device it ran on), and
+        with ``explain=(top_k, flagged_only)`` also (features, contributions), computed on the CPU
+        kernels (the GPU backends' attributions are the CPU kernel's anyway)."""
+        explanation = None
         scores = None
         device = "cpu"
         t0 = time.perf_counter()
-        if handle.gpu_model is not None and X.shape[0] >= handle.gpu_min_rows:
+        if explain is not None:  # flagged_only cuts at the threshold in force, as `anomalous` does
+            scores, *explanation = handle.model.score_explain(X, explain[0], explain[1], threshold=handle.threshold,
+                                                              parallel=X.shape[0] > PARALLEL_MIN_ROWS)
+            device = handle.model.device
+        elif handle.gpu_model is not None and X.shape[0] >= handle.gpu_min_rows:
             try:
                 scores, device = handle.gpu_model.score(X), "cuda"
             except Exception as e:  # a GPU failure falls back to the CPU kernel: counted and logged
@@ -182,7 +191,7 @@ class MicroBatcher:
                 handle.monitor.observe(X, scores, handle.threshold)
             except Exception:  # monitoring must never fail scoring
                 log.exception("drift monitor failed model=%s version=%d", handle.name, handle.version)
-        return scores, device
+        return (scores, device) if explanation is None else (scores, device, tuple(explanation))
 
     def kernel_us(self, handle: ModelHandle) -> float:
         """Kernel time per record (microseconds) of the latest batch scored with ``handle``'s

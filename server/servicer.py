@@ -21,6 +21,7 @@ from .requests import decode
 from .settings import ServeSettings
 
 log = logging.getLogger("outlierd.servicer")
+DEFAULT_TOP_K = 3  # ScoreRequest.top_k = 0: features per explained record
 INVALID_REASONS = ("n_features", "shape", "both_values", "ids", "too_large", "non_finite", "unknown_model", "explain", "internal")
 
 
@@ -41,18 +42,37 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
 
     def _start(self, req: pb.ScoreRequest) -> asyncio.Future:
         """Validate and queue one request (synchronously, so requests bind handles in order)."""
-        if req.explain:
-            raise RequestError("explain is not implemented yet", code="UNIMPLEMENTED", reason="explain")
         handle = self.slot.current
         if self.rollout is not None:  # split: the challenger answers a stable share of messages
             handle = self.rollout.route(req, handle)
         X = decode(req, handle, self.settings.model, self.settings.max_request_records)
-        fut = self.batcher.submit(X, handle)
+        # explain: scored and explained in one kernel pass on a scoring thread (see batcher.submit)
+        fut = self.batcher.submit(X, handle, self._explain_args(req, handle) if req.explain else None)
         if self.rollout is not None:  # shadow: the challenger scores X once the champion's result is in
             self.rollout.after(fut, req, X, handle)
         return fut
 
-    def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray, device: str) -> pb.ScoreResponse:
+    @staticmethod
+    def _explain_args(req: pb.ScoreRequest, handle: ModelHandle) -> tuple[int, bool]:
+        """``(top_k, flagged_only)`` of an explain request; top_k 0 means DEFAULT_TOP_K."""
+        d = handle.model.n_features
+        top_k = req.top_k or min(DEFAULT_TOP_K, d)
+        if top_k > d:
+            raise RequestError(f"explain: top_k must be in [1, {d}] (the model's number of features; 0 means "
+                               f"{min(DEFAULT_TOP_K, d)}); got {req.top_k}", reason="explain")
+        return top_k, req.explain_flagged_only
+
+    @staticmethod
+    def _add_explanations(resp: pb.ScoreResponse, names: list[str], explanation: tuple[np.ndarray, np.ndarray]) -> None:
+        """One Explanation per explained record (feature -1: not explained), in record order."""
+        features, contributions = explanation
+        for r in np.flatnonzero(features[:, 0] >= 0).tolist():
+            f = features[r].tolist()
+            resp.explanations.add(record=r, features=f, contributions=contributions[r].tolist(),
+                                  feature_names=[names[j] for j in f])
+
+    def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray, device: str,
+                  explanation: tuple[np.ndarray, np.ndarray] | None = None) -> pb.ScoreResponse:
         flagged = scores >= handle.threshold
         if self.metrics is not None and scores.size:
             records, anomalies = self._counters(handle)
@@ -62,6 +82,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                                 alias=handle.alias)
         resp.scores.extend(scores.tolist())  # measured: faster than passing lists to the constructor
         resp.anomalous.extend(flagged.tolist())
+        if explanation is not None:
+            self._add_explanations(resp, handle.model.feature_names, explanation)
         if self.capture is not None and scores.size:  # a queue hand-off: selection and I/O happen on the writer thread
             self.capture.offer_request(handle, "challenger" if handle.alias == "challenger" else "champion", req, scores, flagged,
                                        self.batcher.kernel_us(handle))
@@ -89,7 +111,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         t0 = time.perf_counter()
         try:
-            handle, scores, device = await self._start(request)
+            handle, scores, device, *explanation = await self._start(request)
         except RequestError as e:
             self._count_invalid(e)
             await context.abort(status_code(e), message(e))
@@ -99,7 +121,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             log.exception("scoring failed request_id=%d", request.request_id)
             self._count_invalid(RequestError(str(e), code="INTERNAL", reason="internal"))
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error while scoring: {e}")
-        response = self._response(request, handle, scores, device)
+        response = self._response(request, handle, scores, device, *explanation)
         self._observe("Score", t0)
         return response
 
@@ -138,7 +160,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 req, t0, fut, err = entry
                 if err is None:
                     try:
-                        handle, scores, device = await fut
+                        handle, scores, device, *explanation = await fut
                     except RequestError as e:
                         err = e
                     except Exception as e:  # a kernel failure answers this message, not the stream
@@ -148,7 +170,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 if err is not None:
                     yield pb.ScoreResponse(request_id=req.request_id, error=f"{err.code}: {message(err)}")
                     continue
-                yield self._response(req, handle, scores, device)
+                yield self._response(req, handle, scores, device, *explanation)
                 self._observe("ScoreStream", t0)
         finally:
             task.cancel()

@@ -233,7 +233,7 @@ def test_score_stream_in_order_and_continues_after_invalid_message(stub, X, serv
             req = request(chunk[:, :20], request_id=i, raw=raw)
         elif bad.get(i) == "explain":
             req = request(chunk, request_id=i, raw=raw)
-            req.explain = True
+            req.explain, req.top_k = True, D + 1
         elif bad.get(i) == "shape":
             req = pb.ScoreRequest(n_features=D, values=[1.0] * (D + 1), request_id=i)
         else:
@@ -245,7 +245,7 @@ def test_score_stream_in_order_and_continues_after_invalid_message(stub, X, serv
     errors = {i: r.error for i, r in enumerate(responses) if r.error}
     assert errors == {
         2: f"INVALID_ARGUMENT: n_features is 20; model 'cardio' version {VERSION} expects {D}",
-        5: "UNIMPLEMENTED: explain is not implemented yet",
+        5: f"INVALID_ARGUMENT: explain: top_k must be in [1, {D}] (the model's number of features; 0 means 3); got {D + 1}",
         8: f"INVALID_ARGUMENT: values holds {D + 1} numbers: not a multiple of n_features={D}",
     }
     for i in errors:
@@ -354,8 +354,8 @@ INVALID = [
      "NOT_FOUND", "unknown model 'nope'; this server serves 'cardio'"),
     ("too_large", _req(raw_values=b"\0" * (4 * D * (MAX_REQUEST_RECORDS + 1))),
      "INVALID_ARGUMENT", f"request holds {MAX_REQUEST_RECORDS + 1} records; the limit is {MAX_REQUEST_RECORDS} per request: split it"),
-    ("explain", _req(explain=True),
-     "UNIMPLEMENTED", "explain is not implemented yet"),
+    ("explain", _req(explain=True, top_k=D + 1),
+     "INVALID_ARGUMENT", f"explain: top_k must be in [1, {D}] (the model's number of features; 0 means 3); got {D + 1}"),
 ]
 
 
