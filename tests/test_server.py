@@ -315,7 +315,7 @@ def test_reflection_lists_services(channel):
     services = set(db.get_services())
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
     scorer = DescriptorPool(db).FindServiceByName(SERVICE)
-    assert {m.name for m in scorer.methods} == {"Score", "ScoreStream", "GetModelInfo"}
+    assert {m.name for m in scorer.methods} == {"Score", "ScoreStream", "GetModelInfo", "SubmitFeedback", "SubmitFeedbackStream"}
     score = scorer.methods_by_name["ScoreStream"]
     assert score.input_type.full_name == "outlierd.v1.ScoreRequest"
     assert score.client_streaming and score.server_streaming

@@ -80,7 +80,7 @@ def test_other_detectors_train_and_score(tmp_path, capsys, detector):
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "scores.parquet")
-    assert table.num_rows == 1831 and table.column_names == ["score", "anomalous"]
+    assert table.num_rows == 1831 and table.column_names == ["score", "anomalous", "version"]
 
 
 def test_missing_values_are_imputed_and_reported(tmp_path, capsys, rng):
