@@ -16,6 +16,10 @@ its preprocessing arrays included), and a linear model fitted on reviewers' labe
 ``alpha`` (the weight of the labels) grows with the number of labelled anomalies, so a model
 trained on few labels stays close to its unsupervised primary detector.
 
+Explanations: feature ``j`` contributes ``alpha * v_j * z_j`` (its term in the label model's
+logit, weighted as in the blend); the base detectors' ranks are not split into features.
+Backends: ``numba`` only (the bases' Numba kernels; the combination in float64 NumPy).
+
 Arrays: ``st_knots_<i>``, ``st_levels_<i>`` per base, ``st_center``, ``st_scale_inv`` (d,),
 ``st_coef`` (n_bases + d,), ``st_intercept`` (); manifest ``detector.params``: ``bases`` (a list
 of ``{"kind", "params", "prefix", "preprocessing", "name"}``), ``primary``, ``alpha``, ``clip``.

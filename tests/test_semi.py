@@ -193,6 +193,11 @@ def test_stacked_artifact_reproduces_a_float64_numpy_reference(tmp_path, rng):
     expected = (1 - params["alpha"]) * ranks[params["primary"]] + params["alpha"] * p
     np.testing.assert_allclose(model.score(Xq), expected, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(model.score(np.tile(Xq, (30, 1)))[: len(Xq)], expected, rtol=1e-10, atol=1e-12)
+    # explanations: the label model's per-feature terms alpha * v_j * z_j, largest first
+    C = params["alpha"] * z * arrays["st_coef"][len(params["bases"]):]
+    feat, contrib = model.explain(Xq, 2)
+    np.testing.assert_allclose(contrib, -np.sort(-C, axis=1)[:, :2], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(C[np.arange(len(Xq)), feat[:, 0]], contrib[:, 0], rtol=1e-12, atol=1e-15)
 
     # provenance: counts, the column, a fingerprint of the label set, out-of-fold metrics
     lab = model.manifest["lineage"]["labels"]
