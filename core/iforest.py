@@ -33,6 +33,7 @@ The sample counts ``n_node`` are recovered from the leaves' stored path lengths 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numba as nb
 import numpy as np
@@ -40,7 +41,7 @@ import numpy as np
 from .backends import NumbaScorer
 from .errors import ArtifactError
 from .explain import mark_unexplained, select_top_k
-from .preprocess import prep_block
+from .preprocess import Preprocessing, prep_block
 
 BLOCK = 64          # rows walked together through a tree; a float32 block stays in L1
 FEW_ROWS = 4        # up to this many rows in a block, overlap trees instead of rows
@@ -461,14 +462,14 @@ def explain_parallel(X, out, feat, contrib, flag_threshold, flagged_only, median
     return -1
 
 
-def numba_scorer(forest: Forest, prep) -> NumbaScorer:
+def numba_scorer(forest: Forest, prep: Preprocessing) -> NumbaScorer:
     """The Numba scorer of ``forest`` (scoring and explanation kernels; the gains are computed on
     the first explanation)."""
     return NumbaScorer(score_serial, score_parallel, prep, (forest.feature, forest.threshold, forest.leaf_value, forest.denominator),
                        explain=(explain_serial, explain_parallel, lambda: (split_gains(forest),)))
 
 
-def numba_explainer(forest: Forest, prep):
+def numba_explainer(forest: Forest, prep: Preprocessing) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     """``fn(X, top_k) -> (features, contributions)``: the ONNX and torch backends' explanations
     (their graphs have no per-split output), the Numba kernel on the same arrays."""
     return numba_scorer(forest, prep).top_k
