@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -31,7 +31,7 @@ LABELS = ("anomaly", "normal")
 ROLES = ("champion", "challenger")
 DEFAULT_FILENAME = "feedback.sqlite"
 BUSY_TIMEOUT_MS = 10_000
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -114,22 +114,25 @@ def validate_label(label: str) -> str:
 
 _SCHEMA = """  -- statements are split on semicolons: none in comments
 
-CREATE TABLE IF NOT EXISTS predictions (
-    id INTEGER PRIMARY KEY,    -- the rowid: capture order (rows are never deleted, and AUTOINCREMENT costs a write per insert)
+CREATE TABLE IF NOT EXISTS capture_batches (  -- what the rows of one write share
+    id INTEGER PRIMARY KEY,
     model TEXT NOT NULL,
-    record_id TEXT NOT NULL,
     version INTEGER NOT NULL,
     role TEXT NOT NULL,
-    score REAL NOT NULL,
-    flagged INTEGER NOT NULL,
-    sampled INTEGER NOT NULL,
-    sample_rate REAL,
-    ts REAL NOT NULL,
-    latency_us REAL,
     n_features INTEGER NOT NULL,
+    sample_rate REAL,
+    ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS predictions (  -- one row per captured record, lean: this is written for every capture
+    id INTEGER PRIMARY KEY,    -- the rowid: capture order (rows are never deleted, and AUTOINCREMENT costs a write per insert)
+    batch INTEGER NOT NULL REFERENCES capture_batches (id),
+    record_id TEXT NOT NULL,
+    score REAL NOT NULL,
+    flags INTEGER NOT NULL,    -- 1: flagged, 2: sampled
+    latency_us REAL,
     x BLOB NOT NULL            -- little-endian float32, n_features values
 );
-CREATE INDEX IF NOT EXISTS predictions_model_record ON predictions (model, record_id);
+CREATE INDEX IF NOT EXISTS predictions_record ON predictions (record_id);
 CREATE TABLE IF NOT EXISTS labels (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     model TEXT NOT NULL,
@@ -163,6 +166,10 @@ class SQLiteStore:
         self._closed = False
         conn = self._conn()  # fail now, naming the file, rather than on the first write
         try:
+            found = conn.execute("PRAGMA user_version").fetchone()[0]
+            if found not in (0, SCHEMA_VERSION):
+                raise OSError(f"feedback store {self.path} has schema version {found}; this outlierd reads version "
+                              f"{SCHEMA_VERSION}: export its labels with the outlierd that wrote it, or start a new store")
             with self._write(conn, durable=True):
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
@@ -260,16 +267,29 @@ class SQLiteStore:
         # SQLite stores a NaN as NULL (unknown rate / latency).
         buf, rb = X.tobytes(), 4 * d
         blobs = [buf[i:i + rb] for i in range(0, n * rb, rb)]
-        rep = itertools.repeat
-        rows = list(zip(rep(model), map(str, record_ids), rep(int(version)), rep(role), scores.tolist(), flagged.astype(np.int8).tolist(),
-                        sampled.astype(np.int8).tolist(), rate.tolist(), when.tolist(), lat.tolist(), rep(d), blobs))
+        flags = (flagged.astype(np.int8) | (sampled.astype(np.int8) << 1)).tolist()
+        ids = list(map(str, record_ids))
+        # rows sharing (ts, sample rate) share a batch row: all of them when both are one value
+        parts: dict[tuple, list[int]] = {}
+        if np.ndim(sample_rate) == 0 and (ts is None or np.ndim(ts) == 0):
+            parts[(float(when[0]), None if np.isnan(rate[0]) else float(rate[0]))] = list(range(n))
+        else:
+            for i, (t, r) in enumerate(zip(when.tolist(), rate.tolist())):
+                parts.setdefault((t, None if r != r else r), []).append(i)
         su = sampled & ~flagged
         usable = su & np.isfinite(rate) & (rate > 0)
         totals = (model, role, int(flagged.sum()), int(su.sum()), float(np.sum(1.0 / rate[usable])), int(su.sum() - usable.sum()))
+        scores_l, lat_l = scores.tolist(), lat.tolist()
         conn = self._conn()
         with self._write(conn, durable=False):
-            conn.executemany("INSERT INTO predictions (model, record_id, version, role, score, flagged, sampled, sample_rate, ts, "
-                             "latency_us, n_features, x) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            for (t, r), idx in parts.items():
+                batch = conn.execute("INSERT INTO capture_batches (model, version, role, n_features, sample_rate, ts) VALUES (?, ?, ?, ?, ?, ?)",
+                                     (model, int(version), role, d, r, t)).lastrowid
+                if len(idx) == n:
+                    rows: Any = zip(itertools.repeat(batch), ids, scores_l, flags, lat_l, blobs)
+                else:
+                    rows = ((batch, ids[i], scores_l[i], flags[i], lat_l[i], blobs[i]) for i in idx)
+                conn.executemany("INSERT INTO predictions (batch, record_id, score, flags, latency_us, x) VALUES (?, ?, ?, ?, ?, ?)", rows)
             conn.execute("INSERT INTO capture_totals (model, role, flagged, sampled, sampled_weight, sampled_no_rate) VALUES (?, ?, ?, ?, ?, ?) "
                          "ON CONFLICT (model, role) DO UPDATE SET flagged = flagged + excluded.flagged, sampled = sampled + excluded.sampled, "
                          "sampled_weight = sampled_weight + excluded.sampled_weight, sampled_no_rate = sampled_no_rate + excluded.sampled_no_rate",
@@ -289,8 +309,7 @@ class SQLiteStore:
         now = time.time()
         conn = self._conn()
         with self._write(conn, durable=True):
-            known = [conn.execute("SELECT 1 FROM predictions WHERE model = ? AND record_id = ? LIMIT 1",
-                                  (model, r.record_id)).fetchone() is not None for r in rows]
+            known = [conn.execute(_KNOWN, (r.record_id, model)).fetchone() is not None for r in rows]
             conn.executemany("INSERT INTO labels (model, record_id, label, reviewer, note, ts) VALUES (?, ?, ?, ?, ?, ?)",
                              [(model, r.record_id, r.label, r.reviewer or "", r.note or "", r.ts or now) for r in rows])
         return known
@@ -303,28 +322,31 @@ class SQLiteStore:
 
     def predictions(self, model: str, *, role: str | None = None, version: int | None = None,
                     features: bool = True) -> Predictions:
-        where, params = ["model = ?"], [model]
+        where, params = ["b.model = ?"], [model]
         if role is not None:
-            where.append("role = ?")
+            where.append("b.role = ?")
             params.append(role)
         if version is not None:
-            where.append("version = ?")
+            where.append("b.version = ?")
             params.append(int(version))
-        cols = "record_id, version, role, score, flagged, sampled, ts, latency_us, sample_rate, n_features" + (", x" if features else "")
-        rows = self._conn().execute(f"SELECT {cols} FROM predictions WHERE {' AND '.join(where)} ORDER BY id", params).fetchall()
+        cols = "p.record_id, b.version, b.role, p.score, p.flags, b.ts, p.latency_us, b.sample_rate, b.n_features" + (", p.x" if features else "")
+        rows = self._conn().execute(f"SELECT {cols} FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch "
+                                    f"WHERE {' AND '.join(where)} ORDER BY p.id", params).fetchall()
         return _columns(rows, features)
 
     def labelled(self, model: str, *, role: str = "champion") -> tuple[np.ndarray, np.ndarray, list[str]]:
-        # SQLite returns the bare columns of the row that holds MAX(id): the latest label / capture
+        # SQLite returns the bare columns of the row that holds MAX(id): each record's latest label;
+        # its latest capture of `role` is one index lookup
         rows = self._conn().execute(
             """
-            SELECT l.record_id, l.label, p.n_features, p.x FROM
-              (SELECT record_id, label, MAX(id) AS lid FROM labels WHERE model = ? GROUP BY record_id) AS l
-            JOIN
-              (SELECT record_id, n_features, x, MAX(id) AS pid FROM predictions WHERE model = ? AND role = ? GROUP BY record_id) AS p
-            ON l.record_id = p.record_id
+            SELECT l.record_id, l.label, b.n_features, p.x FROM
+              (SELECT record_id, label, MAX(id) AS lid FROM labels WHERE model = ?1 GROUP BY record_id) AS l
+              JOIN predictions AS p ON p.id = (SELECT p2.id FROM predictions AS p2 JOIN capture_batches AS b2 ON b2.id = p2.batch
+                                               WHERE p2.record_id = l.record_id AND b2.model = ?1 AND b2.role = ?2
+                                               ORDER BY p2.id DESC LIMIT 1)
+              JOIN capture_batches AS b ON b.id = p.batch
             ORDER BY l.lid
-            """, (model, model, role)).fetchall()
+            """, (model, role)).fetchall()
         ids = [r[0] for r in rows]
         y = np.array([1 if r[1] == "anomaly" else 0 for r in rows], dtype=np.int8)
         X = _stack([r[2] for r in rows], [r[3] for r in rows]).astype(np.float64)
@@ -338,15 +360,16 @@ class SQLiteStore:
         row = c.execute("SELECT flagged, sampled, sampled_weight, sampled_no_rate FROM capture_totals WHERE model = ? AND role = ?",
                         (model, role)).fetchone() or (0, 0, 0.0, 0)
         captures, known = {}, set()
-        for rid, fs, any_role in c.execute(
+        for rid, flags, any_role in c.execute(
                 """
                 SELECT l.record_id,
-                  (SELECT p.flagged * 2 + p.sampled FROM predictions AS p
-                     WHERE p.model = ?1 AND p.record_id = l.record_id AND p.role = ?2 ORDER BY p.id DESC LIMIT 1),
-                  EXISTS (SELECT 1 FROM predictions AS p WHERE p.model = ?1 AND p.record_id = l.record_id)
+                  (SELECT p.flags FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch
+                     WHERE p.record_id = l.record_id AND b.model = ?1 AND b.role = ?2 ORDER BY p.id DESC LIMIT 1),
+                  EXISTS (SELECT 1 FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch
+                          WHERE p.record_id = l.record_id AND b.model = ?1)
                 FROM (SELECT DISTINCT record_id FROM labels WHERE model = ?1) AS l
                 """, (model, role)):
-            captures[rid] = None if fs is None else (bool(fs & 2), bool(fs & 1))
+            captures[rid] = None if flags is None else (bool(flags & 1), bool(flags & 2))
             if any_role:
                 known.add(rid)
         return {"captured_flagged": int(row[0]), "captured_sampled": int(row[1]), "sampled_weight": float(row[2]),
@@ -355,7 +378,8 @@ class SQLiteStore:
     def counts(self, model: str) -> dict[str, int]:
         """Rows stored for ``model``: ``predictions``, ``labels``."""
         c = self._conn()
-        return {"predictions": c.execute("SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)).fetchone()[0],
+        return {"predictions": c.execute("SELECT COUNT(*) FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch "
+                                         "WHERE b.model = ?", (model,)).fetchone()[0],
                 "labels": c.execute("SELECT COUNT(*) FROM labels WHERE model = ?", (model,)).fetchone()[0]}
 
     def journal_mode(self) -> str:
@@ -373,15 +397,17 @@ def _stack(widths: list[int], blobs: list[bytes]) -> np.ndarray:
 
 def _columns(rows: list[tuple], features: bool) -> Predictions:
     n = len(rows)
-    cols = list(zip(*rows)) if rows else [()] * 11
+    cols = list(zip(*rows)) if rows else [()] * 10
 
     def f64(col: tuple) -> np.ndarray:
         return np.array([np.nan if v is None else v for v in col], dtype=np.float64).reshape(n)
 
-    X = _stack(list(cols[9]), list(cols[10])) if features else np.zeros((n, 0), dtype=np.float32)
-    if features and n == 0:
-        X = np.zeros((0, 0), dtype=np.float32)
+    flags = np.array(cols[4], dtype=np.int64).reshape(n)
+    X = _stack(list(cols[8]), list(cols[9])) if features else np.zeros((n, 0), dtype=np.float32)
     return Predictions(record_id=list(cols[0]), version=np.array(cols[1], dtype=np.int64).reshape(n), role=list(cols[2]),
-                       score=np.array(cols[3], dtype=np.float64).reshape(n), flagged=np.array(cols[4], dtype=bool).reshape(n),
-                       sampled=np.array(cols[5], dtype=bool).reshape(n), ts=np.array(cols[6], dtype=np.float64).reshape(n),
-                       latency_us=f64(cols[7]), X=X, sample_rate=f64(cols[8]))
+                       score=np.array(cols[3], dtype=np.float64).reshape(n), flagged=(flags & 1).astype(bool),
+                       sampled=(flags & 2).astype(bool), ts=np.array(cols[5], dtype=np.float64).reshape(n),
+                       latency_us=f64(cols[6]), X=X, sample_rate=f64(cols[7]))
+
+
+_KNOWN = "SELECT 1 FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch WHERE p.record_id = ? AND b.model = ? LIMIT 1"
