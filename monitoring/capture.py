@@ -213,42 +213,45 @@ class CaptureWriter:
         ends = np.cumsum(sizes)
         owner = np.searchsorted(ends, kept, side="right")  # the message each kept row belongs to
         local = kept - (ends - sizes)[owner]
+        scores = np.concatenate([np.asarray(o.scores, dtype=np.float64).reshape(-1) for o in batch])[kept]
+        latency = np.fromiter((o.latency_us for o in batch), dtype=np.float64, count=len(batch))[owner]
         cuts = [0, *(np.flatnonzero(np.diff(owner)) + 1).tolist(), kept.size]
-        groups: dict[tuple, dict[str, list]] = {}
+        groups: dict[tuple, dict[str, Any]] = {}
         for k, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
             if k % YIELD_EVERY == YIELD_EVERY - 1:
                 time.sleep(0)  # let the event loop have the GIL now rather than after the 5 ms switch interval
             o = batch[int(owner[a])]
-            li = local[a:b]
-            g = groups.get((o.handle.name, o.handle.version, o.role))
+            li = local[a:b].tolist()
+            key = (o.handle.name, o.handle.version, o.role)
+            g = groups.get(key)
             if g is None:
-                g = groups[(o.handle.name, o.handle.version, o.role)] = {"ids": [], "X": [], "scores": [], "rows": [], "latency": [], "n": []}
-            d = o.handle.model.n_features
-            raw = None if o.X is not None else o.req.raw_values  # a bytes field: each access is a copy
+                g = groups[key] = {"ids": [], "blobs": [], "spans": [], "d": o.handle.model.n_features}
+            rb = 4 * g["d"]
+            # each kept record's features as little-endian float32 bytes, sliced straight from the request
             if o.X is not None:
-                g["X"].append(np.asarray(o.X)[li])
-            elif raw:
-                g["X"].append(np.frombuffer(raw, dtype="<f4").reshape(-1, d)[li])
+                X = np.ascontiguousarray(o.X, dtype="<f4")
+                g["blobs"].extend([X[i].tobytes() for i in li])
             else:
-                vals = o.req.values
-                g["X"].append(np.array([vals[i * d:(i + 1) * d] for i in li.tolist()], dtype=np.float32).reshape(li.size, d))
+                raw = o.req.raw_values  # a bytes field: each access is a copy, so once
+                if raw:
+                    g["blobs"].extend([raw[i * rb:(i + 1) * rb] for i in li])
+                else:
+                    vals, d = o.req.values, g["d"]
+                    g["blobs"].extend([np.array(vals[i * d:(i + 1) * d], dtype="<f4").tobytes() for i in li])
             if len(o.ids):
-                g["ids"].extend([o.ids[i] for i in li.tolist()])
+                g["ids"].extend([o.ids[i] for i in li])
             else:
                 seq = next(self._seq)
-                g["ids"].extend([f"gen:{self.token}:{seq}:{o.request_id}:{i}" for i in li.tolist()])
-            g["scores"].append(np.asarray(o.scores, dtype=np.float64)[li])
-            g["rows"].append(kept[a:b])
-            g["latency"].append(o.latency_us)
-            g["n"].append(b - a)
+                g["ids"].extend([f"gen:{self.token}:{seq}:{o.request_id}:{i}" for i in li])
+            g["spans"].append((a, b))
         for (model, version, role), g in groups.items():
-            rows = np.concatenate(g["rows"])
+            sel = slice(None) if len(groups) == 1 else np.concatenate([np.arange(a, b) for a, b in g["spans"]])
+            rows = kept[sel]
             n = rows.size
             try:
                 store = self._get_store()
-                store.add_predictions(model, version, role, g["ids"], np.concatenate(g["X"]).astype(np.float32, copy=False),
-                                      np.concatenate(g["scores"]), F[rows], S[rows],
-                                      np.repeat(np.asarray(g["latency"], dtype=np.float64), g["n"]), now,
+                X = np.frombuffer(b"".join(g["blobs"]), dtype="<f4").reshape(n, g["d"])
+                store.add_predictions(model, version, role, g["ids"], X, scores[sel], F[rows], S[rows], latency[sel], now,
                                       sample_rate=self.sample_rate)
             except Exception as e:
                 self._count_dropped(model, n, "write_error")

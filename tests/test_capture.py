@@ -103,6 +103,36 @@ def test_requests_without_ids_get_unique_generated_ids_and_their_features(store,
     assert set(p.role) == {"challenger"} and p.sampled.all()
 
 
+def test_mixed_versions_roles_and_encodings_in_one_write(store, rng):
+    d = 5
+    w = CaptureWriter(store, sample_rate=0.3, seed=int(rng.integers(2**31)), interval_s=60).start()  # one write at flush
+    handles = {1: _handle(d, version=1), 2: _handle(d, version=2)}
+    sent = {}
+    for k in range(60):
+        n = int(rng.integers(1, 40))
+        X = rng.standard_normal((n, d)).astype(np.float32)
+        scores = rng.random(n)
+        flagged = scores > 0.9
+        ids = [f"x{k}-{i}" for i in range(n)]
+        version, role = int(rng.integers(1, 3)), ("champion", "challenger")[int(rng.integers(2))]
+        lat = float(rng.random() * 100)
+        if k % 3 == 0:
+            w.offer(handles[version], role, ids, X, scores, flagged, lat, k)
+        else:
+            req = score_request(X, ids, request_id=k, raw=k % 3 == 1)
+            w.offer_request(handles[version], role, req, scores, flagged, lat)
+        sent.update({ids[i]: (X[i], scores[i], flagged[i], version, role, lat) for i in range(n)})
+    assert w.flush(20)
+    w.close()
+    p = store.predictions("m")
+    assert len(p) == w.captured > 0
+    assert {rid for rid, v in sent.items() if v[2]} <= set(p.record_id)
+    for i, rid in enumerate(p.record_id):
+        X, score, flag, version, role, lat = sent[rid]
+        np.testing.assert_array_equal(p.X[i], X)
+        assert (p.score[i], p.flagged[i], p.version[i], p.role[i], p.latency_us[i]) == (score, flag, version, role, lat)
+
+
 def test_two_writers_never_generate_the_same_id(store):
     a, b = CaptureWriter(store, sample_rate=1.0), CaptureWriter(store, sample_rate=1.0)
     assert a.token != b.token  # one random token per worker start
