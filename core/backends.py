@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import InvalidInputError, OutlierdError
 from .explain import empty_outputs
-from .preprocess import Preprocessing
+from .preprocess import Preprocessing, prep_into_parallel, prep_into_serial
 
 BACKENDS = ("numba", "onnx", "torch")
 DEVICES = ("cpu", "cuda", "auto")
@@ -131,13 +131,20 @@ class ArrayScorer:
         return scores, feat, contrib
 
     def __call__(self, X: np.ndarray, parallel: bool | None = None) -> np.ndarray:
-        if X.shape[0] == 0:
+        n = X.shape[0]
+        if n == 0:
             return np.empty(0, dtype=np.float64)
-        if self._prep.reject:
-            bad = ~np.isfinite(X).all(axis=1)
-            if bad.any():
-                raise InvalidInputError(_reject_message(int(np.flatnonzero(bad)[0])))
-        Xp = self._prep.transform(X).astype(self._dtype, copy=False)
+        # the fused Numba step, not Preprocessing.transform: NumPy's version took ~0.3-0.7 s per
+        # million 32-feature rows, several times the GPU's own time for them (measured on an H200)
+        p = self._prep
+        Xp = np.empty(X.shape, dtype=self._dtype)
+        if not parallel if parallel is not None else n <= SERIAL_MAX_ROWS:
+            bad = prep_into_serial(X, p.median, p.center, p.scale_inv, p.reject, Xp)
+        else:
+            with _PARALLEL_LOCK:
+                bad = prep_into_parallel(X, p.median, p.center, p.scale_inv, p.reject, Xp)
+        if bad >= 0:
+            raise InvalidInputError(_reject_message(int(bad)))
         return np.asarray(self._fn(Xp), dtype=np.float64).reshape(-1)
 
 

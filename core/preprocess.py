@@ -95,3 +95,28 @@ def prep_block(X, start, stop, median, center, scale_inv, reject, buf):
                     v = -FLOAT32_MAX
             buf[r, j] = (v - center[j]) * scale_inv[j]
     return -1
+
+
+PREP_BLOCK = 1024  # rows per parallel task of prep_into
+
+
+@nb.njit(nogil=True, cache=True)
+def prep_into_serial(X, median, center, scale_inv, reject, out):
+    """``out[:] = `` the preprocessed ``X`` (cast to ``out``'s dtype); returns the first rejected row or -1."""
+    return prep_block(X, 0, X.shape[0], median, center, scale_inv, reject, out)
+
+
+@nb.njit(nogil=True, cache=True, parallel=True)
+def prep_into_parallel(X, median, center, scale_inv, reject, out):
+    """:func:`prep_into_serial` over row blocks on every core."""
+    n = X.shape[0]
+    nblocks = (n + PREP_BLOCK - 1) // PREP_BLOCK
+    bad = np.full(nblocks, -1, dtype=np.int64)
+    for b in nb.prange(nblocks):
+        lo = b * PREP_BLOCK
+        hi = min(lo + PREP_BLOCK, n)
+        bad[b] = prep_block(X, lo, hi, median, center, scale_inv, reject, out[lo:hi])
+    for b in range(nblocks):
+        if bad[b] >= 0:
+            return bad[b]
+    return -1

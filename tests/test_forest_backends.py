@@ -58,7 +58,9 @@ def test_scores_equal_numba(tmp_path, rng, backend, n_train, d, params):
     path = _export(tmp_path, X, random_state=int(rng.integers(1 << 31)), **params)
     ref = load_model(path)
     model = load_model(path, backend=_backend(backend))
-    assert model.backend == backend and model.device == "cpu"
+    # the default device is auto: the GPU where this backend can use one, else the CPU
+    auto = "cuda" if core.backends.cuda_available(backend) else "cpu"
+    assert model.backend == backend and model.device == auto
     assert load_model(path, backend=backend, device="cpu").device == "cpu"
     for n in (0, 1, 2, 63, 1500):
         Xt = _records(rng, X, n)
