@@ -174,7 +174,7 @@ def _add_serve(sub: Any) -> None:
                    help="where batches run: cpu, cuda (fails at start without a GPU) or auto (default: large batches on a GPU when present)")
     p.add_argument("--gpu-backend", default=None, choices=("onnx", "torch"), help="GPU backend (default onnx)")
     p.add_argument("--gpu-min-rows", type=int, default=None, metavar="N",
-                   help="with --device auto: batches of at least N records go to the GPU (default 4096; measure it with benchmarks/gpu_suite.py)")
+                   help="with --device auto: batches of at least N records go to the GPU (default 65536; measure it with benchmarks/gpu_suite.py)")
     p.add_argument("--no-drift", dest="drift", action="store_const", const=0, default=None,
                    help="turn drift and data-quality monitoring off")
     p.add_argument("--drift-pane-records", type=int, default=None, metavar="N",

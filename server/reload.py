@@ -50,7 +50,7 @@ class DevicePolicy:
 
     device: str = "auto"
     gpu_backend: str = "onnx"
-    gpu_min_rows: int = 4096
+    gpu_min_rows: int = 65536
 
 
 def load_handle(registry: Registry, name: str, alias: str, version: int, policy: DevicePolicy = DevicePolicy()) -> ModelHandle:
