@@ -16,6 +16,7 @@ process's transaction instead of failing.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import sqlite3
@@ -32,6 +33,7 @@ ROLES = ("champion", "challenger")
 DEFAULT_FILENAME = "feedback.sqlite"
 BUSY_TIMEOUT_MS = 10_000
 SCHEMA_VERSION = 2
+INSERT_ROWS = 128  # captured records per INSERT statement (6 parameters each)
 
 
 @dataclass(frozen=True)
@@ -286,10 +288,15 @@ class SQLiteStore:
                 batch = conn.execute("INSERT INTO capture_batches (model, version, role, n_features, sample_rate, ts) VALUES (?, ?, ?, ?, ?, ?)",
                                      (model, int(version), role, d, r, t)).lastrowid
                 if len(idx) == n:
-                    rows: Any = zip(itertools.repeat(batch), ids, scores_l, flags, lat_l, blobs)
+                    rows: list = list(zip(itertools.repeat(batch), ids, scores_l, flags, lat_l, blobs))
                 else:
-                    rows = ((batch, ids[i], scores_l[i], flags[i], lat_l[i], blobs[i]) for i in idx)
-                conn.executemany("INSERT INTO predictions (batch, record_id, score, flags, latency_us, x) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    rows = [(batch, ids[i], scores_l[i], flags[i], lat_l[i], blobs[i]) for i in idx]
+                # multi-row INSERTs: one statement step per INSERT_ROWS rows. executemany steps once per
+                # row, and the sqlite3 module releases and retakes the GIL around every step: with the
+                # event loop waiting for the GIL, that is a thread switch per captured record.
+                for k in range(0, len(rows), INSERT_ROWS):
+                    chunk = rows[k:k + INSERT_ROWS]
+                    conn.execute(_insert_rows(len(chunk)), list(itertools.chain.from_iterable(chunk)))
             conn.execute("INSERT INTO capture_totals (model, role, flagged, sampled, sampled_weight, sampled_no_rate) VALUES (?, ?, ?, ?, ?, ?) "
                          "ON CONFLICT (model, role) DO UPDATE SET flagged = flagged + excluded.flagged, sampled = sampled + excluded.sampled, "
                          "sampled_weight = sampled_weight + excluded.sampled_weight, sampled_no_rate = sampled_no_rate + excluded.sampled_no_rate",
@@ -408,6 +415,11 @@ def _columns(rows: list[tuple], features: bool) -> Predictions:
                        score=np.array(cols[3], dtype=np.float64).reshape(n), flagged=(flags & 1).astype(bool),
                        sampled=(flags & 2).astype(bool), ts=np.array(cols[5], dtype=np.float64).reshape(n),
                        latency_us=f64(cols[6]), X=X, sample_rate=f64(cols[7]))
+
+
+@functools.lru_cache(maxsize=None)
+def _insert_rows(m: int) -> str:
+    return "INSERT INTO predictions (batch, record_id, score, flags, latency_us, x) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * m)
 
 
 _KNOWN = "SELECT 1 FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch WHERE p.record_id = ? AND b.model = ? LIMIT 1"
