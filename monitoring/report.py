@@ -7,6 +7,11 @@ Wasserstein and a state per feature; KS on scores; the alert rate against the ca
 an exact binomial p-value; data-quality counts). The result is written as one self-contained HTML
 page (inline CSS and SVG, nothing fetched) and optionally as a JSON summary
 (:meth:`DriftResult.summary` plus a header: features most-drifted first).
+
+The same pass that scores the file explains its flagged records (``Model.score_explain`` with
+``flagged_only``): the page and the summary list the most anomalous records with their top
+features, and count, per feature, how often it is the top contributor among the flagged records
+(why the model is alerting on this file).
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ STATE_COLOURS = {"ok": "#1a7f37", "warn": "#b7791f", "drift": "#c53030"}
 REF_COLOUR = "#a0aec0"
 QUALITY_LABELS = {"missing": "# NaN", "non_finite": "# ±inf", "out_of_range": "# out of range", "constant_break": "# constant break"}
 CUR_COLOUR = "#2b6cb0"
+TOP_RECORDS = 20   # records listed in "Most anomalous records" by default
+EXPLAIN_TOP_K = 3  # features shown per record
+# what a contribution is, per detector (core/explain.py); higher = pushes towards anomalous
+CONTRIBUTION_MEANING = {
+    "iforest": "the path-length reduction from the trees' splits on the feature",
+    "robust_z": "|z| of the feature (robust z-score)",
+    "hbos": "the feature's term of the HBOS sum (−log of its bin's relative density)",
+    "knn": "the mean squared difference to the record's k nearest reference records on the feature",
+    "lof": "the mean squared difference to the record's k nearest reference records on the feature",
+    "autoencoder": "the feature's squared reconstruction error",
+    "stacked": "the feature's term in the label model's logit",
+}
 
 
 @dataclass
@@ -54,12 +71,21 @@ class DriftReport:
     unscored: int = 0
     published: str | None = None
     warnings: list[str] = field(default_factory=list)
+    kind: str = ""
+    # the highest-scoring records, highest first: {"row", "score", "flagged", "features": [{"name", "contribution"}]}
+    top_records: list[dict[str, Any]] = field(default_factory=list)
+    # per feature, among flagged records: {"name", "top1", "top1_share", "in_top_k"}, most often top-1 first
+    alert_features: list[dict[str, Any]] = field(default_factory=list)
+    flagged: int = 0
+    explain_top_k: int = 0  # 0: the model has no explanations
 
     def summary(self) -> dict[str, Any]:
-        """The JSON summary: the header, then :meth:`DriftResult.summary` (features most-drifted first)."""
+        """The JSON summary: the header, then :meth:`DriftResult.summary` (features most-drifted
+        first), then ``top_records`` and ``alert_features`` (see :class:`DriftReport`)."""
         head = {"model": self.model, "version": self.version, "ref": self.ref, "data": self.data, "rows": self.rows,
                 "generated": self.generated, "threshold": self.threshold, "unscored_rows": self.unscored}
-        return _finite({**head, **self.result.summary()})
+        why = {"flagged_records": self.flagged, "top_k": self.explain_top_k, "features": self.alert_features}
+        return _finite({**head, **self.result.summary(), "top_records": self.top_records, "alert_features": why})
 
 
 def _finite(obj: Any) -> Any:
@@ -73,9 +99,34 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _records_explained(names: list[str], rows: np.ndarray, scores: np.ndarray, flagged: np.ndarray,
+                       feat: np.ndarray, contrib: np.ndarray) -> list[dict[str, Any]]:
+    out = []
+    for r, sc, fl, fr, cr in zip(rows.tolist(), scores.tolist(), flagged.tolist(), feat.tolist(), contrib.tolist()):
+        out.append({"row": r, "score": sc, "flagged": fl,
+                    "features": [{"name": names[j], "contribution": c} for j, c in zip(fr, cr) if j >= 0]})
+    return out
+
+
+def alert_features(names: list[str], feat: np.ndarray) -> list[dict[str, Any]]:
+    """Per feature, over the explained records ``feat`` ((n, top_k) indices, -1 rows skipped): how
+    often it is the top contributor (``top1``, ``top1_share`` of the n) and how often among the
+    top k (``in_top_k``); features that never appear are left out; most often top-1 first."""
+    feat = np.asarray(feat, dtype=np.int64)
+    feat = feat[feat[:, 0] >= 0]
+    n, d = feat.shape[0], len(names)
+    top1 = np.bincount(feat[:, 0], minlength=d)
+    any_k = np.bincount(feat[feat >= 0], minlength=d)
+    order = sorted(np.flatnonzero(any_k).tolist(), key=lambda j: (-top1[j], -any_k[j], j))
+    return [{"name": names[j], "top1": int(top1[j]), "top1_share": float(top1[j] / n), "in_top_k": int(any_k[j])} for j in order]
+
+
 def build_report(registry: str | os.PathLike, model: str, data: str | os.PathLike, ref: str | int = "champion",
-                 config: DriftConfig = DriftConfig()) -> DriftReport:
-    """Score ``data`` with ``model`` at ``ref`` and test it for drift against the model's reference."""
+                 config: DriftConfig = DriftConfig(), *, top_records: int = TOP_RECORDS) -> DriftReport:
+    """Score ``data`` with ``model`` at ``ref`` and test it for drift against the model's reference;
+    explain its flagged records in the same pass and keep the ``top_records`` highest-scoring ones."""
+    if isinstance(top_records, bool) or not isinstance(top_records, (int, np.integer)) or top_records < 0:
+        raise ValueError(f"top_records (--top-records) must be an integer >= 0; got {top_records!r}")
     reg = Registry(registry)
     version = reg.resolve(model, ref)
     m = reg.load(model, version)
@@ -88,8 +139,10 @@ def build_report(registry: str | os.PathLike, model: str, data: str | os.PathLik
     if ds.n_rows == 0:
         raise DataError(f"{data}: no records to compare with the reference")
     X = ds.X
+    rows = np.arange(ds.n_rows)  # file row (0-based, header excluded) of each scored record
     window = Window.empty(reference)
     unscored = 0
+    warnings = list(ds.warnings)
     if m.preprocessing.reject:
         # The model cannot score records with NaN / inf: their values still count in the feature
         # histograms and data quality, but not in the score histogram or the alert rate.
@@ -101,17 +154,39 @@ def build_report(registry: str | os.PathLike, model: str, data: str | os.PathLik
             window.counts += rest.counts
             window.missing += rest.missing
             window.quality += rest.quality
-            X = X[ok]
+            X, rows = X[ok], rows[ok]
+    top_k = min(EXPLAIN_TOP_K, m.n_features)
+    top: list[dict[str, Any]] = []
+    why: list[dict[str, Any]] = []
+    n_flagged = 0
     if X.shape[0]:
-        observe(window, reference, X, m.score(X), m.threshold)
+        try:
+            # one pass: scores for every record, explanations for the flagged ones only
+            scores, feat, contrib = m.score_explain(X, top_k, flagged_only=True)
+        except NotImplementedError as e:
+            warnings.append(f"no explanations: {e}")
+            scores, feat, contrib, top_k = m.score(X), None, None, 0
+        observe(window, reference, X, scores, m.threshold)
+        flagged = scores >= m.threshold
+        n_flagged = int(flagged.sum())
+        pick = np.argsort(-scores, kind="stable")[:top_records]  # ties: earlier row first
+        if feat is not None:
+            f_top, c_top = feat[pick], contrib[pick]
+            rest = ~flagged[pick]
+            if rest.any():  # fewer flagged records than asked for: explain the few others listed
+                f_top[rest], c_top[rest] = m.explain(X[pick[rest]], top_k)
+            why = alert_features(m.feature_names, feat[flagged])
+        else:
+            f_top = np.full((pick.size, 0), -1, dtype=np.int64)
+            c_top = np.zeros((pick.size, 0))
+        top = _records_explained(m.feature_names, rows[pick], scores[pick], flagged[pick], f_top, c_top)
     result = evaluate(window, reference, config)
-    warnings = list(ds.warnings)
     if unscored:
         warnings.append(f"{unscored} records with NaN or inf were not scored (the model's missing-value policy is 'reject')")
     return DriftReport(model, version, str(ref), str(data), ds.n_rows,
                        datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                        m.threshold, result, window, reference, m.reference, config, unscored,
-                       m.manifest.get("published"), warnings)
+                       m.manifest.get("published"), warnings, m.kind, top, why, n_flagged, top_k)
 
 
 def _write_text(path: str | os.PathLike, text: str) -> None:
@@ -128,9 +203,9 @@ def _write_text(path: str | os.PathLike, text: str) -> None:
 
 def drift_report(registry: str | os.PathLike, model: str, data: str | os.PathLike, out: str | os.PathLike,
                  *, ref: str | int = "champion", json_out: str | os.PathLike | None = None,
-                 config: DriftConfig = DriftConfig()) -> DriftReport:
+                 config: DriftConfig = DriftConfig(), top_records: int = TOP_RECORDS) -> DriftReport:
     """Build the report and write the HTML page to ``out`` (and the JSON summary to ``json_out``)."""
-    report = build_report(registry, model, data, ref, config)
+    report = build_report(registry, model, data, ref, config, top_records=top_records)
     _write_text(out, render_html(report))
     if json_out is not None:
         _write_text(json_out, json.dumps(report.summary(), indent=2, allow_nan=False) + "\n")
@@ -281,6 +356,10 @@ svg .xcap{font-size:10px;fill:#a0aec0;text-anchor:middle}
 svg .marker{stroke:#c53030;stroke-width:1.5;stroke-dasharray:5 3}
 svg .mlab{font-size:11px;fill:#c53030}
 ul.warn{margin:6px 0;padding-left:20px;color:#975a16}
+td.why{text-align:left;white-space:normal}
+td.why code{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:13px;overflow-wrap:anywhere}
+td.why .c{color:#718096;font-size:12px}
+.bar{display:inline-block;height:9px;background:#c53030;border-radius:2px;vertical-align:0}
 footer{margin-top:28px;color:#a0aec0;font-size:12px}
 @media (max-width:900px){.grid2,.cards{grid-template-columns:1fr}dl.meta{grid-template-columns:max-content 1fr}}
 """
@@ -294,6 +373,41 @@ def _pill(state: str | None) -> str:
 
 def _anchor(i: int) -> str:
     return f"f{i}"
+
+
+def _explanations_html(report: DriftReport, w: Any) -> None:
+    """"Why are we alerting" (top-1 feature counts among flagged records) and "Most anomalous records"."""
+    k = report.explain_top_k
+    meaning = CONTRIBUTION_MEANING.get(report.kind, "the detector's per-feature attribution")
+    w("<h2>Why are we alerting</h2>")
+    if not k:
+        w("<p class='legend'>This model has no explanations.</p>")
+    elif not report.flagged:
+        w(f"<p class='legend'>No record reached the alert threshold {_e(_edge(report.threshold))}.</p>")
+    else:
+        w(f"<p class='legend'>Among the {report.flagged:,} flagged records: how often each feature contributes most to "
+          f"the score (top 1) and how often it is among the top {k}. Contribution ({_e(report.kind)}): {_e(meaning)}.</p>")
+        w("<table><thead><tr><th>#</th><th>feature</th><th>share as top 1</th><th>top 1</th>"
+          f"<th>in top {k}</th></tr></thead><tbody>")
+        for rank, f in enumerate(report.alert_features, 1):
+            width = max(1, round(120 * f["top1_share"])) if f["top1"] else 0
+            w(f"<tr><td>{rank}</td><td class='name'>{_e(f['name'])}</td><td><span class='bar' style='width:{width}px'></span> "
+              f"{_pct(f['top1_share'], 1)}</td><td>{f['top1']:,}</td><td>{f['in_top_k']:,}</td></tr>")
+        w("</tbody></table>")
+    if not report.top_records:
+        return
+    w(f"<h2>Most anomalous records</h2><p class='legend'>The {len(report.top_records)} highest-scoring records of the file; "
+      "row: 0-based record index in the file (header excluded)"
+      + (f"; top {k} features with their contributions ({_e(meaning)})" if k else "") + ".</p>")
+    w("<table><thead><tr><th>#</th><th>row</th><th>flagged</th><th>score</th>"
+      + (f"<th style='text-align:left'>top {k} features (contribution)</th>" if k else "") + "</tr></thead><tbody>")
+    for rank, r in enumerate(report.top_records, 1):
+        feats = ", ".join(f"<code>{_e(f['name'])}</code> <span class='c'>{_e(_num(f['contribution'], '.4g'))}</span>"
+                          for f in r["features"])
+        w(f"<tr class='{'drift' if r['flagged'] else ''}'><td>{rank}</td><td>{r['row']:,}</td>"
+          + ("<td><span class='pill drift'>yes</span></td>" if r["flagged"] else "<td><span class='pill na'>no</span></td>")
+          + f"<td>{_num(r['score'], '.6g')}</td>" + (f"<td class='why'>{feats}</td>" if k else "") + "</tr>")
+    w("</tbody></table>")
 
 
 def render_html(report: DriftReport) -> str:
@@ -354,6 +468,7 @@ def render_html(report: DriftReport) -> str:
     w("</div>")
     if report.warnings:
         w("<ul class='warn'>" + "".join(f"<li>{_e(x)}</li>" for x in report.warnings) + "</ul>")
+    _explanations_html(report, w)
 
     # feature table
     w(f"<h2>Features, most drifted first</h2><p class='legend'>State from PSI: warn at ≥ {_num(cfg.psi_warn, 'g')}, "

@@ -270,13 +270,16 @@ def _add_drift(sub: Any) -> None:
     r.add_argument("--data", "--input", dest="data", required=True, metavar="FILE", help="records to test (.csv, .parquet)")
     r.add_argument("--out", required=True, metavar="FILE", help="write the HTML report here")
     r.add_argument("--json", metavar="FILE", help="also write the JSON summary here")
+    r.add_argument("--top-records", type=int, default=20, metavar="N",
+                   help="list the N highest-scoring records with their top 3 features (default 20; 0: none)")
     r.set_defaults(func=_run_drift)
 
 
 def _run_drift(args: argparse.Namespace) -> int:
     from monitoring.report import drift_report
 
-    rep = drift_report(args.registry, args.model, args.data, args.out, ref=args.ref, json_out=args.json)
+    rep = drift_report(args.registry, args.model, args.data, args.out, ref=args.ref, json_out=args.json,
+                       top_records=args.top_records)
     s = rep.summary()
     feats = s["features"]
     flagged = [f for f in feats if f["state"] != "ok"]
@@ -293,6 +296,10 @@ def _run_drift(args: argparse.Namespace) -> int:
     print(f"  score KS {s['score_ks']:.3f}{' (drift)' if s['score_drift'] else ''}; alert rate {s['alert_rate']:.4f}"
           + (f" vs {expected:.4f} expected (p={s['alert_rate_p']:.3g}){' shifted' if s['alert_rate_shift'] else ''}"
              if expected is not None else ""))
+    why = s["alert_features"]["features"][:3]
+    if why:
+        print(f"  top features of the {rep.flagged} flagged records: "
+              + ", ".join(f"{f['name']} {100 * f['top1_share']:.0f}%" for f in why))
     print(f"  report written to {args.out}" + (f"; summary to {args.json}" if args.json else ""))
     return 0
 

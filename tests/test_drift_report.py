@@ -123,6 +123,8 @@ def test_bad_inputs_are_one_line_errors(setup, capsys, tmp_path):
         "no version or alias 'nope'": ("--registry", reg, "--model", "cardio", "--ref", "nope", "--data", data),
         "['x7'] are missing": ("--registry", reg, "--model", "cardio", "--data", lacking_path),
         "no records": ("--registry", reg, "--model", "cardio", "--data", empty),
+        "--top-records) must be an integer >= 0; got -1": ("--registry", reg, "--model", "cardio", "--data", data,
+                                                          "--top-records", "-1"),
     }
     for expect, args in cases.items():
         rc, stdout, err = _run(capsys, "drift", "report", *args, "--out", out)
@@ -173,6 +175,9 @@ def test_reject_policy_model_reports_unscored_records(setup, capsys, tmp_path):
     x7 = next(f for f in s["features"] if f["name"] == "x7")
     assert x7["missing_rate"] == pytest.approx(50 / 1831)
     assert s["data_quality"]["x7"]["missing"] == 50
+    # records that were not scored are not listed; rows keep their place in the file
+    rows = [r["row"] for r in s["top_records"]]
+    assert len(rows) == 20 and min(rows) >= 50
     assert "were not scored" in (tmp_path / "r.html").read_text()
 
 
@@ -185,3 +190,84 @@ def test_column_gone_missing(setup, capsys, tmp_path):
     assert x7["missing_rate"] == 1.0 and summary["data_quality"]["x7"] == {"missing": 1831}
     assert "no values in the data" in page
     _self_contained(page)
+
+
+# ------------------------------------------------------------------- explanations in the report
+
+def _expected(reg, path):
+    """Scores of every row of ``path`` by the champion, independently of the report."""
+    from training.data import load_dataset
+
+    m = Registry(reg).load("cardio", "champion")
+    X = load_dataset(path, feature_names=m.feature_names, require_rows=0).X
+    return m, X, m.score(X)
+
+
+def _check_explanations(m, X, scores, summary, n_top):
+    names = m.feature_names
+    # the listed records are the highest-scoring rows, highest first (ties: earlier row first)
+    order = np.lexsort((np.arange(scores.size), -scores))[:n_top]
+    top = summary["top_records"]
+    assert [r["row"] for r in top] == order.tolist()
+    np.testing.assert_allclose([r["score"] for r in top], scores[order], rtol=1e-12)
+    assert [r["flagged"] for r in top] == (scores[order] >= m.threshold).tolist()
+    # their features are model.explain's on those rows
+    feat, contrib = m.explain(X[order], 3)
+    for r, f, c in zip(top, feat, contrib):
+        assert [x["name"] for x in r["features"]] == [names[j] for j in f]
+        np.testing.assert_allclose([x["contribution"] for x in r["features"]], c, rtol=1e-9, atol=1e-12)
+    # the "why are we alerting" counts: a NumPy recount over every flagged record
+    flagged = np.flatnonzero(scores >= m.threshold)
+    why = summary["alert_features"]
+    assert why["flagged_records"] == flagged.size and why["top_k"] == 3
+    f_all, _ = m.explain(X[flagged], 3)
+    top1 = np.bincount(f_all[:, 0], minlength=len(names))
+    in_k = np.bincount(f_all.ravel(), minlength=len(names))
+    got = {f["name"]: f for f in why["features"]}
+    assert set(got) == {names[j] for j in np.flatnonzero(in_k)}
+    for j in np.flatnonzero(in_k):
+        g = got[names[j]]
+        assert (g["top1"], g["in_top_k"]) == (top1[j], in_k[j])
+        assert g["top1_share"] == pytest.approx(top1[j] / flagged.size)
+    assert [f["top1"] for f in why["features"]] == sorted((f["top1"] for f in why["features"]), reverse=True)
+    assert sum(f["top1"] for f in why["features"]) == flagged.size
+
+
+def test_most_anomalous_records_and_why_alerting(setup, capsys):
+    """The drifted file: many flagged records; the shifted features explain most alerts."""
+    tmp, reg, _, bad = setup
+    stdout, page, summary = _report(capsys, tmp, reg, bad, "why")
+    m, X, scores = _expected(reg, bad)
+    assert (scores >= m.threshold).sum() > 20  # every listed record comes from the flagged_only pass
+    _check_explanations(m, X, scores, summary, 20)
+    assert "top features of the" in stdout and summary["alert_features"]["features"][0]["name"] in stdout
+    # the page: both sections, names escaped, one table row per listed record
+    _self_contained(page)
+    assert "<h2>Why are we alerting</h2>" in page and "<h2>Most anomalous records</h2>" in page
+    section = page[page.index("<h2>Most anomalous records</h2>"):page.index("<h2>Features, most drifted first</h2>")]
+    assert section.count("<tr class=") == 20 and ODD not in page
+    first = summary["top_records"][0]
+    assert f"<td>{first['row']:,}</td>" in section
+
+
+def test_top_records_beyond_the_flagged_ones(setup, capsys, rng, tmp_path):
+    """Fresh rows of the training file, a few pushed out: more records listed than flagged, so the
+    unflagged ones among them are explained too; --top-records 0 lists none."""
+    _, reg, data, _ = setup
+    cols = _columns(data)
+    n = 900
+    pick = rng.choice(1831, size=n, replace=False)
+    sample = {c: v[pick].copy() for c, v in cols.items()}
+    names = [c for c in cols if c != "label"]
+    for i in rng.choice(n, size=5, replace=False):
+        c = names[rng.integers(len(names))]
+        sample[c][i] += rng.uniform(4, 8) * cols[c].std()
+    path = _write(tmp_path / "sample.csv", sample)
+    m, X, scores = _expected(reg, path)
+    n_top = int((scores >= m.threshold).sum()) + 15
+    _, page, summary = _report(capsys, tmp_path, reg, path, "beyond", "--top-records", n_top)
+    assert sum(not r["flagged"] for r in summary["top_records"]) == 15
+    _check_explanations(m, X, scores, summary, n_top)
+    _, page, summary = _report(capsys, tmp_path, reg, path, "none", "--top-records", 0)
+    assert summary["top_records"] == [] and "<h2>Most anomalous records</h2>" not in page
+    assert summary["alert_features"]["flagged_records"] == int((scores >= m.threshold).sum())
