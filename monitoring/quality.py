@@ -17,6 +17,8 @@ a record's capture is its latest capture.
   an empty reviewer name is one anonymous reviewer), the share whose labels differ.
 * counts: labels by label, labelled records, and labelled record ids without any captured
   prediction (``unknown``).
+* **anomaly features** (:func:`anomaly_features`): which features most often explain the captured
+  records labelled anomaly (each record's top-1 feature from ``model.explain``).
 """
 
 from __future__ import annotations
@@ -146,3 +148,20 @@ def from_store(store: Any, model: str, *, role: str = "champion") -> Quality:
                       score=allp.score[idx], flagged=allp.flagged[idx], sampled=allp.sampled[idx], ts=allp.ts[idx],
                       latency_us=allp.latency_us[idx], X=allp.X[idx], sample_rate=allp.sample_rate[idx])
     return compute(sub, labels, known_ids=allp.record_id)
+
+
+def anomaly_features(model: Any, X: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Which features explain the records labelled anomaly: ``X`` (n, d) and ``y`` (1 anomaly, 0
+    normal) as :meth:`~monitoring.store.Store.labelled` returns them; each ``y == 1`` record's top-1
+    feature from ``model.explain`` is counted. Returns ``{"version", "records", "features": [{"name",
+    "count", "share"}]}``, most often first (ties: feature order), features never top-1 left out.
+    Raises what ``model.explain`` raises (e.g. captured records of another feature count)."""
+    A = np.asarray(X, dtype=np.float64)[np.asarray(y) == 1]
+    n = A.shape[0]
+    counts = np.zeros(model.n_features, dtype=np.int64)
+    if n:
+        feat, _ = model.explain(A, 1)
+        counts = np.bincount(feat[:, 0], minlength=model.n_features)
+    order = sorted(np.flatnonzero(counts).tolist(), key=lambda j: (-counts[j], j))
+    return {"version": model.version, "records": n,
+            "features": [{"name": model.feature_names[j], "count": int(counts[j]), "share": float(counts[j] / n)} for j in order]}

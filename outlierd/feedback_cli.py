@@ -182,10 +182,11 @@ def _stats(args: argparse.Namespace, path: Path) -> int:
     store = _open_existing(path)
     try:
         q = from_store(store, args.model)
+        why = _anomaly_features(args, store)
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"model": args.model, "store": str(path), **q.as_dict()}, indent=2, sort_keys=True))
+        print(json.dumps({"model": args.model, "store": str(path), **q.as_dict(), "anomaly_features": why}, indent=2, sort_keys=True))
         return 0
     counts = ", ".join(f"{n} {lab}" for lab, n in q.by_label.items())
     print(f"feedback for {args.model} ({path})")
@@ -195,6 +196,26 @@ def _stats(args: argparse.Namespace, path: Path) -> int:
     print(f"  recall (est.)   {_fmt(q.recall_estimate)} ({q.reviewed_sampled_anomalies} anomalies of {q.reviewed_sampled} reviewed "
           f"sampled unflagged, weighted by 1/sample rate)")
     print(f"  disagreement    {_fmt(q.disagreement)} ({q.disagreeing_records} of {q.multi_reviewer_records} records with 2+ reviewers)")
-    for note in q.notes:
+    if why["features"]:
+        print("  anomalies by    " + ", ".join(f"{f['name']} {100 * f['share']:.0f}%" for f in why["features"][:5])
+              + f" (top feature of {why['records']} labelled anomalies, champion version {why['version']})")
+    for note in q.notes + ([why["note"]] if why["note"] else []):
         print(f"  note: {note}")
     return 0
+
+
+def _anomaly_features(args: argparse.Namespace, store: Any) -> dict[str, Any]:
+    """Top-1 features (the champion's ``model.explain``) of the captured records labelled anomaly;
+    ``note`` says why there are none. Never fails the command: the other statistics stand alone."""
+    from monitoring.quality import anomaly_features
+
+    out: dict[str, Any] = {"version": None, "records": 0, "features": [], "note": None}
+    try:
+        X, y, _ = store.labelled(args.model)
+        if not (y == 1).any():
+            return {**out, "note": "no captured record is labelled anomaly: nothing to explain"}
+        reg = Registry(args.registry)
+        version = reg.resolve(args.model, "champion")
+        return {**anomaly_features(reg.load(args.model, version), X, y), "note": None}
+    except (OutlierdError, ValueError, NotImplementedError) as e:
+        return {**out, "note": f"labelled anomalies not explained: {e}"}
