@@ -21,6 +21,7 @@ class ServiceMetrics:
     """Every metric the service exports, registered on ``registry``."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry  # where companions (e.g. server.rollout's metrics) register too
         kw = {"registry": registry} if registry is not None else {}
         self.request_latency = Histogram(
             "outlierd_request_duration_seconds", "Time from request received to response ready, by RPC method.",

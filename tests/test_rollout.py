@@ -126,7 +126,7 @@ def loop_thread():
 def _start(loop_thread, reg_dir, store_path, **kw):
     cr = CollectorRegistry()
     metrics = ServiceMetrics(cr)
-    metrics.registry = cr  # rollout metrics register beside the service's
+    assert metrics.registry is cr  # rollout metrics register beside the service's
     settings = ServeSettings(registry=reg_dir, model="m", host="127.0.0.1", port=0, feedback_store=store_path,
                              capture_sample=1.0, reload_interval_s=0.1, **kw)
     settings.validate()
