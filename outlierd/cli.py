@@ -325,7 +325,7 @@ def _add_retrain_policy(sub: Any) -> None:
     p.add_argument("--max-seconds", type=float, metavar="S", help="exit after S seconds")
     p.add_argument("--detector", default="iforest", choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder"),
                    help="detector (default iforest)")
-    p.add_argument("--label-column", metavar="COL", help="column with 0/1 labels: used for evaluation only")
+    p.add_argument("--label-column", metavar="COL", help="column with 0/1 labels, passed to training (see outlierd train --help)")
     p.add_argument("--alert-rate", type=float, default=0.01, metavar="R", help="share of records to flag (default 0.01)")
     p.set_defaults(func=_run_retrain_policy)
 
