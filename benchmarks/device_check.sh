@@ -15,7 +15,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   python3 -c "import torch, numba, numpy, onnxruntime, sklearn, google.protobuf as pb; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numba', numba.__version__, 'numpy', numpy.__version__, 'ort', onnxruntime.__version__, onnxruntime.get_available_providers(), 'sklearn', sklearn.__version__, 'protobuf', pb.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 # the CUDA-marked tests, then suites that take other branches when a GPU is present
-timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" -x --benchmark-disable \
+timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m "not slow" --benchmark-disable \
   tests/test_forest_backends.py tests/test_knn.py tests/test_autoencoder.py tests/test_explain.py tests/test_device.py \
   tests/test_iforest.py tests/test_reload.py 2>&1 | tee "$OUT/pytest.txt" | tail -25
 # benchmarks/ has its own conftest: a separate run
