@@ -157,8 +157,8 @@ def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve a registry model over gRPC (Score, ScoreStream, GetModelInfo)",
                        description="Serve the model an alias points at; hot-reloads when the alias moves. "
                                    "Every flag can also come from an OUTLIERD_<FLAG> environment variable.")
-    p.add_argument("--registry", required=True, metavar="DIR")
-    p.add_argument("--model", required=True, metavar="NAME")
+    p.add_argument("--registry", default=None, metavar="DIR", help="registry root (required here or as OUTLIERD_REGISTRY)")
+    p.add_argument("--model", default=None, metavar="NAME", help="model name (required here or as OUTLIERD_MODEL)")
     p.add_argument("--alias", default=None, metavar="ALIAS", help="alias to serve and watch (default champion)")
     p.add_argument("--host", default=None, help="listen address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default 50051)")
@@ -213,6 +213,10 @@ def _run_serve(args: argparse.Namespace) -> int:
              "max_queue_records", "max_request_records", "grace_s", "tls_cert", "tls_key", "tls_client_ca",
              "drift", "drift_pane_records", "drift_pane_seconds", "drift_window_panes", "device", "gpu_backend", "gpu_min_rows",
              "rollout", "split_share", "split_key", "capture", "capture_sample", "feedback_store")
+    for name in ("registry", "model"):  # like every flag, these two may come from the environment
+        if getattr(args, name) is None and not os.environ.get(f"OUTLIERD_{name.upper()}"):
+            print(f"outlierd serve: error: --{name} is required (or set OUTLIERD_{name.upper()})", file=sys.stderr)
+            return 2
     overrides = {n: getattr(args, n) for n in names}
     overrides["auth_token"] = read_token(args.auth_token_file, os.environ.get("OUTLIERD_AUTH_TOKEN"))
     return serve(ServeSettings.from_env(**overrides))
