@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,12 @@ def add_parser(subparsers: Any) -> None:
     from training.rollout import DEFAULT_GATES
 
     def common(p: argparse.ArgumentParser, store: bool = True) -> None:
-        p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
-        p.add_argument("--model", required=True, metavar="NAME", help="model name")
+        # as in the issue's forms (`outlierd promote --model NAME`), the registry may come from the
+        # environment, like `outlierd serve`'s: OUTLIERD_REGISTRY (and OUTLIERD_MODEL)
+        for flag, var, meta, what in (("--registry", "OUTLIERD_REGISTRY", "DIR", "registry root directory"),
+                                      ("--model", "OUTLIERD_MODEL", "NAME", "model name")):
+            env = os.environ.get(var) or None
+            p.add_argument(flag, required=env is None, default=env, metavar=meta, help=f"{what} (default ${var})")
         if store:
             p.add_argument("--feedback-store", metavar="PATH", help="feedback store (default: <registry>/feedback.sqlite)")
         p.add_argument("--json", action="store_true", help="print the result as JSON")

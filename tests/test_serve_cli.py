@@ -47,3 +47,19 @@ def test_flags_override_the_environment(captured, monkeypatch, tmp_path):
     assert main(["serve", "--registry", str(tmp_path), "--model", "payments", "--port", "50123"]) == 0
     s = captured["settings"]
     assert (str(s.registry), s.model, s.port) == (str(tmp_path), "payments", 50123)
+
+
+@pytest.mark.parametrize("cmd", [["rollback"], ["compare"], ["promote"], ["threshold", "list"]])
+def test_rollout_commands_take_the_registry_from_the_environment(monkeypatch, capsys, tmp_path, cmd):
+    missing = tmp_path / "no-registry-here"
+    monkeypatch.setenv("OUTLIERD_REGISTRY", str(missing))
+    monkeypatch.setenv("OUTLIERD_MODEL", "fraud")
+    assert main(cmd) == 2  # parsed without --registry / --model: the variables were used
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_rollout_commands_without_registry_anywhere_are_refused(monkeypatch, capsys):
+    monkeypatch.delenv("OUTLIERD_REGISTRY", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["rollback", "--model", "m"])
+    assert e.value.code == 2 and "--registry" in capsys.readouterr().err
