@@ -4,16 +4,24 @@
 stream see versions in order, and a batch only ever mixes requests bound to the same handle. The
 records admitted and not yet answered are bounded: beyond the limit, ``submit`` raises
 :class:`Overloaded`. A cancelled
-request is skipped when its batch forms. Kernels run on a small thread pool with the GIL released.
+request is skipped when its batch forms. Kernels run on a small pool of scoring threads with the GIL
+released.
+
+NOTE: the scoring threads are plain threads fed by a ``SimpleQueue``, and a finished job comes back
+to the event loop as one ``call_soon_threadsafe`` callback (no concurrent.futures Future, no wrapped
+asyncio Future, no task per batch). With ``max_delay_us`` 0 (the default) the next batch is formed
+and handed to a thread in that same callback. Per 256-record message this is tens of microseconds
+of event-loop time less, which on a small machine is throughput (benchmarks/test_bench_server.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from queue import SimpleQueue
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +48,14 @@ class MicroBatcher:
         self.max_delay_s = max_delay_us / 1e6
         self.max_queue_records = max_queue_records
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="outlierd-score")
         self._threads = threads
+        self._jobs: SimpleQueue = SimpleQueue()  # (fn, args, done) for the scoring threads; None stops one
+        self._workers: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # metric children bound once (labels() takes a lock): batch size per model name
+        self._batch_hist: dict[str, Any] = {}
         self._busy = 0  # batches handed to the pool and not yet back
+        self._waiting = 0  # callers of _acquire_thread waiting for a free thread
         self._free = asyncio.Event()
         self._free.set()
         self._queue: deque[_Item] = deque()
@@ -56,7 +69,13 @@ class MicroBatcher:
         self._kernel_us: dict[tuple[str, int], float] = {}
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="outlierd-batcher")
+        self._loop = loop = asyncio.get_running_loop()
+        for i in range(self._threads):
+            t = threading.Thread(target=self._worker, name=f"outlierd-score_{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        if self.max_delay_s > 0:  # batches wait for company: a task times them
+            self._task = loop.create_task(self._run(), name="outlierd-batcher")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -65,7 +84,46 @@ class MicroBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self.executor.shutdown(wait=True)
+        for _ in self._workers:
+            self._jobs.put(None)
+        workers, self._workers = self._workers, []
+        # running kernels finish (as a ThreadPoolExecutor's shutdown(wait=True) would), off the loop
+        await asyncio.get_running_loop().run_in_executor(None, lambda: [t.join() for t in workers])
+
+    # -- the scoring threads ------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        jobs, loop = self._jobs, self._loop
+        assert loop is not None
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            fn, args, done = job
+            try:
+                result, exc = fn(*args), None
+            except BaseException as e:  # handed to the loop: the caller's future gets it
+                result, exc = None, e
+            try:
+                loop.call_soon_threadsafe(done, result, exc)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _run_job(self, fn, *args) -> asyncio.Future:
+        """``fn(*args)`` on a scoring thread; an asyncio future of its result (run_in_executor's
+        contract, for the rare paths: explain, large and empty requests, a failed batch's retries)."""
+        fut = self._loop.create_future()  # type: ignore[union-attr]
+
+        def done(result: Any, exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        self._jobs.put((fn, args, done))
+        return fut
 
     @property
     def queued_records(self) -> int:
@@ -101,13 +159,19 @@ class MicroBatcher:
             return loop.create_task(self._score_direct(handle, X, explain))
         fut = loop.create_future()
         fut.add_done_callback(lambda _f, n=n: self._release(n))
-        if not self._queue and self._busy < self._threads and self.max_delay_s == 0:
-            # idle thread, nothing to coalesce with: straight to the pool, no batching hop
-            self._busy += 1
-            job = loop.run_in_executor(self.executor, self._kernel, handle, X)
-            job.add_done_callback(lambda j: self._finish(j, fut, handle))
+        item = _Item(X, handle, fut)
+        if self.max_delay_s == 0:
+            if not self._queue and self._busy + self._waiting < self._threads:
+                # idle thread, nothing to coalesce with: straight to a thread, no batching hop
+                self._busy += 1
+                self._jobs.put((self._kernel, (handle, X), lambda r, e: self._batch_done([item], r, e)))
+                return fut
+            # every thread busy: wait in the queue; a thread that comes back takes a batch (_pump)
+            self._queue.append(item)
+            self._queued += n
+            self._set_depth()
             return fut
-        self._queue.append(_Item(X, handle, fut))
+        self._queue.append(item)
         self._queued += n
         self._set_depth()
         self._wake.set()
@@ -120,27 +184,95 @@ class MicroBatcher:
             self.metrics.queue_depth.set(self._queued)
 
     async def _acquire_thread(self) -> None:
-        while self._busy >= self._threads:
-            self._free.clear()
-            await self._free.wait()
+        if self._busy >= self._threads:
+            # counted while waiting, so _pump leaves the next free thread to this waiter (no starvation)
+            self._waiting += 1
+            try:
+                while self._busy >= self._threads:
+                    self._free.clear()
+                    await self._free.wait()
+            except BaseException:
+                self._waiting -= 1
+                if self.max_delay_s == 0:
+                    self._pump()
+                raise
+            self._waiting -= 1
         self._busy += 1
 
     def _release_thread(self) -> None:
         self._busy -= 1
         self._free.set()
 
-    def _finish(self, job: asyncio.Future, fut: asyncio.Future, handle: ModelHandle) -> None:
-        self._release_thread()
-        if fut.done():
-            return
-        if job.cancelled():
-            fut.cancel()
-        elif job.exception() is not None:
-            fut.set_exception(job.exception())
+    def _pump(self) -> None:
+        """max_delay_us 0: while a thread is free and records wait, hand it the next batch."""
+        while self._queue and self._busy + self._waiting < self._threads:
+            items = self._take_batch()
+            if not items:
+                return
+            self._busy += 1
+            self._send_batch(items)
+
+    def _send_batch(self, items: list[_Item]) -> None:
+        self._jobs.put((self._score_items, (items,), lambda r, e: self._batch_done(items, r, e)))
+
+    def _score_items(self, items: list[_Item]) -> tuple:
+        # on the scoring thread: the concatenation too
+        X = items[0].X if len(items) == 1 else np.concatenate([it.X for it in items])
+        return self._kernel(items[0].handle, X)
+
+    def _batch_done(self, items: list[_Item], result: tuple | None, exc: BaseException | None) -> None:
+        """On the loop: a batch came back from its thread; answer its requests, then take the next."""
+        if exc is not None:
+            if len(items) > 1:  # one bad request must not fail its batch-mates: score them one by one
+                self._jobs.put((self._score_each, (items,), lambda r, e: self._each_done(items, r, e)))
+                return  # the thread stays counted until the retries are back
+            self._release_thread()
+            fut = items[0].future
+            if not fut.done():
+                fut.set_exception(exc)
         else:
-            scores, device = job.result()
+            self._release_thread()
+            scores, device = result  # type: ignore[misc]
+            handle = items[0].handle
             self._observe(handle, scores.shape[0])
-            fut.set_result((handle, scores, device))
+            if len(items) == 1:
+                fut = items[0].future
+                if not fut.done():
+                    fut.set_result((handle, scores, device))
+            else:
+                start = 0
+                for it in items:
+                    n = it.X.shape[0]
+                    if not it.future.done():
+                        it.future.set_result((handle, scores[start:start + n], device))
+                    start += n
+        if self.max_delay_s == 0:
+            self._pump()
+
+    def _score_each(self, items: list[_Item]) -> list[tuple]:
+        out: list[tuple] = []
+        for it in items:
+            try:
+                out.append((self._kernel(it.handle, it.X), None))
+            except Exception as e:
+                out.append((None, e))
+        return out
+
+    def _each_done(self, items: list[_Item], results: list[tuple] | None, exc: BaseException | None) -> None:
+        self._release_thread()
+        for k, it in enumerate(items):
+            if it.future.done():
+                continue
+            if exc is not None:
+                it.future.set_exception(exc)
+                continue
+            result, e = results[k]  # type: ignore[index]
+            if e is not None:
+                it.future.set_exception(e)
+            else:
+                it.future.set_result((it.handle, *result))
+        if self.max_delay_s == 0:
+            self._pump()
 
     async def _score_direct(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None) -> tuple:
         n = X.shape[0]
@@ -149,12 +281,14 @@ class MicroBatcher:
         except asyncio.CancelledError:
             self._release(n)
             raise
-        job = asyncio.get_running_loop().run_in_executor(self.executor, self._kernel, handle, X, explain)
+        job = self._run_job(self._kernel, handle, X, explain)
 
         def done(_job: asyncio.Future) -> None:
             # the thread and the records stay counted until the thread is done, even if the caller gave up
             self._release_thread()
             self._release(n)
+            if self.max_delay_s == 0:
+                self._pump()
 
         job.add_done_callback(done)
         scores, device, *explanation = await asyncio.shield(job)
@@ -200,7 +334,10 @@ class MicroBatcher:
 
     def _observe(self, handle: ModelHandle, n: int) -> None:
         if self.metrics is not None:
-            self.metrics.batch_size.labels(handle.name).observe(n)
+            h = self._batch_hist.get(handle.name)
+            if h is None:
+                h = self._batch_hist[handle.name] = self.metrics.batch_size.labels(handle.name)
+            h.observe(n)
 
     def _take_batch(self) -> list[_Item]:
         """Pop queued items of one handle, up to max_batch records, skipping cancelled ones."""
@@ -239,36 +376,4 @@ class MicroBatcher:
             if not items:
                 self._release_thread()
                 continue
-            asyncio.get_running_loop().create_task(self._score_batch(items))
-
-    async def _score_batch(self, items: list[_Item]) -> None:
-        try:
-            handle = items[0].handle
-            X = items[0].X if len(items) == 1 else np.concatenate([it.X for it in items])
-            loop = asyncio.get_running_loop()
-            try:
-                scores, device = await loop.run_in_executor(self.executor, self._kernel, handle, X)
-            except Exception:
-                # one bad request must not fail its batch-mates: score them one by one
-                for it in items:
-                    await self._score_alone(it)
-                return
-            self._observe(handle, X.shape[0])
-            start = 0
-            for it in items:
-                n = it.X.shape[0]
-                if not it.future.done():
-                    it.future.set_result((handle, scores[start:start + n], device))
-                start += n
-        finally:
-            self._release_thread()
-
-    async def _score_alone(self, it: _Item) -> None:
-        try:
-            scores, device = await asyncio.get_running_loop().run_in_executor(self.executor, self._kernel, it.handle, it.X)
-        except Exception as e:
-            if not it.future.done():
-                it.future.set_exception(e)
-            return
-        if not it.future.done():
-            it.future.set_result((it.handle, scores, device))
+            self._send_batch(items)  # the thread is released when the batch is back (_batch_done)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import AsyncIterator
 
 import grpc
@@ -31,8 +32,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
     def __init__(self, settings: ServeSettings, slot: ModelSlot, batcher: MicroBatcher, metrics=None, rollout=None):
         self.settings, self.slot, self.batcher, self.metrics = settings, slot, batcher, metrics
         self.rollout = rollout  # server.rollout.Rollout: split routing, shadow scoring (None: champion only)
-        self._counter_handle: ModelHandle | None = None
-        self._counter_cache: tuple = ()
+        # per handle (by identity; split traffic alternates two): what each response and count needs
+        self._per_handle: dict[int, tuple] = {}
         self._latency = {m: metrics.request_latency.labels(m) for m in ("Score", "ScoreStream")} if metrics else {}
         if metrics is not None:  # every reason's series exists at 0, so rate() sees the first one
             for reason in INVALID_REASONS:
@@ -73,29 +74,37 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
 
     def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray, device: str,
                   explanation: tuple[np.ndarray, np.ndarray] | None = None) -> pb.ScoreResponse:
-        flagged = scores >= handle.threshold
-        if self.metrics is not None and scores.size:
-            records, anomalies = self._counters(handle)
-            records.inc(scores.size)
+        _, name, version, alias, threshold, role, records, anomalies = self._handle_info(handle)
+        flagged = scores >= threshold
+        n = scores.size
+        if records is not None and n:
+            records.inc(n)
             anomalies.inc(int(np.count_nonzero(flagged)))
-        resp = pb.ScoreResponse(request_id=req.request_id, model=handle.name, version=str(handle.version), ids=req.ids, device=device,
-                                alias=handle.alias)
+        resp = pb.ScoreResponse(request_id=req.request_id, model=name, version=version, device=device, alias=alias)
+        if req.ids:
+            resp.ids.extend(req.ids)
         resp.scores.extend(scores.tolist())  # measured: faster than passing lists to the constructor
         resp.anomalous.extend(flagged.tolist())
         if explanation is not None:
             self._add_explanations(resp, handle.model.feature_names, explanation)
-        if self.capture is not None and scores.size:  # a queue hand-off: selection and I/O happen on the writer thread
-            self.capture.offer_request(handle, "challenger" if handle.alias == "challenger" else "champion", req, scores, flagged,
-                                       self.batcher.kernel_us(handle))
+        if self.capture is not None and n:  # a queue hand-off: selection and I/O happen on the writer thread
+            self.capture.offer_request(handle, role, req, scores, flagged, self.batcher.kernel_us(handle))
         return resp
 
-    def _counters(self, handle: ModelHandle) -> tuple:
-        # labels() looks children up under a lock: keep them per handle, off the per-message path
-        if self._counter_handle is not handle:
+    def _handle_info(self, handle: ModelHandle) -> tuple:
+        """``(handle, name, version text, alias, threshold, capture role, records counter, anomalies
+        counter)``, computed once per handle: labels() looks children up under a lock, and the
+        threshold is a property; a new threshold or version comes as a new handle."""
+        info = self._per_handle.get(id(handle))
+        if info is None or info[0] is not handle:
+            if len(self._per_handle) > 8:  # old handles (reloads): keep the cache small
+                self._per_handle.clear()
             v = str(handle.version)
-            self._counter_cache = (self.metrics.records_scored.labels(handle.name, v), self.metrics.anomalies.labels(handle.name, v))
-            self._counter_handle = handle
-        return self._counter_cache
+            counters = (None, None) if self.metrics is None else \
+                (self.metrics.records_scored.labels(handle.name, v), self.metrics.anomalies.labels(handle.name, v))
+            role = "challenger" if handle.alias == "challenger" else "champion"
+            info = self._per_handle[id(handle)] = (handle, handle.name, v, handle.alias, handle.threshold, role, *counters)
+        return info
 
     def _count_invalid(self, e: RequestError) -> None:
         # overload is the server's state, not bad input: it has its own counter
@@ -128,33 +137,57 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
     async def ScoreStream(self, request_iterator: AsyncIterator[pb.ScoreRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ScoreResponse]:
         # A reader task validates and queues messages as they arrive (up to stream_inflight ahead);
         # this generator answers them in request order. Bad messages get an `error` response.
-        pending: asyncio.Queue = asyncio.Queue(maxsize=self.settings.stream_inflight)
+        # NOTE: a deque and at most one waiting future per side, not an asyncio.Queue: the same
+        # order and bound for less event-loop work per message.
+        pending: deque = deque()
+        limit = self.settings.stream_inflight
+        loop = asyncio.get_running_loop()
+        waiting: list = [None, None]  # [the answerer's future (waits for an entry), the reader's (waits for room)]
+
+        def wake(side: int) -> None:
+            w = waiting[side]
+            if w is not None:
+                waiting[side] = None
+                if not w.done():
+                    w.set_result(None)
 
         async def reader() -> None:
             try:
                 async for req in request_iterator:
                     t0 = time.perf_counter()
+                    fut = None
                     try:
                         fut = self._start(req)
+                        entry = (req, t0, fut, None)
                     except RequestError as e:
                         self._count_invalid(e)
-                        await pending.put((req, t0, None, e))
+                        entry = (req, t0, None, e)
                     except Exception as e:  # answer this message, keep the stream going
                         log.exception("could not queue request_id=%d", req.request_id)
-                        await pending.put((req, t0, None, RequestError(f"internal error: {e}", code="INTERNAL", reason="internal")))
-                    else:
-                        try:
-                            await pending.put((req, t0, fut, None))
-                        except asyncio.CancelledError:  # the stream went away: drop the queued work
+                        entry = (req, t0, None, RequestError(f"internal error: {e}", code="INTERNAL", reason="internal"))
+                    try:
+                        while len(pending) >= limit:
+                            w = waiting[1] = loop.create_future()
+                            await w
+                    except asyncio.CancelledError:  # the stream went away: drop the queued work
+                        if fut is not None:
                             fut.cancel()
-                            raise
+                        raise
+                    pending.append(entry)
+                    wake(0)
             finally:
-                await pending.put(None)
+                pending.append(None)
+                wake(0)
 
-        task = asyncio.get_running_loop().create_task(reader())
+        task = loop.create_task(reader())
         try:
             while True:
-                entry = await pending.get()
+                if not pending:
+                    w = waiting[0] = loop.create_future()
+                    await w
+                    continue
+                entry = pending.popleft()
+                wake(1)
                 if entry is None:
                     break
                 req, t0, fut, err = entry
@@ -174,10 +207,10 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 self._observe("ScoreStream", t0)
         finally:
             task.cancel()
-            while not pending.empty():  # a cancelled stream frees its queued work
-                entry = pending.get_nowait()
+            for entry in pending:  # a cancelled stream frees its queued work
                 if entry is not None and entry[2] is not None:
                     entry[2].cancel()
+            pending.clear()
 
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         handle = self.slot.current
