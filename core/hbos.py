@@ -118,6 +118,8 @@ def _explain_rows(X, lo, hi, out, feat, contrib, flag_threshold, flagged_only, m
         if bad >= 0:
             return bad
         for r in range(b1 - b0):
+            # the score exactly as _score_rows sums it; a row to explain then looks its terms up
+            # again while its block is in L1 (cheaper than storing every row's terms: measured)
             s = 0.0
             for j in range(d):
                 v = buf[r, j]
@@ -127,13 +129,21 @@ def _explain_rows(X, lo, hi, out, feat, contrib, flag_threshold, flagged_only, m
                     slot = n_bins + 1
                 else:
                     slot = 1 + min(int((v - hb_lo[j]) * hb_inv_width[j]), n_bins - 1)
-                c[j] = table[j, slot]
-                s += c[j]
+                s += table[j, slot]
             out[b0 + r] = s
             if flagged_only and not s >= flag_threshold:
                 mark_unexplained(feat[b0 + r], contrib[b0 + r])
-            else:
-                select_top_k(c, feat[b0 + r], contrib[b0 + r])
+                continue
+            for j in range(d):
+                v = buf[r, j]
+                if v < hb_lo[j]:
+                    slot = 0
+                elif v > hb_hi[j]:
+                    slot = n_bins + 1
+                else:
+                    slot = 1 + min(int((v - hb_lo[j]) * hb_inv_width[j]), n_bins - 1)
+                c[j] = table[j, slot]
+            select_top_k(c, feat[b0 + r], contrib[b0 + r])
     return -1
 
 
