@@ -20,11 +20,11 @@ def decode(req, handle: ModelHandle, default_model: str, max_records: int) -> np
         raise RequestError(
             f"n_features is {req.n_features}; model {handle.name!r} version {handle.version} expects {d}",
             reason="n_features")
-    has_values, has_raw = len(req.values) > 0, len(req.raw_values) > 0
+    raw = req.raw_values  # a bytes field: every access copies it, so once
+    has_values, has_raw = len(req.values) > 0, len(raw) > 0
     if has_values and has_raw:
         raise RequestError("set either values or raw_values, not both", reason="both_values")
     if has_raw:
-        raw = req.raw_values
         if len(raw) % (4 * d):
             raise RequestError(
                 f"raw_values holds {len(raw)} bytes: not a whole number of records of {d} little-endian float32 "

@@ -26,6 +26,28 @@ DEFAULT_TOP_K = 3  # ScoreRequest.top_k = 0: features per explained record
 INVALID_REASONS = ("n_features", "shape", "both_values", "ids", "too_large", "non_finite", "unknown_model", "explain", "internal")
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _packed_scores(scores: np.ndarray, flagged: np.ndarray) -> bytes:
+    """ScoreResponse fields 4 (``scores``) and 5 (``anomalous``) in protobuf's packed wire format.
+
+    NOTE: merged into the response, these bytes replace ``scores.extend(scores.tolist())`` and the
+    same for the flags, which convert every value to a Python object and back: measured 3.5 us
+    instead of 14 us for 256 records, 20 us instead of 190 us for 4,096. A packed repeated double is
+    the little-endian float64 values after the tag and byte length; a packed bool, one 0/1 byte per
+    value. The message that results (and its serialization) is the one the two extends build."""
+    n = scores.shape[0]
+    return b"".join((b"\x22", _varint(8 * n), scores.astype("<f8", copy=False).tobytes(),
+                     b"\x2a", _varint(n), flagged.view(np.uint8).tobytes()))
+
+
 class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
     capture = None  # monitoring.capture.CaptureWriter, set by the worker: flagged records + a sample go to the store
 
@@ -83,8 +105,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
         resp = pb.ScoreResponse(request_id=req.request_id, model=name, version=version, device=device, alias=alias)
         if req.ids:
             resp.ids.extend(req.ids)
-        resp.scores.extend(scores.tolist())  # measured: faster than passing lists to the constructor
-        resp.anomalous.extend(flagged.tolist())
+        if n:
+            resp.MergeFromString(_packed_scores(scores, flagged))
         if explanation is not None:
             self._add_explanations(resp, handle.model.feature_names, explanation)
         if self.capture is not None and n:  # a queue hand-off: selection and I/O happen on the writer thread
