@@ -804,3 +804,70 @@ def test_two_workers_end_to_end_metrics(tmp_path, registry_dir, X, served_model)
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0, _log(proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# a failing kernel: INTERNAL for that call (or that stream message), and the server keeps serving
+
+
+SENTINEL = 12345.0  # a record with this first value makes the patched kernel raise
+
+
+def test_kernel_failure_is_internal_and_the_server_keeps_serving(loop_thread, registry_dir, X, served_model):
+    with serving(loop_thread, registry_dir) as running:
+        model = running.worker.slot.current.model
+        real = model.score
+
+        def failing(Xb, parallel=None):
+            if np.any(Xb[:, 0] == SENTINEL):
+                raise RuntimeError("kernel exploded")
+            return real(Xb, parallel=parallel)
+
+        model.score = failing  # an instance attribute: only this server's loaded model
+        bad = X[:3].copy()
+        bad[1, 0] = SENTINEL
+        with grpc.insecure_channel(running.target) as ch:
+            stub = pb_grpc.ScorerStub(ch)
+            e = rpc_error(stub.Score, request(bad, request_id=7))
+            assert e.code() == grpc.StatusCode.INTERNAL
+            assert e.details() == "internal error while scoring: kernel exploded"
+            assert running.sample("outlierd_invalid_inputs_total", {"reason": "internal"}) == 1
+            assert_scored(stub.Score(request(X[:5]), timeout=TIMEOUT), X[:5], served_model)
+
+            # on a stream, one message at a time (so no batch mixes the bad one with others)
+            answered = threading.Event()
+            reqs = [request(X[:4], request_id=1), request(bad, request_id=2), request(X[4:9], request_id=3)]
+
+            def one_at_a_time():
+                for r in reqs:
+                    answered.clear()
+                    yield r
+                    answered.wait(TIMEOUT)
+
+            responses = []
+            for resp in stub.ScoreStream(one_at_a_time(), timeout=TIMEOUT):
+                responses.append(resp)
+                answered.set()
+        assert [r.request_id for r in responses] == [1, 2, 3]
+        assert responses[1].error == "INTERNAL: internal error: kernel exploded" and list(responses[1].scores) == []
+        assert_scored(responses[0], X[:4], served_model)
+        assert_scored(responses[2], X[4:9], served_model)
+        assert running.sample("outlierd_invalid_inputs_total", {"reason": "internal"}) == 2
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 127, 128, 256, 4096, 20_000])
+def test_packed_scores_equal_what_extend_builds(rng, n):
+    from server.servicer import _packed_scores
+
+    scores = rng.normal(size=n) * 10.0 ** rng.integers(-300, 300, size=n)
+    flagged = scores >= np.median(scores)
+    if n > 1:
+        scores[rng.integers(0, n)] = np.nan
+    ref = pb.ScoreResponse(request_id=3, model="m", version="2")
+    ref.scores.extend(scores.tolist())
+    ref.anomalous.extend(flagged.tolist())
+    got = pb.ScoreResponse(request_id=3, model="m", version="2")
+    got.MergeFromString(_packed_scores(scores[::-1][::-1], flagged))  # a strided view too
+    assert got.SerializeToString() == ref.SerializeToString()
+    np.testing.assert_array_equal(np.array(got.scores), scores)
+    assert list(got.anomalous) == flagged.tolist()
