@@ -7,6 +7,7 @@ or SIGINT: health NOT_SERVING, stop taking calls, let in-flight work finish with
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import signal
@@ -147,6 +148,8 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     slot = ModelSlot(registry, settings.model, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics), policy=policy)
     loop = asyncio.get_running_loop()
     handle = await loop.run_in_executor(None, slot.load_initial)
+    if settings.drift:  # the drift tick's binomial test imports scipy.stats: now, not on the event loop mid-traffic
+        await loop.run_in_executor(None, importlib.import_module, "scipy.stats")
     interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []
     options = [
         # only several workers of one server share a port; a lone server must fail on a taken port
