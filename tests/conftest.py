@@ -42,3 +42,26 @@ def pytest_runtest_makereport(item, call):
     seeds = [v for k, v in item.user_properties if k == "seed"]
     if report.failed and seeds:
         report.sections.append(("random seed", f"rerun with OUTLIERD_TEST_SEED={seeds[0]}"))
+
+
+class LoopThread:
+    """An asyncio loop running forever in a daemon thread; ``call`` runs a coroutine on it (the
+    in-process servers of the server, feedback, rollout and threshold tests live on one)."""
+
+    def __init__(self, name: str = "test-loop", timeout: float = 30.0) -> None:
+        import asyncio
+        import threading
+
+        self._asyncio = asyncio
+        self.timeout = timeout
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def call(self, coro, timeout: float | None = None):
+        return self._asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout or self.timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import os
@@ -21,12 +20,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, LoopThread
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it comes with the dev extra's kubernetes-validate)")
 
@@ -417,21 +415,6 @@ def test_compose_file_wires_the_services_and_its_files_exist():
 # ------------------------------------------------------------------------------------------ outlierd health
 
 
-class _LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-
 def test_health_cli_against_a_real_server(tmp_path, rng, capsys):
     import numpy as np
 
@@ -444,7 +427,7 @@ def test_health_cli_against_a_real_server(tmp_path, rng, capsys):
     np.savetxt(data, X, delimiter=",", header="a,b,c,d", comments="")
     train(data, tmp_path / "reg", "m", detector="robust_z", alias="champion", quiet=True)
     settings = ServeSettings(registry=tmp_path / "reg", model="m", host="127.0.0.1", port=0, metrics_port=0)
-    lt = _LoopThread()
+    lt = LoopThread(timeout=60.0)
     try:
         worker = lt.call(start_worker(settings))
         address = f"127.0.0.1:{worker.port}"

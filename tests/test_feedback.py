@@ -4,7 +4,6 @@ lost while the server is killed with SIGKILL and restarted."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import csv
 import json
@@ -21,7 +20,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ROOT, dataset_path
+from conftest import ROOT, dataset_path, LoopThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -52,23 +51,6 @@ def make_registry(root: Path) -> Path:
 
 def cardio_X() -> np.ndarray:
     return np.loadtxt(dataset_path("cardio"), delimiter=",", skiprows=1)[:, :-1].astype(np.float32)
-
-
-class LoopThread:
-    """An asyncio loop running forever in a daemon thread; ``call`` runs a coroutine on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-feedback-loop", daemon=True)
-        self.thread.start()
-
-    def call(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 class Running:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import hashlib
@@ -11,14 +10,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, LoopThread
 from prometheus_client import CollectorRegistry
 from scipy.stats import spearmanr
 from sklearn.ensemble import IsolationForest
@@ -100,20 +98,6 @@ def reg_dir(tmp_path_factory) -> Path:
     reg.set_alias("m", "champion", 1)
     reg.set_alias("m", "challenger", 2)
     return root / "reg"
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ multi-process mode need a real process: those tests run ``python -m outlierd ser
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ROOT, dataset_path
+from conftest import ROOT, dataset_path, LoopThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.mmap_dict import MmapedDict
@@ -81,23 +80,6 @@ def registry_dir(tmp_path_factory, X) -> Path:
 @pytest.fixture(scope="module")
 def served_model(registry_dir):
     return load_model(Registry(registry_dir).path("cardio", VERSION))
-
-
-class LoopThread:
-    """An asyncio loop running forever in a daemon thread; ``call`` runs a coroutine on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
-        self.thread.start()
-
-    def call(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,19 @@ up without reloading its model."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
 import multiprocessing as mp
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from conftest import LoopThread
 from prometheus_client import CollectorRegistry
 from sklearn.ensemble import IsolationForest
 
@@ -290,20 +289,6 @@ def test_cli_calibrate_and_list(tmp_path, data, rng):
 # ---------------------------------------------------------------------------------------------
 # a running server picks a threshold version up, without reloading the model
 # ---------------------------------------------------------------------------------------------
-
-
-class LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, coro, timeout: float = 30.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 def test_server_picks_up_threshold_version(tmp_path, data, rng):
