@@ -119,7 +119,9 @@ def _explain_rows(X, lo, hi, out, feat, contrib, flag_threshold, flagged_only, m
             return bad
         for r in range(b1 - b0):
             # the score exactly as _score_rows sums it; a row to explain then looks its terms up
-            # again while its block is in L1 (cheaper than storing every row's terms: measured)
+            # again while its block is in L1 (cheaper than storing every row's terms: measured).
+            # The slot code is written out in each loop on purpose: the same code in an
+            # inline="always" helper measured 5x slower (30 -> 5.8 M rec/s, 1M x 32, 2 threads).
             s = 0.0
             for j in range(d):
                 v = buf[r, j]
