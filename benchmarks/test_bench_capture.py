@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_bench_server import (ATOL, LOAD_ROWS, MODEL, N_FEATURES, ROUNDS, SECONDS, SEED, SERVER_ARGS, SMOKE_SECONDS, TRAIN_ROWS,
-                               WARMUP, Scenario, ServerProcess, _median, _summary, free_port, run_loadgen)
+from test_bench_server import (ATOL, MODEL, ROUNDS, SECONDS, SERVER_ARGS, SMOKE_SECONDS, WARMUP, Scenario, ServerProcess, _median,
+                               _summary, free_port, run_loadgen, served_model)
 
 TARGET_CAPTURE_RATIO = 0.90  # throughput with capture >= 90% of without
 SCENARIOS = [
@@ -57,23 +57,10 @@ def _scrape(port: int) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def capture_bench(tmp_path_factory: pytest.TempPathFactory, bench_step) -> CaptureBench:
-    from core import load_model
-    from core.registry import Registry
     from server.client import ScorerClient
-    from training.train import train
 
     tmp = tmp_path_factory.mktemp("capture")
-    rng = np.random.default_rng(SEED)
-    with bench_step(f"training the served model: iforest on {TRAIN_ROWS:,} x {N_FEATURES} generated rows"):
-        X_train = rng.standard_normal((TRAIN_ROWS, N_FEATURES), dtype=np.float32)
-        csv = tmp / "train.csv"
-        np.savetxt(csv, X_train, delimiter=",", fmt="%.9g", comments="", header=",".join(f"x{j}" for j in range(N_FEATURES)))
-        registry = tmp / "registry"
-        train(csv, registry, MODEL, alias="champion", quiet=True)
-        model = load_model(Registry(registry).path(MODEL, "champion"))
-    X = rng.standard_normal((LOAD_ROWS, N_FEATURES), dtype=np.float32)
-    data = tmp / "load.npy"
-    np.save(data, X)
+    registry, model, X, data = served_model(tmp, bench_step)
     base = [sys.executable, "-m", "outlierd", "serve", "--registry", str(registry), "--model", MODEL, "--host", "127.0.0.1"]
     p_on, p_off, p_metrics = free_port(), free_port(), free_port()
     on = ServerProcess("outlierd-capture", base + ["--port", str(p_on), "--metrics-port", str(p_metrics), "--capture-sample", "0.01",

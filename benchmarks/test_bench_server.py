@@ -261,13 +261,14 @@ class ServerBench:
     floor: ServerProcess
 
 
-@pytest.fixture(scope="module")
-def server_bench(tmp_path_factory: pytest.TempPathFactory, bench_step) -> ServerBench:
+def served_model(tmp: Path, bench_step) -> tuple[Path, Any, np.ndarray, Path]:
+    """The served model (an iforest trained by ``training.train.train`` on generated rows, published
+    as ``champion`` in ``tmp/registry``) and the load rows (also saved to ``tmp/load.npy``):
+    ``(registry, loaded model, X, load.npy path)``."""
     from core import load_model
     from core.registry import Registry
     from training.train import train
 
-    tmp = tmp_path_factory.mktemp("server")
     rng = np.random.default_rng(SEED)
     with bench_step(f"training the served model: iforest on {TRAIN_ROWS:,} x {N_FEATURES} generated rows"):
         X_train = rng.standard_normal((TRAIN_ROWS, N_FEATURES), dtype=np.float32)
@@ -280,6 +281,13 @@ def server_bench(tmp_path_factory: pytest.TempPathFactory, bench_step) -> Server
     X = rng.standard_normal((LOAD_ROWS, N_FEATURES), dtype=np.float32)
     data = tmp / "load.npy"
     np.save(data, X)
+    return registry, model, X, data
+
+
+@pytest.fixture(scope="module")
+def server_bench(tmp_path_factory: pytest.TempPathFactory, bench_step) -> ServerBench:
+    tmp = tmp_path_factory.mktemp("server")
+    registry, model, X, data = served_model(tmp, bench_step)
     port_ours, port_floor = free_port(), free_port()
     ours = ServerProcess("outlierd", [sys.executable, "-m", "outlierd", "serve", "--registry", str(registry),
                                       "--model", MODEL, "--host", "127.0.0.1", "--port", str(port_ours),
