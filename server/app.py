@@ -136,7 +136,12 @@ async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | Non
         await asyncio.get_running_loop().run_in_executor(None, opener.get)
     except OSError as e:
         log.error("feedback store not available; captures are dropped and feedback refused until it is error=%s", e)
-    capture = CaptureWriter(opener, sample_rate=settings.capture_sample, metrics=metrics).start() if settings.capture else None
+    capture = None
+    if settings.capture:
+        # the store's file is written by a child process (SQLite off this process's GIL); a store
+        # object handed in (tests) is written by the writer thread itself
+        capture = (CaptureWriter(opener, sample_rate=settings.capture_sample, metrics=metrics) if store is not None else
+                   CaptureWriter.in_process(path, sample_rate=settings.capture_sample, metrics=metrics)).start()
     return capture, FeedbackService(opener, settings.model, metrics)
 
 
