@@ -35,7 +35,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numba as nb
 import numpy as np
 
-from .store import Store, open_store
+from .store import Store, StoreOpener, open_store  # noqa: F401  (StoreOpener: imported from here too)
 
 log = logging.getLogger("outlierd.capture")
 
@@ -44,44 +44,9 @@ MAX_OFFERS_PER_TXN = 1024        # messages folded into one transaction
 INTERVAL_S = 0.1                 # the writer wakes this often and takes everything queued
 GAP_BLOCK = 1 << 16              # geometric gaps (distances between sampled records) drawn at once
 GAP_REFILL = GAP_BLOCK // 2      # drawn again once this many are used: a message never needs more than the rest
-RING_BYTES = 32 << 20            # kept records waiting for the writer, in bytes (features, score, flag, position)
+RING_BYTES = 16 << 20            # kept records waiting for the writer, in bytes (features, score, flag, position)
 ERROR_BACKOFF_S = 1.0            # after a failed write: the queue fills meanwhile, and offers are dropped
 LOG_EVERY_S = 30.0               # rate limit of the "capture failing" log line
-
-
-class StoreOpener:
-    """Opens the store on first use from any thread; after a failure, tries again at most every
-    ``retry_s`` seconds (so a store that becomes writable later is picked up)."""
-
-    def __init__(self, path: str | os.PathLike, opener: Callable[[str | os.PathLike], Store] = open_store, retry_s: float = 5.0):
-        self.path, self._opener, self.retry_s = path, opener, retry_s
-        self._store: Store | None = None
-        self._error: BaseException | None = None
-        self._failed_at = -math.inf
-        self._lock = threading.Lock()
-
-    def get(self) -> Store:
-        """The open store, or ``OSError`` saying why it cannot be opened."""
-        store = self._store
-        if store is not None:
-            return store
-        with self._lock:
-            if self._store is not None:
-                return self._store
-            if time.monotonic() - self._failed_at < self.retry_s and self._error is not None:
-                raise OSError(f"feedback store {self.path} unavailable: {self._error}")
-            try:
-                self._store = self._opener(self.path)
-            except Exception as e:
-                self._error, self._failed_at = e, time.monotonic()
-                raise OSError(f"feedback store {self.path} unavailable: {e}") from e
-            return self._store
-
-    def close(self) -> None:
-        with self._lock:
-            if self._store is not None:
-                self._store.close()
-                self._store = None
 
 
 @nb.njit(cache=True)
@@ -122,10 +87,15 @@ class _Ring:
     """Kept records of one feature width, in preallocated arrays (the bounded queue, in records)."""
 
     def __init__(self, d: int, capacity: int):
-        self.X = np.zeros((capacity, d), dtype=np.float32)
-        self.score = np.zeros(capacity, dtype=np.float64)
-        self.flag = np.zeros(capacity, dtype=np.bool_)
-        self.local = np.zeros(capacity, dtype=np.int64)
+        # NOTE: filled, not just allocated: np.zeros/np.empty leave the pages unmapped, and the first
+        # write to each page then faults on the scoring path (measured: a fresh ring made an offer
+        # several times slower in the server until it had wrapped once)
+        self.X = np.empty((capacity, d), dtype=np.float32)
+        self.score = np.empty(capacity, dtype=np.float64)
+        self.flag = np.empty(capacity, dtype=np.bool_)
+        self.local = np.empty(capacity, dtype=np.int64)
+        for a in (self.X, self.score, self.flag, self.local):
+            a.fill(0)
         self.head = 0       # records written (mirrors st[2] after each offer)
         self.tail = 0       # records taken by the writer
         self.capacity = capacity
@@ -203,7 +173,7 @@ class CaptureWriter:
         with self._lock:
             ring = self._rings.get(d)
             if ring is None:
-                ring = self._rings[d] = _Ring(d, max(1024, self.ring_bytes // (4 * d + 17)))
+                ring = self._rings[d] = _Ring(d, self._capacity(d))
             h0 = ring.head
             room = 0 if len(self._queue) >= self.max_queue else ring.capacity - (h0 - ring.tail)
             st = self._st
@@ -229,6 +199,15 @@ class CaptureWriter:
                       latency_us: float = float("nan")) -> bool:
         """:meth:`offer` for a ScoreRequest as received: ids, request_id and features come from it."""
         return self.offer(handle, role, req.ids, None, scores, flagged, latency_us, req.request_id, req=req)
+
+    def prepare(self, n_features: int) -> None:
+        """Allocate the ring for records of ``n_features`` now (at start, not on the first offer)."""
+        with self._lock:
+            if n_features not in self._rings:
+                self._rings[n_features] = _Ring(n_features, self._capacity(n_features))
+
+    def _capacity(self, d: int) -> int:
+        return max(1024, self.ring_bytes // (4 * d + 17))
 
     def _draw_gaps(self) -> np.ndarray:
         if self.sample_rate <= 0:

@@ -209,7 +209,7 @@ def _read_exactly(f, n: int) -> bytes | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .capture import StoreOpener
+    from .store import StoreOpener
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:

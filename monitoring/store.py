@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -106,6 +107,41 @@ def open_store(path: str | os.PathLike) -> "SQLiteStore":
     """The SQLite store at ``path``, created (with its schema) on first use. Raises ``OSError``
     naming the path when the file cannot be opened or written."""
     return SQLiteStore(path)
+
+
+class StoreOpener:
+    """Opens the store on first use from any thread; after a failure, tries again at most every
+    ``retry_s`` seconds (so a store that becomes writable later is picked up)."""
+
+    def __init__(self, path: str | os.PathLike, opener: Callable[[str | os.PathLike], Store] = open_store, retry_s: float = 5.0):
+        self.path, self._opener, self.retry_s = path, opener, retry_s
+        self._store: Store | None = None
+        self._error: BaseException | None = None
+        self._failed_at = -math.inf
+        self._lock = threading.Lock()
+
+    def get(self) -> Store:
+        """The open store, or ``OSError`` saying why it cannot be opened."""
+        store = self._store
+        if store is not None:
+            return store
+        with self._lock:
+            if self._store is not None:
+                return self._store
+            if time.monotonic() - self._failed_at < self.retry_s and self._error is not None:
+                raise OSError(f"feedback store {self.path} unavailable: {self._error}")
+            try:
+                self._store = self._opener(self.path)
+            except Exception as e:
+                self._error, self._failed_at = e, time.monotonic()
+                raise OSError(f"feedback store {self.path} unavailable: {e}") from e
+            return self._store
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
 
 def validate_label(label: str) -> str:

@@ -19,10 +19,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from core.registry import Registry
-from monitoring.capture import CaptureWriter, StoreOpener
+from monitoring.capture import CaptureWriter
 from monitoring.drift import reference_for
 from monitoring.metrics import ServiceMetrics
-from monitoring.store import default_store_path, open_store
+from monitoring.store import StoreOpener, default_store_path, open_store
 from monitoring.stream import ServingMonitor
 from outlierd.v1 import scoring_pb2, scoring_pb2_grpc
 
@@ -171,6 +171,8 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     servicer = ScorerServicer(settings, slot, batcher, metrics,
                               rollout=rollout if settings.rollout != "off" else None)
     servicer.capture, servicer.feedback = capture, feedback
+    if capture is not None:
+        await loop.run_in_executor(None, capture.prepare, handle.model.n_features)
     scoring_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

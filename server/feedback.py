@@ -21,9 +21,8 @@ from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
-from monitoring.capture import StoreOpener
 from monitoring.quality import from_store
-from monitoring.store import LabelRow
+from monitoring.store import LabelRow, StoreOpener
 from outlierd.v1 import scoring_pb2 as pb
 
 from .errors import RequestError, message, status_code
