@@ -43,23 +43,22 @@ DEFAULT_QUEUE_OFFERS = 8192      # messages with kept records waiting for the wr
 MAX_OFFERS_PER_TXN = 1024        # messages folded into one transaction
 INTERVAL_S = 0.1                 # the writer wakes this often and takes everything queued
 GAP_BLOCK = 1 << 16              # geometric gaps (distances between sampled records) drawn at once
-GAP_REFILL = GAP_BLOCK // 2      # drawn again once this many are used: a message never needs more than the rest
 RING_BYTES = 16 << 20            # kept records waiting for the writer, in bytes (features, score, flag, position)
 ERROR_BACKOFF_S = 1.0            # after a failed write: the queue fills meanwhile, and offers are dropped
 LOG_EVERY_S = 30.0               # rate limit of the "capture failing" log line
 
 
 @nb.njit(cache=True)
-def _keep_rows(X, scores, flagged, room, st, gaps, r_X, r_score, r_flag, r_local):
-    """Append a message's kept records (flagged, or at a sampled position) to the ring.
+def _keep_rows(X, scores, flagged, room, head, st, gaps, r_X, r_score, r_flag, r_local):
+    """Append a message's kept records (flagged, or at a sampled position) to the ring at ``head``
+    (records ever written to it; the slot is ``head % capacity``), at most ``room`` of them.
 
-    ``st``: int64 ``[next sampled position (from this message's first record), next gap, head]``,
-    head = records ever written (the ring slot is ``head % capacity``). At most ``room`` records are
-    written; returns ``(written, dropped)``. Runs with the GIL held (no ``nogil``): a call is atomic
-    with respect to other Python threads, which is the ring's only lock on the offering side."""
+    ``st``: int64 ``[next sampled position (from this message's first record), next gap]``. Returns
+    ``(written, dropped, refill)``, refill: the gaps are half used, draw new ones. Runs with the GIL
+    held (no ``nogil``): a call is atomic with respect to other Python threads."""
     n = scores.shape[0]
     cap = r_score.shape[0]
-    at, gi, head = st[0], st[1], st[2]
+    at, gi = st[0], st[1]
     written = 0
     dropped = 0
     for i in range(n):
@@ -79,8 +78,8 @@ def _keep_rows(X, scores, flagged, room, st, gaps, r_X, r_score, r_flag, r_local
                 written += 1
             else:
                 dropped += 1
-    st[0], st[1], st[2] = at - n, gi, head + written
-    return written, dropped
+    st[0], st[1] = at - n, gi
+    return written, dropped, gi >= gaps.shape[0] // 2
 
 
 class _Ring:
@@ -96,7 +95,7 @@ class _Ring:
         self.local = np.empty(capacity, dtype=np.int64)
         for a in (self.X, self.score, self.flag, self.local):
             a.fill(0)
-        self.head = 0       # records written (mirrors st[2] after each offer)
+        self.head = 0       # records ever written (offers hold the lock)
         self.tail = 0       # records taken by the writer
         self.capacity = capacity
 
@@ -137,8 +136,8 @@ class CaptureWriter:
         self.interval_s = interval_s
         self.ring_bytes = ring_bytes
         self._rng = np.random.default_rng(seed)
-        # sampling state and ring head, for _keep_rows; gaps: geometric, the distance between sampled records
-        self._st = np.zeros(3, dtype=np.int64)
+        # sampling state for _keep_rows; gaps: geometric, the distance between sampled records
+        self._st = np.zeros(2, dtype=np.int64)
         self._gaps = self._draw_gaps()
         self._st[0] = self._gaps[0] - 1
         self._st[1] = 1
@@ -170,26 +169,23 @@ class CaptureWriter:
         if X is None:
             X = _decode(req, handle.model.n_features)
         d = X.shape[1]
+        ring = self._rings.get(d) or self._new_ring(d)
+        # NOTE: this runs for every response on the event loop; written for the fewest Python steps
         with self._lock:
-            ring = self._rings.get(d)
-            if ring is None:
-                ring = self._rings[d] = _Ring(d, self._capacity(d))
             h0 = ring.head
-            room = 0 if len(self._queue) >= self.max_queue else ring.capacity - (h0 - ring.tail)
-            st = self._st
-            st[2] = h0
-            k, lost = _keep_rows(X, scores, flagged, room, st, self._gaps, ring.X, ring.score, ring.flag, ring.local)
-            if st[1] >= GAP_REFILL:
-                self._gaps, st[1] = self._draw_gaps(), 0
+            room = ring.capacity - h0 + ring.tail if len(self._queue) < self.max_queue else 0
+            k, lost, refill = _keep_rows(X, scores, flagged, room, h0, self._st, self._gaps, ring.X, ring.score, ring.flag, ring.local)
+            if refill:
+                self._gaps, self._st[1] = self._draw_gaps(), 0
             if k:
                 ring.head = h0 + k
                 if len(ids):
-                    loc = ring.local[np.arange(h0, h0 + k) % ring.capacity].tolist() if h0 % ring.capacity + k > ring.capacity \
-                        else ring.local[h0 % ring.capacity:h0 % ring.capacity + k].tolist()
+                    s0 = h0 % ring.capacity
+                    loc = ring.local[s0:s0 + k].tolist() if s0 + k <= ring.capacity else ring.local[np.arange(h0, h0 + k) % ring.capacity].tolist()
                     kid, gen = [ids[i] for i in loc], (0, 0)
                 else:
                     kid, gen = None, (next(self._seq), request_id)
-                self._queue.append(_Kept(ring, h0, k, handle, role, kid, gen, latency_us))
+                self._queue.append(tuple.__new__(_Kept, (ring, h0, k, handle, role, kid, gen, latency_us)))  # the namedtuple without its __new__
         if lost:
             self._count_dropped(handle.name, lost, "queue_full")
             return False
@@ -202,9 +198,14 @@ class CaptureWriter:
 
     def prepare(self, n_features: int) -> None:
         """Allocate the ring for records of ``n_features`` now (at start, not on the first offer)."""
+        self._new_ring(n_features)
+
+    def _new_ring(self, d: int) -> _Ring:
         with self._lock:
-            if n_features not in self._rings:
-                self._rings[n_features] = _Ring(n_features, self._capacity(n_features))
+            ring = self._rings.get(d)
+            if ring is None:
+                ring = self._rings[d] = _Ring(d, self._capacity(d))
+            return ring
 
     def _capacity(self, d: int) -> int:
         return max(1024, self.ring_bytes // (4 * d + 17))
@@ -368,10 +369,10 @@ def _decode(req: Any, d: int) -> np.ndarray:
 def _warm_up() -> None:
     """Compile (or load from the cache) _keep_rows for the arrays the server passes, before the first
     offer: a compilation on the event loop would stall it."""
-    st, gaps = np.zeros(3, np.int64), np.ones(4, np.int64)
+    st, gaps = np.zeros(2, np.int64), np.ones(4, np.int64)
     ring = _Ring(1, 4)
     X = np.zeros((1, 1), np.float32)
     ro = np.frombuffer(b"\0\0\0\0", dtype="<f4").reshape(1, 1)  # raw_values decode to a read-only array
     for x in (X, ro):
         for scores in (np.zeros(1, np.float64), np.zeros(1, np.float32)):
-            _keep_rows(x, scores, np.zeros(1, np.bool_), 0, st, gaps, ring.X, ring.score, ring.flag, ring.local)
+            _keep_rows(x, scores, np.zeros(1, np.bool_), 0, 0, st, gaps, ring.X, ring.score, ring.flag, ring.local)
