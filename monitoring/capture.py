@@ -49,32 +49,47 @@ LOG_EVERY_S = 30.0               # rate limit of the "capture failing" log line
 
 
 @nb.njit(cache=True)
-def _keep_rows(X, scores, flagged, room, head, st, gaps, r_X, r_score, r_flag, r_local):
-    """Append a message's kept records (flagged, or at a sampled position) to the ring at ``head``
-    (records ever written to it; the slot is ``head % capacity``), at most ``room`` of them.
+def _keep_rows(X, scores, flagged, thr, bounds, counts, head, st, gaps, r_X, r_score, r_flag, r_local):
+    """Write the kept records of one or more scored messages (rows of ``X`` split at ``bounds``,
+    the messages' end offsets) to the ring from ``head`` (records ever written to it; the slot is
+    ``head % capacity``), overwriting the oldest. A record is kept when flagged (``flagged[i]``, or
+    ``scores[i] >= thr`` when ``flagged`` is empty) or at a sampled position. ``counts[j]`` gets
+    message j's kept records (written contiguously, message after message); ``r_local`` each
+    record's position in its message.
 
-    ``st``: int64 ``[next sampled position (from this message's first record), next gap]``. Returns
-    ``(written, dropped, refill)``, refill: the gaps are half used, draw new ones. Runs with the GIL
-    held (no ``nogil``): a call is atomic with respect to other Python threads."""
+    ``st``: int64 ``[next sampled position (from the first record), next gap]``. Returns
+    ``(written, dropped, refill)``: dropped, kept records beyond one ring's capacity; refill, the gaps
+    are half used (draw new ones). Runs with the GIL held (no ``nogil``): a call is atomic with
+    respect to other Python threads."""
     n = scores.shape[0]
     cap = r_score.shape[0]
+    use_thr = flagged.shape[0] == 0
     at, gi = st[0], st[1]
     written = 0
     dropped = 0
+    j = 0
+    start = 0
+    for m in range(bounds.shape[0]):
+        counts[m] = 0
     for i in range(n):
+        while i >= bounds[j]:
+            start = bounds[j]
+            j += 1
         sampled = i == at
         if sampled:
             at += gaps[gi]
             gi += 1
             if gi == gaps.shape[0]:  # the caller refills long before; never read past the end
                 gi = 0
-        if flagged[i] or sampled:
-            if written < room:
+        f = scores[i] >= thr if use_thr else flagged[i]
+        if f or sampled:
+            if written < cap:
                 slot = (head + written) % cap
                 r_X[slot, :] = X[i, :]
                 r_score[slot] = scores[i]
-                r_flag[slot] = flagged[i]
-                r_local[slot] = i
+                r_flag[slot] = f
+                r_local[slot] = i - start
+                counts[j] += 1
                 written += 1
             else:
                 dropped += 1
@@ -95,16 +110,27 @@ class _Ring:
         self.local = np.empty(capacity, dtype=np.int64)
         for a in (self.X, self.score, self.flag, self.local):
             a.fill(0)
-        self.head = 0       # records ever written (offers hold the lock)
-        self.tail = 0       # records taken by the writer
+        self.head = 0       # records ever written (under the writer's lock)
         self.capacity = capacity
+
+    def intact(self, h0: int) -> bool:
+        """Whether the records written from position ``h0`` on are still there (not overwritten)."""
+        return self.head - h0 <= self.capacity
+
+
+class Selection(NamedTuple):
+    """Records of one scored message (or micro-batch) kept in the ring, not yet handed to the writer."""
+
+    ring: _Ring
+    h0: int                     # ring position (head) of the first record
+    k: int                      # records kept
 
 
 class _Kept(NamedTuple):
     # one message's kept records: where they lie in the ring, and what they share
     ring: _Ring
-    h0: int                     # ring position (head) of its first record
-    k: int                      # records kept
+    h0: int
+    k: int
     handle: Any                 # server.reload.ModelHandle (name, version, model.n_features)
     role: str
     ids: list[str] | None       # one per kept record, or None: generated from `gen`
@@ -138,6 +164,8 @@ class CaptureWriter:
         self._rng = np.random.default_rng(seed)
         # sampling state for _keep_rows; gaps: geometric, the distance between sampled records
         self._st = np.zeros(2, dtype=np.int64)
+        self._bounds = np.zeros(64, dtype=np.int64)  # scratch for _keep_rows, under the lock
+        self._counts = np.zeros(64, dtype=np.int64)
         self._gaps = self._draw_gaps()
         self._st[0] = self._gaps[0] - 1
         self._st[1] = 1
@@ -156,9 +184,86 @@ class CaptureWriter:
 
     # -- the hot path ----------------------------------------------------------------------------
 
+    def select(self, handle: Any, X: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> Selection | None:
+        """Keep a scored message's flagged records and its sample: copied into the writer's ring now.
+        Returns where they are, for :meth:`attach`; None when nothing was kept."""
+        with self._lock:
+            bounds = self._bounds[:1]
+            bounds[0] = scores.shape[0]
+            return self._select(handle, X, scores, np.asarray(flagged, dtype=np.bool_), 0.0, bounds)[0]
+
+    def select_batch(self, handle: Any, X: np.ndarray, scores: np.ndarray, threshold: float,
+                     sizes: Sequence[int]) -> list[Selection | None]:
+        """:meth:`select` for a micro-batch of messages of ``sizes`` records (the server calls it on
+        the scoring thread, right after the kernel), flagging ``scores >= threshold`` as the
+        response does; one selection (or None) per message."""
+        thr = float(threshold)
+        if scores.dtype == np.float32:  # as numpy compares a float32 array with a Python float
+            thr = float(np.float32(thr))
+        with self._lock:
+            if len(sizes) > self._bounds.shape[0]:
+                self._bounds = np.zeros(len(sizes), dtype=np.int64)
+                self._counts = np.zeros(len(sizes), dtype=np.int64)
+            bounds = self._bounds[:len(sizes)]
+            end = 0
+            for j, n in enumerate(sizes):
+                end += n
+                bounds[j] = end
+            return self._select(handle, X, scores, _NO_FLAGS, thr, bounds)
+
+    def _select(self, handle: Any, X: np.ndarray, scores: np.ndarray, flagged: np.ndarray, thr: float,
+                bounds: np.ndarray) -> list[Selection | None]:
+        # under self._lock
+        d = X.shape[1]
+        ring = self._rings.get(d)
+        if ring is None:
+            ring = self._rings[d] = _Ring(d, self._capacity(d))
+        h0 = ring.head
+        counts = self._counts
+        k, lost, refill = _keep_rows(X, scores, flagged, thr, bounds, counts, h0, self._st, self._gaps,
+                                     ring.X, ring.score, ring.flag, ring.local)
+        if refill:
+            self._gaps, self._st[1] = self._draw_gaps(), 0
+        ring.head = h0 + k
+        if lost:  # more kept records in one call than the ring holds
+            self._count_dropped(handle.name, lost, "queue_full")
+        if bounds.shape[0] == 1:
+            return [tuple.__new__(Selection, (ring, h0, k)) if k else None]  # the namedtuple without its __new__
+        out: list[Selection | None] = []
+        for c in counts[:bounds.shape[0]].tolist():
+            out.append(tuple.__new__(Selection, (ring, h0, c)) if c else None)
+            h0 += c
+        return out
+
+    def attach(self, sel: Selection, handle: Any, role: str, ids: Sequence[str], request_id: int = 0,
+               latency_us: float = float("nan")) -> bool:
+        """Hand a selection to the writer with what its records share: ``handle`` (the version that
+        scored them), ``role``, the message's ``ids`` (one per record, or empty: ids are generated),
+        ``request_id``, kernel time per record. Returns False when the queue was full (counted)."""
+        if len(self._queue) >= self.max_queue:
+            self._count_dropped(handle.name, sel.k, "queue_full")
+            return False
+        if len(ids):
+            ring = sel.ring
+            with self._lock:
+                if not ring.intact(sel.h0):
+                    kid = None
+                else:
+                    s0 = sel.h0 % ring.capacity
+                    loc = ring.local[s0:s0 + sel.k] if s0 + sel.k <= ring.capacity else ring.local[np.arange(sel.h0, sel.h0 + sel.k) % ring.capacity]
+                    kid = [ids[i] for i in loc.tolist()]
+            if kid is None:
+                self._count_dropped(handle.name, sel.k, "queue_full")
+                return False
+            gen = (0, 0)
+        else:
+            kid, gen = None, (next(self._seq), request_id)
+        self._queue.append(tuple.__new__(_Kept, (sel.ring, sel.h0, sel.k, handle, role, kid, gen, latency_us)))
+        return True
+
     def offer(self, handle: Any, role: str, ids: Sequence[str], X: np.ndarray | None, scores: np.ndarray, flagged: np.ndarray,
               latency_us: float = float("nan"), request_id: int = 0, *, req: Any = None) -> bool:
-        """Select what one scored message contributes and hand it to the writer; never blocks.
+        """:meth:`select` and :meth:`attach` in one step; never blocks.
 
         ``handle``: the ModelHandle that scored it; ``role``: "champion" or "challenger"; ``ids``: one
         per record or empty (ids are generated); ``X``: the (n, d) features as scored (or None with
@@ -168,28 +273,14 @@ class CaptureWriter:
         False when the queue was full and kept records were dropped (counted)."""
         if X is None:
             X = _decode(req, handle.model.n_features)
-        d = X.shape[1]
-        ring = self._rings.get(d) or self._new_ring(d)
-        # NOTE: this runs for every response on the event loop; written for the fewest Python steps
-        with self._lock:
-            h0 = ring.head
-            room = ring.capacity - h0 + ring.tail if len(self._queue) < self.max_queue else 0
-            k, lost, refill = _keep_rows(X, scores, flagged, room, h0, self._st, self._gaps, ring.X, ring.score, ring.flag, ring.local)
-            if refill:
-                self._gaps, self._st[1] = self._draw_gaps(), 0
-            if k:
-                ring.head = h0 + k
-                if len(ids):
-                    s0 = h0 % ring.capacity
-                    loc = ring.local[s0:s0 + k].tolist() if s0 + k <= ring.capacity else ring.local[np.arange(h0, h0 + k) % ring.capacity].tolist()
-                    kid, gen = [ids[i] for i in loc], (0, 0)
-                else:
-                    kid, gen = None, (next(self._seq), request_id)
-                self._queue.append(tuple.__new__(_Kept, (ring, h0, k, handle, role, kid, gen, latency_us)))  # the namedtuple without its __new__
-        if lost:
-            self._count_dropped(handle.name, lost, "queue_full")
+        if len(self._queue) >= self.max_queue:  # decided before selecting, so the sample is not consumed
+            kept = int(np.count_nonzero(flagged))
+            self._count_dropped(handle.name, kept, "queue_full")
             return False
-        return True
+        sel = self.select(handle, X, scores, np.asarray(flagged, dtype=np.bool_))
+        if sel is None:
+            return True
+        return self.attach(sel, handle, role, ids, request_id, latency_us)
 
     def offer_request(self, handle: Any, role: str, req: Any, scores: np.ndarray, flagged: np.ndarray,
                       latency_us: float = float("nan")) -> bool:
@@ -231,7 +322,6 @@ class CaptureWriter:
 
         writer = cls(StoreOpener(path), **kw)  # the opener is never opened here: the child opens the file
         writer._process = ProcessStore(path, writer._on_result)
-        writer._get_store = lambda: writer._process
         return writer
 
     def _on_result(self, model: str, role: str, n: int, error: str | None) -> None:
@@ -291,59 +381,76 @@ class CaptureWriter:
             if stopping:
                 return
 
-    def _take(self) -> list[_Kept]:
-        """Up to MAX_OFFERS_PER_TXN queued messages, their records copied out of the ring (which
-        frees their slots). Records are written to the ring in queue order, so the taken ones are
-        the oldest and the tail moves past them."""
+    def _take(self) -> list:
+        """Up to MAX_OFFERS_PER_TXN queued messages with their records copied out of the ring.
+        A message whose records were overwritten meanwhile (the writer fell a whole ring behind) is
+        counted as dropped."""
+        lost: list[_Kept] = []
         with self._lock:
             batch = []
             while self._queue and len(batch) < MAX_OFFERS_PER_TXN:
-                batch.append(self._queue.popleft())
+                kp = self._queue.popleft()
+                (batch if kp.ring.intact(kp.h0) else lost).append(kp)
             rows: dict[int, tuple] = {}
             for ring in {id(kp.ring): kp.ring for kp in batch}.values():
-                end = max(kp.h0 + kp.k for kp in batch if kp.ring is ring)
-                pos = np.arange(ring.tail, end) % ring.capacity
-                rows[id(ring)] = (ring.tail, ring.X[pos], ring.score[pos], ring.flag[pos], ring.local[pos])
-                ring.tail = end
-        return [(kp, rows[id(kp.ring)]) for kp in batch]  # type: ignore[misc]
+                mine = [kp for kp in batch if kp.ring is ring]
+                end = mine[0].h0
+                for kp in mine:  # usually the messages lie back to back in the ring: one range
+                    if kp.h0 != end:
+                        end = -1
+                        break
+                    end += kp.k
+                if end >= 0:
+                    pos = np.arange(mine[0].h0, end) % ring.capacity
+                else:
+                    pos = np.concatenate([np.arange(kp.h0, kp.h0 + kp.k) for kp in mine]) % ring.capacity
+                rows[id(ring)] = (len(mine), ring.X[pos], ring.score[pos], ring.flag[pos], ring.local[pos])
+        for kp in lost:
+            self._count_dropped(kp.handle.name, kp.k, "queue_full")
+        out, at = [], {}
+        for kp in batch:  # each message's rows: a slice of its ring's gathered rows, in queue order
+            a = at.get(id(kp.ring), 0)
+            at[id(kp.ring)] = a + kp.k
+            out.append((kp, rows[id(kp.ring)], a))
+        return out
 
     def _write(self, batch: list) -> None:
-        # The records were selected and copied by offer(): here they are only grouped and stored.
+        # The records were selected and copied on the scoring path: here they are only grouped and stored.
         now = time.time()
         groups: dict[tuple, list] = {}
-        for kp, rows in batch:
-            groups.setdefault((kp.handle.name, kp.handle.version, kp.role, id(kp.ring)), []).append((kp, rows))
+        for kp, rows, a in batch:
+            groups.setdefault((kp.handle.name, kp.handle.version, kp.role, id(kp.ring)), []).append((kp, rows, a))
         for (model, version, role, _), members in groups.items():
-            ids: list[str] = []
-            sel: list[np.ndarray] = []
-            lat: list[float] = []
-            t0, X, score, flag, local = members[0][1]
-            for kp, _rows in members:
-                a = kp.h0 - t0
-                sel.append(np.arange(a, a + kp.k))
-                lat.append(kp.latency_us)
-                if kp.ids is not None:
-                    ids.extend(kp.ids)
-                else:
-                    seq, request_id = kp.gen
-                    ids.extend([f"gen:{self.token}:{seq}:{request_id}:{i}" for i in local[a:a + kp.k].tolist()])
-            idx = sel[0] if len(sel) == 1 else np.concatenate(sel)
-            if len(members) != len(batch) or idx.size != score.size:
-                X, score, flag = X[idx], score[idx], flag[idx]
-            n = len(ids)
+            in_ring, X, score, flag, local = members[0][1]
+            ks = [kp.k for kp, _r, _a in members]
+            if len(members) != in_ring:  # other versions or roles share this ring's rows
+                idx = np.concatenate([np.arange(a, a + kp.k) for kp, _r, a in members])
+                X, score, flag, local = X[idx], score[idx], flag[idx], local[idx]
+            lat = np.repeat([kp.latency_us for kp, _r, _a in members], ks)
+            n = len(score)
             try:
-                store = self._get_store()
-                store.add_predictions(model, version, role, ids, X, score, flag, ~flag, np.repeat(lat, [kp.k for kp, _ in members]), now,
-                                      sample_rate=self.sample_rate)
+                if self._process is not None:  # ids are made in the capture process, from these
+                    self._process.add_captured(model, version, role, self.token, ks, [kp.ids for kp, _r, _a in members],
+                                               [kp.gen for kp, _r, _a in members], X, score, flag, local, lat, now, self.sample_rate)
+                    continue  # counted when the process answers
+                ids: list[str] = []
+                a = 0
+                for kp, k in zip((m[0] for m in members), ks):
+                    if kp.ids is not None:
+                        ids.extend(kp.ids)
+                    else:
+                        seq, request_id = kp.gen
+                        ids.extend([f"gen:{self.token}:{seq}:{request_id}:{i}" for i in local[a:a + k].tolist()])
+                    a += k
+                self._get_store().add_predictions(model, version, role, ids, X, score, flag, ~flag, lat, now, sample_rate=self.sample_rate)
             except Exception as e:
                 self._count_dropped(model, n, "write_error")
                 self._log_failure(e)
                 self._stop.wait(ERROR_BACKOFF_S)
                 continue
-            if self._process is None:  # the child process's rows are counted when it answers
-                self.captured += n
-                if self.metrics is not None:
-                    self.metrics.captured.labels(model, role).inc(n)
+            self.captured += n
+            if self.metrics is not None:
+                self.metrics.captured.labels(model, role).inc(n)
 
     def _count_dropped(self, model: str, n: int, reason: str) -> None:
         if n <= 0:
@@ -366,13 +473,17 @@ def _decode(req: Any, d: int) -> np.ndarray:
     return np.asarray(req.values, dtype=np.float32).reshape(-1, d)
 
 
+_NO_FLAGS = np.zeros(0, dtype=np.bool_)  # _keep_rows: flag by threshold
+
+
 def _warm_up() -> None:
     """Compile (or load from the cache) _keep_rows for the arrays the server passes, before the first
     offer: a compilation on the event loop would stall it."""
-    st, gaps = np.zeros(2, np.int64), np.ones(4, np.int64)
+    st, gaps, bounds, counts = np.zeros(2, np.int64), np.ones(4, np.int64), np.ones(1, np.int64), np.zeros(1, np.int64)
     ring = _Ring(1, 4)
     X = np.zeros((1, 1), np.float32)
     ro = np.frombuffer(b"\0\0\0\0", dtype="<f4").reshape(1, 1)  # raw_values decode to a read-only array
     for x in (X, ro):
         for scores in (np.zeros(1, np.float64), np.zeros(1, np.float32)):
-            _keep_rows(x, scores, np.zeros(1, np.bool_), 0, 0, st, gaps, ring.X, ring.score, ring.flag, ring.local)
+            for flagged in (np.zeros(1, np.bool_), _NO_FLAGS):
+                _keep_rows(x, scores, flagged, 0.0, bounds, counts, 0, st, gaps, ring.X, ring.score, ring.flag, ring.local)

@@ -173,6 +173,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     servicer.capture, servicer.feedback = capture, feedback
     if capture is not None:
         await loop.run_in_executor(None, capture.prepare, handle.model.n_features)
+        batcher.capture = capture
     scoring_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

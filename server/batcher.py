@@ -67,6 +67,9 @@ class MicroBatcher:
         # kernel time per record of the latest batch, per (model, version): captured with the records
         # (rollout compares champion and challenger latency); written by scoring threads, a plain dict store
         self._kernel_us: dict[tuple[str, int], float] = {}
+        # monitoring.capture.CaptureWriter, set by the worker: the records to capture are selected on
+        # the scoring thread right after the kernel, and travel with the result as a Selection
+        self.capture: Any = None
 
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
@@ -140,9 +143,10 @@ class MicroBatcher:
 
     def submit(self, X: np.ndarray, handle: ModelHandle | None = None, explain: tuple[int, bool] | None = None) -> asyncio.Future:
         """Queue ``X`` for scoring with ``handle`` (default: the one serving now); the future
-        resolves to ``(handle, scores, device)``. ``explain=(top_k, flagged_only)``: scored and
-        explained in one kernel pass on a scoring thread (not micro-batched), resolving to
-        ``(handle, scores, device, (features, contributions))``."""
+        resolves to ``(handle, scores, device, capture selection or None)``.
+        ``explain=(top_k, flagged_only)``: scored and explained in one kernel pass on a scoring
+        thread (not micro-batched), resolving to ``(handle, scores, device, selection, (features,
+        contributions))``."""
         handle = handle or self.slot.current
         assert handle is not None, "no model loaded"
         loop = asyncio.get_running_loop()
@@ -216,9 +220,9 @@ class MicroBatcher:
         self._jobs.put((self._score_items, (items,), lambda r, e: self._batch_done(items, r, e)))
 
     def _score_items(self, items: list[_Item]) -> tuple:
-        # on the scoring thread: the concatenation too
+        # on the scoring thread: the concatenation and the capture selection's split per request too
         X = items[0].X if len(items) == 1 else np.concatenate([it.X for it in items])
-        return self._kernel(items[0].handle, X)
+        return self._kernel(items[0].handle, X, sizes=[it.X.shape[0] for it in items] if len(items) > 1 else None)
 
     def _batch_done(self, items: list[_Item], result: tuple | None, exc: BaseException | None) -> None:
         """On the loop: a batch came back from its thread; answer its requests, then take the next."""
@@ -232,19 +236,19 @@ class MicroBatcher:
                 fut.set_exception(exc)
         else:
             self._release_thread()
-            scores, device = result  # type: ignore[misc]
+            scores, device, sel = result  # type: ignore[misc]
             handle = items[0].handle
             self._observe(handle, scores.shape[0])
             if len(items) == 1:
                 fut = items[0].future
                 if not fut.done():
-                    fut.set_result((handle, scores, device))
+                    fut.set_result((handle, scores, device, sel))
             else:
                 start = 0
-                for it in items:
+                for k, it in enumerate(items):
                     n = it.X.shape[0]
                     if not it.future.done():
-                        it.future.set_result((handle, scores[start:start + n], device))
+                        it.future.set_result((handle, scores[start:start + n], device, None if sel is None else sel[k]))
                     start += n
         if self.max_delay_s == 0:
             self._pump()
@@ -291,14 +295,15 @@ class MicroBatcher:
                 self._pump()
 
         job.add_done_callback(done)
-        scores, device, *explanation = await asyncio.shield(job)
+        scores, device, sel, *explanation = await asyncio.shield(job)
         self._observe(handle, scores.shape[0])
-        return (handle, scores, device, *explanation)
+        return (handle, scores, device, sel, *explanation)
 
-    def _kernel(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None) -> tuple:
-        """Score one batch where the device policy says; returns (scores, device it ran on), and
-        with ``explain=(top_k, flagged_only)`` also (features, contributions), computed on the CPU
-        kernels (the GPU backends' attributions are the CPU kernel's anyway)."""
+    def _kernel(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None, sizes: list[int] | None = None) -> tuple:
+        """Score one batch where the device policy says; returns (scores, device it ran on, capture
+        selection or None; with ``sizes``, a micro-batch's request sizes, one per request), and with
+        ``explain=(top_k, flagged_only)`` also (features, contributions), computed on the CPU kernels
+        (the GPU backends' attributions are the CPU kernel's anyway)."""
         explanation = None
         scores = None
         device = "cpu"
@@ -325,7 +330,15 @@ class MicroBatcher:
                 handle.monitor.observe(X, scores, handle.threshold)
             except Exception:  # monitoring must never fail scoring
                 log.exception("drift monitor failed model=%s version=%d", handle.name, handle.version)
-        return (scores, device) if explanation is None else (scores, device, tuple(explanation))
+        sel = None
+        if self.capture is not None and X.shape[0]:
+            try:  # flagged as the response computes it: scores >= the handle's threshold
+                sel = self.capture.select_batch(handle, X, scores, handle.threshold, sizes or [X.shape[0]])
+                if sizes is None:
+                    sel = sel[0]
+            except Exception:  # capture must never fail scoring
+                log.exception("capture selection failed model=%s version=%d", handle.name, handle.version)
+        return (scores, device, sel) if explanation is None else (scores, device, sel, tuple(explanation))
 
     def kernel_us(self, handle: ModelHandle) -> float:
         """Kernel time per record (microseconds) of the latest batch scored with ``handle``'s

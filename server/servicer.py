@@ -95,7 +95,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             resp.explanations.add(record=r, features=f, contributions=contributions[r].tolist(),
                                   feature_names=[names[j] for j in f])
 
-    def _response(self, req: pb.ScoreRequest, X: np.ndarray, handle: ModelHandle, scores: np.ndarray, device: str,
+    def _response(self, req: pb.ScoreRequest, X: np.ndarray, handle: ModelHandle, scores: np.ndarray, device: str, sel=None,
                   explanation: tuple[np.ndarray, np.ndarray] | None = None) -> pb.ScoreResponse:
         _, name, version, alias, threshold, role, records, anomalies = self._handle_info(handle)
         flagged = scores >= threshold
@@ -110,8 +110,14 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             resp.MergeFromString(_packed_scores(scores, flagged))
         if explanation is not None:
             self._add_explanations(resp, handle.model.feature_names, explanation)
-        if self.capture is not None and n:  # flagged records and a sample, copied; I/O on the writer thread
-            self.capture.offer(handle, role, req.ids, X, scores, flagged, self.batcher.kernel_us(handle), req.request_id)
+        if self.capture is not None and n:
+            if self.batcher.capture is self.capture:
+                # flagged records and the sample were copied on the scoring thread: only what they
+                # share is added here (the writer thread and the capture process do the rest)
+                if sel is not None:
+                    self.capture.attach(sel, handle, role, req.ids, req.request_id, self.batcher.kernel_us(handle))
+            else:
+                self.capture.offer(handle, role, req.ids, X, scores, flagged, self.batcher.kernel_us(handle), req.request_id)
         return resp
 
     def _handle_info(self, handle: ModelHandle) -> tuple:
@@ -145,7 +151,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
         X = None
         try:
             fut, X = self._start(request)
-            handle, scores, device, *explanation = await fut
+            handle, scores, device, sel, *explanation = await fut
         except RequestError as e:
             self._count_invalid(e)
             await context.abort(status_code(e), message(e))
@@ -155,7 +161,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             log.exception("scoring failed request_id=%d", request.request_id)
             self._count_invalid(RequestError(str(e), code="INTERNAL", reason="internal"))
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error while scoring: {e}")
-        response = self._response(request, X, handle, scores, device, *explanation)
+        response = self._response(request, X, handle, scores, device, sel, *explanation)
         self._observe("Score", t0)
         return response
 
@@ -218,7 +224,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 req, t0, fut, err, X = entry
                 if err is None:
                     try:
-                        handle, scores, device, *explanation = await fut
+                        handle, scores, device, sel, *explanation = await fut
                     except RequestError as e:
                         err = e
                     except Exception as e:  # a kernel failure answers this message, not the stream
@@ -228,7 +234,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 if err is not None:
                     yield pb.ScoreResponse(request_id=req.request_id, error=f"{err.code}: {message(err)}")
                     continue
-                yield self._response(req, X, handle, scores, device, *explanation)
+                yield self._response(req, X, handle, scores, device, sel, *explanation)
                 self._observe("ScoreStream", t0)
         finally:
             task.cancel()

@@ -366,3 +366,53 @@ def test_no_capture_server_writes_no_predictions(loop_thread, registry_dir, X, t
     s = open_store(path)
     assert len(s.predictions(MODEL)) == 0 and len(s.labels(MODEL)) == 1
     s.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# selection on the scoring thread (select_batch / attach), as the server uses the writer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_micro_batch_selection_per_request_keeps_each_record_with_its_own_id(store, rng):
+    d = 4
+    w = CaptureWriter(store, sample_rate=0.2, seed=int(rng.integers(2**31)), interval_s=60).start()
+    h = _handle(d)
+    sizes = [5, 40, 1, 23]
+    Xs = [rng.standard_normal((n, d)).astype(np.float32) for n in sizes]
+    scores = rng.random(sum(sizes))
+    flagged = scores >= 0.8
+    parts = w.select_batch(h, np.concatenate(Xs), scores, 0.8, sizes)  # one call over the micro-batch
+    assert len(parts) == len(sizes)
+    start, sent = 0, {}
+    for k, (n, part) in enumerate(zip(sizes, parts)):
+        ids = [f"b{k}-{i}" for i in range(n)]
+        sent.update({ids[i]: (Xs[k][i], scores[start + i], flagged[start + i]) for i in range(n)})
+        if part is not None:
+            assert w.attach(part, h, "champion", ids, request_id=k, latency_us=2.0)
+        start += n
+    assert w.flush(20)
+    w.close()
+    p = store.predictions("m")
+    assert {r for r, f in zip(p.record_id, p.flagged) if f} == {r for r, v in sent.items() if v[2]}
+    for i, rid in enumerate(p.record_id):
+        X, score, flag = sent[rid]
+        np.testing.assert_array_equal(p.X[i], X)
+        assert p.score[i] == score and p.flagged[i] == flag and p.sampled[i] == (not flag)
+
+
+def test_a_writer_a_whole_ring_behind_counts_the_overwritten_records(store, rng):
+    reg, metrics = _metrics()
+    d = 3
+    w = CaptureWriter(store, sample_rate=1.0, metrics=metrics, interval_s=60, ring_bytes=1).start()  # the smallest ring: 1,024 records
+    h = _handle(d)
+    for k in range(6):  # 6 x 400 records, nothing taken in between: the first ones are overwritten
+        X = np.full((400, d), k, dtype=np.float32)
+        assert w.offer(h, "champion", [f"o{k}-{i}" for i in range(400)], X, rng.random(400), np.zeros(400, bool))
+    assert w.flush(20)
+    w.close()
+    p = store.predictions("m")
+    assert w.captured == len(p) and w.captured + w.dropped == 2400
+    assert w.dropped == _value(reg, "outlierd_capture_dropped_total", {"model": "m", "reason": "queue_full"}) >= 2400 - 1024
+    assert set(np.unique(p.X[:, 0]).tolist()) <= {3.0, 4.0, 5.0}  # only the newest messages survived, intact
+    for i, rid in enumerate(p.record_id):
+        assert p.X[i, 0] == float(rid[1])

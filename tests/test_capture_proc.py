@@ -29,15 +29,20 @@ def _value(reg: CollectorRegistry, name: str, labels: dict[str, str]) -> float:
 
 
 def test_frames_round_trip(rng):
-    n, d = 7, 5
+    ks, d = [3, 4, 2], 5
+    n = sum(ks)
     X = rng.standard_normal((n, d)).astype(np.float32)
     scores, flagged = rng.random(n), rng.random(n) < 0.5
-    ids = [f"r{i}\n\"é" for i in range(n)]  # any text survives (JSON)
-    frame = capture_proc.pack("m", 4, "challenger", ids, X, scores, flagged, ~flagged, rng.random(n), 12.5, 0.01, 9)
+    local = np.array([0, 5, 9, 1, 2, 3, 7, 4, 250])
+    ids = [["a\n\"é", "b", "c"], None, ["x", "y"]]  # any text survives (JSON); None: generated in the child
+    frame = capture_proc.pack("m", 4, "challenger", "tok", ks, ids, [(0, 0), (17, 99), (0, 0)], X, scores, flagged, local,
+                              rng.random(n), 12.5, 0.01, 9)
     hlen, blen = capture_proc._PREFIX.unpack(frame[:8])
     assert len(frame) == 8 + hlen + blen
     h, a = capture_proc.unpack(frame[8:8 + hlen], frame[8 + hlen:])
-    assert (h["seq"], h["model"], h["version"], h["role"], h["ids"], h["ts"], h["sample_rate"]) == (9, "m", 4, "challenger", ids, 12.5, 0.01)
+    assert (h["seq"], h["model"], h["version"], h["role"], h["ts"], h["sample_rate"]) == (9, "m", 4, "challenger", 12.5, 0.01)
+    assert capture_proc.record_ids(h, a["local"]) == ["a\n\"é", "b", "c", "gen:tok:17:99:1", "gen:tok:17:99:2", "gen:tok:17:99:3",
+                                                      "gen:tok:17:99:7", "x", "y"]
     np.testing.assert_array_equal(a["X"], X)
     np.testing.assert_array_equal(a["scores"], scores)
     np.testing.assert_array_equal(a["flagged"].astype(bool), flagged)
@@ -122,3 +127,20 @@ def test_a_killed_child_is_counted_and_replaced(tmp_path, monkeypatch):
     assert stored[:4] == ["a0", "a1", "a2", "a3"] and len(stored) >= 8  # captures after the kill landed
     assert w.captured == len(stored)  # every counted capture is in the store ...
     assert w.captured + w.dropped == 4 * (2 + resends)  # ... and every other record was counted as dropped
+
+
+def test_the_child_generates_ids_for_records_sent_without(tmp_path, rng):
+    path = tmp_path / "fb.sqlite"
+    w = CaptureWriter.in_process(path, sample_rate=1.0, token="tok").start()
+    h = _handle(3)
+    Xs = [rng.standard_normal((n, 3)).astype(np.float32) for n in (2, 4)]
+    w.offer(h, "champion", [], Xs[0], rng.random(2), np.zeros(2, bool), request_id=5)
+    w.offer(h, "champion", ["own0", "own1", "own2", "own3"], Xs[1], rng.random(4), np.zeros(4, bool), request_id=6)
+    w.offer(h, "champion", [], Xs[0], rng.random(2), np.zeros(2, bool), request_id=5)  # same request_id: still unique
+    assert w.flush(30)
+    w.close()
+    s = open_store(path)
+    p = s.predictions("m")
+    s.close()
+    assert p.record_id == ["gen:tok:1:5:0", "gen:tok:1:5:1", "own0", "own1", "own2", "own3", "gen:tok:2:5:0", "gen:tok:2:5:1"]
+    np.testing.assert_array_equal(p.X, np.concatenate([Xs[0], Xs[1], Xs[0]]))
