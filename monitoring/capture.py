@@ -1,19 +1,22 @@
 """Prediction capture off the hot path: every flagged record and a random sample of the others.
 
-The scoring path calls :meth:`CaptureWriter.offer` (or :meth:`CaptureWriter.offer_request`) with
-what it already has (handle, ids, features, scores, flags). The offer selects the records to keep
-(every flagged one, plus each other record with probability ``sample_rate``) and copies just those:
-a few microseconds, no I/O, never a wait. Kept records go to a bounded in-memory queue; one writer
-thread wakes every 100 ms and writes everything queued to the :class:`~monitoring.store.Store` in a
-few transactions.
+Two steps, both cheap and never waiting. :meth:`CaptureWriter.select_batch` (the server calls it on
+the scoring thread, right after the kernel) keeps every flagged record and each other one with
+probability ``sample_rate``, copying them into a preallocated ring in one Numba call.
+:meth:`CaptureWriter.attach` (on the event loop, when the response is built) queues what those
+records share: ids, request id, the version that scored them, role, kernel time.
+:meth:`CaptureWriter.offer` does both at once (shadow scoring, tests). One writer thread wakes every
+100 ms and writes everything queued in a few transactions: to a :class:`~monitoring.store.Store`,
+or (the server's default, :meth:`CaptureWriter.in_process`) to a child process that writes the
+SQLite file (:mod:`monitoring.capture_proc`).
 
-NOTE: selection used to happen in the writer thread, over references to whole messages. That thread
-then held the GIL for tens of microseconds per message (slicing features and ids out of requests,
-freeing them), and the event loop, which needs the GIL for every message, waited behind it: capture
-cost 16-22% of streaming throughput. Selecting on the scoring path costs the loop a few microseconds
-per message, and the writer only concatenates and stores. When the queue is full (the store is slow or failing) an offer is
-dropped and the records it would have captured are counted in ``outlierd_capture_dropped_total``:
-capture loses data before scoring waits.
+When the writer falls a whole ring behind, the queue is full or the store fails, records are dropped
+and counted in ``outlierd_capture_dropped_total``: capture loses data before scoring waits.
+
+NOTE: selection used to happen in the writer thread, over references to whole requests, and SQLite
+ran in the server process. That thread held the GIL for tens of microseconds per message, and the
+event loop, which needs the GIL for every message, waited behind it: capture cost 16-22% of
+streaming throughput on 256-record messages (benchmarks/test_bench_capture.py); now about 6-9%.
 
 Records sent without ids get a generated id, ``gen:<worker token>:<sequence>:<request_id>:<index>``:
 unique across workers and restarts (the token is random per writer) and stable once stored, but the
@@ -144,8 +147,8 @@ class CaptureWriter:
     ``store`` is a :class:`Store`, or a :class:`StoreOpener` (opened lazily in the writer thread, so
     a server starts and scores even when its store cannot be opened). ``metrics`` is a
     :class:`~monitoring.metrics.ServiceMetrics` (``captured``, ``capture_dropped``) or None.
-    The writer wakes every ``interval_s`` and takes everything queued: few wake-ups, vectorised
-    selection, large transactions, and little competition with the event loop for the GIL.
+    The writer wakes every ``interval_s`` and takes everything queued: few wake-ups and large
+    transactions. ``ring_bytes`` bounds the kept records waiting for it (per feature width).
     """
 
     def __init__(self, store: Store | StoreOpener, *, sample_rate: float = 0.01, max_queue: int = DEFAULT_QUEUE_OFFERS,
