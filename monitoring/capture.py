@@ -52,13 +52,14 @@ LOG_EVERY_S = 30.0               # rate limit of the "capture failing" log line
 
 
 @nb.njit(cache=True)
-def _keep_rows(X, scores, flagged, thr, bounds, counts, head, st, gaps, r_X, r_score, r_flag, r_local):
+def _keep_rows(X, scores, flagged, thr, sample, bounds, counts, head, st, gaps, r_X, r_score, r_flag, r_local):
     """Write the kept records of one or more scored messages (rows of ``X`` split at ``bounds``,
     the messages' end offsets) to the ring from ``head`` (records ever written to it; the slot is
     ``head % capacity``), overwriting the oldest. A record is kept when flagged (``flagged[i]``, or
-    ``scores[i] >= thr`` when ``flagged`` is empty) or at a sampled position. ``counts[j]`` gets
+    ``scores[i] >= thr`` when ``flagged`` is empty) or sampled (``sample[i]``, or at the next
+    geometric gap when ``sample`` is empty). ``counts[j]`` gets
     message j's kept records (written contiguously, message after message); ``r_local`` each
-    record's position in its message.
+    record's position in its message; ``r_flag`` 1 (flagged) | 2 (at a sampled position).
 
     ``st``: int64 ``[next sampled position (from the first record), next gap]``. Returns
     ``(written, dropped, refill)``: dropped, kept records beyond one ring's capacity; refill, the gaps
@@ -67,6 +68,7 @@ def _keep_rows(X, scores, flagged, thr, bounds, counts, head, st, gaps, r_X, r_s
     n = scores.shape[0]
     cap = r_score.shape[0]
     use_thr = flagged.shape[0] == 0
+    own_sample = sample.shape[0] == 0
     at, gi = st[0], st[1]
     written = 0
     dropped = 0
@@ -78,8 +80,11 @@ def _keep_rows(X, scores, flagged, thr, bounds, counts, head, st, gaps, r_X, r_s
         while i >= bounds[j]:
             start = bounds[j]
             j += 1
-        sampled = i == at
-        if sampled:
+        if not own_sample:
+            sampled = sample[i]
+        else:
+            sampled = i == at
+        if own_sample and sampled:
             at += gaps[gi]
             gi += 1
             if gi == gaps.shape[0]:  # the caller refills long before; never read past the end
@@ -90,13 +95,14 @@ def _keep_rows(X, scores, flagged, thr, bounds, counts, head, st, gaps, r_X, r_s
                 slot = (head + written) % cap
                 r_X[slot, :] = X[i, :]
                 r_score[slot] = scores[i]
-                r_flag[slot] = f
+                r_flag[slot] = (1 if f else 0) | (2 if sampled else 0)
                 r_local[slot] = i - start
                 counts[j] += 1
                 written += 1
             else:
                 dropped += 1
-    st[0], st[1] = at - n, gi
+    if own_sample:  # a given sample leaves this writer's own sampler where it was
+        st[0], st[1] = at - n, gi
     return written, dropped, gi >= gaps.shape[0] // 2
 
 
@@ -109,7 +115,7 @@ class _Ring:
         # several times slower in the server until it had wrapped once)
         self.X = np.empty((capacity, d), dtype=np.float32)
         self.score = np.empty(capacity, dtype=np.float64)
-        self.flag = np.empty(capacity, dtype=np.bool_)
+        self.flag = np.empty(capacity, dtype=np.uint8)  # 1: flagged, 2: at a sampled position (either or both)
         self.local = np.empty(capacity, dtype=np.int64)
         for a in (self.X, self.score, self.flag, self.local):
             a.fill(0)
@@ -187,13 +193,16 @@ class CaptureWriter:
 
     # -- the hot path ----------------------------------------------------------------------------
 
-    def select(self, handle: Any, X: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> Selection | None:
+    def select(self, handle: Any, X: np.ndarray, scores: np.ndarray, flagged: np.ndarray,
+               sample: np.ndarray | None = None) -> Selection | None:
         """Keep a scored message's flagged records and its sample: copied into the writer's ring now.
+        ``sample``: the records to sample (a bool mask; default: this writer's own random sample).
         Returns where they are, for :meth:`attach`; None when nothing was kept."""
+        sample = _NO_FLAGS if sample is None else np.asarray(sample, dtype=np.bool_)
         with self._lock:
             bounds = self._bounds[:1]
             bounds[0] = scores.shape[0]
-            return self._select(handle, X, scores, np.asarray(flagged, dtype=np.bool_), 0.0, bounds)[0]
+            return self._select(handle, X, scores, np.asarray(flagged, dtype=np.bool_), 0.0, bounds, sample)[0]
 
     def select_batch(self, handle: Any, X: np.ndarray, scores: np.ndarray, threshold: float,
                      sizes: Sequence[int]) -> list[Selection | None]:
@@ -212,10 +221,10 @@ class CaptureWriter:
             for j, n in enumerate(sizes):
                 end += n
                 bounds[j] = end
-            return self._select(handle, X, scores, _NO_FLAGS, thr, bounds)
+            return self._select(handle, X, scores, _NO_FLAGS, thr, bounds, _NO_FLAGS)
 
     def _select(self, handle: Any, X: np.ndarray, scores: np.ndarray, flagged: np.ndarray, thr: float,
-                bounds: np.ndarray) -> list[Selection | None]:
+                bounds: np.ndarray, sample: np.ndarray) -> list[Selection | None]:
         # under self._lock
         d = X.shape[1]
         ring = self._rings.get(d)
@@ -223,7 +232,7 @@ class CaptureWriter:
             ring = self._rings[d] = _Ring(d, self._capacity(d))
         h0 = ring.head
         counts = self._counts
-        k, lost, refill = _keep_rows(X, scores, flagged, thr, bounds, counts, h0, self._st, self._gaps,
+        k, lost, refill = _keep_rows(X, scores, flagged, thr, sample, bounds, counts, h0, self._st, self._gaps,
                                      ring.X, ring.score, ring.flag, ring.local)
         if refill:
             self._gaps, self._st[1] = self._draw_gaps(), 0
@@ -237,6 +246,20 @@ class CaptureWriter:
             out.append(tuple.__new__(Selection, (ring, h0, c)) if c else None)
             h0 += c
         return out
+
+    def sampled(self, sel: Selection | None, n: int) -> np.ndarray:
+        """The records of a message of ``n`` that ``sel`` kept because they were sampled (not
+        flagged), as a bool mask: shadow scoring captures the challenger's results at the same
+        records, so the two roles' samples join (outlierd compare)."""
+        mask = np.zeros(n, dtype=np.bool_)
+        if sel is None:
+            return mask
+        ring = sel.ring
+        with self._lock:
+            if ring.intact(sel.h0):
+                slots = np.arange(sel.h0, sel.h0 + sel.k) % ring.capacity
+                mask[ring.local[slots][(ring.flag[slots] & 2) != 0]] = True
+        return mask
 
     def attach(self, sel: Selection, handle: Any, role: str, ids: Sequence[str], request_id: int = 0,
                latency_us: float = float("nan")) -> bool:
@@ -265,22 +288,23 @@ class CaptureWriter:
         return True
 
     def offer(self, handle: Any, role: str, ids: Sequence[str], X: np.ndarray | None, scores: np.ndarray, flagged: np.ndarray,
-              latency_us: float = float("nan"), request_id: int = 0, *, req: Any = None) -> bool:
+              latency_us: float = float("nan"), request_id: int = 0, *, req: Any = None, sample: np.ndarray | None = None) -> bool:
         """:meth:`select` and :meth:`attach` in one step; never blocks.
 
         ``handle``: the ModelHandle that scored it; ``role``: "champion" or "challenger"; ``ids``: one
         per record or empty (ids are generated); ``X``: the (n, d) features as scored (or None with
         ``req``, a ScoreRequest, to decode them from); ``scores``, ``flagged``: (n,); ``latency_us``:
-        kernel time per record (NaN: unknown). The kept records (flagged ones and the sample) are
-        copied into the writer's ring here, so nothing of the message is held afterwards. Returns
-        False when the queue was full and kept records were dropped (counted)."""
+        kernel time per record (NaN: unknown); ``sample``: see :meth:`select`. The kept records
+        (flagged ones and the sample) are copied into the writer's ring here, so nothing of the
+        message is held afterwards. Returns False when the queue was full and kept records were
+        dropped (counted)."""
         if X is None:
             X = _decode(req, handle.model.n_features)
         if len(self._queue) >= self.max_queue:  # decided before selecting, so the sample is not consumed
             kept = int(np.count_nonzero(flagged))
             self._count_dropped(handle.name, kept, "queue_full")
             return False
-        sel = self.select(handle, X, scores, np.asarray(flagged, dtype=np.bool_))
+        sel = self.select(handle, X, scores, np.asarray(flagged, dtype=np.bool_), sample)
         if sel is None:
             return True
         return self.attach(sel, handle, role, ids, request_id, latency_us)
@@ -407,7 +431,7 @@ class CaptureWriter:
                     pos = np.arange(mine[0].h0, end) % ring.capacity
                 else:
                     pos = np.concatenate([np.arange(kp.h0, kp.h0 + kp.k) for kp in mine]) % ring.capacity
-                rows[id(ring)] = (len(mine), ring.X[pos], ring.score[pos], ring.flag[pos], ring.local[pos])
+                rows[id(ring)] = (len(mine), ring.X[pos], ring.score[pos], (ring.flag[pos] & 1) != 0, ring.local[pos])
         for kp in lost:
             self._count_dropped(kp.handle.name, kp.k, "queue_full")
         out, at = [], {}
@@ -489,4 +513,5 @@ def _warm_up() -> None:
     for x in (X, ro):
         for scores in (np.zeros(1, np.float64), np.zeros(1, np.float32)):
             for flagged in (np.zeros(1, np.bool_), _NO_FLAGS):
-                _keep_rows(x, scores, flagged, 0.0, bounds, counts, 0, st, gaps, ring.X, ring.score, ring.flag, ring.local)
+                for sample in (np.zeros(1, np.bool_), _NO_FLAGS):
+                    _keep_rows(x, scores, flagged, 0.0, sample, bounds, counts, 0, st, gaps, ring.X, ring.score, ring.flag, ring.local)

@@ -215,7 +215,7 @@ class ShadowScorer:
         self.metrics = metrics
         self.max_batch = max_batch
         self.max_records = max_records
-        self._queue: deque[tuple[ModelHandle, np.ndarray, Sequence[str], int]] = deque()
+        self._queue: deque[tuple[ModelHandle, np.ndarray, Sequence[str], int, Any]] = deque()
         self._queued = 0
         self._cond = threading.Condition()
         self._closed = False
@@ -223,21 +223,23 @@ class ShadowScorer:
         self._thread = threading.Thread(target=self._run, name="outlierd-shadow", daemon=True)
         self._thread.start()
 
-    def offer(self, handle: ModelHandle, X: np.ndarray, ids: Sequence[str] = (), request_id: int = 0) -> bool:
+    def offer(self, handle: ModelHandle, X: np.ndarray, ids: Sequence[str] = (), request_id: int = 0, champion_sel: Any = None) -> bool:
         """Queue ``X`` (records with ``ids``, one per record or none, of message ``request_id``) for
-        the challenger ``handle``. False (and counted) when the shadow queue is full."""
+        the challenger ``handle``. ``champion_sel``: the champion's capture selection of the same
+        message (its sampled records are the challenger's sample too, so compare can join them).
+        False (and counted) when the shadow queue is full."""
         n = X.shape[0]
         with self._cond:
             if self._closed or (self._queued and self._queued + n > self.max_records):
                 if self.metrics is not None:
                     self.metrics.shadow_dropped.labels(handle.name, "behind").inc(n)
                 return False
-            self._queue.append((handle, X, ids, request_id))
+            self._queue.append((handle, X, ids, request_id, champion_sel))
             self._queued += n
             self._cond.notify()
         return True
 
-    def _take(self) -> list[tuple[ModelHandle, np.ndarray, Sequence[str], int]] | None:
+    def _take(self) -> list[tuple[ModelHandle, np.ndarray, Sequence[str], int, Any]] | None:
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
@@ -267,11 +269,11 @@ class ShadowScorer:
                 if self.metrics is not None:
                     self.metrics.records.labels(handle.name, "shadow").inc(X.shape[0])
                 start = 0
-                for _, Xi, ids, request_id in items:
+                for _, Xi, ids, request_id, champion_sel in items:
                     n = Xi.shape[0]
                     if self.sink is not None:
                         self.sink.offer(handle, CHALLENGER, ids, Xi, scores[start:start + n], flagged[start:start + n],
-                                        latency_us, request_id)
+                                        latency_us, request_id, sample=self.sink.sampled(champion_sel, n))
                     start += n
                 self.scored += X.shape[0]
             except Exception:  # the shadow must never disturb serving: count, log, go on
@@ -330,7 +332,8 @@ class Rollout:
 
         def done(f: asyncio.Future | ThreadFuture) -> None:
             if not f.cancelled() and f.exception() is None:
-                self.shadow.offer(chal, X, ids, request_id)  # type: ignore[union-attr]
+                # the champion's capture selection: the challenger's captures sample the same records
+                self.shadow.offer(chal, X, ids, request_id, f.result()[3])  # type: ignore[union-attr]
 
         fut.add_done_callback(done)
 

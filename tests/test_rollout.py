@@ -111,8 +111,9 @@ def _start(loop_thread, reg_dir, store_path, **kw):
     cr = CollectorRegistry()
     metrics = ServiceMetrics(cr)
     assert metrics.registry is cr  # rollout metrics register beside the service's
+    kw.setdefault("capture_sample", 1.0)
     settings = ServeSettings(registry=reg_dir, model="m", host="127.0.0.1", port=0, feedback_store=store_path,
-                             capture_sample=1.0, reload_interval_s=0.1, **kw)
+                             reload_interval_s=0.1, **kw)
     settings.validate()
     return loop_thread.call(start_worker(settings, metrics)), cr
 
@@ -378,3 +379,32 @@ def test_cli_compare_promote_rollback(promo, rng, tmp_path):
     gates.write_text(json.dumps({"min_precison_gain": 0.1}))
     typo = _cli("promote", *common, "--gates", str(gates))
     assert typo.returncode == 2 and "unknown gates min_precison_gain" in typo.stderr
+
+
+def test_shadow_captures_sample_the_same_records_for_both_roles(loop_thread, reg_dir, tmp_path, rng):
+    # with a partial sample, champion and challenger must capture the same sampled records, or
+    # outlierd compare joins almost nothing but flagged ones
+    worker, cr = _start(loop_thread, reg_dir, tmp_path / "fb.sqlite", rollout="shadow", capture_sample=0.2)
+    try:
+        total = 0
+        with grpc.insecure_channel(f"127.0.0.1:{worker.port}") as ch:
+            stub = pb_grpc.ScorerStub(ch)
+            msgs = []
+            for k in range(40):
+                X = rng.normal(size=(int(rng.integers(20, 60)), D)).astype(np.float32)
+                msgs.append(request(X, ids=[f"q{k}-{i}" for i in range(X.shape[0])], request_id=k))
+                total += X.shape[0]
+            assert not any(r.error for r in stub.ScoreStream(iter(msgs), timeout=20))
+        _wait(lambda: worker.rollout.shadow.scored >= total, what="shadow scoring")
+        assert worker.capture.flush(10)
+        store = open_store(tmp_path / "fb.sqlite")
+        champ, chal = store.predictions("m", role="champion"), store.predictions("m", role="challenger")
+        store.close()
+        a_ids, b_ids = set(champ.record_id), set(chal.record_id)
+        a_sampled = {r for r, s in zip(champ.record_id, champ.sampled) if s}
+        b_sampled = {r for r, s in zip(chal.record_id, chal.sampled) if s}
+        assert len(a_sampled) > 0.1 * total  # the sample rate was 0.2
+        assert a_sampled <= b_ids and b_sampled <= a_ids  # every sampled record was captured for both roles
+        assert not (a_ids - a_sampled) & (b_sampled - a_ids)  # (nothing the challenger sampled on its own)
+    finally:
+        loop_thread.call(worker.stop())

@@ -12,7 +12,9 @@ get per-capture generated ids and do not join). Estimates:
   records are all known; ``N`` is the champion's weighted count in the same time window). Needs
   shadow captures (records scored by both); with split traffic it is not defined.
 * **Jaccard** of the flagged id sets; **Spearman** rank correlation of the two scores over the
-  records captured for both roles (flagged by either or sampled by both: a biased but telling set).
+  records captured for both roles. In shadow mode the challenger's captures sample the records the
+  champion's sampled, so these are the champion's random sample plus the records both flagged (the
+  flagged ones over-represent the top of the ranking; the sample keeps the set telling).
 * **precision** of a role: labelled anomalies among its flagged records that carry a label (latest
   label per record id).
 * **latency**: mean and p99 of the captured per-record kernel time of each role.
