@@ -38,6 +38,7 @@ _PREFIX = struct.Struct("<II")
 # (name, dtype) of the body's arrays, in order; X is (n, d)
 _ARRAYS = (("X", "<f4"), ("scores", "<f8"), ("flagged", "u1"), ("latency_us", "<f8"), ("local", "<i8"))
 RESTART_BACKOFF_S = 1.0
+CHILD_NICE = 10  # the capture process's niceness (it shares no GIL with the server, so this only lowers its CPU priority)
 
 
 def pack(model: str, version: int, role: str, token: str, ks: Sequence[int], ids: Sequence[Sequence[str] | None],
@@ -102,8 +103,6 @@ class ProcessStore:
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
         self._lock = threading.Condition()
-        self._sent = 0      # frames written to the current child
-        self._done = 0      # frames it answered
         self._pending: dict[int, tuple[str, str, int]] = {}  # seq -> (model, role, n): answered or lost
         self._seq = 0
         self._failed_at = -1e9
@@ -235,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m monitoring.capture_proc STORE_PATH", file=sys.stderr)
         return 2
+    try:  # the server's threads come first on a busy machine; captures only wait a little longer
+        os.nice(CHILD_NICE)
+    except OSError:
+        pass
     opener = StoreOpener(args[0])
     src, out = sys.stdin.buffer, sys.stdout
     try:
