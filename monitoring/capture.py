@@ -175,6 +175,7 @@ class CaptureWriter:
         self._st = np.zeros(2, dtype=np.int64)
         self._bounds = np.zeros(64, dtype=np.int64)  # scratch for _keep_rows, under the lock
         self._counts = np.zeros(64, dtype=np.int64)
+        self._one = np.zeros(1, dtype=np.int64)
         self._gaps = self._draw_gaps()
         self._st[0] = self._gaps[0] - 1
         self._st[1] = 1
@@ -200,7 +201,7 @@ class CaptureWriter:
         Returns where they are, for :meth:`attach`; None when nothing was kept."""
         sample = _NO_FLAGS if sample is None else np.asarray(sample, dtype=np.bool_)
         with self._lock:
-            bounds = self._bounds[:1]
+            bounds = self._one
             bounds[0] = scores.shape[0]
             return self._select(handle, X, scores, np.asarray(flagged, dtype=np.bool_), 0.0, bounds, sample)[0]
 
@@ -209,18 +210,20 @@ class CaptureWriter:
         """:meth:`select` for a micro-batch of messages of ``sizes`` records (the server calls it on
         the scoring thread, right after the kernel), flagging ``scores >= threshold`` as the
         response does; one selection (or None) per message."""
+        # NOTE: runs for every batch on a scoring thread, holding the GIL: written for few Python steps
         thr = float(threshold)
-        if scores.dtype == np.float32:  # as numpy compares a float32 array with a Python float
+        if scores.dtype.char == "f":  # as numpy compares a float32 array with a Python float
             thr = float(np.float32(thr))
         with self._lock:
-            if len(sizes) > self._bounds.shape[0]:
-                self._bounds = np.zeros(len(sizes), dtype=np.int64)
-                self._counts = np.zeros(len(sizes), dtype=np.int64)
-            bounds = self._bounds[:len(sizes)]
-            end = 0
-            for j, n in enumerate(sizes):
-                end += n
-                bounds[j] = end
+            if len(sizes) == 1:
+                bounds = self._one
+                bounds[0] = sizes[0]
+            else:
+                if len(sizes) > self._bounds.shape[0]:
+                    self._bounds = np.zeros(len(sizes), dtype=np.int64)
+                    self._counts = np.zeros(len(sizes), dtype=np.int64)
+                bounds = self._bounds[:len(sizes)]
+                bounds[:] = np.cumsum(sizes)
             return self._select(handle, X, scores, _NO_FLAGS, thr, bounds, _NO_FLAGS)
 
     def _select(self, handle: Any, X: np.ndarray, scores: np.ndarray, flagged: np.ndarray, thr: float,
@@ -409,29 +412,37 @@ class CaptureWriter:
                 return
 
     def _take(self) -> list:
-        """Up to MAX_OFFERS_PER_TXN queued messages with their records copied out of the ring.
-        A message whose records were overwritten meanwhile (the writer fell a whole ring behind) is
-        counted as dropped."""
-        lost: list[_Kept] = []
+        """Up to MAX_OFFERS_PER_TXN queued messages with their records copied out of the ring, as
+        ``(kept, rows of its ring, offset of its first record in them)``. A message whose records
+        were overwritten meanwhile (the writer fell a whole ring behind) is counted as dropped."""
         with self._lock:
-            batch = []
-            while self._queue and len(batch) < MAX_OFFERS_PER_TXN:
-                kp = self._queue.popleft()
-                (batch if kp.ring.intact(kp.h0) else lost).append(kp)
-            rows: dict[int, tuple] = {}
-            for ring in {id(kp.ring): kp.ring for kp in batch}.values():
-                mine = [kp for kp in batch if kp.ring is ring]
-                end = mine[0].h0
-                for kp in mine:  # usually the messages lie back to back in the ring: one range
-                    if kp.h0 != end:
-                        end = -1
-                        break
-                    end += kp.k
-                if end >= 0:
-                    pos = np.arange(mine[0].h0, end) % ring.capacity
-                else:
-                    pos = np.concatenate([np.arange(kp.h0, kp.h0 + kp.k) for kp in mine]) % ring.capacity
-                rows[id(ring)] = (len(mine), ring.X[pos], ring.score[pos], (ring.flag[pos] & 1) != 0, ring.local[pos])
+            q = self._queue
+            batch = [q.popleft() for _ in range(min(len(q), MAX_OFFERS_PER_TXN))]
+            if not batch:
+                return []
+            # the usual case: one ring, the messages back to back in it, none overwritten
+            ring, end = batch[0].ring, batch[0].h0
+            for kp in batch:
+                if kp.ring is not ring or kp.h0 != end:
+                    break
+                end += kp.k
+            else:
+                if ring.intact(batch[0].h0):
+                    pos = np.arange(batch[0].h0, end) % ring.capacity
+                    rows = (len(batch), ring.X[pos], ring.score[pos], (ring.flag[pos] & 1) != 0, ring.local[pos])
+                    offsets = itertools.accumulate((kp.k for kp in batch[:-1]), initial=0)
+                    return list(zip(batch, itertools.repeat(rows), offsets))
+            return self._take_general(batch)
+
+    def _take_general(self, batch: list[_Kept]) -> list:
+        # under self._lock: several rings (feature widths), gaps, or overwritten messages
+        lost = [kp for kp in batch if not kp.ring.intact(kp.h0)]
+        batch = [kp for kp in batch if kp.ring.intact(kp.h0)]
+        rows: dict[int, tuple] = {}
+        for ring in {id(kp.ring): kp.ring for kp in batch}.values():
+            mine = [kp for kp in batch if kp.ring is ring]
+            pos = np.concatenate([np.arange(kp.h0, kp.h0 + kp.k) for kp in mine]) % ring.capacity
+            rows[id(ring)] = (len(mine), ring.X[pos], ring.score[pos], (ring.flag[pos] & 1) != 0, ring.local[pos])
         for kp in lost:
             self._count_dropped(kp.handle.name, kp.k, "queue_full")
         out, at = [], {}
