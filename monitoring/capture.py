@@ -16,7 +16,7 @@ and counted in ``outlierd_capture_dropped_total``: capture loses data before sco
 NOTE: selection used to happen in the writer thread, over references to whole requests, and SQLite
 ran in the server process. That thread held the GIL for tens of microseconds per message, and the
 event loop, which needs the GIL for every message, waited behind it: capture cost 16-22% of
-streaming throughput on 256-record messages (benchmarks/test_bench_capture.py); now about 6-9%.
+streaming throughput on 256-record messages (benchmarks/test_bench_capture.py); now about 9-10%.
 
 Records sent without ids get a generated id, ``gen:<worker token>:<sequence>:<request_id>:<index>``:
 unique across workers and restarts (the token is random per writer) and stable once stored, but the
