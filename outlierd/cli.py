@@ -138,13 +138,16 @@ def _run_score(args: argparse.Namespace) -> int:
     rate = res.rows / res.seconds if res.seconds > 0 else float("inf")
     summary = {"model": res.model, "version": res.version, "rows": res.rows, "anomalies": res.anomalies,
                "seconds": res.seconds, "records_per_s": rate, "metrics": res.metrics, "backend": res.backend, "device": res.device,
-               "mode": res.mode, "explained": res.explained, "output": res.output, "setup_seconds": res.setup_seconds}
+               "mode": res.mode, "explained": res.explained, "output": res.output, "setup_seconds": res.setup_seconds,
+               "threshold": res.threshold, "threshold_version": res.threshold_version}
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0
     where = f"{res.backend} on {res.device}" + (f", Dask {args.dask}" if args.dask else "")
     print(f"scored {res.rows} records with {res.model} version {res.version} ({where}) in {res.seconds * 1e3:.1f} ms "
-          f"({rate:,.0f} records/s); {res.anomalies} flagged" + (f", {res.explained} explained" if args.explain else ""))
+          f"({rate:,.0f} records/s); {res.anomalies} flagged at threshold {res.threshold:.6g}"
+          + (f" (threshold version {res.threshold_version})" if res.threshold_version else "")
+          + (f", {res.explained} explained" if args.explain else ""))
     for key in ("roc_auc", "pr_auc", "precision_at_alert_rate", "recall_at_alert_rate"):
         if key in res.metrics:
             print(f"  {key:<24} {res.metrics[key]:.4f}")

@@ -293,3 +293,34 @@ def test_failure_mid_stream_leaves_no_output(registry, tmp_path, capsys, rng):
                       "--batch-rows", 16)
     assert rc == 2 and "b.csv" in err and "['f4'] are missing" in err and "Traceback" not in err, err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["in"]
+
+
+def test_anomalous_uses_the_threshold_in_force(registry, tmp_path, capsys, rng):
+    # a published threshold version (outlierd threshold calibrate) moves the cut for batch scoring as
+    # it does for a server serving that version; without one, the artifact's threshold applies
+    import shutil
+
+    reg_dir = tmp_path / "reg"
+    shutil.copytree(registry, reg_dir)
+    model = load_model(Registry(reg_dir).path("m", "champion"))
+    table, X, _ = _records(rng, 500, nan_share=0)
+    src = _write(table, tmp_path / "in.parquet")
+    scores = model.score(X)
+    cut = float(np.quantile(scores, 0.7))  # far below the artifact's: many more alerts
+    assert cut < model.threshold
+    assert Registry(reg_dir).publish_threshold("m", 2, cut, {"method": "test"}) == 1
+    out = tmp_path / "out.parquet"
+    rc, stdout, err = _run(capsys, "score", "--input", src, "--registry", reg_dir, "--model", "m", "--output", out,
+                           "--explain", "--explain-flagged-only", "--top-k", "1", "--json")
+    assert rc == 0, err
+    res, summary = _read(out), json.loads(stdout)
+    np.testing.assert_array_equal(res.column("anomalous").to_numpy(), scores >= cut)
+    assert summary["anomalies"] == int((scores >= cut).sum()) and summary["explained"] == summary["anomalies"]
+    assert (summary["threshold"], summary["threshold_version"]) == (cut, 1)
+    # version 1 has no threshold version: its artifact's threshold
+    rc, stdout, err = _run(capsys, "score", "--input", src, "--registry", reg_dir, "--model", "m", "--ref", "1", "--json")
+    v1 = load_model(Registry(reg_dir).path("m", 1))
+    assert rc == 0, err
+    summary = json.loads(stdout)
+    assert (summary["threshold"], summary["threshold_version"]) == (v1.threshold, 0)
+    assert summary["anomalies"] == int((v1.score(X) >= v1.threshold).sum())

@@ -7,7 +7,8 @@ files, read one after the other in sorted path order. Files whose name starts wi
 (``_SUCCESS``, ``_metadata``, checksums) are skipped.
 
 Output (:class:`ScoreWriter`): one row per input row, in input order: ``[id column]``, ``score``
-(float64, higher = more anomalous), ``anomalous`` (``score >= threshold``), ``version`` (the
+(float64, higher = more anomalous), ``anomalous`` (``score >= threshold``, the threshold in force:
+the version's latest published threshold version, else its artifact's), ``version`` (the
 registry version that scored the row), and with explanations ``top1_feature`` (feature name, null
 when the row was not explained), ``top1_contribution`` (float64, NaN when not explained), ... up to
 ``top<k>``. Written batch by batch (``ParquetWriter`` / ``CSVWriter``) to a temporary file renamed
@@ -344,6 +345,12 @@ class BatchScoring:
     top_k: int | None = None          # explanations: None for none
     flagged_only: bool = False        # explain only records with score >= threshold
     parallel: bool | None = None      # Model.score's parallel (Dask workers: False, one core each)
+    # the threshold in force (the registry's latest threshold version, as a server uses); None: the artifact's
+    threshold: float | None = None
+
+    def cut(self, model: Any) -> float:
+        """The threshold ``anomalous`` is computed at."""
+        return model.threshold if self.threshold is None else self.threshold
 
     def schema(self, id_field: pa.Field | None) -> pa.Schema:
         return output_schema(id_field, self.top_k)
@@ -360,7 +367,7 @@ def score_batch(model: Any, batch: pa.RecordBatch | pa.Table, how: BatchScoring,
     try:
         if how.top_k:
             scores, feats, contrib = model.score_explain(X, top_k=how.top_k, flagged_only=how.flagged_only,
-                                                           parallel=how.parallel)
+                                                           parallel=how.parallel, threshold=how.cut(model))
         else:
             scores = model.score(X, parallel=how.parallel)
     except InvalidInputError as e:
@@ -370,7 +377,7 @@ def score_batch(model: Any, batch: pa.RecordBatch | pa.Table, how: BatchScoring,
                                     "and this model's missing-value policy is 'reject'") from e
         raise
     n = X.shape[0]
-    arrays: list[pa.Array] = [pa.array(scores, pa.float64()), pa.array(scores >= model.threshold, pa.bool_()),
+    arrays: list[pa.Array] = [pa.array(scores, pa.float64()), pa.array(scores >= how.cut(model), pa.bool_()),
                               pa.array(np.full(n, how.version, dtype=np.int64), pa.int64())]
     names = ["score", "anomalous", "version"]
     if how.top_k:
@@ -557,7 +564,7 @@ def stream_score(source: Source, model: Any, how: BatchScoring, *, out: str | os
                     pending.append(wpool.submit(writer.write, ob))
                     while len(pending) > WRITE_BEHIND:
                         pending.popleft().result()
-                stats.add(ob, scores, int(np.count_nonzero(scores >= model.threshold)), labels,
+                stats.add(ob, scores, int(np.count_nonzero(scores >= how.cut(model))), labels,
                           keep_scores or labels is not None, how.top_k)
                 progress.update(batch.num_rows)
             while pending:

@@ -37,6 +37,8 @@ class ScoreResult:
     mode: str = "local"            # "local" or "dask"
     output: str | None = None
     setup_seconds: float = 0.0     # part of ``seconds`` spent starting/reaching a Dask cluster and loading the model there
+    threshold: float = float("nan")  # the threshold ``anomalous`` was computed at
+    threshold_version: int = 0     # its threshold version (0: the artifact's own threshold)
 
 
 def _check_options(top_k: int | None, n_features: int, batch_rows: int) -> None:
@@ -91,8 +93,10 @@ def score_file(
     _check_options(top_k if explain else None, m.n_features, batch_rows)
     if explain and not hasattr(m, "score_explain"):
         raise ValueError("--explain needs Model.score_explain, which this outlierd's core does not have yet")
+    # the threshold in force, as a server serving this version uses: its latest threshold version
+    threshold, threshold_version = reg.threshold(model, version)
     how = BatchScoring(Columns(tuple(m.feature_names), id_column, label_column), version,
-                       top_k=top_k if explain else None, flagged_only=explain_flagged_only)
+                       top_k=top_k if explain else None, flagged_only=explain_flagged_only, threshold=threshold)
     progress = RowProgress(source.total_rows, stream=progress_stream, quiet=quiet)
     t0 = time.perf_counter()
     if dask is not None:
@@ -109,9 +113,10 @@ def score_file(
         from .evaluate import evaluate  # scikit-learn: imported only when there is something to evaluate
 
         labels = np.concatenate(stats.labels) if stats.labels else np.empty(0, dtype=np.int8)
-        metrics = evaluate(scores, labels, m.threshold)
+        metrics = evaluate(scores, labels, threshold)
         if not keep_scores:
             scores = None
     return ScoreResult(model, version, stats.rows, stats.anomalies, seconds, scores, metrics, m.backend, m.device,
                        explained=stats.explained, mode="dask" if dask is not None else "local",
-                       output=None if out is None else str(out), setup_seconds=stats.setup_seconds)
+                       output=None if out is None else str(out), setup_seconds=stats.setup_seconds,
+                       threshold=threshold, threshold_version=threshold_version)
