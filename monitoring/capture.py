@@ -52,32 +52,36 @@ LOG_EVERY_S = 30.0               # rate limit of the "capture failing" log line
 
 
 @nb.njit(cache=True)
-def _keep_rows(X, scores, flagged, thr, sample, bounds, counts, head, st, gaps, r_X, r_score, r_flag, r_local):
+def _keep_rows(X, scores, flagged, thr, sample, bounds, counts, st, head, gaps, r_X, r_score, r_flag, r_local):
     """Write the kept records of one or more scored messages (rows of ``X`` split at ``bounds``,
-    the messages' end offsets) to the ring from ``head`` (records ever written to it; the slot is
-    ``head % capacity``), overwriting the oldest. A record is kept when flagged (``flagged[i]``, or
+    the messages' end offsets; empty: one message) to the ring from ``head[0]`` (records ever
+    written to it; the slot is ``head % capacity``, and ``head[0]`` moves past them), overwriting
+    the oldest. A record is kept when flagged (``flagged[i]``, or
     ``scores[i] >= thr`` when ``flagged`` is empty) or sampled (``sample[i]``, or at the next
     geometric gap when ``sample`` is empty). ``counts[j]`` gets
     message j's kept records (written contiguously, message after message); ``r_local`` each
     record's position in its message; ``r_flag`` 1 (flagged) | 2 (at a sampled position).
 
     ``st``: int64 ``[next sampled position (from the first record), next gap]``. Returns
-    ``(written, dropped, refill)``: dropped, kept records beyond one ring's capacity; refill, the gaps
-    are half used (draw new ones). Runs with the GIL held (no ``nogil``): a call is atomic with
-    respect to other Python threads."""
+    ``(first, written, dropped, refill)``: first, the head position of the first written record;
+    dropped, kept records beyond one ring's capacity; refill, the gaps are half used (draw new ones).
+    Runs with the GIL held (no ``nogil``): a call is atomic with respect to other Python threads,
+    which is what lets scoring threads call it without a lock."""
     n = scores.shape[0]
     cap = r_score.shape[0]
     use_thr = flagged.shape[0] == 0
     own_sample = sample.shape[0] == 0
     at, gi = st[0], st[1]
+    first = head[0]
     written = 0
     dropped = 0
     j = 0
     start = 0
-    for m in range(bounds.shape[0]):
+    n_msgs = bounds.shape[0]
+    for m in range(n_msgs):
         counts[m] = 0
     for i in range(n):
-        while i >= bounds[j]:
+        while n_msgs and i >= bounds[j]:
             start = bounds[j]
             j += 1
         if not own_sample:
@@ -92,18 +96,20 @@ def _keep_rows(X, scores, flagged, thr, sample, bounds, counts, head, st, gaps, 
         f = scores[i] >= thr if use_thr else flagged[i]
         if f or sampled:
             if written < cap:
-                slot = (head + written) % cap
+                slot = (first + written) % cap
                 r_X[slot, :] = X[i, :]
                 r_score[slot] = scores[i]
                 r_flag[slot] = (1 if f else 0) | (2 if sampled else 0)
                 r_local[slot] = i - start
-                counts[j] += 1
+                if n_msgs:
+                    counts[j] += 1
                 written += 1
             else:
                 dropped += 1
     if own_sample:  # a given sample leaves this writer's own sampler where it was
         st[0], st[1] = at - n, gi
-    return written, dropped, gi >= gaps.shape[0] // 2
+    head[0] = first + written
+    return first, written, dropped, gi >= gaps.shape[0] // 2
 
 
 class _Ring:
@@ -119,12 +125,16 @@ class _Ring:
         self.local = np.empty(capacity, dtype=np.int64)
         for a in (self.X, self.score, self.flag, self.local):
             a.fill(0)
-        self.head = 0       # records ever written (under the writer's lock)
+        self.ctl = np.zeros(1, dtype=np.int64)  # [head]: records ever written; moved by _keep_rows only
         self.capacity = capacity
+
+    @property
+    def head(self) -> int:
+        return int(self.ctl[0])
 
     def intact(self, h0: int) -> bool:
         """Whether the records written from position ``h0`` on are still there (not overwritten)."""
-        return self.head - h0 <= self.capacity
+        return int(self.ctl[0]) - h0 <= self.capacity
 
 
 class Selection(NamedTuple):
@@ -173,9 +183,6 @@ class CaptureWriter:
         self._rng = np.random.default_rng(seed)
         # sampling state for _keep_rows; gaps: geometric, the distance between sampled records
         self._st = np.zeros(2, dtype=np.int64)
-        self._bounds = np.zeros(64, dtype=np.int64)  # scratch for _keep_rows, under the lock
-        self._counts = np.zeros(64, dtype=np.int64)
-        self._one = np.zeros(1, dtype=np.int64)
         self._gaps = self._draw_gaps()
         self._st[0] = self._gaps[0] - 1
         self._st[1] = 1
@@ -200,55 +207,44 @@ class CaptureWriter:
         ``sample``: the records to sample (a bool mask; default: this writer's own random sample).
         Returns where they are, for :meth:`attach`; None when nothing was kept."""
         sample = _NO_FLAGS if sample is None else np.asarray(sample, dtype=np.bool_)
-        with self._lock:
-            bounds = self._one
-            bounds[0] = scores.shape[0]
-            return self._select(handle, X, scores, np.asarray(flagged, dtype=np.bool_), 0.0, bounds, sample)[0]
+        return self._select(handle, X, scores, np.asarray(flagged, dtype=np.bool_), 0.0, _NO_I64, sample)[0]
 
     def select_batch(self, handle: Any, X: np.ndarray, scores: np.ndarray, threshold: float,
                      sizes: Sequence[int]) -> list[Selection | None]:
         """:meth:`select` for a micro-batch of messages of ``sizes`` records (the server calls it on
         the scoring thread, right after the kernel), flagging ``scores >= threshold`` as the
         response does; one selection (or None) per message."""
-        # NOTE: runs for every batch on a scoring thread, holding the GIL: written for few Python steps
+        # NOTE: runs for every batch on a scoring thread right after the kernel, when the
+        # interpreter's caches are cold: every Python step here measured several times its cost in
+        # a quiet process, so there are few, and no lock (the Numba call is atomic under the GIL)
         thr = float(threshold)
         if scores.dtype.char == "f":  # as numpy compares a float32 array with a Python float
             thr = float(np.float32(thr))
-        with self._lock:
-            if len(sizes) == 1:
-                bounds = self._one
-                bounds[0] = sizes[0]
-            else:
-                if len(sizes) > self._bounds.shape[0]:
-                    self._bounds = np.zeros(len(sizes), dtype=np.int64)
-                    self._counts = np.zeros(len(sizes), dtype=np.int64)
-                bounds = self._bounds[:len(sizes)]
-                bounds[:] = np.cumsum(sizes)
-            return self._select(handle, X, scores, _NO_FLAGS, thr, bounds, _NO_FLAGS)
+        return self._select(handle, X, scores, _NO_FLAGS, thr, _NO_I64 if len(sizes) == 1 else np.cumsum(sizes), _NO_FLAGS)
 
     def _select(self, handle: Any, X: np.ndarray, scores: np.ndarray, flagged: np.ndarray, thr: float,
                 bounds: np.ndarray, sample: np.ndarray) -> list[Selection | None]:
-        # under self._lock
-        d = X.shape[1]
-        ring = self._rings.get(d)
-        if ring is None:
-            ring = self._rings[d] = _Ring(d, self._capacity(d))
-        h0 = ring.head
-        counts = self._counts
-        k, lost, refill = _keep_rows(X, scores, flagged, thr, sample, bounds, counts, h0, self._st, self._gaps,
-                                     ring.X, ring.score, ring.flag, ring.local)
+        ring = self._rings.get(X.shape[1]) or self._new_ring(X.shape[1])
+        counts = np.zeros(bounds.shape[0], dtype=np.int64) if bounds.shape[0] else _NO_I64
+        h0, k, lost, refill = _keep_rows(X, scores, flagged, thr, sample, bounds, counts, self._st, ring.ctl, self._gaps,
+                                         ring.X, ring.score, ring.flag, ring.local)
         if refill:
-            self._gaps, self._st[1] = self._draw_gaps(), 0
-        ring.head = h0 + k
+            self._refill()
         if lost:  # more kept records in one call than the ring holds
             self._count_dropped(handle.name, lost, "queue_full")
-        if bounds.shape[0] == 1:
+        if not bounds.shape[0]:
             return [tuple.__new__(Selection, (ring, h0, k)) if k else None]  # the namedtuple without its __new__
         out: list[Selection | None] = []
-        for c in counts[:bounds.shape[0]].tolist():
+        for c in counts.tolist():
             out.append(tuple.__new__(Selection, (ring, h0, c)) if c else None)
             h0 += c
         return out
+
+    def _refill(self) -> None:
+        with self._lock:
+            if self._st[1] >= GAP_BLOCK // 2:  # not refilled by another thread meanwhile
+                self._gaps = self._draw_gaps()
+                self._st[1] = 0
 
     def sampled(self, sel: Selection | None, n: int) -> np.ndarray:
         """The records of a message of ``n`` that ``sel`` kept because they were sampled (not
@@ -261,7 +257,9 @@ class CaptureWriter:
         with self._lock:
             if ring.intact(sel.h0):
                 slots = np.arange(sel.h0, sel.h0 + sel.k) % ring.capacity
-                mask[ring.local[slots][(ring.flag[slots] & 2) != 0]] = True
+                picked = ring.local[slots][(ring.flag[slots] & 2) != 0]
+                if ring.intact(sel.h0):  # not overwritten meanwhile (see _take)
+                    mask[picked] = True
         return mask
 
     def attach(self, sel: Selection, handle: Any, role: str, ids: Sequence[str], request_id: int = 0,
@@ -430,8 +428,11 @@ class CaptureWriter:
                 if ring.intact(batch[0].h0):
                     pos = np.arange(batch[0].h0, end) % ring.capacity
                     rows = (len(batch), ring.X[pos], ring.score[pos], (ring.flag[pos] & 1) != 0, ring.local[pos])
-                    offsets = itertools.accumulate((kp.k for kp in batch[:-1]), initial=0)
-                    return list(zip(batch, itertools.repeat(rows), offsets))
+                    # numpy may release the GIL while gathering, and scoring threads write the ring
+                    # without a lock: only rows still not overwritten afterwards count
+                    if ring.intact(batch[0].h0):
+                        offsets = itertools.accumulate((kp.k for kp in batch[:-1]), initial=0)
+                        return list(zip(batch, itertools.repeat(rows), offsets))
             return self._take_general(batch)
 
     def _take_general(self, batch: list[_Kept]) -> list:
@@ -443,6 +444,9 @@ class CaptureWriter:
             mine = [kp for kp in batch if kp.ring is ring]
             pos = np.concatenate([np.arange(kp.h0, kp.h0 + kp.k) for kp in mine]) % ring.capacity
             rows[id(ring)] = (len(mine), ring.X[pos], ring.score[pos], (ring.flag[pos] & 1) != 0, ring.local[pos])
+        if any(not kp.ring.intact(kp.h0) for kp in batch):  # overwritten while gathered (see _take)
+            lost += batch
+            batch, rows = [], {}
         for kp in lost:
             self._count_dropped(kp.handle.name, kp.k, "queue_full")
         out, at = [], {}
@@ -511,7 +515,8 @@ def _decode(req: Any, d: int) -> np.ndarray:
     return np.asarray(req.values, dtype=np.float32).reshape(-1, d)
 
 
-_NO_FLAGS = np.zeros(0, dtype=np.bool_)  # _keep_rows: flag by threshold
+_NO_FLAGS = np.zeros(0, dtype=np.bool_)  # _keep_rows: flag by threshold / draw the sample
+_NO_I64 = np.zeros(0, dtype=np.int64)     # _keep_rows: one message
 
 
 def _warm_up() -> None:
@@ -525,4 +530,4 @@ def _warm_up() -> None:
         for scores in (np.zeros(1, np.float64), np.zeros(1, np.float32)):
             for flagged in (np.zeros(1, np.bool_), _NO_FLAGS):
                 for sample in (np.zeros(1, np.bool_), _NO_FLAGS):
-                    _keep_rows(x, scores, flagged, 0.0, sample, bounds, counts, 0, st, gaps, ring.X, ring.score, ring.flag, ring.local)
+                    _keep_rows(x, scores, flagged, 0.0, sample, bounds, counts, st, ring.ctl, gaps, ring.X, ring.score, ring.flag, ring.local)
