@@ -38,7 +38,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numba as nb
 import numpy as np
 
-from .store import Store, StoreOpener, open_store  # noqa: F401  (StoreOpener: imported from here too)
+from .store import Store, StoreOpener  # noqa: F401  (StoreOpener: callers import it from here too)
 
 log = logging.getLogger("outlierd.capture")
 
