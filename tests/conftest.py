@@ -65,3 +65,18 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+def run_cli(*args: str) -> "subprocess.CompletedProcess":
+    """``outlierd ARGS`` in this process (the console script's main: same parsing, same exit codes),
+    with its stdout and stderr captured."""
+    import contextlib
+    import io
+    import subprocess
+
+    from outlierd.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())

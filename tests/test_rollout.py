@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import hashlib
 import json
 import os
@@ -16,7 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ROOT, LoopThread
+from conftest import ROOT, LoopThread, run_cli
 from prometheus_client import CollectorRegistry
 from scipy.stats import spearmanr
 from sklearn.ensemble import IsolationForest
@@ -25,7 +23,6 @@ from core import load_model
 from core.registry import Registry
 from monitoring.metrics import ServiceMetrics
 from monitoring.store import LabelRow, open_store
-from outlierd.cli import main as cli_main
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 from server.app import start_worker
@@ -344,40 +341,32 @@ def test_promote_refused_when_a_gate_fails(promo, rng):
     store.close()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    """``outlierd ARGS`` in this process (the console script's main: same parsing, same exit codes)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli_main(list(args))
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
-
-
 def test_cli_compare_promote_rollback(promo, rng, tmp_path):
     reg, store = promo
     common = ["--registry", str(reg.root), "--model", "m"]
-    nothing = _cli("compare", *common)
+    nothing = run_cli("compare", *common)
     assert nothing.returncode == 2 and "no captured challenger traffic" in nothing.stderr and "Traceback" not in nothing.stderr
     _fill(store, rng, challenger_better=False)
     store.close()
-    out = _cli("compare", *common, "--json")
+    out = run_cli("compare", *common, "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["challenger"]["version"] == 2
-    refused = _cli("promote", *common)
+    refused = run_cli("promote", *common)
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "gates failed: min_precision_gain" in refused.stdout and reg.resolve("m", "champion") == 1
     gates = tmp_path / "gates.json"
     gates.write_text(json.dumps({"min_precision_gain": -1.0, "min_agreement": 0.5}))
-    ok = _cli("promote", *common, "--gates", str(gates), "--max-latency-ratio", "off", "--json")
+    ok = run_cli("promote", *common, "--gates", str(gates), "--max-latency-ratio", "off", "--json")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     body = json.loads(ok.stdout)
     assert body["promoted"] and "max_latency_ratio" not in {g["name"] for g in body["gates"]}
     assert reg.resolve("m", "champion") == 2
-    back = _cli("rollback", *common)
+    back = run_cli("rollback", *common)
     assert back.returncode == 0 and "now version 1" in back.stdout and reg.resolve("m", "champion") == 1
-    again = _cli("rollback", *common)
+    again = run_cli("rollback", *common)
     assert again.returncode == 2 and "no previous champion" in again.stderr
     gates.write_text(json.dumps({"min_precison_gain": 0.1}))
-    typo = _cli("promote", *common, "--gates", str(gates))
+    typo = run_cli("promote", *common, "--gates", str(gates))
     assert typo.returncode == 2 and "unknown gates min_precison_gain" in typo.stderr
 
 

@@ -4,11 +4,8 @@ up without reloading its model."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import multiprocessing as mp
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import LoopThread
+from conftest import LoopThread, run_cli
 from prometheus_client import CollectorRegistry
 from sklearn.ensemble import IsolationForest
 
@@ -24,7 +21,6 @@ from core import load_model
 from core.registry import Registry
 from monitoring.metrics import ServiceMetrics
 from monitoring.store import LabelRow, open_store
-from outlierd.cli import main as cli_main
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 from server.app import start_worker
@@ -251,14 +247,6 @@ def test_calibration_errors(tmp_path, reg_dir, rng):
     store.close()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    """``outlierd ARGS`` in this process (the console script's main: same parsing, same exit codes)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli_main(list(args))
-    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
-
-
 def test_cli_calibrate_and_list(tmp_path, data, rng):
     reg = _fresh_registry(tmp_path, data)
     model = load_model(reg.path("m", 1))
@@ -267,22 +255,22 @@ def test_cli_calibrate_and_list(tmp_path, data, rng):
     _capture(store, "m", 1, X, model.score(X), model.threshold, 0.2, rng)
     store.close()
     common = ["--registry", str(reg.root), "--model", "m"]
-    dry = _cli("threshold", "calibrate", *common, "--alert-rate", "0.05", "--dry-run", "--json")
+    dry = run_cli("threshold", "calibrate", *common, "--alert-rate", "0.05", "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
     out = json.loads(dry.stdout)
     assert out["published"] is False and reg.threshold_version("m", 1) == 0
-    done = _cli("threshold", "calibrate", *common, "--alert-rate", "0.05")
+    done = run_cli("threshold", "calibrate", *common, "--alert-rate", "0.05")
     assert done.returncode == 0, done.stderr
     assert "published as threshold version 1" in done.stdout
     assert reg.threshold("m", 1) == (pytest.approx(out["threshold"]), 1)
-    listed = _cli("threshold", "list", *common, "--json")
+    listed = run_cli("threshold", "list", *common, "--json")
     rows = json.loads(listed.stdout)
     assert rows["in_force"] == 1 and [r["threshold_version"] for r in rows["thresholds"]] == [0, 1]
     assert rows["thresholds"][1]["method"] == "alert_rate" and rows["thresholds"][1]["target"] == 0.05
     # errors: one line, exit 2
     for args, msg in ((("--alert-rate", "1.5"), "must be in (0, 1)"), (("--precision", "0.9"), "not enough labels"),
                       (("--alert-rate", "0.05", "--feedback-store", str(tmp_path / "none.sqlite")), "no feedback store")):
-        bad = _cli("threshold", "calibrate", *common, *args)
+        bad = run_cli("threshold", "calibrate", *common, *args)
         assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
