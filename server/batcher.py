@@ -220,7 +220,7 @@ class MicroBatcher:
         self._jobs.put((self._score_items, (items,), lambda r, e: self._batch_done(items, r, e)))
 
     def _score_items(self, items: list[_Item]) -> tuple:
-        # on the scoring thread: the concatenation and the capture selection's split per request too
+        # on the scoring thread: the concatenation too (and the capture selection, per request)
         X = items[0].X if len(items) == 1 else np.concatenate([it.X for it in items])
         return self._kernel(items[0].handle, X, sizes=[it.X.shape[0] for it in items] if len(items) > 1 else None)
 

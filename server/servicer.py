@@ -63,9 +63,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
 
     # -- shared steps -------------------------------------------------------------------------
 
-    def _start(self, req: pb.ScoreRequest) -> tuple[asyncio.Future, np.ndarray]:
-        """Validate and queue one request (synchronously, so requests bind handles in order); the
-        future of its result and the decoded records (capture copies its kept rows from them)."""
+    def _start(self, req: pb.ScoreRequest) -> asyncio.Future:
+        """Validate and queue one request (synchronously, so requests bind handles in order)."""
         handle = self.slot.current
         if self.rollout is not None:  # split: the challenger answers a stable share of messages
             handle = self.rollout.route(req, handle)
@@ -74,7 +73,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
         fut = self.batcher.submit(X, handle, self._explain_args(req, handle) if req.explain else None)
         if self.rollout is not None:  # shadow: the challenger scores X once the champion's result is in
             self.rollout.after(fut, req, X, handle)
-        return fut, X
+        return fut
 
     @staticmethod
     def _explain_args(req: pb.ScoreRequest, handle: ModelHandle) -> tuple[int, bool]:
@@ -95,7 +94,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             resp.explanations.add(record=r, features=f, contributions=contributions[r].tolist(),
                                   feature_names=[names[j] for j in f])
 
-    def _response(self, req: pb.ScoreRequest, X: np.ndarray, handle: ModelHandle, scores: np.ndarray, device: str, sel=None,
+    def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray, device: str, sel=None,
                   explanation: tuple[np.ndarray, np.ndarray] | None = None) -> pb.ScoreResponse:
         _, name, version, alias, threshold, role, records, anomalies = self._handle_info(handle)
         flagged = scores >= threshold
@@ -110,14 +109,10 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             resp.MergeFromString(_packed_scores(scores, flagged))
         if explanation is not None:
             self._add_explanations(resp, handle.model.feature_names, explanation)
-        if self.capture is not None and n:
-            if self.batcher.capture is self.capture:
-                # flagged records and the sample were copied on the scoring thread: only what they
-                # share is added here (the writer thread and the capture process do the rest)
-                if sel is not None:
-                    self.capture.attach(sel, handle, role, req.ids, req.request_id, self.batcher.kernel_us(handle))
-            else:
-                self.capture.offer(handle, role, req.ids, X, scores, flagged, self.batcher.kernel_us(handle), req.request_id)
+        if self.capture is not None and sel is not None:
+            # flagged records and the sample were copied on the scoring thread (the worker gives the
+            # batcher the same writer): only what they share is added here
+            self.capture.attach(sel, handle, role, req.ids, req.request_id, self.batcher.kernel_us(handle))
         return resp
 
     def _handle_info(self, handle: ModelHandle) -> tuple:
@@ -148,10 +143,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         t0 = time.perf_counter()
-        X = None
         try:
-            fut, X = self._start(request)
-            handle, scores, device, sel, *explanation = await fut
+            handle, scores, device, sel, *explanation = await self._start(request)
         except RequestError as e:
             self._count_invalid(e)
             await context.abort(status_code(e), message(e))
@@ -161,7 +154,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             log.exception("scoring failed request_id=%d", request.request_id)
             self._count_invalid(RequestError(str(e), code="INTERNAL", reason="internal"))
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error while scoring: {e}")
-        response = self._response(request, X, handle, scores, device, sel, *explanation)
+        response = self._response(request, handle, scores, device, sel, *explanation)
         self._observe("Score", t0)
         return response
 
@@ -188,14 +181,14 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                     t0 = time.perf_counter()
                     fut = None
                     try:
-                        fut, X = self._start(req)
-                        entry = (req, t0, fut, None, X)
+                        fut = self._start(req)
+                        entry = (req, t0, fut, None)
                     except RequestError as e:
                         self._count_invalid(e)
-                        entry = (req, t0, None, e, None)
+                        entry = (req, t0, None, e)
                     except Exception as e:  # answer this message, keep the stream going
                         log.exception("could not queue request_id=%d", req.request_id)
-                        entry = (req, t0, None, RequestError(f"internal error: {e}", code="INTERNAL", reason="internal"), None)
+                        entry = (req, t0, None, RequestError(f"internal error: {e}", code="INTERNAL", reason="internal"))
                     try:
                         while len(pending) >= limit:
                             w = waiting[1] = loop.create_future()
@@ -221,7 +214,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 wake(1)
                 if entry is None:
                     break
-                req, t0, fut, err, X = entry
+                req, t0, fut, err = entry
                 if err is None:
                     try:
                         handle, scores, device, sel, *explanation = await fut
@@ -234,7 +227,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 if err is not None:
                     yield pb.ScoreResponse(request_id=req.request_id, error=f"{err.code}: {message(err)}")
                     continue
-                yield self._response(req, X, handle, scores, device, sel, *explanation)
+                yield self._response(req, handle, scores, device, sel, *explanation)
                 self._observe("ScoreStream", t0)
         finally:
             task.cancel()
