@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,15 @@ class Worker:
     rollout: Rollout | None = None
     capture: CaptureWriter | None = None
     feedback: FeedbackService | None = None
+
+    def flush_capture(self, timeout: float = 10.0) -> bool:
+        """Wait until every request answered so far is captured and written (from a thread other
+        than the event loop's and the scoring threads': tests, tools). False on timeout or with
+        capture off."""
+        if self.capture is None:
+            return False
+        deadline = time.monotonic() + timeout
+        return self.batcher.drain(timeout) and self.capture.flush(max(0.0, deadline - time.monotonic()))
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: NOT_SERVING first, then no new calls, in-flight ones finish."""

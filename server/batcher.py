@@ -23,7 +23,7 @@ import time
 from collections import deque
 from queue import SimpleQueue
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -34,11 +34,27 @@ log = logging.getLogger("outlierd.batcher")
 PARALLEL_MIN_ROWS = 65536  # below this, a request runs on one scoring thread
 
 
+class CaptureTag(NamedTuple):
+    """What capture needs of a request beyond its records and scores: the message's ``ids`` (one
+    per record, or empty: generated), its ``request_id``, and ``then``, called on the scoring thread
+    with the request's capture selection (or None) once capture is done (shadow scoring: the
+    challenger samples the records the champion's sample picked)."""
+
+    ids: Sequence[str]
+    request_id: int
+    then: Callable[[Any], None] | None = None
+
+
 @dataclass
 class _Item:
     X: np.ndarray
     handle: ModelHandle
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future | None = field(repr=False)
+    tag: CaptureTag | None = None
+
+
+def _ignore(_result: Any, _exc: BaseException | None) -> None:
+    pass
 
 
 class MicroBatcher:
@@ -67,8 +83,8 @@ class MicroBatcher:
         # kernel time per record of the latest batch, per (model, version): captured with the records
         # (rollout compares champion and challenger latency); written by scoring threads, a plain dict store
         self._kernel_us: dict[tuple[str, int], float] = {}
-        # monitoring.capture.CaptureWriter, set by the worker: the records to capture are selected on
-        # the scoring thread right after the kernel, and travel with the result as a Selection
+        # monitoring.capture.CaptureWriter, set by the worker: requests submitted with a CaptureTag
+        # are captured on the scoring thread once their answer is on its way (see _worker)
         self.capture: Any = None
 
     def start(self) -> None:
@@ -102,7 +118,7 @@ class MicroBatcher:
             job = jobs.get()
             if job is None:
                 return
-            fn, args, done = job
+            fn, args, done, items = job
             try:
                 result, exc = fn(*args), None
             except BaseException as e:  # handed to the loop: the caller's future gets it
@@ -111,10 +127,54 @@ class MicroBatcher:
                 loop.call_soon_threadsafe(done, result, exc)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
+            if items is not None and exc is None:
+                self._capture(items, result[0], result[2])
 
-    def _run_job(self, fn, *args) -> asyncio.Future:
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every job handed to the scoring threads so far is done, its capture step
+        included (a flush of the capture writer after this sees every answered request). Call it
+        from any thread but a scoring thread; False on timeout."""
+        if not self._workers:
+            return True
+        barrier = threading.Barrier(len(self._workers) + 1, timeout=timeout)
+        for _ in self._workers:  # each thread takes one (FIFO, after its earlier jobs) and waits for the rest
+            self._jobs.put((barrier.wait, (), _ignore, None))
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return False
+        return True
+
+    def _capture(self, items: list[_Item], scores: np.ndarray, X: np.ndarray) -> None:
+        """Capture a scored batch's flagged records and sample (one Numba call into the writer's
+        ring), hand each tagged request's share to the writer, then call the tags' hooks.
+
+        NOTE: on the scoring thread *after* the answer went to the loop, so no response waits for
+        it and the event loop does nothing for capture (it used to select before the answer and
+        attach on the loop: a step on every message's path)."""
+        if all(it.tag is None for it in items):
+            return
+        try:
+            handle = items[0].handle
+            sels = None
+            cap = self.capture
+            if cap is not None and scores.shape[0]:
+                sels = cap.select_batch(handle, X, scores, handle.threshold, [it.X.shape[0] for it in items] if len(items) > 1 else (X.shape[0],))
+                role = "challenger" if handle.alias == "challenger" else "champion"
+                kernel_us = self._kernel_us.get((handle.name, handle.version), float("nan"))
+                for it, sel in zip(items, sels):
+                    if sel is not None and it.tag is not None:
+                        cap.attach(sel, handle, role, it.tag.ids, it.tag.request_id, kernel_us)
+            for k, it in enumerate(items):
+                if it.tag is not None and it.tag.then is not None:
+                    it.tag.then(None if sels is None else sels[k])
+        except Exception:  # capture must never fail scoring, nor stop a scoring thread
+            log.exception("capture failed model=%s version=%d", items[0].handle.name, items[0].handle.version)
+
+    def _run_job(self, fn, *args, items: list[_Item] | None = None) -> asyncio.Future:
         """``fn(*args)`` on a scoring thread; an asyncio future of its result (run_in_executor's
-        contract, for the rare paths: explain, large and empty requests, a failed batch's retries)."""
+        contract, for the rare paths: explain, large and empty requests, a failed batch's retries).
+        ``items``: captured once the result is handed over (``fn`` returns ``(scores, device, X, ...)``)."""
         fut = self._loop.create_future()  # type: ignore[union-attr]
 
         def done(result: Any, exc: BaseException | None) -> None:
@@ -125,7 +185,7 @@ class MicroBatcher:
             else:
                 fut.set_result(result)
 
-        self._jobs.put((fn, args, done))
+        self._jobs.put((fn, args, done, items))
         return fut
 
     @property
@@ -141,12 +201,14 @@ class MicroBatcher:
     def _release(self, n: int) -> None:
         self._inflight -= n
 
-    def submit(self, X: np.ndarray, handle: ModelHandle | None = None, explain: tuple[int, bool] | None = None) -> asyncio.Future:
+    def submit(self, X: np.ndarray, handle: ModelHandle | None = None, explain: tuple[int, bool] | None = None,
+               tag: CaptureTag | None = None) -> asyncio.Future:
         """Queue ``X`` for scoring with ``handle`` (default: the one serving now); the future
-        resolves to ``(handle, scores, device, capture selection or None)``.
+        resolves to ``(handle, scores, device)``.
         ``explain=(top_k, flagged_only)``: scored and explained in one kernel pass on a scoring
-        thread (not micro-batched), resolving to ``(handle, scores, device, selection, (features,
-        contributions))``."""
+        thread (not micro-batched), resolving to ``(handle, scores, device, (features,
+        contributions))``. ``tag``: capture the request (with the writer set as ``capture``) after
+        it is answered, and call ``tag.then``."""
         handle = handle or self.slot.current
         assert handle is not None, "no model loaded"
         loop = asyncio.get_running_loop()
@@ -160,15 +222,15 @@ class MicroBatcher:
                              f"(limit {self.max_queue_records}); retry later")
         self._inflight += n
         if n >= self.max_batch or n == 0 or explain is not None:
-            return loop.create_task(self._score_direct(handle, X, explain))
+            return loop.create_task(self._score_direct(handle, X, explain, tag))
         fut = loop.create_future()
         fut.add_done_callback(lambda _f, n=n: self._release(n))
-        item = _Item(X, handle, fut)
+        item = _Item(X, handle, fut, tag)
         if self.max_delay_s == 0:
             if not self._queue and self._busy + self._waiting < self._threads:
                 # idle thread, nothing to coalesce with: straight to a thread, no batching hop
                 self._busy += 1
-                self._jobs.put((self._kernel, (handle, X), lambda r, e: self._batch_done([item], r, e)))
+                self._jobs.put((self._kernel, (handle, X), lambda r, e: self._batch_done([item], r, e), None if tag is None else [item]))
                 return fut
             # every thread busy: wait in the queue; a thread that comes back takes a batch (_pump)
             self._queue.append(item)
@@ -217,18 +279,18 @@ class MicroBatcher:
             self._send_batch(items)
 
     def _send_batch(self, items: list[_Item]) -> None:
-        self._jobs.put((self._score_items, (items,), lambda r, e: self._batch_done(items, r, e)))
+        self._jobs.put((self._score_items, (items,), lambda r, e: self._batch_done(items, r, e), items))
 
     def _score_items(self, items: list[_Item]) -> tuple:
-        # on the scoring thread: the concatenation too (and the capture selection, per request)
+        # on the scoring thread: the concatenation too
         X = items[0].X if len(items) == 1 else np.concatenate([it.X for it in items])
-        return self._kernel(items[0].handle, X, sizes=[it.X.shape[0] for it in items] if len(items) > 1 else None)
+        return self._kernel(items[0].handle, X)
 
     def _batch_done(self, items: list[_Item], result: tuple | None, exc: BaseException | None) -> None:
         """On the loop: a batch came back from its thread; answer its requests, then take the next."""
         if exc is not None:
             if len(items) > 1:  # one bad request must not fail its batch-mates: score them one by one
-                self._jobs.put((self._score_each, (items,), lambda r, e: self._each_done(items, r, e)))
+                self._jobs.put((self._score_each, (items,), lambda r, e: self._each_done(items, r, e), None))
                 return  # the thread stays counted until the retries are back
             self._release_thread()
             fut = items[0].future
@@ -236,30 +298,35 @@ class MicroBatcher:
                 fut.set_exception(exc)
         else:
             self._release_thread()
-            scores, device, sel = result  # type: ignore[misc]
+            scores, device = result[0], result[1]  # type: ignore[index]
             handle = items[0].handle
             self._observe(handle, scores.shape[0])
             if len(items) == 1:
                 fut = items[0].future
                 if not fut.done():
-                    fut.set_result((handle, scores, device, sel))
+                    fut.set_result((handle, scores, device))
             else:
                 start = 0
-                for k, it in enumerate(items):
+                for it in items:
                     n = it.X.shape[0]
                     if not it.future.done():
-                        it.future.set_result((handle, scores[start:start + n], device, None if sel is None else sel[k]))
+                        it.future.set_result((handle, scores[start:start + n], device))
                     start += n
         if self.max_delay_s == 0:
             self._pump()
 
     def _score_each(self, items: list[_Item]) -> list[tuple]:
+        # a failed batch's requests one by one (rare): each captured before the answers go back
         out: list[tuple] = []
         for it in items:
             try:
-                out.append((self._kernel(it.handle, it.X), None))
+                result = self._kernel(it.handle, it.X)
             except Exception as e:
                 out.append((None, e))
+                continue
+            out.append((result, None))
+            if it.tag is not None:
+                self._capture([it], result[0], result[2])
         return out
 
     def _each_done(self, items: list[_Item], results: list[tuple] | None, exc: BaseException | None) -> None:
@@ -274,18 +341,19 @@ class MicroBatcher:
             if e is not None:
                 it.future.set_exception(e)
             else:
-                it.future.set_result((it.handle, *result))
+                it.future.set_result((it.handle, result[0], result[1]))
         if self.max_delay_s == 0:
             self._pump()
 
-    async def _score_direct(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None) -> tuple:
+    async def _score_direct(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None,
+                            tag: CaptureTag | None = None) -> tuple:
         n = X.shape[0]
         try:
             await self._acquire_thread()
         except asyncio.CancelledError:
             self._release(n)
             raise
-        job = self._run_job(self._kernel, handle, X, explain)
+        job = self._run_job(self._kernel, handle, X, explain, items=None if tag is None else [_Item(X, handle, None, tag)])
 
         def done(_job: asyncio.Future) -> None:
             # the thread and the records stay counted until the thread is done, even if the caller gave up
@@ -295,15 +363,15 @@ class MicroBatcher:
                 self._pump()
 
         job.add_done_callback(done)
-        scores, device, sel, *explanation = await asyncio.shield(job)
+        scores, device, _X, explanation = await asyncio.shield(job)
         self._observe(handle, scores.shape[0])
-        return (handle, scores, device, sel, *explanation)
+        return (handle, scores, device) if explanation is None else (handle, scores, device, explanation)
 
-    def _kernel(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None, sizes: list[int] | None = None) -> tuple:
-        """Score one batch where the device policy says; returns (scores, device it ran on, capture
-        selection or None; with ``sizes``, a micro-batch's request sizes, one per request), and with
-        ``explain=(top_k, flagged_only)`` also (features, contributions), computed on the CPU kernels
-        (the GPU backends' attributions are the CPU kernel's anyway)."""
+    def _kernel(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None) -> tuple:
+        """Score one batch where the device policy says; returns ``(scores, device it ran on, X,
+        explanation)``: with ``explain=(top_k, flagged_only)`` the explanation is (features,
+        contributions), computed on the CPU kernels (the GPU backends' attributions are the CPU
+        kernel's anyway); otherwise None."""
         explanation = None
         scores = None
         device = "cpu"
@@ -330,20 +398,7 @@ class MicroBatcher:
                 handle.monitor.observe(X, scores, handle.threshold)
             except Exception:  # monitoring must never fail scoring
                 log.exception("drift monitor failed model=%s version=%d", handle.name, handle.version)
-        sel = None
-        if self.capture is not None and X.shape[0]:
-            try:  # flagged as the response computes it: scores >= the handle's threshold
-                sel = self.capture.select_batch(handle, X, scores, handle.threshold, sizes or [X.shape[0]])
-                if sizes is None:
-                    sel = sel[0]
-            except Exception:  # capture must never fail scoring
-                log.exception("capture selection failed model=%s version=%d", handle.name, handle.version)
-        return (scores, device, sel) if explanation is None else (scores, device, sel, tuple(explanation))
-
-    def kernel_us(self, handle: ModelHandle) -> float:
-        """Kernel time per record (microseconds) of the latest batch scored with ``handle``'s
-        version; NaN before the first one."""
-        return self._kernel_us.get((handle.name, handle.version), float("nan"))
+        return scores, device, X, None if explanation is None else tuple(explanation)
 
     def _observe(self, handle: ModelHandle, n: int) -> None:
         if self.metrics is not None:

@@ -27,8 +27,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import Future as ThreadFuture
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
@@ -314,9 +313,11 @@ class Rollout:
                 return chal
         return handle
 
-    def after(self, fut: asyncio.Future, req: Any, X: np.ndarray, handle: ModelHandle) -> None:
-        """Count the records by role; in shadow mode queue them for the challenger once the
-        champion's result is in (the response does not wait for it)."""
+    def after(self, req: Any, X: np.ndarray, handle: ModelHandle) -> Callable[[Any], None] | None:
+        """Count the records by role; in shadow mode, return the hook that queues them for the
+        challenger once the champion has scored them (the batcher calls it on the scoring thread
+        with the champion's capture selection, after the answer: the response never waits for it);
+        otherwise None."""
         if self.metrics is not None and X.shape[0]:
             role = CHALLENGER if handle.alias == CHALLENGER else "champion"
             counter = self._counters.get((handle.name, role))
@@ -324,18 +325,17 @@ class Rollout:
                 counter = self._counters[(handle.name, role)] = self.metrics.records.labels(handle.name, role)
             counter.inc(X.shape[0])
         if self.mode != "shadow" or self.shadow is None or self.challenger is None or not X.shape[0]:
-            return
+            return None
         chal = self.challenger.current
         if chal is None:
-            return
-        ids, request_id = req.ids, req.request_id  # ids: the message's repeated field, read in the shadow thread
+            return None
+        shadow, ids, request_id = self.shadow, req.ids, req.request_id  # ids: the message's repeated field, read in the shadow thread
 
-        def done(f: asyncio.Future | ThreadFuture) -> None:
-            if not f.cancelled() and f.exception() is None:
-                # the champion's capture selection: the challenger's captures sample the same records
-                self.shadow.offer(chal, X, ids, request_id, f.result()[3])  # type: ignore[union-attr]
+        def then(champion_sel: Any) -> None:
+            # the champion's capture selection: the challenger's captures sample the same records
+            shadow.offer(chal, X, ids, request_id, champion_sel)
 
-        fut.add_done_callback(done)
+        return then
 
     async def tick(self) -> None:
         """The background tick: watch the challenger alias; export thresholds in force."""

@@ -14,7 +14,7 @@ import numpy as np
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 
-from .batcher import MicroBatcher
+from .batcher import CaptureTag, MicroBatcher
 from .errors import Overloaded, RequestError, message, status_code
 from .feedback import FeedbackRpcs
 from .reload import ModelHandle, ModelSlot
@@ -69,11 +69,14 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
         if self.rollout is not None:  # split: the challenger answers a stable share of messages
             handle = self.rollout.route(req, handle)
         X = decode(req, handle, self.settings.model, self.settings.max_request_records)
+        tag = None
+        if self.capture is not None or self.rollout is not None:
+            # captured on the scoring thread after the answer; shadow: the challenger scores X then
+            then = self.rollout.after(req, X, handle) if self.rollout is not None else None
+            if self.capture is not None or then is not None:
+                tag = CaptureTag(req.ids, req.request_id, then)
         # explain: scored and explained in one kernel pass on a scoring thread (see batcher.submit)
-        fut = self.batcher.submit(X, handle, self._explain_args(req, handle) if req.explain else None)
-        if self.rollout is not None:  # shadow: the challenger scores X once the champion's result is in
-            self.rollout.after(fut, req, X, handle)
-        return fut
+        return self.batcher.submit(X, handle, self._explain_args(req, handle) if req.explain else None, tag)
 
     @staticmethod
     def _explain_args(req: pb.ScoreRequest, handle: ModelHandle) -> tuple[int, bool]:
@@ -94,9 +97,9 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             resp.explanations.add(record=r, features=f, contributions=contributions[r].tolist(),
                                   feature_names=[names[j] for j in f])
 
-    def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray, device: str, sel=None,
+    def _response(self, req: pb.ScoreRequest, handle: ModelHandle, scores: np.ndarray, device: str,
                   explanation: tuple[np.ndarray, np.ndarray] | None = None) -> pb.ScoreResponse:
-        _, name, version, alias, threshold, role, records, anomalies = self._handle_info(handle)
+        _, name, version, alias, threshold, records, anomalies = self._handle_info(handle)
         flagged = scores >= threshold
         n = scores.size
         if records is not None and n:
@@ -109,15 +112,11 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             resp.MergeFromString(_packed_scores(scores, flagged))
         if explanation is not None:
             self._add_explanations(resp, handle.model.feature_names, explanation)
-        if self.capture is not None and sel is not None:
-            # flagged records and the sample were copied on the scoring thread (the worker gives the
-            # batcher the same writer): only what they share is added here
-            self.capture.attach(sel, handle, role, req.ids, req.request_id, self.batcher.kernel_us(handle))
         return resp
 
     def _handle_info(self, handle: ModelHandle) -> tuple:
-        """``(handle, name, version text, alias, threshold, capture role, records counter, anomalies
-        counter)``, computed once per handle: labels() looks children up under a lock, and the
+        """``(handle, name, version text, alias, threshold, records counter, anomalies counter)``,
+        computed once per handle: labels() looks children up under a lock, and the
         threshold is a property; a new threshold or version comes as a new handle."""
         info = self._per_handle.get(id(handle))
         if info is None or info[0] is not handle:
@@ -126,8 +125,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             v = str(handle.version)
             counters = (None, None) if self.metrics is None else \
                 (self.metrics.records_scored.labels(handle.name, v), self.metrics.anomalies.labels(handle.name, v))
-            role = "challenger" if handle.alias == "challenger" else "champion"
-            info = self._per_handle[id(handle)] = (handle, handle.name, v, handle.alias, handle.threshold, role, *counters)
+            info = self._per_handle[id(handle)] = (handle, handle.name, v, handle.alias, handle.threshold, *counters)
         return info
 
     def _count_invalid(self, e: RequestError) -> None:
@@ -144,7 +142,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         t0 = time.perf_counter()
         try:
-            handle, scores, device, sel, *explanation = await self._start(request)
+            handle, scores, device, *explanation = await self._start(request)
         except RequestError as e:
             self._count_invalid(e)
             await context.abort(status_code(e), message(e))
@@ -154,7 +152,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             log.exception("scoring failed request_id=%d", request.request_id)
             self._count_invalid(RequestError(str(e), code="INTERNAL", reason="internal"))
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error while scoring: {e}")
-        response = self._response(request, handle, scores, device, sel, *explanation)
+        response = self._response(request, handle, scores, device, *explanation)
         self._observe("Score", t0)
         return response
 
@@ -217,7 +215,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 req, t0, fut, err = entry
                 if err is None:
                     try:
-                        handle, scores, device, sel, *explanation = await fut
+                        handle, scores, device, *explanation = await fut
                     except RequestError as e:
                         err = e
                     except Exception as e:  # a kernel failure answers this message, not the stream
@@ -227,7 +225,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 if err is not None:
                     yield pb.ScoreResponse(request_id=req.request_id, error=f"{err.code}: {message(err)}")
                     continue
-                yield self._response(req, handle, scores, device, sel, *explanation)
+                yield self._response(req, handle, scores, device, *explanation)
                 self._observe("ScoreStream", t0)
         finally:
             task.cancel()

@@ -271,7 +271,7 @@ def test_server_captures_flagged_records_with_scores_version_and_features(loop_t
         unary = srv.stub.Score(score_request(X[:600], ids[:600]))
         msgs = [score_request(X[k:k + 200], ids[k:k + 200], request_id=k, raw=bool(k % 400)) for k in range(600, len(X), 200)]
         stream = list(srv.stub.ScoreStream(iter(msgs)))
-        assert srv.worker.capture.flush(10)
+        assert srv.worker.flush_capture(10)
         captured = srv.sample("outlierd_captured_total", {"model": MODEL, "role": "champion"})
     scores = np.concatenate([unary.scores] + [r.scores for r in stream])
     flags = np.concatenate([unary.anomalous] + [r.anomalous for r in stream])

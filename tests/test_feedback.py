@@ -130,7 +130,7 @@ def test_unary_feedback_is_stored_with_known_flag(loop_thread, registry_dir, X, 
     with serving(loop_thread, registry_dir, feedback_store=path, capture_sample=1.0) as srv:
         ids = [f"tx-{i}" for i in range(20)]
         srv.stub.Score(score_request(X[:20], ids))
-        assert srv.worker.capture.flush(10)
+        assert srv.worker.flush_capture(10)
         a = srv.stub.SubmitFeedback(pb.FeedbackRequest(record_id="tx-3", label=pb.ANOMALY, reviewer="ann", note="card, stolen"))
         b = srv.stub.SubmitFeedback(pb.FeedbackRequest(model=MODEL, record_id="never-scored", label=pb.NORMAL))
         assert (a.record_id, a.stored, a.known_record, a.error) == ("tx-3", True, True, "")
@@ -239,7 +239,7 @@ def test_quality_gauges_follow_the_labels(loop_thread, registry_dir, X, tmp_path
         srv.worker.feedback.quality_interval_s = 0.05
         ids = [f"q{i}" for i in range(len(X))]
         resp = srv.stub.Score(score_request(X, ids))
-        assert srv.worker.capture.flush(10)
+        assert srv.worker.flush_capture(10)
         flagged = [ids[i] for i in np.flatnonzero(resp.anomalous)]
         labels = [pb.FeedbackRequest(record_id=r, label=pb.ANOMALY if k % 3 else pb.NORMAL, reviewer="a") for k, r in enumerate(flagged)]
         labels += [pb.FeedbackRequest(record_id=ids[i], label=pb.NORMAL, reviewer="b") for i in range(0, 400, 4)]

@@ -149,7 +149,7 @@ def test_shadow_mode(loop_thread, reg_dir, tmp_path, rng):
                 sent.update(zip(ids, X))
         total = len(sent)
         _wait(lambda: worker.rollout.shadow.scored >= total, what="shadow scoring")
-        assert worker.capture.flush(10)
+        assert worker.flush_capture(10)
         store = open_store(tmp_path / "fb.sqlite")
         chal = store.predictions("m", role="challenger")
         champ = store.predictions("m", role="champion")
@@ -235,7 +235,7 @@ def test_split_mode(loop_thread, reg_dir, tmp_path, rng):
         assert seen["challenger"] > 0 and seen["champion"] > 0
         for role, n in seen.items():
             assert cr.get_sample_value("outlierd_rollout_records_total", {"model": "m", "role": role}) == n
-        assert worker.capture.flush(10)
+        assert worker.flush_capture(10)
         store = open_store(tmp_path / "fb.sqlite")
         assert len(store.predictions("m", role="challenger", version=2, features=False)) == seen["challenger"]
         store.close()
@@ -385,7 +385,7 @@ def test_shadow_captures_sample_the_same_records_for_both_roles(loop_thread, reg
                 total += X.shape[0]
             assert not any(r.error for r in stub.ScoreStream(iter(msgs), timeout=20))
         _wait(lambda: worker.rollout.shadow.scored >= total, what="shadow scoring")
-        assert worker.capture.flush(10)
+        assert worker.flush_capture(10)
         store = open_store(tmp_path / "fb.sqlite")
         champ, chal = store.predictions("m", role="champion"), store.predictions("m", role="challenger")
         store.close()
