@@ -45,6 +45,9 @@ class CaptureTag(NamedTuple):
     then: Callable[[Any], None] | None = None
 
 
+_UNTAGGED = CaptureTag((), 0)
+
+
 @dataclass
 class _Item:
     X: np.ndarray
@@ -147,27 +150,37 @@ class MicroBatcher:
 
     def _capture(self, items: list[_Item], scores: np.ndarray, X: np.ndarray) -> None:
         """Capture a scored batch's flagged records and sample (one Numba call into the writer's
-        ring), hand each tagged request's share to the writer, then call the tags' hooks.
+        ring and one append to its queue: CaptureWriter.capture_batch), then call the tags' hooks.
 
         NOTE: on the scoring thread *after* the answer went to the loop, so no response waits for
         it and the event loop does nothing for capture (it used to select before the answer and
         attach on the loop: a step on every message's path)."""
-        if all(it.tag is None for it in items):
+        # NOTE: every Python step here costs several times its quiet-process cost (the kernel just
+        # ran on this thread): the usual case, one tagged request and no hook, takes few
+        one = items[0].tag if len(items) == 1 else None
+        if one is None and all(it.tag is None for it in items):
             return
         try:
             handle = items[0].handle
-            sels = None
+            sel = None
             cap = self.capture
             if cap is not None and scores.shape[0]:
-                sels = cap.select_batch(handle, X, scores, handle.threshold, [it.X.shape[0] for it in items] if len(items) > 1 else (X.shape[0],))
                 role = "challenger" if handle.alias == "challenger" else "champion"
                 kernel_us = self._kernel_us.get((handle.name, handle.version), float("nan"))
-                for it, sel in zip(items, sels):
-                    if sel is not None and it.tag is not None:
-                        cap.attach(sel, handle, role, it.tag.ids, it.tag.request_id, kernel_us)
-            for k, it in enumerate(items):
+                if one is not None:
+                    sel = cap.capture_batch(handle, role, X, scores, handle.threshold, (one,), None, kernel_us)
+                else:  # untagged requests (none from the servicer) get generated ids
+                    sel = cap.capture_batch(handle, role, X, scores, handle.threshold, [it.tag or _UNTAGGED for it in items],
+                                            [it.X.shape[0] for it in items], kernel_us)
+            if one is not None:
+                if one.then is not None:
+                    one.then(sel)
+                return
+            start = 0
+            for it in items:
                 if it.tag is not None and it.tag.then is not None:
-                    it.tag.then(None if sels is None else sels[k])
+                    it.tag.then(None if sel is None else sel._replace(start=start))
+                start += it.X.shape[0]
         except Exception:  # capture must never fail scoring, nor stop a scoring thread
             log.exception("capture failed model=%s version=%d", items[0].handle.name, items[0].handle.version)
 

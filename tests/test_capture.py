@@ -369,35 +369,44 @@ def test_no_capture_server_writes_no_predictions(loop_thread, registry_dir, X, t
 
 
 # ---------------------------------------------------------------------------------------------
-# selection on the scoring thread (select_batch / attach), as the server uses the writer
+# capture of a scored micro-batch on the scoring thread (capture_batch), as the server uses the writer
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_micro_batch_selection_per_request_keeps_each_record_with_its_own_id(store, rng):
+def test_a_micro_batch_is_captured_per_request_each_record_with_its_own_id(store, rng):
     d = 4
     w = CaptureWriter(store, sample_rate=0.2, seed=int(rng.integers(2**31)), interval_s=60).start()
     h = _handle(d)
-    sizes = [5, 40, 1, 23]
+    sizes = [5, 40, 1, 23, 7]
     Xs = [rng.standard_normal((n, d)).astype(np.float32) for n in sizes]
     scores = rng.random(sum(sizes))
     flagged = scores >= 0.8
-    parts = w.select_batch(h, np.concatenate(Xs), scores, 0.8, sizes)  # one call over the micro-batch
-    assert len(parts) == len(sizes)
+    msgs = [([f"b{k}-{i}" for i in range(n)], k) for k, n in enumerate(sizes)]
+    msgs[3] = ((), 3)  # a message without ids: generated ones
+    sel = w.capture_batch(h, "champion", np.concatenate(Xs), scores, 0.8, msgs, sizes, latency_us=2.0)  # one call over the micro-batch
+    assert sel is not None and sel.k >= int(flagged.sum())
     start, sent = 0, {}
-    for k, (n, part) in enumerate(zip(sizes, parts)):
-        ids = [f"b{k}-{i}" for i in range(n)]
+    for k, n in enumerate(sizes):
+        ids = msgs[k][0] or [f"gen:{w.token}:{i}" for i in range(n)]  # the generated ones, less their sequence and request id
         sent.update({ids[i]: (Xs[k][i], scores[start + i], flagged[start + i]) for i in range(n)})
-        if part is not None:
-            assert w.attach(part, h, "champion", ids, request_id=k, latency_us=2.0)
         start += n
     assert w.flush(20)
     w.close()
     p = store.predictions("m")
-    assert {r for r, f in zip(p.record_id, p.flagged) if f} == {r for r, v in sent.items() if v[2]}
-    for i, rid in enumerate(p.record_id):
+    assert len(p) == sel.k == w.captured
+    got = []
+    for rid in p.record_id:
+        if rid.startswith("gen:"):
+            _gen, token, _seq, request_id, i = rid.split(":")
+            assert request_id == "3"
+            rid = f"gen:{token}:{i}"
+        got.append(rid)
+    assert {r for r, f in zip(got, p.flagged) if f} == {r for r, v in sent.items() if v[2]}
+    for i, rid in enumerate(got):
         X, score, flag = sent[rid]
         np.testing.assert_array_equal(p.X[i], X)
         assert p.score[i] == score and p.flagged[i] == flag and p.sampled[i] == (not flag)
+    assert np.all(p.latency_us == 2.0)
 
 
 def test_a_writer_a_whole_ring_behind_counts_the_overwritten_records(store, rng):
