@@ -144,3 +144,16 @@ def test_the_child_generates_ids_for_records_sent_without(tmp_path, rng):
     s.close()
     assert p.record_id == ["gen:tok:1:5:0", "gen:tok:1:5:1", "own0", "own1", "own2", "own3", "gen:tok:2:5:0", "gen:tok:2:5:1"]
     np.testing.assert_array_equal(p.X, np.concatenate([Xs[0], Xs[1], Xs[0]]))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_the_child_runs_only_on_idle_cpu(tmp_path, rng):
+    w = CaptureWriter.in_process(tmp_path / "fb.sqlite", sample_rate=1.0).start()
+    try:
+        w.offer(_handle(2), "champion", ["a", "b"], rng.standard_normal((2, 2)).astype(np.float32), rng.random(2), np.zeros(2, bool))
+        assert w.flush(30) and w.captured == 2
+        child = w._process._proc
+        assert child is not None and child.poll() is None
+        assert os.sched_getscheduler(child.pid) == os.SCHED_IDLE  # the server's threads always come first
+    finally:
+        w.close()
