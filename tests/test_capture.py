@@ -288,6 +288,38 @@ def test_server_captures_flagged_records_with_scores_version_and_features(loop_t
     assert p.flagged.all() and not p.sampled.any() and set(p.version) == {1} and set(p.role) == {"champion"}
 
 
+def test_micro_batched_requests_are_captured_each_record_with_its_own_id(loop_thread, registry_dir, X, model, tmp_path):
+    # one scoring thread and four concurrent streams of small messages: requests queue up behind the
+    # busy thread and are scored together, and the writer must still tell their records apart
+    path = tmp_path / "fb.sqlite"
+    ids = [f"mb{i}" for i in range(len(X))]
+    starts = list(range(0, len(X) - 8, 8))
+    with serving(loop_thread, registry_dir, feedback_store=path, capture_sample=0.0, threads=1) as srv:
+        def stream(part: int) -> None:
+            msgs = [score_request(X[k:k + 8], ids[k:k + 8], request_id=k) for k in starts[part::4]]
+            got = list(srv.stub.ScoreStream(iter(msgs), timeout=30))
+            assert [r.request_id for r in got] == [m.request_id for m in msgs] and not any(r.error for r in got)
+
+        threads = [threading.Thread(target=stream, args=(p,)) for p in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert srv.worker.flush_capture(10)
+        batches = srv.sample("outlierd_batch_size_records_count", {"model": MODEL})
+        records = srv.sample("outlierd_batch_size_records_sum", {"model": MODEL})
+    assert records == 8 * len(starts) and batches < len(starts)  # some kernel calls scored several requests
+    scored = model.score(X[:8 * len(starts)])
+    want = {ids[i] for i in np.flatnonzero(scored >= model.threshold)}
+    s = open_store(path)
+    p = s.predictions(MODEL)
+    s.close()
+    assert len(want) > 10 and sorted(p.record_id) == sorted(want)
+    idx = np.array([int(r[2:]) for r in p.record_id])
+    np.testing.assert_array_equal(p.X, X[idx])
+    np.testing.assert_allclose(p.score, scored[idx], atol=1e-9)
+
+
 def _stuck_store(tmp_path):
     return BlockingStore(open_store(tmp_path / "fb.sqlite"))
 
