@@ -128,10 +128,6 @@ class _Ring:
         self.ctl[2] = 1
         self.capacity = capacity
 
-    @property
-    def head(self) -> int:
-        return int(self.ctl[0])
-
     def intact(self, h0: int) -> bool:
         """Whether the records written from position ``h0`` on are still there (not overwritten)."""
         return int(self.ctl[0]) - h0 <= self.capacity
