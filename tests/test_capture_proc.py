@@ -147,7 +147,7 @@ def test_the_child_generates_ids_for_records_sent_without(tmp_path, rng):
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_the_child_runs_only_on_idle_cpu(tmp_path, rng):
+def test_the_child_runs_only_on_idle_cpu_behind_a_wide_pipe(tmp_path, rng):
     w = CaptureWriter.in_process(tmp_path / "fb.sqlite", sample_rate=1.0).start()
     try:
         w.offer(_handle(2), "champion", ["a", "b"], rng.standard_normal((2, 2)).astype(np.float32), rng.random(2), np.zeros(2, bool))
@@ -155,5 +155,9 @@ def test_the_child_runs_only_on_idle_cpu(tmp_path, rng):
         child = w._process._proc
         assert child is not None and child.poll() is None
         assert os.sched_getscheduler(child.pid) == os.SCHED_IDLE  # the server's threads always come first
+        import fcntl
+
+        cap = int(open("/proc/sys/fs/pipe-max-size").read())
+        assert fcntl.fcntl(child.stdin.fileno(), fcntl.F_GETPIPE_SZ) >= min(capture_proc.PIPE_BYTES, cap)  # a frame fits at once
     finally:
         w.close()
