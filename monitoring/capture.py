@@ -19,8 +19,8 @@ event loop, which needs the GIL for every message, waited behind it: capture cos
 streaming throughput on 256-record messages (benchmarks/test_bench_capture.py). Then selection
 moved to the scoring thread (before the answer, with the event loop attaching ids per message) and
 SQLite to a child process: about 10%. Now the scoring thread makes one 8-argument Numba call and one
-append per batch, after the answer; everything per message happens in the writer thread: about 9%
-on 256-record messages, 2% on 4,096-record ones. Selecting in the writer thread instead (one append
+append per batch, after the answer; everything per message happens in the writer thread: about 8%
+on 256-record messages, 2-5% on 4,096-record ones. Selecting in the writer thread instead (one append
 on the scoring thread) measured worse: its GIL bursts every 100 ms delay the event loop more.
 
 Records sent without ids get a generated id, ``gen:<worker token>:<sequence>:<request_id>:<index>``:
