@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CHUNK = 250_000
 TRAIN_ROWS = 20_000
@@ -67,8 +66,8 @@ def generate(path_big: Path, path_small: Path, rows: int, small_rows: int, d: in
 def train_model(data: Path, registry: Path, d: int) -> Path:
     import pyarrow.parquet as pq
 
-    from core.registry import Registry
-    from training.train import train
+    from outlierd.core.registry import Registry
+    from outlierd.training.train import train
 
     sample = data.parent / "train.parquet"
     pq.write_table(pq.ParquetFile(data).read_row_group(0).slice(0, TRAIN_ROWS).drop_columns(["id"]), sample)
@@ -85,11 +84,10 @@ _LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[2:
 
 def run_cli(args: list[str], work: Path) -> tuple[dict[str, Any], float, float]:
     """``python -m outlierd score ...`` in a subprocess: (JSON summary, peak RSS MiB, wall seconds)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     rss_file = work / "maxrss.txt"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, str(rss_file), sys.executable, "-m", "outlierd", "score",
-                           *args, "--json"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+                           *args, "--json"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"outlierd score {' '.join(args)} failed with exit status {proc.returncode}")
@@ -152,7 +150,7 @@ def main() -> int:
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="outlierd-batch-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        from core import load_model
+        from outlierd.core import load_model
 
         big, small = work / "big.parquet", work / "small.parquet"
         t0 = time.perf_counter()

@@ -452,8 +452,8 @@ def sk_reference(pytestconfig: pytest.Config, sk_forest: Any, bench_data: BenchD
 def iforest_model(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory, sk_forest: Any,
                   bench_data: BenchData, feature_names: list[str]) -> Any:
     """Our artifact of the same forest, exported and loaded (probe-verified)."""
-    from core import load_model
-    from training.export import export_sklearn
+    from outlierd.core import load_model
+    from outlierd.training.export import export_sklearn
 
     with _Step(pytestconfig, "exporting + loading the outlierd iforest artifact"):
         path = export_sklearn(sk_forest, tmp_path_factory.mktemp("iforest") / "model", feature_names,
@@ -511,7 +511,7 @@ class HbosParams:
 
 @pytest.fixture(scope="session")
 def robust_z_params(bench_data: BenchData) -> RobustZParams:
-    from training.detectors import fit_robust_z  # the same fit `outlierd train` uses
+    from outlierd.training.detectors import fit_robust_z  # the same fit `outlierd train` uses
 
     _, a = fit_robust_z(bench_data.X_train.astype(np.float64))
     return RobustZParams(a["rz_median"], a["rz_scale_inv"])
@@ -519,7 +519,7 @@ def robust_z_params(bench_data: BenchData) -> RobustZParams:
 
 @pytest.fixture(scope="session")
 def hbos_params(bench_data: BenchData) -> HbosParams:
-    from training.detectors import fit_hbos
+    from outlierd.training.detectors import fit_hbos
 
     _, a = fit_hbos(bench_data.X_train.astype(np.float64), n_bins=HBOS_BINS, alpha=1.0)
     return HbosParams(a["hb_lo"], a["hb_hi"], a["hb_inv_width"], a["hb_table"])
@@ -527,9 +527,9 @@ def hbos_params(bench_data: BenchData) -> HbosParams:
 
 def _export_and_load(tmp_path_factory: pytest.TempPathFactory, kind: str, detector: dict, arrays: dict,
                      bench_data: BenchData, feature_names: list[str], threshold: float) -> Any:
-    from core import load_model
-    from core.preprocess import Preprocessing
-    from training.export import export_detector
+    from outlierd.core import load_model
+    from outlierd.core.preprocess import Preprocessing
+    from outlierd.training.export import export_detector
 
     prep = Preprocessing.identity(N_FEATURES, median=np.median(bench_data.X_train, axis=0))
     path = export_detector(tmp_path_factory.mktemp(kind) / "model", detector=detector, arrays=arrays, prep=prep,

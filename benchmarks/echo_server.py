@@ -24,7 +24,6 @@ from typing import AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from outlierd.v1 import scoring_pb2 as pb  # noqa: E402
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc  # noqa: E402

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _time(fn, max_s: float = 0.5, max_reps: int = 3) -> float:
@@ -58,9 +57,9 @@ def main() -> int:
 
     from sklearn.ensemble import IsolationForest
 
-    from core import load_model
-    from core.backends import cuda_available
-    from training import export_sklearn
+    from outlierd.core import load_model
+    from outlierd.core.backends import cuda_available
+    from outlierd.training import export_sklearn
 
     print(f"[gpu-suite] device={args.device} cuda_available(onnx)={cuda_available('onnx')} cuda_available(torch)={cuda_available('torch')}", flush=True)
     if args.device == "cuda" and not cuda_available():
@@ -127,7 +126,7 @@ def main() -> int:
     # 4. autoencoder throughput (ONNX Runtime), when the torch extra is there to train one
     autoencoder = None
     try:
-        from training.train import train
+        from outlierd.training.train import train
 
         csv = tmp / "ae.csv"
         np.savetxt(csv, X_train[:5000], delimiter=",", header=",".join(f"x{j}" for j in range(d)), comments="", fmt="%.7g")

@@ -37,12 +37,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from sklearn.metrics import average_precision_score  # noqa: E402
 
-from core import load_model  # noqa: E402
-from training.train import train  # noqa: E402
+from outlierd.core import load_model  # noqa: E402
+from outlierd.training.train import train  # noqa: E402
 
 DATASETS = ROOT.parent / "shared" / "datasets"
 NAMES = ("cardio", "satellite", "mammography", "shuttle")

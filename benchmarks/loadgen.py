@@ -34,10 +34,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from outlierd.v1 import scoring_pb2 as pb  # noqa: E402
-from server.client import request  # noqa: E402
+from outlierd.server.client import request  # noqa: E402
 
 STREAM_METHOD = "/outlierd.v1.Scorer/ScoreStream"
 UNARY_METHOD = "/outlierd.v1.Scorer/Score"

@@ -60,7 +60,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def capture_bench(tmp_path_factory: pytest.TempPathFactory, bench_step) -> CaptureBench:
-    from server.client import ScorerClient
+    from outlierd.server.client import ScorerClient
 
     tmp = tmp_path_factory.mktemp("capture")
     registry, model, X, data = served_model(tmp, bench_step)

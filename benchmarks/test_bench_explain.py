@@ -25,8 +25,8 @@ TOP_K = 3
 
 def _flagging(model: Any, X: np.ndarray) -> Any:
     """``model`` with its threshold at the (1 - ALERT_RATE) quantile of its scores on ``X``."""
-    from core.artifact import ARRAYS, load_npz
-    from core.model import build_model
+    from outlierd.core.artifact import ARRAYS, load_npz
+    from outlierd.core.model import build_model
 
     threshold = float(np.quantile(model.score(X), 1.0 - ALERT_RATE))
     return build_model({**model.manifest, "threshold": threshold}, load_npz(model.path / ARRAYS), path=model.path)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-import core.backends
+import outlierd.core.backends
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not core.backends.cuda_available(), reason="no CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not outlierd.core.backends.cuda_available(), reason="no CUDA device")]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -108,7 +108,6 @@ def free_port() -> int:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OUTLIERD_LOG_LEVEL", "WARNING")
     return env
 
@@ -265,9 +264,9 @@ def served_model(tmp: Path, bench_step) -> tuple[Path, Any, np.ndarray, Path]:
     """The served model (an iforest trained by ``training.train.train`` on generated rows, published
     as ``champion`` in ``tmp/registry``) and the load rows (also saved to ``tmp/load.npy``):
     ``(registry, loaded model, X, load.npy path)``."""
-    from core import load_model
-    from core.registry import Registry
-    from training.train import train
+    from outlierd.core import load_model
+    from outlierd.core.registry import Registry
+    from outlierd.training.train import train
 
     rng = np.random.default_rng(SEED)
     with bench_step(f"training the served model: iforest on {TRAIN_ROWS:,} x {N_FEATURES} generated rows"):
@@ -322,7 +321,7 @@ def check_answers(b: ServerBench) -> None:
     """Same rows, encodings and RPCs as the load: outlierd's scores == the model's (atol 1e-6), flags
     == score >= threshold away from the threshold, version and request_id echoed; the floor's
     answers have the same shape."""
-    from server.client import ScorerClient
+    from outlierd.server.client import ScorerClient
 
     thr = b.model.threshold
     with ScorerClient(b.ours.target) as ours, ScorerClient(b.floor.target) as floor:

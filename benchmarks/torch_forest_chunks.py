@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
@@ -24,10 +23,10 @@ def main() -> int:
     import torch
     from sklearn.ensemble import IsolationForest
 
-    from core import load_model
-    from core.forest_torch import TorchForest
-    from core.iforest import Forest
-    from training import export_sklearn
+    from outlierd.core import load_model
+    from outlierd.core.forest_torch import TorchForest
+    from outlierd.core.iforest import Forest
+    from outlierd.training import export_sklearn
 
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)

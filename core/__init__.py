@@ -1,17 +1,34 @@
 """outlierd's scoring core: Numba kernels, the model artifact and the registry.
 
-``load_model(path)`` is the public entry point; scores are float64, higher = more anomalous.
+``load_model(path)`` is the public entry point (also ``outlierd.load_model``); scores are float64,
+higher = more anomalous. This package imports nothing else of the project.
 """
 
-from .errors import ArtifactError, InvalidInputError, ModelNotFoundError, OutlierdError, RegistryError
+from .errors import (
+    ArtifactError,
+    DataError,
+    DeviceError,
+    InvalidInputError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    OutlierdError,
+    RegistryError,
+    StoreError,
+    UnavailableError,
+)
 from .model import Model, load_model
 
 __all__ = [
     "ArtifactError",
+    "DataError",
+    "DeviceError",
     "InvalidInputError",
+    "MissingDependencyError",
     "Model",
     "ModelNotFoundError",
     "OutlierdError",
     "RegistryError",
+    "StoreError",
+    "UnavailableError",
     "load_model",
 ]

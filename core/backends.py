@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numba as nb
 import numpy as np
 
-from .errors import InvalidInputError, OutlierdError
+from .errors import DeviceError, InvalidInputError  # DeviceError was defined here once: still importable
 from .explain import empty_outputs
 from .preprocess import Preprocessing, prep_into_parallel, prep_into_serial
 
@@ -26,12 +26,6 @@ SERIAL_MAX_ROWS = 1024
 # entered by two Python threads at once. One lock per process serialises the parallel kernels,
 # which use every core anyway, so the choice of layer never matters for correctness.
 _PARALLEL_LOCK = threading.Lock()
-
-
-class DeviceError(OutlierdError):
-    """The requested device cannot be used (e.g. ``--device cuda`` without a usable GPU)."""
-
-    code = "FAILED_PRECONDITION"
 
 
 def _reject_message(row: int) -> str:

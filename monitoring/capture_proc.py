@@ -172,11 +172,9 @@ class ProcessStore:
         if proc is not None:
             self._child_lost(proc)
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child keeps no metrics; the parent counts its answers
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "monitoring.capture_proc", str(self.path)], stdin=subprocess.PIPE,
+            proc = subprocess.Popen([sys.executable, "-m", "outlierd.monitoring.capture_proc", str(self.path)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, env=env, bufsize=1 << 20)
         except OSError as e:
             self._failed_at = time.monotonic()

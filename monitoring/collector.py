@@ -13,8 +13,8 @@ from typing import Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 
-from core.artifact import REFERENCE, load_json, read_manifest
-from core.registry import Registry
+from outlierd.core.artifact import REFERENCE, load_json, read_manifest
+from outlierd.core.registry import Registry
 
 from .drift import DriftConfig, Reference, evaluate
 from .stream import merge_dir, shared_tags

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import ArtifactError
-from core.registry import Registry
-from training.data import DataError, load_dataset
+from outlierd.core.errors import ArtifactError
+from outlierd.core.registry import Registry
+from outlierd.training.data import DataError, load_dataset
 
 from .drift import QUALITY_REASONS, DriftConfig, DriftResult, Reference, Window, evaluate, observe, reference_for
 

@@ -49,7 +49,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.registry import Registry, validate_name
+from outlierd.core.registry import Registry, validate_name
 
 CHALLENGER = "challenger"
 AUDIT_ACTION = "retrain_trigger"

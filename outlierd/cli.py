@@ -53,10 +53,10 @@ def _add_train(sub: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from training.train import train
+    from outlierd.training.train import train
 
     if args.mlflow_uri:  # fail before training when the extra is missing
-        from training.tracking import require_mlflow
+        from outlierd.training.tracking import require_mlflow
         require_mlflow()
     if args.detector is None:  # --select implies auto; an explicit --detector X with --select is refused by train
         args.detector = "auto" if args.select else "iforest"
@@ -126,7 +126,7 @@ def _add_score(sub: Any) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from training.scoring import score_file
+    from outlierd.training.scoring import score_file
 
     if args.explain_flagged_only and not args.explain:
         raise ValueError("--explain-flagged-only needs --explain")
@@ -208,9 +208,9 @@ def _add_serve(sub: Any) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from server.auth import read_token
-    from server.settings import ServeSettings
-    from server.workers import serve
+    from outlierd.server.auth import read_token
+    from outlierd.server.settings import ServeSettings
+    from outlierd.server.workers import serve
 
     names = ("registry", "model", "alias", "host", "port", "metrics_port", "workers", "threads", "max_batch", "max_delay_us",
              "max_queue_records", "max_request_records", "grace_s", "tls_cert", "tls_key", "tls_client_ca",
@@ -226,7 +226,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: Any) -> None:
-    from server import demo
+    from outlierd.server import demo
 
     p = sub.add_parser("demo", help="train, serve, stream payments with injected anomalies, hot-swap the model",
                        description="End to end on 127.0.0.1: train an Isolation Forest on synthetic card payments and "
@@ -254,7 +254,7 @@ def _add_demo(sub: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from server.demo import run_demo
+    from outlierd.server.demo import run_demo
 
     summary = run_demo(args.registry, records=args.records, seconds=args.seconds, port=args.port, batch=args.batch,
                        train_records=args.train_records, anomaly_rate=args.anomaly_rate, alert_rate=args.alert_rate,
@@ -283,7 +283,7 @@ def _add_drift(sub: Any) -> None:
 
 
 def _run_drift(args: argparse.Namespace) -> int:
-    from monitoring.report import drift_report
+    from outlierd.monitoring.report import drift_report
 
     rep = drift_report(args.registry, args.model, args.data, args.out, ref=args.ref, json_out=args.json,
                        top_records=args.top_records)
@@ -338,8 +338,8 @@ def _add_retrain_policy(sub: Any) -> None:
 
 
 def _run_retrain_policy(args: argparse.Namespace) -> int:
-    from monitoring.trigger import CHALLENGER, RetrainPolicy
-    from training.train import train
+    from outlierd.monitoring.trigger import CHALLENGER, RetrainPolicy
+    from outlierd.training.train import train
 
     policy = RetrainPolicy(args.registry, args.model, args.data, train=train,
                            train_kwargs={"detector": args.detector, "label_column": args.label_column,
@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from core.errors import OutlierdError
+    from outlierd.core.errors import OutlierdError
 
     try:
         return int(args.func(args) or 0)

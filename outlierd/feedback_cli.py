@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from core.errors import OutlierdError
-from core.registry import Registry
-from monitoring.store import LabelRow, default_store_path, open_store
+from outlierd.core.errors import OutlierdError
+from outlierd.core.registry import Registry
+from outlierd.monitoring.store import LabelRow, default_store_path, open_store
 
 EXIT_ERROR = 2
 COLUMNS = ("record_id", "label", "reviewer", "note")
@@ -177,7 +177,7 @@ def _fmt(v: float | None) -> str:
 
 
 def _stats(args: argparse.Namespace, path: Path) -> int:
-    from monitoring.quality import from_store
+    from outlierd.monitoring.quality import from_store
 
     store = _open_existing(path)
     try:
@@ -207,7 +207,7 @@ def _stats(args: argparse.Namespace, path: Path) -> int:
 def _anomaly_features(args: argparse.Namespace, store: Any) -> dict[str, Any]:
     """Top-1 features (the champion's ``model.explain``) of the captured records labelled anomaly;
     ``note`` says why there are none. Never fails the command: the other statistics stand alone."""
-    from monitoring.quality import anomaly_features
+    from outlierd.monitoring.quality import anomaly_features
 
     out: dict[str, Any] = {"version": None, "records": 0, "features": [], "note": None}
     try:

@@ -26,8 +26,8 @@ import json
 import sys
 from typing import Any
 
-from core.errors import OutlierdError
-from core.registry import Registry
+from outlierd.core.errors import OutlierdError
+from outlierd.core.registry import Registry
 
 EXIT_ERROR = 2
 EXIT_NOT_MIRRORED = 1
@@ -75,7 +75,7 @@ def add_parser(subparsers: Any) -> None:
 
 def add_mlflow_args(p: argparse.ArgumentParser, *, what: str, required: bool = False) -> None:
     """Add ``--mlflow-uri`` and ``--mlflow-experiment`` (used by ``train`` and ``registry``)."""
-    from training.tracking import DEFAULT_EXPERIMENT
+    from outlierd.training.tracking import DEFAULT_EXPERIMENT
 
     p.add_argument("--mlflow-uri", required=required, metavar="URI",
                    help=f"{what} (needs the mlflow extra; the server is retried per MLFLOW_HTTP_REQUEST_MAX_RETRIES)")
@@ -164,7 +164,7 @@ def _show(registry: Registry, args: argparse.Namespace) -> int:
 
 def _alias(registry: Registry, args: argparse.Namespace) -> int:
     if getattr(args, "mlflow_uri", None):
-        from training.tracking import require_mlflow
+        from outlierd.training.tracking import require_mlflow
 
         require_mlflow()  # before the move: a missing extra is bad input, nothing done
     try:
@@ -176,7 +176,7 @@ def _alias(registry: Registry, args: argparse.Namespace) -> int:
     print(f"{args.model}: {args.alias} -> {version}{was}")
     if not getattr(args, "mlflow_uri", None):
         return 0
-    from training.tracking import MirrorError, mirror_alias
+    from outlierd.training.tracking import MirrorError, mirror_alias
 
     try:
         mv = mirror_alias(args.mlflow_uri, registry, args.model, args.alias, experiment=args.mlflow_experiment)
@@ -190,7 +190,7 @@ def _alias(registry: Registry, args: argparse.Namespace) -> int:
 
 def not_mirrored(done: str, error: BaseException, registry: str, model: str, uri: str, experiment: str | None) -> int:
     """Say that ``done`` stands in the registry but MLflow was not updated, and how to retry; returns 1."""
-    from training.tracking import retry_hint
+    from outlierd.training.tracking import retry_hint
 
     print(f"outlierd: error: {done} but not mirrored to MLflow ({_message(error)}); "
           f"retry with: {retry_hint(registry, model, uri, experiment)}", file=sys.stderr)
@@ -198,7 +198,7 @@ def not_mirrored(done: str, error: BaseException, registry: str, model: str, uri
 
 
 def _mirror(registry: Registry, args: argparse.Namespace) -> int:
-    from training.tracking import MirrorError, mirror_model, require_mlflow
+    from outlierd.training.tracking import MirrorError, mirror_model, require_mlflow
 
     require_mlflow()
     registry.versions(args.model)  # an unknown model is bad input (exit 2), not an MLflow failure
@@ -237,7 +237,7 @@ def train_to_mlflow(args: argparse.Namespace, result: Any, progress: Any = None)
     uri = getattr(args, "mlflow_uri", None)
     if not uri:
         return None, 0
-    from training.tracking import MirrorError, log_version_run, mirror_alias, mirror_version
+    from outlierd.training.tracking import MirrorError, log_version_run, mirror_alias, mirror_version
 
     info: dict[str, Any] = {"uri": uri, "experiment": args.mlflow_experiment, "run_id": None, "model_version": None}
     say = progress or (lambda _msg: None)

@@ -43,7 +43,7 @@ def _gate_value(text: str) -> float | str:
 
 def add_parser(subparsers: Any) -> None:
     """Add ``threshold``, ``compare``, ``promote`` and ``rollback`` to an argparse subparsers object."""
-    from training.rollout import DEFAULT_GATES
+    from outlierd.training.rollout import DEFAULT_GATES
 
     def common(p: argparse.ArgumentParser, store: bool = True) -> None:
         # as in the issue's forms (`outlierd promote --model NAME`), the registry may come from the
@@ -117,7 +117,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _open_store(args: argparse.Namespace):
-    from monitoring.store import default_store_path, open_store
+    from outlierd.monitoring.store import default_store_path, open_store
 
     path = Path(args.feedback_store) if args.feedback_store else default_store_path(args.registry)
     if not path.exists():
@@ -126,7 +126,7 @@ def _open_store(args: argparse.Namespace):
 
 
 def _registry(args: argparse.Namespace):
-    from core.registry import Registry
+    from outlierd.core.registry import Registry
 
     if not Path(args.registry).is_dir():
         raise ValueError(f"registry {args.registry} does not exist")
@@ -138,7 +138,7 @@ def _ref(args: argparse.Namespace) -> str:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from training.calibrate import calibrate, publish
+    from outlierd.training.calibrate import calibrate, publish
 
     reg = _registry(args)
     path, store = _open_store(args)
@@ -206,7 +206,7 @@ def _print_comparison(c) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from training.rollout import compare
+    from outlierd.training.rollout import compare
 
     reg = _registry(args)
     _, store = _open_store(args)
@@ -222,7 +222,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_promote(args: argparse.Namespace) -> int:
-    from training.rollout import DEFAULT_GATES, Gates, promote
+    from outlierd.training.rollout import DEFAULT_GATES, Gates, promote
 
     gates = Gates.from_json(args.gates) if args.gates else DEFAULT_GATES
     flags = {k: (None if getattr(args, k) == OFF else getattr(args, k)) for k in GATE_FLAGS if getattr(args, k) is not None}
@@ -252,7 +252,7 @@ def _run_promote(args: argparse.Namespace) -> int:
 
 
 def _run_rollback(args: argparse.Namespace) -> int:
-    from training.rollout import rollback
+    from outlierd.training.rollout import rollback
 
     reg = _registry(args)
     old, new = rollback(reg, args.model)

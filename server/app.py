@@ -19,12 +19,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from core.registry import Registry
-from monitoring.capture import CaptureWriter
-from monitoring.drift import reference_for
-from monitoring.metrics import ServiceMetrics
-from monitoring.store import StoreOpener, default_store_path, open_store
-from monitoring.stream import ServingMonitor
+from outlierd.core.registry import Registry
+from outlierd.monitoring.capture import CaptureWriter
+from outlierd.monitoring.drift import reference_for
+from outlierd.monitoring.metrics import ServiceMetrics
+from outlierd.monitoring.store import StoreOpener, default_store_path, open_store
+from outlierd.monitoring.stream import ServingMonitor
 from outlierd.v1 import scoring_pb2, scoring_pb2_grpc
 
 from .auth import TokenAuthInterceptor

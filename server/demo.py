@@ -36,7 +36,7 @@ from typing import Iterator, TextIO
 
 import numpy as np
 
-from core.errors import OutlierdError
+from outlierd.core.errors import OutlierdError
 
 from .settings import ServeSettings
 
@@ -211,10 +211,8 @@ class ServerProcess:
                 "--grace-s", str(GRACE_S)]
 
     def start(self) -> None:
-        root = str(Path(__file__).resolve().parents[1])
         # The demo is self-contained: OUTLIERD_* settings of this shell (TLS, tokens...) do not apply.
         env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLIERD_") or k == "OUTLIERD_LOG_LEVEL"}
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=env, text=True, bufsize=1)
@@ -397,8 +395,8 @@ class _Retrainer(threading.Thread):
 
     def run(self) -> None:
         try:
-            from core.registry import Registry
-            from training.train import train
+            from outlierd.core.registry import Registry
+            from outlierd.training.train import train
 
             t = time.perf_counter()
             self.say(f"  retrain | t={t - self.t0:5.1f}s  training the next version on {self.rows:,} newer records "
@@ -485,7 +483,7 @@ def run_demo(
     server: ServerProcess | None = None
     try:
         try:
-            from training.train import train
+            from outlierd.training.train import train
 
             # 1. train and publish the first champion
             say(f"outlierd demo: card payments, {len(FEATURES)} features; registry {root}{' (temporary)' if temporary else ''}")

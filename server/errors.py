@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from core.errors import OutlierdError
+from outlierd.core.errors import OutlierdError
 
 
 class RequestError(OutlierdError):

@@ -21,8 +21,8 @@ from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
-from monitoring.quality import from_store
-from monitoring.store import LabelRow, StoreOpener
+from outlierd.monitoring.quality import from_store
+from outlierd.monitoring.store import LabelRow, StoreOpener
 from outlierd.v1 import scoring_pb2 as pb
 
 from .errors import RequestError, message, status_code

@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from core.backends import SERIAL_MAX_ROWS, resolve_device
-from core.model import Model, load_model
-from core.registry import Registry
+from outlierd.core.backends import SERIAL_MAX_ROWS, resolve_device
+from outlierd.core.model import Model, load_model
+from outlierd.core.registry import Registry
 
 log = logging.getLogger("outlierd.reload")
 

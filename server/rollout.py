@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from core.errors import ModelNotFoundError
+from outlierd.core.errors import ModelNotFoundError
 
 from .batcher import PARALLEL_MIN_ROWS
 from .reload import ModelHandle, ModelSlot, load_handle

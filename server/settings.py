@@ -138,6 +138,6 @@ class ServeSettings:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
 
     def drift_config(self):
-        from monitoring.drift import DriftConfig
+        from outlierd.monitoring.drift import DriftConfig
 
         return DriftConfig(psi_warn=self.drift_psi_warn, psi_drift=self.drift_psi_drift, min_records=self.drift_min_records)

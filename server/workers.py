@@ -43,7 +43,7 @@ def configure_logging(level: str | None = None) -> None:
 
 def _worker_main(settings: ServeSettings, index: int) -> None:
     configure_logging()
-    from monitoring.metrics import ServiceMetrics
+    from outlierd.monitoring.metrics import ServiceMetrics
 
     from .app import run_worker
 
@@ -66,7 +66,7 @@ def serve(settings: ServeSettings) -> int:
     """Run the service until SIGTERM / SIGINT; returns the exit code."""
     configure_logging()
     if settings.workers == 1:
-        from monitoring.metrics import ServiceMetrics, start_metrics_server
+        from outlierd.monitoring.metrics import ServiceMetrics, start_metrics_server
 
         if settings.metrics_port:
             start_metrics_server(settings.metrics_port, settings.host)
@@ -78,7 +78,7 @@ def serve(settings: ServeSettings) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mpdir  # before any worker imports prometheus_client
     from prometheus_client import multiprocess
 
-    from monitoring.metrics import start_metrics_server
+    from outlierd.monitoring.metrics import start_metrics_server
 
     _check_port_free(settings.host, settings.port)
     ctx = multiprocessing.get_context("spawn")
@@ -105,7 +105,7 @@ def serve(settings: ServeSettings) -> int:
         if settings.metrics_port:
             extra = ()
             if settings.drift:
-                from monitoring.collector import DriftCollector
+                from outlierd.monitoring.collector import DriftCollector
 
                 extra = (DriftCollector(Path(mpdir) / "drift", settings.registry, settings.model, settings.drift_window_panes,
                                         settings.drift_config()),)

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DATASETS = (ROOT.parent / "shared" / "datasets")
 if not DATASETS.is_dir():

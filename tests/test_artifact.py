@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from sklearn.ensemble import IsolationForest
 
-from core import ArtifactError, load_model
-from core.artifact import FORMAT_VERSION, manifest_digest, rewrite_manifest, sha256_file
-from training import export_sklearn
+from outlierd.core import ArtifactError, load_model
+from outlierd.core.artifact import FORMAT_VERSION, manifest_digest, rewrite_manifest, sha256_file
+from outlierd.training import export_sklearn
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ from conftest import dataset_path
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from core import load_model  # noqa: E402
-from core.artifact import ARRAYS, MANIFEST, PROBE, REFERENCE  # noqa: E402
-from core.autoencoder import MODEL_FILE  # noqa: E402
-from core.errors import ArtifactError  # noqa: E402
+from outlierd.core import load_model  # noqa: E402
+from outlierd.core.artifact import ARRAYS, MANIFEST, PROBE, REFERENCE  # noqa: E402
+from outlierd.core.autoencoder import MODEL_FILE  # noqa: E402
+from outlierd.core.errors import ArtifactError  # noqa: E402
 from outlierd.cli import main  # noqa: E402
-from training.autoencoder import (  # noqa: E402
+from outlierd.training.autoencoder import (  # noqa: E402
     PROBE_TOLERANCE,
     TORCH_EXTRA,
     TorchMissingError,

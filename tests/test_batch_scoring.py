@@ -12,12 +12,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from core import load_model
-from core.registry import Registry
+from outlierd.core import load_model
+from outlierd.core.registry import Registry
 from outlierd.cli import main
-from training.batch import RowProgress
-from training.evaluate import evaluate
-from training.scoring import score_file
+from outlierd.training.batch import RowProgress
+from outlierd.training.evaluate import evaluate
+from outlierd.training.scoring import score_file
 
 N_FEATURES = 6
 FEATURES = [f"f{j}" for j in range(N_FEATURES)]

@@ -13,12 +13,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from test_feedback import MODEL, LoopThread, cardio_X, make_registry, score_request, serving
 
-from core import load_model
-from core.registry import Registry
-from monitoring import capture as capture_mod
-from monitoring.capture import CaptureWriter, StoreOpener
-from monitoring.metrics import ServiceMetrics
-from monitoring.store import open_store
+from outlierd.core import load_model
+from outlierd.core.registry import Registry
+from outlierd.monitoring import capture as capture_mod
+from outlierd.monitoring.capture import CaptureWriter, StoreOpener
+from outlierd.monitoring.metrics import ServiceMetrics
+from outlierd.monitoring.store import open_store
 from outlierd.v1 import scoring_pb2 as pb
 
 
@@ -370,7 +370,7 @@ def test_scoring_goes_on_when_the_store_cannot_keep_up(loop_thread, registry_dir
 
 def test_capture_settings_from_flags_and_environment(monkeypatch, tmp_path):
     from outlierd.cli import build_parser
-    from server.settings import ServeSettings
+    from outlierd.server.settings import ServeSettings
 
     args = build_parser().parse_args(["serve", "--registry", str(tmp_path), "--model", "m", "--no-capture", "--capture-sample", "0.2",
                                       "--feedback-store", str(tmp_path / "x.sqlite")])

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitoring import capture_proc
-from monitoring.capture import CaptureWriter
-from monitoring.metrics import ServiceMetrics
-from monitoring.store import open_store
+from outlierd.monitoring import capture_proc
+from outlierd.monitoring.capture import CaptureWriter
+from outlierd.monitoring.metrics import ServiceMetrics
+from outlierd.monitoring.store import open_store
 
 
 def _handle(d: int, name: str = "m", version: int = 3):

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from core.registry import Registry
-from server import demo
+from outlierd.core.registry import Registry
+from outlierd.server import demo
 
 
 def test_generate_payments_injects_known_anomalies():

@@ -28,7 +28,7 @@ from conftest import ROOT, LoopThread
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it comes with the dev extra's kubernetes-validate)")
 
-from server.settings import ServeSettings
+from outlierd.server.settings import ServeSettings
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -160,14 +160,15 @@ def test_dockerfile_is_multi_stage_non_root_and_serves():
 
 
 def test_dockerfile_copies_every_package_the_wheel_needs():
-    # pyproject's package include patterns (core*, training*, ...) must all reach the builder stage
-    text = (ROOT / "pyproject.toml").read_text()
-    include = re.search(r'include\s*=\s*\[([^\]]*)\]', text.split("[tool.setuptools.packages.find]")[1]).group(1)
-    patterns = [p.strip().strip('"').rstrip("*") for p in include.split(",") if p.strip()]
+    # every source directory pyproject maps into the outlierd package (core/, training/, ...) must
+    # reach the builder stage
+    import tomllib
+
+    setuptools_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = sorted(set(setuptools_cfg["package-dir"].values()))
+    assert {"outlierd", "core", "server", "training", "monitoring"} <= set(packages)
     builder = _stages(DOCKERFILE.read_text())[0]
     copied = {shlex.split(c)[0].rstrip("/") for c in _get(builder, "COPY")}
-    packages = [d.name for d in ROOT.iterdir() if (d / "__init__.py").is_file() and d.name.startswith(tuple(patterns))]
-    assert packages
     for d in packages:
         assert d in copied, f"package directory {d}/ is not copied into the builder stage"
     for src in copied:
@@ -419,8 +420,8 @@ def test_health_cli_against_a_real_server(tmp_path, rng, capsys):
     import numpy as np
 
     from outlierd import health_cli
-    from server.app import start_worker
-    from training.train import train
+    from outlierd.server.app import start_worker
+    from outlierd.training.train import train
 
     data = tmp_path / "d.csv"
     X = rng.normal(size=(300, 4))

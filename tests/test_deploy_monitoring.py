@@ -303,11 +303,10 @@ def wait_until(what, check, timeout: float, logs: list[Path], interval: float = 
 
 def server_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLIERD_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["TMPDIR"] = str(tmp)
     # Small count-based tumbling drift windows, through the documented OUTLIERD_<FLAG> variables
     # (the same as --drift-pane-records / --drift-window-panes) where this version has the settings.
-    from server.settings import ServeSettings
+    from outlierd.server.settings import ServeSettings
 
     have = {f.name for f in fields(ServeSettings)}
     for name, value in (("drift_pane_records", PANE_RECORDS), ("drift_window_panes", 1)):
@@ -331,8 +330,8 @@ def test_end_to_end_drift_shows_in_prometheus(tmp_path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     import grpc
 
-    from server.client import ScorerClient
-    from training.train import train
+    from outlierd.server.client import ScorerClient
+    from outlierd.training.train import train
 
     t_start = time.monotonic()
     cardio = dataset_path("cardio")

@@ -6,11 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-import core.backends
-from core import load_model
-from core.preprocess import Preprocessing
-from training.detectors import fit_hbos, fit_robust_z
-from training.export import export_detector
+import outlierd.core.backends
+from outlierd.core import load_model
+from outlierd.core.preprocess import Preprocessing
+from outlierd.training.detectors import fit_hbos, fit_robust_z
+from outlierd.training.export import export_detector
 
 import naive
 

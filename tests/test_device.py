@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from conftest import ROOT, dataset_path
 
-import core.backends
-from core import load_model
-from core.backends import DeviceError, resolve_device
+import outlierd.core.backends
+from outlierd.core import load_model
+from outlierd.core.backends import DeviceError, resolve_device
 from outlierd.cli import main
 
-pytestmark = pytest.mark.skipif(core.backends.cuda_available(), reason="these check the no-GPU behaviour")
+pytestmark = pytest.mark.skipif(outlierd.core.backends.cuda_available(), reason="these check the no-GPU behaviour")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_score_cli_reports_device(registry, capsys):
 def test_serve_device_cuda_fails_at_start(registry):
     res = subprocess.run([sys.executable, "-m", "outlierd", "serve", "--registry", str(registry), "--model", "m",
                           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", "cuda"],
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr
     assert "outlierd: error:" in res.stderr and "no usable CUDA device" in res.stderr and "Traceback" not in res.stderr
 
@@ -61,9 +61,9 @@ def test_server_auto_scores_on_cpu_and_says_so(registry):
     import asyncio
     import threading
 
-    from server.app import start_worker
-    from server.client import ScorerClient
-    from server.settings import ServeSettings
+    from outlierd.server.app import start_worker
+    from outlierd.server.client import ScorerClient
+    from outlierd.server.settings import ServeSettings
 
     loop = asyncio.new_event_loop()
     t = threading.Thread(target=loop.run_forever, daemon=True)
@@ -73,7 +73,7 @@ def test_server_auto_scores_on_cpu_and_says_so(registry):
     try:
         X = np.loadtxt(dataset_path("cardio"), delimiter=",", skiprows=1)[:300, :-1]
         with ScorerClient(f"127.0.0.1:{worker.port}") as c:
-            resp = c.stub.Score(__import__("server.client", fromlist=["request"]).request(X), timeout=30)
+            resp = c.stub.Score(__import__("outlierd.server.client", fromlist=["request"]).request(X), timeout=30)
         assert resp.device == "cpu" and len(resp.scores) == 300
     finally:
         asyncio.run_coroutine_threadsafe(worker.stop(1), loop).result(30)

@@ -6,10 +6,10 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.ensemble import IsolationForest
 
-from core import load_model
-from monitoring.drift import DriftConfig, Reference, Window, evaluate, observe, psi, reference_for, wasserstein_binned
-from monitoring.stream import StreamMonitor, merge_dir
-from training import export_sklearn
+from outlierd.core import load_model
+from outlierd.monitoring.drift import DriftConfig, Reference, Window, evaluate, observe, psi, reference_for, wasserstein_binned
+from outlierd.monitoring.stream import StreamMonitor, merge_dir
+from outlierd.training import export_sklearn
 
 D = 5
 WINDOW = 10_000
@@ -201,7 +201,7 @@ def test_empty_reference_is_refused():
 def test_serving_monitor_threads_count_every_record_once(model, rng):
     import threading
 
-    from monitoring.stream import ServingMonitor
+    from outlierd.monitoring.stream import ServingMonitor
 
     ref = reference_for(model)
     mon = ServingMonitor("m", ref, None, pane_seconds=3600.0, window_panes=1)

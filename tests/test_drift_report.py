@@ -9,9 +9,9 @@ import pyarrow.csv as pacsv
 import pytest
 from conftest import dataset_path
 
-from core.registry import Registry
+from outlierd.core.registry import Registry
 from outlierd.cli import main
-from training.train import train
+from outlierd.training.train import train
 
 ODD = '<b>x0&"</b>'          # a feature name that must be escaped everywhere in the page
 SHIFTED = (ODD, "x7")        # +2 std
@@ -136,7 +136,7 @@ def test_bad_inputs_are_one_line_errors(setup, capsys, tmp_path):
 def test_model_without_reference_profile(setup, capsys, tmp_path):
     from sklearn.ensemble import IsolationForest
 
-    from training.export import export_sklearn
+    from outlierd.training.export import export_sklearn
 
     _, reg, data, _ = setup
     cols = _columns(data)
@@ -154,7 +154,7 @@ def test_reject_policy_model_reports_unscored_records(setup, capsys, tmp_path):
     """A model that refuses NaN still gets its feature histograms; those records are not scored."""
     from sklearn.ensemble import IsolationForest
 
-    from training.export import export_sklearn
+    from outlierd.training.export import export_sklearn
 
     _, reg, data, _ = setup
     cols = _columns(data)
@@ -196,7 +196,7 @@ def test_column_gone_missing(setup, capsys, tmp_path):
 
 def _expected(reg, path):
     """Scores of every row of ``path`` by the champion, independently of the report."""
-    from training.data import load_dataset
+    from outlierd.training.data import load_dataset
 
     m = Registry(reg).load("cardio", "champion")
     X = load_dataset(path, feature_names=m.feature_names, require_rows=0).X

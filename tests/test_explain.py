@@ -9,13 +9,13 @@ import pytest
 from sklearn.ensemble import IsolationForest
 from sklearn.neighbors import NearestNeighbors
 
-import core.backends
-from core.errors import InvalidInputError
-from core.iforest import average_path_length
-from core.model import build_model
-from core.preprocess import Preprocessing
-from training.detectors import fit_hbos, fit_knn, fit_lof, fit_robust_z
-from training.export import forest_from_sklearn
+import outlierd.core.backends
+from outlierd.core.errors import InvalidInputError
+from outlierd.core.iforest import average_path_length
+from outlierd.core.model import build_model
+from outlierd.core.preprocess import Preprocessing
+from outlierd.training.detectors import fit_hbos, fit_knn, fit_lof, fit_robust_z
+from outlierd.training.export import forest_from_sklearn
 
 import naive
 
@@ -357,7 +357,7 @@ def test_array_backends_explain_like_numba(rng, kind, backend):
 def autoencoder(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from training.autoencoder import fit_autoencoder, standardizing_prep
+    from outlierd.training.autoencoder import fit_autoencoder, standardizing_prep
 
     # fitting takes seconds: one seeded model for the module; the records scored are fresh per test
     rng = np.random.default_rng(7)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from test_server import LoopThread, serving
 
-from core import load_model
-from core.registry import Registry
+from outlierd.core import load_model
+from outlierd.core.registry import Registry
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
-from server.client import request
+from outlierd.server.client import request
 
 D = 8
 PLANTED = (2, 5)
@@ -27,7 +27,7 @@ def registry_dir(tmp_path_factory) -> Path:
     """One iforest on 8 features, threshold at the training scores' 90th percentile."""
     from sklearn.ensemble import IsolationForest
 
-    from training.export import export_sklearn
+    from outlierd.training.export import export_sklearn
 
     rng = np.random.default_rng(11)  # the model is fixed; the records scored are fresh per test
     X = rng.normal(size=(2000, D))

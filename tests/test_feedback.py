@@ -24,14 +24,14 @@ from conftest import ROOT, dataset_path, LoopThread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from monitoring import quality
-from monitoring.metrics import ServiceMetrics
-from monitoring.store import LABELS, LabelRow, Predictions, open_store
+from outlierd.monitoring import quality
+from outlierd.monitoring.metrics import ServiceMetrics
+from outlierd.monitoring.store import LABELS, LabelRow, Predictions, open_store
 from outlierd.cli import main as cli_main
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
-from server.app import start_worker
-from server.settings import ServeSettings
+from outlierd.server.app import start_worker
+from outlierd.server.settings import ServeSettings
 
 MODEL = "cardio"
 D = 21
@@ -42,7 +42,7 @@ D = 21
 
 
 def make_registry(root: Path) -> Path:
-    from training.train import train
+    from outlierd.training.train import train
 
     reg = root / "reg"
     train(dataset_path("cardio"), reg, MODEL, alias="champion", label_column="label", alert_rate=0.05, quiet=True)
@@ -503,7 +503,6 @@ def test_cli_stats_json_matches_quality(registry_dir, tmp_path, rng, capsys):
 
 def _env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLIERD_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["OUTLIERD_LOG_LEVEL"] = "WARNING"
     return env
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import dataset_path
 
-from core.registry import Registry
-from monitoring.quality import anomaly_features
-from monitoring.store import LABELS, LabelRow, open_store
+from outlierd.core.registry import Registry
+from outlierd.monitoring.quality import anomaly_features
+from outlierd.monitoring.store import LABELS, LabelRow, open_store
 from outlierd.cli import main
 
 MODEL = "cardio"
@@ -20,7 +20,7 @@ MODEL = "cardio"
 
 @pytest.fixture(scope="module")
 def registry_dir(tmp_path_factory):
-    from training.train import train
+    from outlierd.training.train import train
 
     reg = tmp_path_factory.mktemp("fbx") / "reg"
     data = dataset_path("cardio")

@@ -7,11 +7,11 @@ import pytest
 from conftest import load_csv
 from sklearn.ensemble import IsolationForest
 
-import core.backends
-from core import load_model
-from core.backends import DeviceError
-from core.iforest import Forest
-from training import export_sklearn
+import outlierd.core.backends
+from outlierd.core import load_model
+from outlierd.core.backends import DeviceError
+from outlierd.core.iforest import Forest
+from outlierd.training import export_sklearn
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -59,7 +59,7 @@ def test_scores_equal_numba(tmp_path, rng, backend, n_train, d, params):
     ref = load_model(path)
     model = load_model(path, backend=_backend(backend))
     # the default device is auto: the GPU where this backend can use one, else the CPU
-    auto = "cuda" if core.backends.cuda_available(backend) else "cpu"
+    auto = "cuda" if outlierd.core.backends.cuda_available(backend) else "cpu"
     assert model.backend == backend and model.device == auto
     assert load_model(path, backend=backend, device="cpu").device == "cpu"
     for n in (0, 1, 2, 63, 1500):
@@ -88,7 +88,7 @@ def test_chunked_rows_equal_unchunked(tmp_path, rng, backend, monkeypatch):
     path = _export(tmp_path, X, n_estimators=15, random_state=0)
     Xt = rng.normal(size=(1001, 4)) * 2
     whole = load_model(path, backend=_backend(backend)).score(Xt)
-    mod = __import__(f"core.forest_{backend}", fromlist=["CHUNK_ROWS"])
+    mod = __import__(f"outlierd.core.forest_{backend}", fromlist=["CHUNK_ROWS"])
     monkeypatch.setattr(mod, "CHUNK_ROWS", 64)
     chunked = load_model(path, backend=backend)
     np.testing.assert_array_equal(chunked.score(Xt), whole)
@@ -96,7 +96,7 @@ def test_chunked_rows_equal_unchunked(tmp_path, rng, backend, monkeypatch):
 
 
 def test_onnx_graph_uses_standard_ops_only(tmp_path, rng):
-    from core.forest_onnx import forest_to_onnx
+    from outlierd.core.forest_onnx import forest_to_onnx
 
     X = rng.normal(size=(800, 7))
     path = _export(tmp_path, X, n_estimators=25, random_state=0)
@@ -118,7 +118,7 @@ def test_onnx_graph_uses_standard_ops_only(tmp_path, rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_without_gpu_is_refused(tmp_path, rng, backend):
-    if core.backends.cuda_available():
+    if outlierd.core.backends.cuda_available():
         pytest.skip("a CUDA device is present")
     X = rng.normal(size=(300, 3))
     path = _export(tmp_path, X, n_estimators=5, random_state=0)
@@ -145,7 +145,7 @@ def test_torch_missing_is_a_clear_error(tmp_path, rng, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not core.backends.cuda_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not outlierd.core.backends.cuda_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cuda_equals_cpu(tmp_path, rng, backend):
     if backend == "torch":

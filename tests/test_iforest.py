@@ -5,9 +5,9 @@ import pytest
 from conftest import load_csv
 from sklearn.ensemble import IsolationForest
 
-import core.backends
-from core import InvalidInputError, load_model
-from training import export_sklearn
+import outlierd.core.backends
+from outlierd.core import InvalidInputError, load_model
+from outlierd.training import export_sklearn
 
 import naive
 

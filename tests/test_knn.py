@@ -8,15 +8,15 @@ import pytest
 from conftest import dataset_path, load_csv
 from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
 
-import core.backends
-import core.knn
-from core import load_model
-from core.errors import ArtifactError, InvalidInputError
-from core.model import build_model
-from core.preprocess import Preprocessing
+import outlierd.core.backends
+import outlierd.core.knn
+from outlierd.core import load_model
+from outlierd.core.errors import ArtifactError, InvalidInputError
+from outlierd.core.model import build_model
+from outlierd.core.preprocess import Preprocessing
 from outlierd.cli import main
-from training.detectors import fit_knn, fit_lof
-from training.export import export_detector
+from outlierd.training.detectors import fit_knn, fit_lof
+from outlierd.training.export import export_detector
 
 FIT = {"knn": fit_knn, "lof": fit_lof}
 

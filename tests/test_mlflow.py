@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT  # noqa: F401 - puts the repository on sys.path
 
-from core.registry import Registry
+from outlierd.core.registry import Registry
 from outlierd.cli import main
 
 HAVE_MLFLOW = importlib.util.find_spec("mlflow") is not None
@@ -156,7 +155,7 @@ def test_mirror_syncs_every_version_and_alias_idempotently(store, tmp_path, rng,
     registry.set_alias("synced", "challenger", 3)
     # version 1 already has a finished run (as when a train's run was logged but registering failed):
     # the mirror registers from that run instead of uploading the artifact again
-    from training.tracking import log_version_run
+    from outlierd.training.tracking import log_version_run
 
     run1 = log_version_run(uri, reg, "synced", 1, experiment=EXPERIMENT)
     cmd = ["registry", "mirror", "--registry", str(reg), "--model", "synced", "--mlflow-uri", uri,

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.artifact import read_manifest, write_artifact
-from core.errors import ArtifactError, ModelNotFoundError
-from core.model import Model, build_model, load_model
-from core.preprocess import Preprocessing
-from core.registry import Registry
+from outlierd.core.artifact import read_manifest, write_artifact
+from outlierd.core.errors import ArtifactError, ModelNotFoundError
+from outlierd.core.model import Model, build_model, load_model
+from outlierd.core.preprocess import Preprocessing
+from outlierd.core.registry import Registry
 from outlierd import registry_cli
 
 N_PROCS = 8
@@ -290,13 +290,13 @@ def test_concurrent_publishers_get_distinct_consecutive_versions(tmp_path):
 
 
 def _publish_and_die(root, src):
-    import core.registry
+    import outlierd.core.registry
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
     # After the copy, before the stamp and the rename: the worst moment to be killed.
-    core.registry.rewrite_manifest = die
+    outlierd.core.registry.rewrite_manifest = die
     Registry(root).publish("fraud", src, aliases=["champion"])
 
 
@@ -326,7 +326,7 @@ def test_publish_killed_half_way_leaves_nothing_visible(reg, artifacts):
 def test_lock_timeout_is_a_clear_error(reg, artifacts):
     import fcntl
 
-    from core.errors import RegistryError
+    from outlierd.core.errors import RegistryError
 
     reg.publish("fraud", artifacts[0])
     with open(reg.root / "fraud" / ".lock", "a") as held:

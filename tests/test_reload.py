@@ -18,10 +18,10 @@ from conftest import ROOT
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sklearn.ensemble import IsolationForest
 
-from core import load_model
-from core.registry import Registry
-from server.client import ScorerClient
-from training import export_sklearn
+from outlierd.core import load_model
+from outlierd.core.registry import Registry
+from outlierd.server.client import ScorerClient
+from outlierd.training import export_sklearn
 
 D = 8
 ROWS_PER_MESSAGE = 64
@@ -72,7 +72,7 @@ def registry(tmp_path_factory):
 
 def test_hot_reload_under_load(registry):
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     proc = subprocess.Popen(
         [sys.executable, "-m", "outlierd", "serve", "--registry", str(registry), "--model", "m", "--host", "127.0.0.1",
          "--port", str(port), "--metrics-port", "0", "--max-delay-us", "200"],

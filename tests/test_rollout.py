@@ -19,18 +19,18 @@ from prometheus_client import CollectorRegistry
 from scipy.stats import spearmanr
 from sklearn.ensemble import IsolationForest
 
-from core import load_model
-from core.registry import Registry
-from monitoring.metrics import ServiceMetrics
-from monitoring.store import LabelRow, open_store
+from outlierd.core import load_model
+from outlierd.core.registry import Registry
+from outlierd.monitoring.metrics import ServiceMetrics
+from outlierd.monitoring.store import LabelRow, open_store
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
-from server.app import start_worker
-from server.client import request
-from server.rollout import challenger_mask, route_point, split_key, to_challenger
-from server.settings import ServeSettings
-from training import export_sklearn
-from training.rollout import Gates, champion_history, check_gates, compare, promote, rollback
+from outlierd.server.app import start_worker
+from outlierd.server.client import request
+from outlierd.server.rollout import challenger_mask, route_point, split_key, to_challenger
+from outlierd.server.settings import ServeSettings
+from outlierd.training import export_sklearn
+from outlierd.training.rollout import Gates, champion_history, check_gates, compare, promote, rollback
 
 D = 5
 
@@ -63,7 +63,7 @@ def test_router_is_stable_across_processes(rng):
             "ids = json.load(sys.stdin); print(hashlib.sha256(np.packbits(challenger_mask(ids, 0.2)).tobytes()).hexdigest())")
     for seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": seed}, timeout=60)
+                             env={**os.environ, "PYTHONHASHSEED": seed}, timeout=60)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == digest
 

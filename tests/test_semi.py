@@ -12,11 +12,11 @@ from naive import prep as naive_prep
 from naive import robust_z as naive_robust_z
 from sklearn.metrics import average_precision_score
 
-from core import load_model
-from core.artifact import load_npz
+from outlierd.core import load_model
+from outlierd.core.artifact import load_npz
 from outlierd.cli import main
-from training import semi
-from training.train import train
+from outlierd.training import semi
+from outlierd.training.train import train
 
 
 def _write(path, X, labels=None, label_name="label"):
@@ -211,7 +211,7 @@ def test_stacked_artifact_reproduces_a_float64_numpy_reference(tmp_path, rng):
 
 
 def test_labels_from_the_feedback_store_are_appended(tmp_path, rng):
-    from monitoring.store import LabelRow, open_store
+    from outlierd.monitoring.store import LabelRow, open_store
 
     X, y = planted(rng, 700, d=4)
     file_rows, captured = np.arange(500), np.arange(500, 700)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import server.workers
+import outlierd.server.workers
 from outlierd.cli import main
 
 

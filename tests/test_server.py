@@ -29,14 +29,14 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from core import load_model
-from core.registry import Registry
-from monitoring.metrics import ServiceMetrics
+from outlierd.core import load_model
+from outlierd.core.registry import Registry
+from outlierd.monitoring.metrics import ServiceMetrics
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
-from server.app import start_worker
-from server.client import ScorerClient, request
-from server.settings import ServeSettings
+from outlierd.server.app import start_worker
+from outlierd.server.client import ScorerClient, request
+from outlierd.server.settings import ServeSettings
 
 SERVICE = "outlierd.v1.Scorer"
 D = 21  # cardio's features
@@ -62,8 +62,8 @@ def registry_dir(tmp_path_factory, X) -> Path:
     """cardio v1, v2 (champion: v2); strict v1 (missing='reject'); hot v1 (for the reload test)."""
     from sklearn.ensemble import IsolationForest
 
-    from training.export import export_sklearn
-    from training.train import train
+    from outlierd.training.export import export_sklearn
+    from outlierd.training.train import train
 
     root = tmp_path_factory.mktemp("registry")
     reg_dir = root / "reg"
@@ -629,7 +629,6 @@ def test_token_auth(loop_thread, registry_dir, X, served_model):
 
 def _server_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLIERD_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["TMPDIR"] = str(tmp)
     return env
 
@@ -839,7 +838,7 @@ def test_kernel_failure_is_internal_and_the_server_keeps_serving(loop_thread, re
 
 @pytest.mark.parametrize("n", [1, 2, 15, 16, 127, 128, 256, 4096, 20_000])
 def test_packed_scores_equal_what_extend_builds(rng, n):
-    from server.servicer import _packed_scores
+    from outlierd.server.servicer import _packed_scores
 
     scores = rng.normal(size=n) * 10.0 ** rng.integers(-300, 300, size=n)
     flagged = scores >= np.median(scores)

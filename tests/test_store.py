@@ -10,7 +10,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from monitoring.store import LABELS, LabelRow, Predictions, SQLiteStore, Store, default_store_path, open_store
+from outlierd.monitoring.store import LABELS, LabelRow, Predictions, SQLiteStore, Store, default_store_path, open_store
 
 
 @pytest.fixture

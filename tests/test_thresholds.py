@@ -17,17 +17,17 @@ from conftest import LoopThread, run_cli
 from prometheus_client import CollectorRegistry
 from sklearn.ensemble import IsolationForest
 
-from core import load_model
-from core.registry import Registry
-from monitoring.metrics import ServiceMetrics
-from monitoring.store import LabelRow, open_store
+from outlierd.core import load_model
+from outlierd.core.registry import Registry
+from outlierd.monitoring.metrics import ServiceMetrics
+from outlierd.monitoring.store import LabelRow, open_store
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
-from server.app import start_worker
-from server.client import request
-from server.settings import ServeSettings
-from training import export_sklearn
-from training.calibrate import alert_rate_threshold, calibrate, precision_threshold
+from outlierd.server.app import start_worker
+from outlierd.server.client import request
+from outlierd.server.settings import ServeSettings
+from outlierd.training import export_sklearn
+from outlierd.training.calibrate import alert_rate_threshold, calibrate, precision_threshold
 
 D = 6
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import ROOT, dataset_path
 
-from core import load_model
-from core.registry import Registry
+from outlierd.core import load_model
+from outlierd.core.registry import Registry
 from outlierd.cli import main
-from training.evaluate import evaluate, threshold_for_alert_rate
+from outlierd.training.evaluate import evaluate, threshold_for_alert_rate
 
 # ../shared/datasets/README.md: scikit-learn IsolationForest, mean ROC-AUC over 5 seeds
 README_ROC_AUC = {"cardio": 0.932, "satellite": 0.696, "mammography": 0.859, "shuttle": 0.997}

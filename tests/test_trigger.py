@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from core.registry import Registry
-from monitoring.metrics import DriftGauges
-from monitoring.trigger import AUDIT_ACTION, CHALLENGER, DriftTracker, RetrainPolicy, WindowView, parse_window
+from outlierd.core.registry import Registry
+from outlierd.monitoring.metrics import DriftGauges
+from outlierd.monitoring.trigger import AUDIT_ACTION, CHALLENGER, DriftTracker, RetrainPolicy, WindowView, parse_window
 from outlierd.cli import main
-from training.train import train
+from outlierd.training.train import train
 
 MODEL = "pay"
 FEATURES = ("x0", "x1", "x2", "x3")

@@ -30,10 +30,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from core.autoencoder import INPUT_CLIP, INPUT_NAME, MODEL_FILE, OUTPUT_NAMES
-from core.artifact import read_manifest, rewrite_manifest
-from core.errors import OutlierdError
-from core.preprocess import Preprocessing
+from outlierd.core.autoencoder import INPUT_CLIP, INPUT_NAME, MODEL_FILE, OUTPUT_NAMES
+from outlierd.core.artifact import read_manifest, rewrite_manifest
+from outlierd.core.errors import OutlierdError
+from outlierd.core.preprocess import Preprocessing
 
 TORCH_EXTRA = "the autoencoder needs the torch extra: pip install 'outlierd[torch]'"
 OPSET = 17

@@ -361,7 +361,7 @@ def score_batch(model: Any, batch: pa.RecordBatch | pa.Table, how: BatchScoring,
     """Score one batch with ``model``: the output batch (columns of :func:`output_schema`, id not
     cast) and the scores. ``first_row`` (the batch's row number in the whole input) makes error
     messages name the right record."""
-    from core.errors import InvalidInputError
+    from outlierd.core.errors import InvalidInputError
 
     X = feature_matrix(batch, how.columns.features)
     try:

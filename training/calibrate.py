@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from core.registry import Registry
+from outlierd.core.registry import Registry
 
 MIN_ALERTS = 10       # alert rate: the weighted sample must hold at least this many expected alerts
 MIN_RECORDS = 100     # alert rate: captured records (flagged + sampled) at least

@@ -33,8 +33,6 @@ from .batch import PARQUET_BUFFER_BYTES, BatchScoring, RowProgress, ScoreWriter,
 from .data import DataError
 
 LABEL_FIELD = "__outlierd_label__"
-# package root (the directory holding core/ and training/): put on LocalCluster workers' PYTHONPATH
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 # partitions in flight per worker thread: enough to keep workers busy while the client writes
 IN_FLIGHT_PER_THREAD = 2
 
@@ -110,7 +108,7 @@ def _worker_model(job: Job) -> Any:
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
-            from core.model import load_model
+            from outlierd.core.model import load_model
 
             model = _MODELS[key] = load_model(job.artifact, backend=job.backend, device=job.device)
         return model
@@ -151,22 +149,6 @@ def score_part(part: Part, job: Job) -> pa.Table:
 
 
 @contextmanager
-def _worker_pythonpath() -> Iterator[None]:
-    # LocalCluster workers are separate (spawned) processes: make them import this very checkout --
-    # not another installed copy, and whatever sys.path edits this process made at run time -- by
-    # putting the package root first on PYTHONPATH while the cluster lives.
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + old if old else "")
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-
-
-@contextmanager
 def dask_client(address: str, n_workers: int = 2) -> Iterator[Any]:
     """A ``distributed.Client`` on ``address``, or on a fresh LocalCluster of ``n_workers``
     single-threaded worker processes for ``"local"``; closed (cluster included) on exit."""
@@ -179,14 +161,14 @@ def dask_client(address: str, n_workers: int = 2) -> Iterator[Any]:
     if address == "local":
         if n_workers < 1:
             raise ValueError(f"--dask-workers must be >= 1; got {n_workers}")
-        with _worker_pythonpath():
-            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
-            try:
-                with Client(cluster) as client:
-                    yield client
-            finally:
-                cluster.close()
+        # workers are spawned processes of this interpreter: they import the installed outlierd
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+        try:
+            with Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
         return
     try:
         client = Client(address, timeout="15s")

@@ -69,7 +69,7 @@ def fit_knn(X: np.ndarray, *, k: int = 20, seed: int = 0, max_reference: int = 4
     """kNN distance: score = Euclidean distance to the k-th nearest record of a stored reference
     sample (``min(n, max_reference)`` preprocessed training rows, seeded). ``k`` is capped at the
     sample size."""
-    from core.knn import Neighbors
+    from outlierd.core.knn import Neighbors
 
     if k < 1:
         raise ValueError(f"k must be >= 1; got {k}")
@@ -88,7 +88,7 @@ def fit_lof(X: np.ndarray, *, k: int = 20, seed: int = 0, max_reference: int = 4
     """Local outlier factor (novelty) against a stored reference sample, with scikit-learn's
     definitions: the reference's k-distances and local reachability densities are computed here and
     stored. ``k`` is capped at the sample size - 1 (as scikit-learn does)."""
-    from core.knn import Neighbors, lof_tables
+    from outlierd.core.knn import Neighbors, lof_tables
 
     if k < 1:
         raise ValueError(f"k must be >= 1; got {k}")

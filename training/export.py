@@ -13,11 +13,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from core.artifact import write_artifact
-from core.errors import ArtifactError
-from core.iforest import Forest, build_forest
-from core.model import build_model
-from core.preprocess import Preprocessing
+from outlierd.core.artifact import write_artifact
+from outlierd.core.errors import ArtifactError
+from outlierd.core.iforest import Forest, build_forest
+from outlierd.core.model import build_model
+from outlierd.core.preprocess import Preprocessing
 
 from .lineage import base_lineage
 from .profile import build_reference

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from core.artifact import sha256_file
+from outlierd.core.artifact import sha256_file
 
 _LIBRARIES = ("outlierd", "numpy", "numba", "scikit-learn", "pyarrow")
 

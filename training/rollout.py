@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import ModelNotFoundError
-from core.registry import Registry
+from outlierd.core.errors import ModelNotFoundError
+from outlierd.core.registry import Registry
 
 from .calibrate import weights_of
 

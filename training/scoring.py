@@ -13,8 +13,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from core.model import load_model
-from core.registry import Registry
+from outlierd.core.model import load_model
+from outlierd.core.registry import Registry
 
 from .batch import DEFAULT_BATCH_ROWS, BatchScoring, Columns, RowProgress, check_output, open_source, stream_score
 

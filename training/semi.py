@@ -32,10 +32,10 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from core.artifact import rewrite_manifest
-from core.model import Model, build_model, load_model
-from core.preprocess import Preprocessing
-from core.stacked import KIND as STACKED, Combination, base_prefix, rank_normalise, rank_table
+from outlierd.core.artifact import rewrite_manifest
+from outlierd.core.model import Model, build_model, load_model
+from outlierd.core.preprocess import Preprocessing
+from outlierd.core.stacked import KIND as STACKED, Combination, base_prefix, rank_normalise, rank_table
 
 from .data import DataError, load_dataset, read_table
 from .detectors import DETECTORS, MAD_TO_SIGMA, MEANAD_TO_SIGMA, fit_hbos, fit_iforest, fit_knn, fit_lof, fit_robust_z
@@ -140,8 +140,8 @@ def _check_feedback_schema(registry: str | os.PathLike | None, model: str | None
                         f"the training data has {len(names)}")
     if registry is None or model is None:
         return
-    from core.artifact import read_manifest
-    from core.registry import Registry
+    from outlierd.core.artifact import read_manifest
+    from outlierd.core.registry import Registry
 
     try:
         reg = Registry(registry)
@@ -183,7 +183,7 @@ def load_labelled_data(
                         "normals": int(np.sum(y == 0)), "sha256": fingerprint([f"row:{i}" for i in range(n)], y)})
     warnings = list(ds.warnings)
     if feedback_store is not None:
-        from monitoring.store import open_store
+        from outlierd.monitoring.store import open_store
 
         store = Path(feedback_store)
         if not store.is_file():
@@ -401,7 +401,7 @@ def stacked_out_of_fold(oof: OutOfFold, bases: Sequence[str], primary: int, Xp_l
     R = np.column_stack([oof.rank[b] for b in bases])
     F = stacked_features(R, Xp_lab, center, scale_inv)
     out = np.empty(oof.y.size)
-    from core.stacked import sigmoid
+    from outlierd.core.stacked import sigmoid
 
     for f in range(oof.k):
         tr, te = oof.folds != f, oof.folds == f
@@ -579,8 +579,8 @@ def train_with_labels(
     quiet: bool = False,
 ) -> Any:
     """Label-aware ``outlierd train`` (see the module docstring); returns a ``TrainResult``."""
-    from core.registry import Registry
-    from monitoring.store import default_store_path
+    from outlierd.core.registry import Registry
+    from outlierd.monitoring.store import default_store_path
 
     from .train import Progress, TrainResult
 

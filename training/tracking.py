@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from core.artifact import ARRAYS, read_manifest, verify_files
-from core.errors import OutlierdError
-from core.registry import Registry
+from outlierd.core.artifact import ARRAYS, read_manifest, verify_files
+from outlierd.core.errors import OutlierdError
+from outlierd.core.registry import Registry
 
 DEFAULT_EXPERIMENT = "outlierd"
 ARTIFACT_PATH = "model"

@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence, TextIO
 
 import numpy as np
 
-from core.artifact import rewrite_manifest
-from core.model import load_model
-from core.preprocess import Preprocessing
-from core.registry import Registry
+from outlierd.core.artifact import rewrite_manifest
+from outlierd.core.model import load_model
+from outlierd.core.preprocess import Preprocessing
+from outlierd.core.registry import Registry
 
 from .data import load_dataset
 from .detectors import DETECTORS, fit_hbos, fit_iforest, fit_knn, fit_lof, fit_robust_z
