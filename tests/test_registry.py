@@ -1,4 +1,4 @@
-"""The directory registry (core.registry) and its CLI (outlierd registry ...)."""
+"""The directory registry (outlierd.core.registry) and its CLI (outlierd registry ...)."""
 
 from __future__ import annotations
 
