@@ -1,7 +1,9 @@
-"""One worker: a grpc.aio server with the scorer, health, reflection, TLS and token auth.
+"""One worker: the data plane, and on it a grpc.aio server with the scorer, health, reflection,
+TLS and token auth.
 
 Lifecycle: load and warm up the model -> health SERVING -> serve, watching the alias -> on SIGTERM
 or SIGINT: health NOT_SERVING, stop taking calls, let in-flight work finish within the grace.
+Everything is built in order and handed its parts at construction (``start_worker``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
 from .feedback import FeedbackService
 from .health import HealthServicer
+from .plane import DataPlane, ServedModel
 from .reload import DevicePolicy, ModelSlot
 from .rollout import ChallengerSlot, Rollout, RolloutMetrics, ShadowScorer
 from .servicer import ScorerServicer
@@ -44,14 +47,26 @@ SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
 class Worker:
     server: grpc.aio.Server
     port: int
-    slot: ModelSlot
-    batcher: MicroBatcher
+    plane: DataPlane
     health: HealthServicer
     watcher: asyncio.Task
     settings: ServeSettings
-    rollout: Rollout | None = None
     capture: CaptureWriter | None = None
     feedback: FeedbackService | None = None
+
+    @property
+    def slot(self) -> ModelSlot:
+        """The served model's champion slot."""
+        return self.plane.default.slot
+
+    @property
+    def rollout(self) -> Rollout | None:
+        """The served model's rollout (None with ``--rollout off``)."""
+        return self.plane.default.rollout
+
+    @property
+    def batcher(self) -> MicroBatcher:
+        return self.plane.batcher
 
     def flush_capture(self, timeout: float = 10.0) -> bool:
         """Wait until every request answered so far is captured and written (from a thread other
@@ -60,7 +75,7 @@ class Worker:
         if self.capture is None:
             return False
         deadline = time.monotonic() + timeout
-        return self.batcher.drain(timeout) and self.capture.flush(max(0.0, deadline - time.monotonic()))
+        return self.plane.batcher.drain(timeout) and self.capture.flush(max(0.0, deadline - time.monotonic()))
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: NOT_SERVING first, then no new calls, in-flight ones finish."""
@@ -68,9 +83,7 @@ class Worker:
         await self.health.enter_graceful_shutdown()
         self.watcher.cancel()
         await self.server.stop(grace)
-        await self.batcher.close()
-        if self.rollout is not None:
-            self.rollout.close()
+        await self.plane.close()  # the batcher's running batches, then the rollout's shadow
         if self.capture is not None:  # after the batcher and the shadow: their last offers get written
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
         if self.feedback is not None:
@@ -103,17 +116,17 @@ def _monitor_factory(settings: ServeSettings, metrics: ServiceMetrics | None):
     return factory
 
 
-async def _background(slot: ModelSlot, settings: ServeSettings, rollout: Rollout | None = None,
-                      feedback: FeedbackService | None = None) -> None:
-    """Watch the alias; close time-based drift panes even when no traffic comes."""
+async def _background(plane: DataPlane, settings: ServeSettings, feedback: FeedbackService | None = None) -> None:
+    """Watch the aliases; close time-based drift panes even when no traffic comes."""
     while True:
         await asyncio.sleep(settings.reload_interval_s)
-        await slot.check()
-        if rollout is not None:  # the challenger alias, and the thresholds in force as metrics
-            await rollout.tick()
-        handle = slot.current
-        if handle is not None and handle.monitor is not None:
-            handle.monitor.tick()
+        for served in plane.models.values():
+            await served.slot.check()
+            if served.rollout is not None:  # the challenger alias, and the thresholds in force as metrics
+                await served.rollout.tick()
+            handle = served.slot.current
+            if handle is not None and handle.monitor is not None:
+                handle.monitor.tick()
         if feedback is not None:  # quality gauges from the labels, recomputed every few seconds off the loop
             feedback.tick()
 
@@ -173,17 +186,16 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    batcher = MicroBatcher(slot, threads=settings.threads, max_batch=settings.max_batch, max_delay_us=settings.max_delay_us,
-                           max_queue_records=settings.max_queue_records, metrics=metrics)
-    batcher.start()
     capture, feedback = await _start_feedback(settings, metrics, store)
-    rollout = await _start_rollout(settings, registry, slot, metrics, policy, capture)
-    servicer = ScorerServicer(settings, slot, batcher, metrics,
-                              rollout=rollout if settings.rollout != "off" else None)
-    servicer.capture, servicer.feedback = capture, feedback
     if capture is not None:
         await loop.run_in_executor(None, capture.prepare, handle.model.n_features)
-        batcher.capture = capture
+    rollout = await _start_rollout(settings, registry, slot, metrics, policy, capture)
+    plane = DataPlane([ServedModel(slot, rollout)], threads=settings.threads,
+                      max_batch=settings.max_batch, max_delay_us=settings.max_delay_us,
+                      max_queue_records=settings.max_queue_records, max_request_records=settings.max_request_records,
+                      metrics=metrics, capture=capture)
+    plane.start()
+    servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback)
     scoring_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -193,8 +205,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     try:
         port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     except RuntimeError as e:  # grpc says "Failed to bind": give the CLI a clear OSError
-        await batcher.close()
-        rollout.close()
+        await plane.close()
         if capture is not None:
             capture.close()
         feedback.close()
@@ -202,10 +213,10 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    watcher = loop.create_task(_background(slot, settings, rollout, feedback), name="outlierd-reload")
+    watcher = loop.create_task(_background(plane, settings, feedback), name="outlierd-reload")
     log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s", settings.host, port, handle.name,
              handle.version, settings.alias, creds is not None, bool(settings.auth_token))
-    return Worker(server, port, slot, batcher, health_servicer, watcher, settings, rollout, capture, feedback)
+    return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback)
 
 
 async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None) -> None:

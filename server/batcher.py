@@ -19,41 +19,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections import deque
 from queue import SimpleQueue
-from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .errors import Overloaded
-from .reload import ModelHandle, ModelSlot
+from .reload import ModelHandle
+from .results import BatchOutput, CaptureTag, Explain, Pending, ScoredBatch, ScoreResult
 
 log = logging.getLogger("outlierd.batcher")
 PARALLEL_MIN_ROWS = 65536  # below this, a request runs on one scoring thread
 
-
-class CaptureTag(NamedTuple):
-    """What capture needs of a request beyond its records and scores: the message's ``ids`` (one
-    per record, or empty: generated), its ``request_id``, and ``then``, called on the scoring thread
-    with the request's capture selection (or None) once capture is done (shadow scoring: the
-    challenger samples the records the champion's sample picked)."""
-
-    ids: Sequence[str]
-    request_id: int
-    then: Callable[[Any], None] | None = None
-
-
-_UNTAGGED = CaptureTag((), 0)
-
-
-@dataclass
-class _Item:
-    X: np.ndarray
-    handle: ModelHandle
-    future: asyncio.Future | None = field(repr=False)
-    tag: CaptureTag | None = None
+ScoreFn = Callable[[ModelHandle, np.ndarray, "Explain | None"], BatchOutput]
+"""Scores one batch on a scoring thread (the data plane's: device choice, GPU fallback, counters)."""
+Observer = Callable[[ScoredBatch], None]
+"""Called on the scoring thread with every scored batch; must not raise (a failure is logged)."""
 
 
 def _ignore(_result: Any, _exc: BaseException | None) -> None:
@@ -61,8 +43,17 @@ def _ignore(_result: Any, _exc: BaseException | None) -> None:
 
 
 class MicroBatcher:
-    def __init__(self, slot: ModelSlot, *, threads: int, max_batch: int, max_delay_us: int, max_queue_records: int, metrics: Any = None):
-        self.slot = slot
+    """Batches requests for ``score`` on ``threads`` scoring threads, and hands every scored batch
+    to its observers there: ``on_scored`` before the answers go back to the event loop (drift: its
+    window then holds every answered record), ``on_answered`` right after (capture and shadow
+    scoring: no response waits for them). Observers only see batches of requests submitted with
+    a capture tag in ``on_answered``; ``on_scored`` sees every batch."""
+
+    def __init__(self, score: ScoreFn, *, threads: int, max_batch: int, max_delay_us: int, max_queue_records: int,
+                 metrics: Any = None, on_scored: Sequence[Observer] = (), on_answered: Sequence[Observer] = ()):
+        self._score = score
+        self._on_scored = tuple(on_scored)
+        self._on_answered = tuple(on_answered)
         self.max_batch = max_batch
         self.max_delay_s = max_delay_us / 1e6
         self.max_queue_records = max_queue_records
@@ -77,18 +68,12 @@ class MicroBatcher:
         self._waiting = 0  # callers of _acquire_thread waiting for a free thread
         self._free = asyncio.Event()
         self._free.set()
-        self._queue: deque[_Item] = deque()
+        self._queue: deque[Pending] = deque()
         self._queued = 0
         self._inflight = 0
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task | None = None
-        # kernel time per record of the latest batch, per (model, version): captured with the records
-        # (rollout compares champion and challenger latency); written by scoring threads, a plain dict store
-        self._kernel_us: dict[tuple[str, int], float] = {}
-        # monitoring.capture.CaptureWriter, set by the worker: requests submitted with a CaptureTag
-        # are captured on the scoring thread once their answer is on its way (see _worker)
-        self.capture: Any = None
 
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
@@ -121,7 +106,7 @@ class MicroBatcher:
             job = jobs.get()
             if job is None:
                 return
-            fn, args, done, items = job
+            fn, args, done, tagged = job
             try:
                 result, exc = fn(*args), None
             except BaseException as e:  # handed to the loop: the caller's future gets it
@@ -130,8 +115,8 @@ class MicroBatcher:
                 loop.call_soon_threadsafe(done, result, exc)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
-            if items is not None and exc is None:
-                self._capture(items, result[0], result[2])
+            if tagged and exc is None:
+                self._answered(result)
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until every job handed to the scoring threads so far is done, its capture step
@@ -148,46 +133,29 @@ class MicroBatcher:
             return False
         return True
 
-    def _capture(self, items: list[_Item], scores: np.ndarray, X: np.ndarray) -> None:
-        """Capture a scored batch's flagged records and sample (one Numba call into the writer's
-        ring and one append to its queue: CaptureWriter.capture_batch), then call the tags' hooks.
+    def _observe_scored(self, batch: ScoredBatch) -> None:
+        for observer in self._on_scored:
+            try:
+                observer(batch)
+            except Exception:  # an observer must never fail scoring, nor stop a scoring thread
+                log.exception("observer failed model=%s version=%d", batch.handle.name, batch.handle.version)
+
+    def _answered(self, batch: ScoredBatch) -> None:
+        """The after-the-answer observers (capture, shadow scoring) of a batch with tagged requests.
 
         NOTE: on the scoring thread *after* the answer went to the loop, so no response waits for
-        it and the event loop does nothing for capture (it used to select before the answer and
-        attach on the loop: a step on every message's path)."""
-        # NOTE: every Python step here costs several times its quiet-process cost (the kernel just
-        # ran on this thread): the usual case, one tagged request and no hook, takes few
-        one = items[0].tag if len(items) == 1 else None
-        if one is None and all(it.tag is None for it in items):
-            return
-        try:
-            handle = items[0].handle
-            sel = None
-            cap = self.capture
-            if cap is not None and scores.shape[0]:
-                role = "challenger" if handle.alias == "challenger" else "champion"
-                kernel_us = self._kernel_us.get((handle.name, handle.version), float("nan"))
-                if one is not None:
-                    sel = cap.capture_batch(handle, role, X, scores, handle.threshold, (one,), None, kernel_us)
-                else:  # untagged requests (none from the servicer) get generated ids
-                    sel = cap.capture_batch(handle, role, X, scores, handle.threshold, [it.tag or _UNTAGGED for it in items],
-                                            [it.X.shape[0] for it in items], kernel_us)
-            if one is not None:
-                if one.then is not None:
-                    one.then(sel)
-                return
-            start = 0
-            for it in items:
-                if it.tag is not None and it.tag.then is not None:
-                    it.tag.then(None if sel is None else sel._replace(start=start))
-                start += it.X.shape[0]
-        except Exception:  # capture must never fail scoring, nor stop a scoring thread
-            log.exception("capture failed model=%s version=%d", items[0].handle.name, items[0].handle.version)
+        them and the event loop does nothing for capture."""
+        for observer in self._on_answered:
+            try:
+                observer(batch)
+            except Exception:  # capture must never fail scoring, nor stop a scoring thread
+                log.exception("observer failed model=%s version=%d", batch.handle.name, batch.handle.version)
 
-    def _run_job(self, fn, *args, items: list[_Item] | None = None) -> asyncio.Future:
+    def _run_job(self, fn: Callable[..., Any], *args: Any, tagged: bool = False) -> asyncio.Future:
         """``fn(*args)`` on a scoring thread; an asyncio future of its result (run_in_executor's
         contract, for the rare paths: explain, large and empty requests, a failed batch's retries).
-        ``items``: captured once the result is handed over (``fn`` returns ``(scores, device, X, ...)``)."""
+        ``tagged``: ``fn`` returns a ScoredBatch with tagged requests, handed to the after-the-answer
+        observers once the result is on its way."""
         fut = self._loop.create_future()  # type: ignore[union-attr]
 
         def done(result: Any, exc: BaseException | None) -> None:
@@ -198,7 +166,7 @@ class MicroBatcher:
             else:
                 fut.set_result(result)
 
-        self._jobs.put((fn, args, done, items))
+        self._jobs.put((fn, args, done, tagged))
         return fut
 
     @property
@@ -214,16 +182,12 @@ class MicroBatcher:
     def _release(self, n: int) -> None:
         self._inflight -= n
 
-    def submit(self, X: np.ndarray, handle: ModelHandle | None = None, explain: tuple[int, bool] | None = None,
+    def submit(self, X: np.ndarray, handle: ModelHandle, explain: Explain | None = None,
                tag: CaptureTag | None = None) -> asyncio.Future:
-        """Queue ``X`` for scoring with ``handle`` (default: the one serving now); the future
-        resolves to ``(handle, scores, device)``.
-        ``explain=(top_k, flagged_only)``: scored and explained in one kernel pass on a scoring
-        thread (not micro-batched), resolving to ``(handle, scores, device, (features,
-        contributions))``. ``tag``: capture the request (with the writer set as ``capture``) after
-        it is answered, and call ``tag.then``."""
-        handle = handle or self.slot.current
-        assert handle is not None, "no model loaded"
+        """Queue ``X`` for scoring with ``handle``; the future resolves to a :class:`ScoreResult`.
+        ``explain``: scored and explained in one kernel pass on a scoring thread (not
+        micro-batched). ``tag``: the request's batch goes to the after-the-answer observers
+        (capture, shadow scoring) once it is answered."""
         loop = asyncio.get_running_loop()
         n = X.shape[0]
         # Every admitted record counts until it is scored, pass-through ones included, so memory
@@ -238,12 +202,13 @@ class MicroBatcher:
             return loop.create_task(self._score_direct(handle, X, explain, tag))
         fut = loop.create_future()
         fut.add_done_callback(lambda _f, n=n: self._release(n))
-        item = _Item(X, handle, fut, tag)
+        item = Pending(X, handle, fut, tag)
         if self.max_delay_s == 0:
             if not self._queue and self._busy + self._waiting < self._threads:
                 # idle thread, nothing to coalesce with: straight to a thread, no batching hop
                 self._busy += 1
-                self._jobs.put((self._kernel, (handle, X), lambda r, e: self._batch_done([item], r, e), None if tag is None else [item]))
+                items = [item]
+                self._jobs.put((self._kernel, (handle, X, None, items), lambda r, e: self._batch_done(items, r, e), tag is not None))
                 return fut
             # every thread busy: wait in the queue; a thread that comes back takes a batch (_pump)
             self._queue.append(item)
@@ -291,15 +256,16 @@ class MicroBatcher:
             self._busy += 1
             self._send_batch(items)
 
-    def _send_batch(self, items: list[_Item]) -> None:
-        self._jobs.put((self._score_items, (items,), lambda r, e: self._batch_done(items, r, e), items))
+    def _send_batch(self, items: list[Pending]) -> None:
+        tagged = any(it.tag is not None for it in items)
+        self._jobs.put((self._score_items, (items,), lambda r, e: self._batch_done(items, r, e), tagged))
 
-    def _score_items(self, items: list[_Item]) -> tuple:
+    def _score_items(self, items: list[Pending]) -> ScoredBatch:
         # on the scoring thread: the concatenation too
         X = items[0].X if len(items) == 1 else np.concatenate([it.X for it in items])
-        return self._kernel(items[0].handle, X)
+        return self._kernel(items[0].handle, X, None, items)
 
-    def _batch_done(self, items: list[_Item], result: tuple | None, exc: BaseException | None) -> None:
+    def _batch_done(self, items: list[Pending], batch: ScoredBatch | None, exc: BaseException | None) -> None:
         """On the loop: a batch came back from its thread; answer its requests, then take the next."""
         if exc is not None:
             if len(items) > 1:  # one bad request must not fail its batch-mates: score them one by one
@@ -307,66 +273,71 @@ class MicroBatcher:
                 return  # the thread stays counted until the retries are back
             self._release_thread()
             fut = items[0].future
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_exception(exc)
         else:
+            assert batch is not None
             self._release_thread()
-            scores, device = result[0], result[1]  # type: ignore[index]
+            out = batch.out
             handle = items[0].handle
-            self._observe(handle, scores.shape[0])
+            self._observe(handle, out.scores.shape[0])
             if len(items) == 1:
                 fut = items[0].future
-                if not fut.done():
-                    fut.set_result((handle, scores, device))
+                if fut is not None and not fut.done():
+                    fut.set_result(ScoreResult(handle, out.scores, out.flags, out.device))
             else:
                 start = 0
                 for it in items:
                     n = it.X.shape[0]
-                    if not it.future.done():
-                        it.future.set_result((handle, scores[start:start + n], device))
+                    fut = it.future
+                    if fut is not None and not fut.done():
+                        fut.set_result(ScoreResult(handle, out.scores[start:start + n], out.flags[start:start + n], out.device))
                     start += n
         if self.max_delay_s == 0:
             self._pump()
 
-    def _score_each(self, items: list[_Item]) -> list[tuple]:
+    def _score_each(self, items: list[Pending]) -> list[tuple[ScoredBatch | None, BaseException | None]]:
         # a failed batch's requests one by one (rare): each captured before the answers go back
-        out: list[tuple] = []
+        out: list[tuple[ScoredBatch | None, BaseException | None]] = []
         for it in items:
             try:
-                result = self._kernel(it.handle, it.X)
+                batch = self._kernel(it.handle, it.X, None, [it])
             except Exception as e:
                 out.append((None, e))
                 continue
-            out.append((result, None))
+            out.append((batch, None))
             if it.tag is not None:
-                self._capture([it], result[0], result[2])
+                self._answered(batch)
         return out
 
-    def _each_done(self, items: list[_Item], results: list[tuple] | None, exc: BaseException | None) -> None:
+    def _each_done(self, items: list[Pending], results: list[tuple[ScoredBatch | None, BaseException | None]] | None,
+                   exc: BaseException | None) -> None:
         self._release_thread()
         for k, it in enumerate(items):
-            if it.future.done():
+            fut = it.future
+            if fut is None or fut.done():
                 continue
-            if exc is not None:
-                it.future.set_exception(exc)
+            if exc is not None or results is None:
+                fut.set_exception(exc or RuntimeError("no result"))
                 continue
-            result, e = results[k]  # type: ignore[index]
-            if e is not None:
-                it.future.set_exception(e)
+            batch, e = results[k]
+            if e is not None or batch is None:
+                fut.set_exception(e or RuntimeError("no result"))
             else:
-                it.future.set_result((it.handle, result[0], result[1]))
+                out = batch.out
+                fut.set_result(ScoreResult(it.handle, out.scores, out.flags, out.device))
         if self.max_delay_s == 0:
             self._pump()
 
-    async def _score_direct(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None,
-                            tag: CaptureTag | None = None) -> tuple:
+    async def _score_direct(self, handle: ModelHandle, X: np.ndarray, explain: Explain | None = None,
+                            tag: CaptureTag | None = None) -> ScoreResult:
         n = X.shape[0]
         try:
             await self._acquire_thread()
         except asyncio.CancelledError:
             self._release(n)
             raise
-        job = self._run_job(self._kernel, handle, X, explain, items=None if tag is None else [_Item(X, handle, None, tag)])
+        job = self._run_job(self._kernel, handle, X, explain, [Pending(X, handle, None, tag)], tagged=tag is not None)
 
         def done(_job: asyncio.Future) -> None:
             # the thread and the records stay counted until the thread is done, even if the caller gave up
@@ -376,42 +347,18 @@ class MicroBatcher:
                 self._pump()
 
         job.add_done_callback(done)
-        scores, device, _X, explanation = await asyncio.shield(job)
-        self._observe(handle, scores.shape[0])
-        return (handle, scores, device) if explanation is None else (handle, scores, device, explanation)
+        batch: ScoredBatch = await asyncio.shield(job)
+        out = batch.out
+        self._observe(handle, out.scores.shape[0])
+        return ScoreResult(handle, out.scores, out.flags, out.device, out.explanation)
 
-    def _kernel(self, handle: ModelHandle, X: np.ndarray, explain: tuple[int, bool] | None = None) -> tuple:
-        """Score one batch where the device policy says; returns ``(scores, device it ran on, X,
-        explanation)``: with ``explain=(top_k, flagged_only)`` the explanation is (features,
-        contributions), computed on the CPU kernels (the GPU backends' attributions are the CPU
-        kernel's anyway); otherwise None."""
-        explanation = None
-        scores = None
-        device = "cpu"
-        t0 = time.perf_counter()
-        if explain is not None:  # flagged_only cuts at the threshold in force, as `anomalous` does
-            scores, *explanation = handle.model.score_explain(X, explain[0], explain[1], threshold=handle.threshold,
-                                                              parallel=X.shape[0] > PARALLEL_MIN_ROWS)
-            device = handle.model.device
-        elif handle.gpu_model is not None and X.shape[0] >= handle.gpu_min_rows:
-            try:
-                scores, device = handle.gpu_model.score(X), "cuda"
-            except Exception as e:  # a GPU failure falls back to the CPU kernel: counted and logged
-                log.error("cuda scoring failed, falling back to cpu model=%s version=%d error=%s", handle.name, handle.version, e)
-                if self.metrics is not None:
-                    self.metrics.device_fallbacks.labels(handle.name).inc()
-        if scores is None:
-            # The pool's threads already use the cores: one core per batch, unless a batch is huge.
-            scores = handle.model.score(X, parallel=X.shape[0] > PARALLEL_MIN_ROWS)
-            device = handle.model.device
-        if X.shape[0]:
-            self._kernel_us[(handle.name, handle.version)] = (time.perf_counter() - t0) * 1e6 / X.shape[0]
-        if handle.monitor is not None:
-            try:  # drift and data quality, per batch, still on the scoring thread (GIL released)
-                handle.monitor.observe(X, scores, handle.threshold)
-            except Exception:  # monitoring must never fail scoring
-                log.exception("drift monitor failed model=%s version=%d", handle.name, handle.version)
-        return scores, device, X, None if explanation is None else tuple(explanation)
+    def _kernel(self, handle: ModelHandle, X: np.ndarray, explain: Explain | None, items: list[Pending]) -> ScoredBatch:
+        """Score one batch (the plane's scoring function) and show it to the ``on_scored``
+        observers, on a scoring thread."""
+        batch = ScoredBatch(handle, X, self._score(handle, X, explain), items)
+        if self._on_scored:
+            self._observe_scored(batch)
+        return batch
 
     def _observe(self, handle: ModelHandle, n: int) -> None:
         if self.metrics is not None:
@@ -420,13 +367,13 @@ class MicroBatcher:
                 h = self._batch_hist[handle.name] = self.metrics.batch_size.labels(handle.name)
             h.observe(n)
 
-    def _take_batch(self) -> list[_Item]:
+    def _take_batch(self) -> list[Pending]:
         """Pop queued items of one handle, up to max_batch records, skipping cancelled ones."""
-        items: list[_Item] = []
+        items: list[Pending] = []
         rows = 0
         while self._queue:
             item = self._queue[0]
-            if item.future.done():  # cancelled by its caller: drop it
+            if item.future is None or item.future.done():  # cancelled by its caller: drop it
                 self._queue.popleft()
                 self._queued -= item.X.shape[0]
                 continue

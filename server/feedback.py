@@ -25,7 +25,7 @@ from outlierd.monitoring.quality import from_store
 from outlierd.monitoring.store import LabelRow, StoreOpener
 from outlierd.v1 import scoring_pb2 as pb
 
-from .errors import RequestError, message, status_code
+from .errors import RequestError, message_error, stream_errors, unary_errors
 
 log = logging.getLogger("outlierd.feedback")
 STREAM_GROUP = 512  # labels of one stream committed in one transaction at most
@@ -112,10 +112,9 @@ class FeedbackService:
         self._quality_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def label_row(req: pb.FeedbackRequest, default_model: str) -> LabelRow:
-    """The store row for a request, or RequestError naming what is wrong."""
-    if req.model and req.model != default_model:
-        raise RequestError(f"unknown model {req.model!r}; this server serves {default_model!r}", code="NOT_FOUND", reason="unknown_model")
+def label_row(req: pb.FeedbackRequest) -> LabelRow:
+    """The store row for a request, or RequestError naming what is wrong (the model name is the
+    caller's to check)."""
     if not req.record_id:
         raise RequestError("record_id is empty: send the id the record was scored with", reason="feedback")
     label = _LABELS.get(req.label)
@@ -126,27 +125,30 @@ def label_row(req: pb.FeedbackRequest, default_model: str) -> LabelRow:
 
 
 class FeedbackRpcs:
-    """Mixin for ScorerServicer: the two feedback RPCs. The worker sets ``feedback``; the servicer
-    provides ``settings.model``."""
+    """Mixin for ScorerServicer: the two feedback RPCs. The servicer provides ``feedback`` (None:
+    feedback off) and ``plane`` (which models this server serves)."""
 
-    feedback: FeedbackService | None = None
-    settings: Any
+    feedback: FeedbackService | None
+    plane: Any
 
     def _feedback_service(self) -> FeedbackService:
         if self.feedback is None:
             raise RequestError("feedback is not enabled on this server", code="UNAVAILABLE", reason="feedback")
         return self.feedback
 
-    async def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackAck:
-        try:
-            service = self._feedback_service()
-            row = label_row(request, self.settings.model)
-            known = (await service.store([row]))[0]
-        except RequestError as e:
-            await context.abort(status_code(e), message(e))
+    def _label_row(self, req: pb.FeedbackRequest) -> LabelRow:
+        self.plane.resolve(req.model)  # NOT_FOUND for a model this server does not serve
+        return label_row(req)
+
+    @unary_errors("storing feedback")
+    async def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackAck:  # noqa: N802 - gRPC name
+        service = self._feedback_service()
+        row = self._label_row(request)
+        known = (await service.store([row]))[0]
         return pb.FeedbackAck(record_id=request.record_id, stored=True, known_record=known)
 
-    async def SubmitFeedbackStream(self, request_iterator: AsyncIterator[pb.FeedbackRequest],
+    @stream_errors("storing feedback")
+    async def SubmitFeedbackStream(self, request_iterator: AsyncIterator[pb.FeedbackRequest],  # noqa: N802 - gRPC name
                                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.FeedbackAck]:
         # A reader task takes messages as they come; each round commits every valid label waiting
         # (up to STREAM_GROUP) in one transaction, then acks them all in order. Labels arriving
@@ -179,17 +181,17 @@ class FeedbackRpcs:
                 slots: list[int] = []
                 for req in group:
                     try:
-                        rows.append(label_row(req, self.settings.model))
+                        rows.append(self._label_row(req))
                         slots.append(len(acks))
                         acks.append(pb.FeedbackAck(record_id=req.record_id))
                     except RequestError as e:
-                        acks.append(pb.FeedbackAck(record_id=req.record_id, stored=False, error=f"{e.code}: {message(e)}"))
+                        acks.append(pb.FeedbackAck(record_id=req.record_id, stored=False, error=message_error(e)))
                 if rows:
                     try:
                         known = await self._feedback_service().store(rows)
                     except RequestError as e:
                         for i in slots:
-                            acks[i].error = f"{e.code}: {message(e)}"
+                            acks[i].error = message_error(e)
                     else:
                         for i, k in zip(slots, known):
                             acks[i].stored, acks[i].known_record = True, k

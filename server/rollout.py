@@ -65,12 +65,17 @@ def challenger_mask(keys: Iterable[str | bytes], share: float) -> np.ndarray:
     return np.fromiter((route_point(k) < share for k in keys), dtype=bool)
 
 
+def route_key(ids: Sequence[str], request_id: int, key: str = "id") -> str:
+    """The routing key of a message: its first record id (``key="id"``, when it has ids) or its
+    ``request_id`` as decimal text."""
+    if key == "id" and len(ids):
+        return ids[0]
+    return str(request_id)
+
+
 def split_key(req: Any, key: str = "id") -> str:
-    """The routing key of a ScoreRequest: its first record id (``key="id"``, when it has ids) or
-    its ``request_id`` as decimal text."""
-    if key == "id" and len(req.ids):
-        return req.ids[0]
-    return str(req.request_id)
+    """:func:`route_key` of a ScoreRequest (or anything with ``ids`` and ``request_id``)."""
+    return route_key(req.ids, req.request_id, key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,12 +293,12 @@ class ShadowScorer:
 
 
 # ---------------------------------------------------------------------------------------------
-# the servicer's hooks
+# the data plane's hooks
 # ---------------------------------------------------------------------------------------------
 
 
 class Rollout:
-    """What the servicer asks per message: which handle answers (``route``) and what happens after
+    """What the data plane asks per message: which handle answers (``route``) and what happens after
     the champion answered (``after``: shadow scoring)."""
 
     def __init__(self, mode: str, share: float, key: str, champion: ModelSlot, challenger: ChallengerSlot | None,
@@ -304,16 +309,16 @@ class Rollout:
         self.champion, self.challenger, self.shadow, self.metrics = champion, challenger, shadow, metrics
         self._counters: dict[tuple[str, str], Any] = {}
 
-    def route(self, req: Any, handle: ModelHandle) -> ModelHandle:
-        """The handle that answers ``req``: the champion's ``handle``, or in split mode the
-        challenger's for the routed share (when a challenger is loaded)."""
+    def route(self, ids: Sequence[str], request_id: int, handle: ModelHandle) -> ModelHandle:
+        """The handle that answers a message with these ``ids`` and ``request_id``: the champion's
+        ``handle``, or in split mode the challenger's for the routed share (when one is loaded)."""
         if self.mode == "split" and self.challenger is not None:
             chal = self.challenger.current
-            if chal is not None and to_challenger(split_key(req, self.key), self.share):
+            if chal is not None and to_challenger(route_key(ids, request_id, self.key), self.share):
                 return chal
         return handle
 
-    def after(self, req: Any, X: np.ndarray, handle: ModelHandle) -> Callable[[Any], None] | None:
+    def after(self, ids: Sequence[str], request_id: int, X: np.ndarray, handle: ModelHandle) -> Callable[[Any], None] | None:
         """Count the records by role; in shadow mode, return the hook that queues them for the
         challenger once the champion has scored them (the batcher calls it on the scoring thread
         with the champion's capture selection, after the answer: the response never waits for it);
@@ -329,7 +334,7 @@ class Rollout:
         chal = self.challenger.current
         if chal is None:
             return None
-        shadow, ids, request_id = self.shadow, req.ids, req.request_id  # ids: the message's repeated field, read in the shadow thread
+        shadow = self.shadow  # ids: e.g. the message's repeated field, read in the shadow thread
 
         def then(champion_sel: Any) -> None:
             # the champion's capture selection: the challenger's captures sample the same records

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from outlierd.core import load_model
+from outlierd.core import ArtifactError, DeviceError, InvalidInputError, load_model
 from outlierd.core.registry import Registry
 from outlierd.monitoring.metrics import ServiceMetrics
 from outlierd.v1 import scoring_pb2 as pb
@@ -834,6 +834,51 @@ def test_kernel_failure_is_internal_and_the_server_keeps_serving(loop_thread, re
         assert_scored(responses[0], X[:4], served_model)
         assert_scored(responses[2], X[4:9], served_model)
         assert running.sample("outlierd_invalid_inputs_total", {"reason": "internal"}) == 2
+
+
+@pytest.mark.parametrize("error, code", [
+    (InvalidInputError("record 1: feature 'age' is out of the model's range"), grpc.StatusCode.INVALID_ARGUMENT),
+    (ArtifactError("arrays.npz changed on disk since it was verified"), grpc.StatusCode.FAILED_PRECONDITION),
+    (DeviceError("--device cuda: the GPU went away"), grpc.StatusCode.FAILED_PRECONDITION),
+])
+def test_core_error_while_scoring_reaches_the_caller_with_its_code(loop_thread, registry_dir, X, served_model, error, code):
+    # a core error raised inside the kernel call (on a scoring thread) is answered with its own
+    # status and message, on the unary call and on that stream message; the server keeps serving
+    with serving(loop_thread, registry_dir) as running:
+        model = running.worker.slot.current.model
+        real = model.score
+
+        def failing(Xb, parallel=None):
+            if np.any(Xb[:, 0] == SENTINEL):
+                raise error
+            return real(Xb, parallel=parallel)
+
+        model.score = failing
+        bad = X[:3].copy()
+        bad[1, 0] = SENTINEL
+        with grpc.insecure_channel(running.target) as ch:
+            stub = pb_grpc.ScorerStub(ch)
+            e = rpc_error(stub.Score, request(bad, request_id=7))
+            assert e.code() == code
+            assert e.details() == str(error)
+
+            answered = threading.Event()
+            reqs = [request(X[:4], request_id=1), request(bad, request_id=2), request(X[4:9], request_id=3)]
+
+            def one_at_a_time():
+                for r in reqs:
+                    answered.clear()
+                    yield r
+                    answered.wait(TIMEOUT)
+
+            responses = []
+            for resp in stub.ScoreStream(one_at_a_time(), timeout=TIMEOUT):
+                responses.append(resp)
+                answered.set()
+        assert [r.request_id for r in responses] == [1, 2, 3]
+        assert responses[1].error == f"{code.name}: {error}" and list(responses[1].scores) == []
+        assert_scored(responses[0], X[:4], served_model)
+        assert_scored(responses[2], X[4:9], served_model)
 
 
 @pytest.mark.parametrize("n", [1, 2, 15, 16, 127, 128, 256, 4096, 20_000])
