@@ -7,6 +7,8 @@ from typing import Awaitable, Callable
 
 import grpc
 
+from outlierd.core.errors import InvalidInputError
+
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
@@ -23,7 +25,7 @@ def _deny(message: str) -> grpc.RpcMethodHandler:
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         if not token:
-            raise ValueError("the auth token must not be empty")
+            raise InvalidInputError("the auth token must not be empty")
         self._expected = f"Bearer {token}".encode()
         self._deny_unary, self._deny_stream = _deny("missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
 
@@ -48,6 +50,6 @@ def read_token(path: str | None, env_value: str | None) -> str | None:
         with open(path, encoding="utf-8") as f:
             token = f.readline().strip()
         if not token:
-            raise ValueError(f"token file {path} is empty")
+            raise InvalidInputError(f"token file {path} is empty")
         return token
     return env_value or None

@@ -8,6 +8,7 @@ from typing import Iterable, Iterator, Sequence
 import grpc
 import numpy as np
 
+from outlierd.core.errors import InvalidInputError
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 
@@ -29,7 +30,7 @@ def request(X: np.ndarray, *, ids: Sequence[str] | None = None, model: str = "",
     """Pack records ``X`` (n, d) into one ScoreRequest: little-endian float32 bytes, or ``values``."""
     X = np.ascontiguousarray(X, dtype="<f4")
     if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (n_records, n_features); got shape {X.shape}")
+        raise InvalidInputError(f"X must be 2-D (n_records, n_features); got shape {X.shape}")
     kw = {"raw_values": X.tobytes()} if raw else {"values": X.ravel()}
     return pb.ScoreRequest(model=model, n_features=X.shape[1], ids=list(ids or ()), request_id=request_id, **kw)
 

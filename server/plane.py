@@ -29,6 +29,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from outlierd.core.errors import InvalidInputError
+
 from .batcher import PARALLEL_MIN_ROWS, MicroBatcher
 from .errors import RequestError
 from .observers import CaptureObserver, drift_observer
@@ -67,7 +69,7 @@ class DataPlane:
                  capture: Any = None) -> None:
         self.models: dict[str, ServedModel] = {m.name: m for m in models}
         if not self.models:
-            raise ValueError("a data plane needs at least one model")
+            raise InvalidInputError("a data plane needs at least one model")
         self.default = next(iter(self.models.values()))  # requests with an empty model name get it
         self.max_request_records = max_request_records
         self.metrics = metrics

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from outlierd.core.backends import SERIAL_MAX_ROWS, resolve_device
+from outlierd.core.errors import OutlierdError
 from outlierd.core.model import Model, load_model
 from outlierd.core.registry import Registry
 
@@ -101,7 +102,7 @@ class ModelSlot:
             return handle
         try:
             return dataclasses.replace(handle, monitor=self.monitor_factory(handle))
-        except ValueError as e:  # e.g. an artifact without a reference profile: serve, unmonitored
+        except (ValueError, OutlierdError) as e:  # e.g. an artifact without a reference profile: serve, unmonitored
             log.warning("drift monitoring off model=%s version=%d reason=%s", handle.name, handle.version, e)
             return handle
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from outlierd.core.errors import ModelNotFoundError
+from outlierd.core.errors import ArtifactError, InvalidInputError, ModelNotFoundError
 
 from .batcher import PARALLEL_MIN_ROWS
 from .reload import ModelHandle, ModelSlot, load_handle
@@ -140,7 +140,7 @@ class ChallengerSlot(ModelSlot):
         if champ is None:
             return
         if handle.model.n_features != champ.model.n_features or list(handle.model.feature_names) != list(champ.model.feature_names):
-            raise ValueError(f"its features ({handle.model.n_features}) differ from champion version {champ.version}'s "
+            raise ArtifactError(f"its features ({handle.model.n_features}) differ from champion version {champ.version}'s "
                              f"({champ.model.n_features}): requests could not be scored by both")
 
     def _load(self, version: int) -> ModelHandle:
@@ -304,7 +304,7 @@ class Rollout:
     def __init__(self, mode: str, share: float, key: str, champion: ModelSlot, challenger: ChallengerSlot | None,
                  shadow: ShadowScorer | None = None, metrics: RolloutMetrics | None = None):
         if mode not in MODES:
-            raise ValueError(f"rollout mode must be one of {', '.join(MODES)}; got {mode!r}")
+            raise InvalidInputError(f"rollout mode must be one of {', '.join(MODES)}; got {mode!r}")
         self.mode, self.share, self.key = mode, share, key
         self.champion, self.challenger, self.shadow, self.metrics = champion, challenger, shadow, metrics
         self._counters: dict[tuple[str, str], Any] = {}
@@ -350,7 +350,7 @@ class Rollout:
             if chal is not None:
                 try:  # the champion may have moved to other features since the challenger loaded
                     self.challenger._compatible(chal)
-                except ValueError as e:
+                except ArtifactError as e:
                     self.challenger._refused = chal.version
                     self.challenger._drop(f"version {chal.version} refused: {e}")
         if self.metrics is not None:
