@@ -27,7 +27,7 @@ from outlierd.monitoring.drift import reference_for
 from outlierd.monitoring.metrics import ServiceMetrics
 from outlierd.monitoring.store import StoreOpener, default_store_path, open_store
 from outlierd.monitoring.stream import ServingMonitor
-from outlierd.v1 import scoring_pb2, scoring_pb2_grpc
+from outlierd.v1 import scoring_pb2
 
 from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
@@ -36,7 +36,7 @@ from .health import HealthServicer
 from .plane import DataPlane, ServedModel
 from .reload import DevicePolicy, ModelSlot
 from .rollout import ChallengerSlot, Rollout, RolloutMetrics, ShadowScorer
-from .servicer import ScorerServicer
+from .servicer import ScorerServicer, add_to_server
 from .settings import ServeSettings
 
 log = logging.getLogger("outlierd.server")
@@ -196,7 +196,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
                       metrics=metrics, capture=capture)
     plane.start()
     servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback)
-    scoring_pb2_grpc.add_ScorerServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

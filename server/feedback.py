@@ -26,6 +26,7 @@ from outlierd.monitoring.store import LabelRow, StoreOpener
 from outlierd.v1 import scoring_pb2 as pb
 
 from .errors import RequestError, message_error, stream_errors, unary_errors
+from .requests import refuse_undecodable
 
 log = logging.getLogger("outlierd.feedback")
 STREAM_GROUP = 512  # labels of one stream committed in one transaction at most
@@ -136,7 +137,8 @@ class FeedbackRpcs:
             raise RequestError("feedback is not enabled on this server", code="UNAVAILABLE", reason="feedback")
         return self.feedback
 
-    def _label_row(self, req: pb.FeedbackRequest) -> LabelRow:
+    def _label_row(self, req: pb.FeedbackRequest, where: str = "the request") -> LabelRow:
+        refuse_undecodable(req, where)
         self.plane.resolve(req.model)  # NOT_FOUND for a model this server does not serve
         return label_row(req)
 
@@ -163,6 +165,7 @@ class FeedbackRpcs:
                 await pending.put(None)
 
         task = asyncio.get_running_loop().create_task(reader())
+        position = 0  # messages taken so far (an undecodable one is named by its position)
         try:
             done = False
             while not done:
@@ -180,12 +183,14 @@ class FeedbackRpcs:
                 rows: list[LabelRow] = []
                 slots: list[int] = []
                 for req in group:
+                    position += 1
+                    record_id = getattr(req, "record_id", "")  # "" for a message that did not decode
                     try:
-                        rows.append(self._label_row(req))
+                        rows.append(self._label_row(req, f"message {position} of the stream"))
                         slots.append(len(acks))
-                        acks.append(pb.FeedbackAck(record_id=req.record_id))
+                        acks.append(pb.FeedbackAck(record_id=record_id))
                     except RequestError as e:
-                        acks.append(pb.FeedbackAck(record_id=req.record_id, stored=False, error=message_error(e)))
+                        acks.append(pb.FeedbackAck(record_id=record_id, stored=False, error=message_error(e)))
                 if rows:
                     try:
                         known = await self._feedback_service().store(rows)

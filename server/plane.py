@@ -41,7 +41,8 @@ from .rollout import Rollout
 log = logging.getLogger("outlierd.plane")
 DEFAULT_TOP_K = 3  # Explain.top_k = 0: features per explained record
 # reasons of outlierd_invalid_inputs_total; every series exists at 0 from the start
-INVALID_REASONS = ("n_features", "shape", "both_values", "ids", "too_large", "non_finite", "unknown_model", "explain", "internal")
+INVALID_REASONS = ("n_features", "shape", "both_values", "ids", "too_large", "non_finite", "unknown_model", "explain", "internal",
+                   "decode")
 
 
 class ServedModel:

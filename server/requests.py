@@ -6,7 +6,7 @@ are the data plane's (``DataPlane.check``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -14,6 +14,40 @@ from .errors import RequestError
 from .reload import ModelHandle
 
 _F32 = np.dtype("<f4")
+
+
+class Undecodable:
+    """What a lenient deserializer hands a handler for bytes that are not a valid message (a
+    truncated field, invalid UTF-8 in a string): the handler answers it with INVALID_ARGUMENT, and
+    on a stream answers that message and goes on. (gRPC itself would answer a unary call UNKNOWN
+    with a traceback in the log, and end a stream with OK, silently dropping the rest of it.)"""
+
+    __slots__ = ("error", "type_name")
+
+    def __init__(self, error: str, type_name: str) -> None:
+        self.error, self.type_name = error, type_name
+
+    def refuse(self, where: str = "the request") -> RequestError:
+        return RequestError(f"{where} is not a valid {self.type_name} message: {self.error}", reason="decode")
+
+
+def lenient(message_class: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: the parsed message, or :class:`Undecodable`."""
+    parse, type_name = message_class.FromString, message_class.DESCRIPTOR.full_name
+
+    def parse_or_mark(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as e:  # DecodeError, invalid UTF-8: the handler answers it
+            return Undecodable(str(e) or type(e).__name__, type_name)
+
+    return parse_or_mark
+
+
+def refuse_undecodable(req: Any, where: str = "the request") -> None:
+    """Raise the RequestError for a message that did not decode (no-op for a decoded one)."""
+    if type(req) is Undecodable:
+        raise req.refuse(where)
 
 
 def decode(req: Any, handle: ModelHandle) -> np.ndarray:

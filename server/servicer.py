@@ -18,7 +18,7 @@ from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 from .errors import message_error, stream_errors, unary_errors
 from .feedback import FeedbackRpcs, FeedbackService
 from .plane import DataPlane
-from .requests import decode
+from .requests import Undecodable, decode, lenient, refuse_undecodable
 from .results import Explain, ScoreResult
 
 log = logging.getLogger("outlierd.servicer")
@@ -62,6 +62,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
     def _start(self, req: pb.ScoreRequest) -> asyncio.Future:
         """Decode one request and hand it to the plane (synchronously, so requests bind handles in
         order); the future resolves to a ScoreResult."""
+        if type(req) is Undecodable:
+            raise req.refuse()
         plane = self.plane
         handle = plane.route(plane.resolve(req.model), req.ids, req.request_id)
         X = decode(req, handle)
@@ -124,11 +126,15 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                     w.set_result(None)
 
         async def reader() -> None:
+            position = 0
             try:
                 async for req in request_iterator:
                     t0 = time.perf_counter()
+                    position += 1
                     fut = None
                     try:
+                        if type(req) is Undecodable:  # answered (request_id 0: unknown), the stream goes on
+                            raise req.refuse(f"message {position} of the stream")
                         fut = self._start(req)
                         entry = (req, t0, fut, None)
                     except Exception as e:  # answer this message, keep the stream going
@@ -169,7 +175,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                         self.count_error(e)
                         err = e
                 if err is not None:
-                    yield pb.ScoreResponse(request_id=req.request_id, error=message_error(err))
+                    yield pb.ScoreResponse(request_id=getattr(req, "request_id", 0), error=message_error(err))
                     continue
                 yield self._response(req, result)
                 self._observe("ScoreStream", t0)
@@ -182,6 +188,26 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
 
     @unary_errors("reading model info")
     async def GetModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:  # noqa: N802 - gRPC name
+        refuse_undecodable(request)
         handle = self.plane.info(request.model)
         return pb.ModelInfo(model=handle.name, version=str(handle.version), feature_names=handle.model.feature_names,
                             threshold=handle.threshold, alias=handle.alias)
+
+
+def add_to_server(servicer: ScorerServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` as ``outlierd.v1.Scorer`` on ``server`` (as the generated
+    ``add_ScorerServicer_to_server`` does), with lenient request deserializers: bytes that are not
+    a valid message reach the handler as :class:`Undecodable` and are answered INVALID_ARGUMENT (a
+    stream answers that message and goes on) instead of gRPC's UNKNOWN and silently ended streams."""
+    service = pb.DESCRIPTOR.services_by_name["Scorer"]
+    handlers = {}
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        kind = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(getattr(servicer, method.name), request_deserializer=lenient(request_class),
+                                     response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
