@@ -33,7 +33,7 @@ from typing import Any, TextIO
 import numpy as np
 import pyarrow as pa
 
-from .data import DataError
+from outlierd.core.errors import DataError
 
 DEFAULT_BATCH_ROWS = 65536
 PARQUET_SUFFIXES = (".parquet", ".pq")

@@ -3,7 +3,7 @@
 The whole loop on one machine, through the real paths only:
 
 1. generate a synthetic card-payments history (13 correlated numeric features), train the default
-   detector (Isolation Forest) on it with :func:`training.train.train` and publish it as alias
+   detector (Isolation Forest) on it with :func:`outlierd.training.train.train` and publish it as alias
    ``champion`` in a registry;
 2. start ``python -m outlierd serve`` on 127.0.0.1 in a subprocess and wait for gRPC health SERVING;
 3. stream fresh traffic with anomalies injected at known positions (four kinds) through
@@ -37,11 +37,11 @@ from typing import Iterator, TextIO
 import numpy as np
 
 from outlierd.core.errors import OutlierdError
-
-from .settings import ServeSettings
+from outlierd.core.registry import CHAMPION
+from outlierd.server.settings import ServeSettings
 
 MODEL = "payments"
-ALIAS = "champion"
+ALIAS = CHAMPION
 HOST = "127.0.0.1"
 
 FEATURES = (
@@ -528,7 +528,7 @@ def _stream(port: int | None, s: DemoSummary, say: _Printer, *, records: int, se
             expect_version: int) -> None:
     import grpc
 
-    from .client import ScorerClient
+    from outlierd.server.client import ScorerClient
 
     t0 = time.perf_counter()
     feed = _Feed(np.random.default_rng(seed + 1000), records, batch, anomaly_rate, deadline=t0 + seconds)
