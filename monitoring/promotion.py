@@ -193,7 +193,7 @@ def _versions(registry: Registry, model: str) -> tuple[int, int]:
         chal = registry.resolve(model, CHALLENGER)
     except ModelNotFoundError:
         raise InvalidInputError(f"model {model!r} has no {CHALLENGER!r} alias: nothing to compare (publish a challenger, "
-                         f"e.g. outlierd retrain-policy or registry alias)") from None
+                                f"e.g. outlierd retrain-policy or registry alias)") from None
     if chal == champ:
         raise InvalidInputError(f"{CHAMPION!r} and {CHALLENGER!r} of {model!r} are the same version {champ}: nothing to compare")
     return champ, chal
@@ -206,13 +206,13 @@ def compare(registry: Registry, store: Any, model: str) -> Comparison:
     chal = store.predictions(model, role=CHALLENGER, version=chal_v, features=False)
     if len(chal) == 0:
         raise InvalidInputError(f"no captured challenger traffic for {model!r} version {chal_v}: serve with --rollout shadow "
-                         "(or split) and capture on, and let traffic flow")
+                                "(or split) and capture on, and let traffic flow")
     t0, t1 = float(chal.ts.min()), float(chal.ts.max())
     champ = store.predictions(model, role=CHAMPION, version=champ_v, features=False)
     in_window = (champ.ts >= t0 - WINDOW_SLACK_S) & (champ.ts <= t1 + WINDOW_SLACK_S)
     if not in_window.any():
         raise InvalidInputError(f"no captured champion traffic of {model!r} version {champ_v} while the challenger (version "
-                         f"{chal_v}) was captured: nothing to compare")
+                                f"{chal_v}) was captured: nothing to compare")
     labels: dict[str, int] = {}
     for row in store.labels(model):  # arrival order: the last label of a record wins
         labels[row.record_id] = 1 if row.label == ANOMALY else 0
@@ -341,7 +341,7 @@ def rollback(registry: Registry, model: str) -> tuple[int, int]:
     stack = champion_history(registry, model)
     if len(stack) < 2 or stack[-1] != current:
         raise InvalidInputError(f"no previous champion of {model!r} to return to (champion is version {current}; "
-                         f"history: {stack or 'empty'}); use outlierd registry alias to choose a version")
+                                f"history: {stack or 'empty'}); use outlierd registry alias to choose a version")
     target = stack[-2]
     registry.resolve(model, target)  # the version must still exist
     registry.set_alias(model, CHAMPION, target)

@@ -132,7 +132,7 @@ def precision_threshold(scores: np.ndarray, y: np.ndarray, precision: float) -> 
     ok = np.flatnonzero(prec >= precision - 1e-12)
     if ok.size == 0:
         raise InvalidInputError(f"precision {precision:g} is not reachable on the labelled records: the best is "
-                         f"{prec.max():.4f} (at threshold {uniq[int(np.argmax(prec))]:.6g}, {int(n[int(np.argmax(prec))])} records)")
+                                f"{prec.max():.4f} (at threshold {uniq[int(np.argmax(prec))]:.6g}, {int(n[int(np.argmax(prec))])} records)")
     i = int(ok[0])
     return float(uniq[i]), float(prec[i]), int(n[i])
 
@@ -159,7 +159,7 @@ def calibrate(registry: Registry, store: Any, model: str, ref: int | str = CHAMP
     preds = store.predictions(model, version=version, features=False)
     if len(preds) == 0:
         raise InvalidInputError(f"no captured predictions of {model!r} version {version} in the feedback store: serve it "
-                         "with capture on (the default) and let traffic flow first")
+                                "with capture on (the default) and let traffic flow first")
     notes: list[str] = []
     ids, (score, flagged, sampled, rate) = _latest_per_id(preds.record_id, preds.score, preds.flagged, preds.sampled, preds.sample_rate)
     if len(ids) < len(preds):
@@ -168,13 +168,13 @@ def calibrate(registry: Registry, store: Any, model: str, ref: int | str = CHAMP
         alert_rate = _check_rate("--alert-rate", alert_rate)
         if not np.any(sampled & ~flagged):
             raise InvalidInputError(f"no sampled captures of {model!r} version {version}, only flagged ones: the size of the "
-                             "traffic is unknown; serve with --capture-sample > 0")
+                                    "traffic is unknown; serve with --capture-sample > 0")
         w = weights_of(flagged, sampled, rate)
         total = float(w.sum())
         if len(ids) < min_records or alert_rate * total < MIN_ALERTS:
             raise InvalidInputError(f"not enough captured traffic for alert rate {alert_rate:g}: {len(ids)} captured records "
-                             f"standing for {total:.0f} scored ones (need {min_records} captured and "
-                             f"{MIN_ALERTS / alert_rate:.0f} scored); capture more or raise the capture sample rate")
+                                    f"standing for {total:.0f} scored ones (need {min_records} captured and "
+                                    f"{MIN_ALERTS / alert_rate:.0f} scored); capture more or raise the capture sample rate")
         t = alert_rate_threshold(score, w, alert_rate)
         est = float(w[score >= t].sum() / total)
         return Calibration(model, version, "alert_rate", alert_rate, t, previous, prev_n, est, None, None, len(ids),
@@ -190,7 +190,7 @@ def calibrate(registry: Registry, store: Any, model: str, ref: int | str = CHAMP
     joined = [(by_id[rid], lab == ANOMALY) for rid, lab in latest.items() if rid in by_id]
     if len(joined) < min_labels:
         raise InvalidInputError(f"not enough labels for a precision target: {len(joined)} labelled records of {model!r} version "
-                         f"{version} have a captured score (need {min_labels}; {len(latest)} labelled ids in all)")
+                                f"{version} have a captured score (need {min_labels}; {len(latest)} labelled ids in all)")
     s = np.array([j[0] for j in joined])
     y = np.array([j[1] for j in joined])
     if int(y.sum()) < MIN_POSITIVES:

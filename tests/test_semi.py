@@ -238,3 +238,9 @@ def test_labels_from_the_feedback_store_are_appended(tmp_path, rng):
     # the appended records take part in the fit: robust_z's medians are those of file rows + normals
     fit = np.vstack([X[file_rows], X[captured[labelled]][y[captured[labelled]] == 0].astype(np.float32)])
     np.testing.assert_allclose(load_npz(res.path / "arrays.npz")["rz_median"], np.median(fit, axis=0), rtol=1e-12)
+    # the CLI reads the same records from the store and hands them to training as data
+    rc = main(["train", "--data", str(data), "--registry", str(reg), "--model", "m", "--labels-from-feedback",
+               "--detector", "robust_z", "--quiet"])
+    assert rc == 0
+    cli = load_model(reg / "m" / "2").manifest["lineage"]["labels"]["sources"][0]
+    assert cli == fb

@@ -185,7 +185,7 @@ def _check_workers(client: Any) -> None:
         client.run(exec, "import outlierd.core.model, outlierd.training.dask_scoring")
     except Exception as e:  # ModuleNotFoundError raised on a worker, re-raised here
         raise UnavailableError(f"--dask: the Dask workers cannot import outlierd ({type(e).__name__}: {e}); install outlierd "
-                         "on the workers (the same version as here)") from e
+                               "on the workers (the same version as here)") from e
 
 
 def score_on_dask(source: Source, artifact: str | os.PathLike, how: BatchScoring, *, address: str,

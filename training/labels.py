@@ -72,7 +72,7 @@ def parse_labels(column: pa.ChunkedArray | pa.Array, name: str, source: str = "d
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
         raw = column.cast(pa.string()).to_pylist()
         out = np.full(len(raw), -1, dtype=np.int8)
-        bad: set[str] = set()
+        unknown: set[str] = set()
         for i, s in enumerate(raw):
             w = "" if s is None else s.strip().lower()
             if w in UNLABELLED_WORDS:
@@ -82,9 +82,9 @@ def parse_labels(column: pa.ChunkedArray | pa.Array, name: str, source: str = "d
             elif w in NORMAL_WORDS:
                 out[i] = 0
             else:
-                bad.add(s)
-        if bad:
-            raise DataError(f"{source}: label column {name!r} must hold 0 (normal) or 1 (anomaly); found {sorted(bad)[:5]} {hint}")
+                unknown.add(s)
+        if unknown:
+            raise DataError(f"{source}: label column {name!r} must hold 0 (normal) or 1 (anomaly); found {sorted(unknown)[:5]} {hint}")
         return out
     raise DataError(f"{source}: label column {name!r} has type {t}; labels must be 0/1, true/false or anomaly/normal")
 

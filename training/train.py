@@ -106,10 +106,10 @@ def _median_prep(X: np.ndarray) -> Preprocessing:
 
 def column_labels(spec: TrainSpec, table: pa.Table) -> np.ndarray:
     """The parsed labels (-1 unlabelled, 0, 1) of ``spec.label_column`` in ``table``."""
-    if spec.label_column not in table.column_names:
-        raise DataError(f"{spec.data}: label column {spec.label_column!r} not found; columns are "
-                        f"{list(table.column_names)[:20]}")
-    return parse_labels(table.column(spec.label_column), spec.label_column, str(spec.data))
+    name = spec.label_column
+    if name is None or name not in table.column_names:
+        raise DataError(f"{spec.data}: label column {name!r} not found; columns are {list(table.column_names)[:20]}")
+    return parse_labels(table.column(name), name, str(spec.data))
 
 
 def load(spec: TrainSpec, table: pa.Table, label_aware: bool) -> Loaded:
