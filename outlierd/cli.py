@@ -95,6 +95,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_score(sub: Any) -> None:
+    from outlierd.core.registry import CHAMPION
+
     p = sub.add_parser("score", help="score a CSV/Parquet file or dataset with a registry model (streamed, or on Dask)",
                        description="Score every record of a file or directory, streamed in bounded record batches with a "
                                    "progress line on stderr; optionally write, in input order, [id], score, anomalous, "
@@ -104,7 +106,7 @@ def _add_score(sub: Any) -> None:
                         "CSV/Parquet files read in sorted order)")
     p.add_argument("--registry", required=True, metavar="DIR")
     p.add_argument("--model", required=True, metavar="NAME")
-    p.add_argument("--ref", "--alias", dest="ref", default="champion", metavar="VERSION|ALIAS", help="version or alias (default champion)")
+    p.add_argument("--ref", "--alias", dest="ref", default=CHAMPION, metavar="VERSION|ALIAS", help=f"version or alias (default {CHAMPION})")
     p.add_argument("--output", "--out", dest="out", metavar="FILE",
                    help="write [id], score, anomalous, version columns here (.csv, .csv.gz, .tsv or .parquet, by extension)")
     p.add_argument("--label-column", metavar="COL", help="evaluate against this 0/1 column")
@@ -263,6 +265,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_drift(sub: Any) -> None:
+    from outlierd.core.registry import CHAMPION
+
     p = sub.add_parser("drift", help="drift and data-quality reports against a model's reference profile",
                        description="Compare data with the reference profile stored in a model's artifact.")
     dsub = p.add_subparsers(dest="drift_command", metavar="{report}", required=True)
@@ -272,8 +276,8 @@ def _add_drift(sub: Any) -> None:
                                     "the calibrated rate); write one self-contained HTML page and optionally a JSON summary.")
     r.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
     r.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
-    r.add_argument("--ref", "--alias", dest="ref", default="champion", metavar="VERSION|ALIAS",
-                   help="version or alias (default champion)")
+    r.add_argument("--ref", "--alias", dest="ref", default=CHAMPION, metavar="VERSION|ALIAS",
+                   help=f"version or alias (default {CHAMPION})")
     r.add_argument("--data", "--input", dest="data", required=True, metavar="FILE", help="records to test (.csv, .parquet)")
     r.add_argument("--out", required=True, metavar="FILE", help="write the HTML report here")
     r.add_argument("--json", metavar="FILE", help="also write the JSON summary here")

@@ -26,7 +26,7 @@ from typing import Any
 
 from outlierd.core.errors import DataError, OutlierdError
 from outlierd.core.labels import label_of
-from outlierd.core.registry import Registry
+from outlierd.core.registry import CHAMPION, Registry
 from outlierd.monitoring.store import LabelRow, default_store_path, open_store
 
 EXIT_ERROR = 2
@@ -232,7 +232,7 @@ def _anomaly_features(args: argparse.Namespace, store: Any) -> dict[str, Any]:
         if not (y == 1).any():
             return {**out, "note": "no captured record is labelled anomaly: nothing to explain"}
         reg = Registry(args.registry)
-        version = reg.resolve(args.model, "champion")
+        version = reg.resolve(args.model, CHAMPION)
         return {**anomaly_features(reg.load(args.model, version), X, y), "note": None}
     except (OutlierdError, ValueError, NotImplementedError) as e:
         return {**out, "note": f"labelled anomalies not explained: {e}"}
