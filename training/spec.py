@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -53,7 +54,7 @@ class TrainSpec:
     alias: str | None = None
     seed: int = 0
     quiet: bool = False
-    select: tuple[str, ...] = ()       # a comma-separated string is accepted and parsed
+    select: Sequence[str] | str | None = ()  # candidate names or a comma-separated string; a tuple once built
     feedback: LabelledRecords | None = None  # labelled captured records (``--labels-from-feedback``)
     min_labels: int = MIN_LABELS
     folds: int = DEFAULT_FOLDS
@@ -65,7 +66,7 @@ class TrainSpec:
                 validate_alias(self.alias)
             except ValueError as e:
                 raise InvalidInputError(f"--alias: {e}") from e
-        select = parse_select(self.select or None)  # type: ignore[arg-type]
+        select = parse_select(self.select or None)
         object.__setattr__(self, "select", select)
         if self.detector not in TRAIN_DETECTORS:
             raise InvalidInputError(f"unknown detector {self.detector!r}; choose one of {', '.join(TRAIN_DETECTORS)}")
@@ -82,6 +83,11 @@ class TrainSpec:
             raise InvalidInputError(f"feedback must be LabelledRecords; got {type(self.feedback).__name__}")
         if self.asks_for_labels and self.label_column is None and self.feedback is None:
             raise InvalidInputError("label-aware training needs labels: --label-column COL and/or --labels-from-feedback")
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """``select`` as parsed on construction."""
+        return tuple(self.select or ())
 
     @property
     def asks_for_labels(self) -> bool:

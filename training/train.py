@@ -128,7 +128,7 @@ def choose(spec: TrainSpec, loaded: Loaded, log: Callable[[str], None] | None) -
     """Stage 2: the detector to fit (with labels: compared out of fold)."""
     if loaded.labelled is None:
         return Plan(spec.detector)
-    return plan(loaded.labelled, detector=spec.detector, select=spec.select, min_labels=spec.min_labels,
+    return plan(loaded.labelled, detector=spec.detector, select=spec.candidates, min_labels=spec.min_labels,
                 folds=spec.folds, seed=spec.seed, log=log)
 
 
@@ -138,7 +138,7 @@ def _lineage(spec: TrainSpec, loaded: Loaded) -> dict[str, Any]:
     lineage: dict[str, Any] = {"data": data_lineage(spec.data, loaded.n_file_rows, loaded.feature_names), "parameters": params}
     ld = loaded.labelled
     if ld is not None:
-        params.update(select=list(spec.select), labels_from_feedback=spec.feedback is not None, min_labels=spec.min_labels,
+        params.update(select=list(spec.candidates), labels_from_feedback=spec.feedback is not None, min_labels=spec.min_labels,
                       folds=spec.folds)
         prov = ld.provenance
         lineage["labels"] = {**prov, "fit_rows": int(np.sum(ld.y != 1)), "excluded_anomalies": prov["anomalies"]}
