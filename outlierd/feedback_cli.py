@@ -22,12 +22,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from outlierd.core.errors import DataError, OutlierdError
 from outlierd.core.labels import label_of
 from outlierd.core.registry import CHAMPION, Registry
 from outlierd.monitoring.store import LabelRow, default_store_path, open_store
+
+if TYPE_CHECKING:
+    from outlierd.training.labels import LabelledRecords
 
 EXIT_ERROR = 2
 COLUMNS = ("record_id", "label", "reviewer", "note")
@@ -129,7 +132,8 @@ def _open_existing(path: Path):
     return open_store(path)
 
 
-def labelled_records(registry: str | os.PathLike, model: str, feedback_store: str | os.PathLike | None = None) -> Any:
+def labelled_records(registry: str | os.PathLike, model: str,
+                     feedback_store: str | os.PathLike | None = None) -> LabelledRecords:
     """The captured records of ``model`` that reviewers labelled, read from the feedback store
     (default: the registry's) as :class:`~outlierd.training.labels.LabelledRecords` for training
     (``outlierd train --labels-from-feedback``)."""
