@@ -46,6 +46,9 @@ LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
 THRESHOLDS = "thresholds"  # <model>/thresholds/<version>/<n>.json: threshold versions of a model version
 MAX_NAME = 128
+# The alias names the server, training and the promotion tools agree on.
+CHAMPION = "champion"    # the version that answers
+CHALLENGER = "challenger"  # the candidate: shadow-scored or given a split of the traffic
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _VERSION_RE = re.compile(r"[1-9][0-9]*")
@@ -257,7 +260,8 @@ class Registry:
 
     # ------------------------------------------------------------------ writers
 
-    def publish(self, name: str, artifact_dir: str | os.PathLike, aliases: Iterable[str] = ()) -> int:
+    def publish(self, name: str, artifact_dir: str | os.PathLike, aliases: Iterable[str] = (), *,
+                reprobe: bool = True) -> int:
         """Publish the artifact directory ``artifact_dir`` as the next version of model ``name``.
 
         The source is verified first by loading it (manifest digest, every file's sha256, array
@@ -265,6 +269,10 @@ class Registry:
         written. The copy is stamped with ``model``, ``version`` and ``published`` (UTC ISO-8601)
         and renamed into place atomically; then each alias in ``aliases`` is pointed at it.
         Returns the new version number (1 for a model's first version).
+
+        ``reprobe=False`` is for a caller that has just loaded this artifact with its probe
+        verified (the training pipeline): the digest, checksums and shapes are still checked, the
+        probe scores are not replayed a second time.
         """
         validate_name(name)
         alias_list = [validate_alias(a) for a in ([aliases] if isinstance(aliases, str) else aliases)]
@@ -272,7 +280,7 @@ class Registry:
         if not src.is_dir():
             raise ArtifactError(f"{src} is not a model artifact directory")
         # Full load: digest, checksums, shapes and probe scores. Only a servable model is published.
-        manifest = load_model(src).manifest
+        manifest = load_model(src, verify_probe=reprobe).manifest
         files = [MANIFEST, *manifest["files"]]
 
         with self._locked(name) as mdir:

@@ -1,7 +1,7 @@
 """The batch drift report behind ``outlierd drift report``.
 
-One file against a registry model's reference profile (``reference.json``): load the model, load
-the file with the model's feature columns, score it, observe every record into one
+One file against a registry model's reference profile (``reference.json``): load the model, take
+the file's records (loaded by the caller with the model's feature columns), score them, observe every record into one
 :class:`~monitoring.drift.Window` and evaluate it with the same tests as streaming monitoring (PSI,
 Wasserstein and a state per feature; KS on scores; the alert rate against the calibrated rate with
 an exact binomial p-value; data-quality counts). The result is written as one self-contained HTML
@@ -23,13 +23,12 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from outlierd.core.errors import ArtifactError
-from outlierd.core.registry import Registry
-from outlierd.training.data import DataError, load_dataset
+from outlierd.core.errors import ArtifactError, DataError, InvalidInputError
+from outlierd.core.registry import CHAMPION, Registry
 
 from .drift import QUALITY_REASONS, DriftConfig, DriftResult, Reference, Window, evaluate, observe, reference_for
 
@@ -50,6 +49,17 @@ CONTRIBUTION_MEANING = {
     "autoencoder": "the feature's squared reconstruction error",
     "stacked": "the feature's term in the label model's logit",
 }
+
+
+class Records(Protocol):
+    """The data a report tests: its records with the model's features in the model's order (NaN
+    where missing), where they came from, and what loading them found (e.g. training's
+    ``Dataset``, loaded by the caller)."""
+
+    X: np.ndarray
+    feature_names: list[str]
+    path: Any
+    warnings: list[str]
 
 
 @dataclass
@@ -121,12 +131,14 @@ def alert_features(names: list[str], feat: np.ndarray) -> list[dict[str, Any]]:
     return [{"name": names[j], "top1": int(top1[j]), "top1_share": float(top1[j] / n), "in_top_k": int(any_k[j])} for j in order]
 
 
-def build_report(registry: str | os.PathLike, model: str, data: str | os.PathLike, ref: str | int = "champion",
+def build_report(registry: str | os.PathLike, model: str, ds: Records, ref: str | int = CHAMPION,
                  config: DriftConfig = DriftConfig(), *, top_records: int = TOP_RECORDS) -> DriftReport:
-    """Score ``data`` with ``model`` at ``ref`` and test it for drift against the model's reference;
-    explain its flagged records in the same pass and keep the ``top_records`` highest-scoring ones."""
+    """Score the records ``ds`` with ``model`` at ``ref`` and test them for drift against the
+    model's reference; explain the flagged records in the same pass and keep the ``top_records``
+    highest-scoring ones. ``ds`` holds the model's features, in its order; the caller loads it
+    (entirely missing columns are drift to report, not an error)."""
     if isinstance(top_records, bool) or not isinstance(top_records, (int, np.integer)) or top_records < 0:
-        raise ValueError(f"top_records (--top-records) must be an integer >= 0; got {top_records!r}")
+        raise InvalidInputError(f"top_records (--top-records) must be an integer >= 0; got {top_records!r}")
     reg = Registry(registry)
     version = reg.resolve(model, ref)
     m = reg.load(model, version)
@@ -134,12 +146,15 @@ def build_report(registry: str | os.PathLike, model: str, data: str | os.PathLik
     if reference.feature_names != m.feature_names:
         raise ArtifactError(f"model {model!r} version {version}: the reference profile's features "
                             f"{reference.feature_names[:5]} do not match the model's {m.feature_names[:5]}")
-    # require_rows=0: a column that is entirely missing is drift to report, not an error
-    ds = load_dataset(data, feature_names=m.feature_names, require_rows=0)
-    if ds.n_rows == 0:
+    data = ds.path
+    if list(ds.feature_names) != m.feature_names:
+        raise DataError(f"{data}: the records' features {list(ds.feature_names)[:5]} are not the features of {model!r} "
+                        f"version {version}, {m.feature_names[:5]}, in that order")
+    X = np.asarray(ds.X, dtype=np.float64)
+    n_rows = int(X.shape[0])
+    if n_rows == 0:
         raise DataError(f"{data}: no records to compare with the reference")
-    X = ds.X
-    rows = np.arange(ds.n_rows)  # file row (0-based, header excluded) of each scored record
+    rows = np.arange(n_rows)  # file row (0-based, header excluded) of each scored record
     window = Window.empty(reference)
     unscored = 0
     warnings = list(ds.warnings)
@@ -183,7 +198,7 @@ def build_report(registry: str | os.PathLike, model: str, data: str | os.PathLik
     result = evaluate(window, reference, config)
     if unscored:
         warnings.append(f"{unscored} records with NaN or inf were not scored (the model's missing-value policy is 'reject')")
-    return DriftReport(model, version, str(ref), str(data), ds.n_rows,
+    return DriftReport(model, version, str(ref), str(data), n_rows,
                        datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                        m.threshold, result, window, reference, m.reference, config, unscored,
                        m.manifest.get("published"), warnings, m.kind, top, why, n_flagged, top_k)
@@ -201,11 +216,11 @@ def _write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def drift_report(registry: str | os.PathLike, model: str, data: str | os.PathLike, out: str | os.PathLike,
-                 *, ref: str | int = "champion", json_out: str | os.PathLike | None = None,
+def drift_report(registry: str | os.PathLike, model: str, ds: Records, out: str | os.PathLike,
+                 *, ref: str | int = CHAMPION, json_out: str | os.PathLike | None = None,
                  config: DriftConfig = DriftConfig(), top_records: int = TOP_RECORDS) -> DriftReport:
-    """Build the report and write the HTML page to ``out`` (and the JSON summary to ``json_out``)."""
-    report = build_report(registry, model, data, ref, config, top_records=top_records)
+    """Build the report on ``ds`` and write the HTML page to ``out`` (and the JSON summary to ``json_out``)."""
+    report = build_report(registry, model, ds, ref, config, top_records=top_records)
     _write_text(out, render_html(report))
     if json_out is not None:
         _write_text(json_out, json.dumps(report.summary(), indent=2, allow_nan=False) + "\n")

@@ -29,7 +29,8 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-LABELS = ("anomaly", "normal")
+from outlierd.core.labels import ANOMALY, LABELS
+
 ROLES = ("champion", "challenger")
 DEFAULT_FILENAME = "feedback.sqlite"
 BUSY_TIMEOUT_MS = 10_000
@@ -391,7 +392,7 @@ class SQLiteStore:
             ORDER BY l.lid
             """, (model, role)).fetchall()
         ids = [r[0] for r in rows]
-        y = np.array([1 if r[1] == "anomaly" else 0 for r in rows], dtype=np.int8)
+        y = np.array([1 if r[1] == ANOMALY else 0 for r in rows], dtype=np.int8)
         X = _stack([r[2] for r in rows], [r[3] for r in rows]).astype(np.float64)
         return X, y, ids
 

@@ -53,17 +53,19 @@ def _add_train(sub: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from outlierd.training.train import train
+    from outlierd.training.train import TrainSpec, run_train
 
     if args.mlflow_uri:  # fail before training when the extra is missing
         from outlierd.training.tracking import require_mlflow
         require_mlflow()
-    if args.detector is None:  # --select implies auto; an explicit --detector X with --select is refused by train
+    if args.detector is None:  # --select implies auto; an explicit --detector X with --select is refused by the spec
         args.detector = "auto" if args.select else "iforest"
-    res = train(args.data, args.registry, args.model, detector=args.detector, label_column=args.label_column,
-                alert_rate=args.alert_rate, alias=args.alias, seed=args.seed, quiet=args.quiet, select=args.select,
-                labels_from_feedback=args.labels_from_feedback, feedback_store=args.feedback_store,
-                min_labels=args.min_labels, folds=args.folds)
+    # training takes labelled records as data: the CLI reads them from the feedback store
+    feedback = (feedback_cli.labelled_records(args.registry, args.model, args.feedback_store)
+                if args.labels_from_feedback else None)
+    res = run_train(TrainSpec(args.data, args.registry, args.model, detector=args.detector, label_column=args.label_column,
+                              alert_rate=args.alert_rate, alias=args.alias, seed=args.seed, quiet=args.quiet,
+                              select=args.select, feedback=feedback, min_labels=args.min_labels, folds=args.folds))
     mlflow, mlflow_rc = registry_cli.train_to_mlflow(
         args, res, None if args.quiet else (lambda msg: print(f"[mlflow] {msg}", file=sys.stderr, flush=True)))
     if args.json:
@@ -93,6 +95,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_score(sub: Any) -> None:
+    from outlierd.core.registry import CHAMPION
+
     p = sub.add_parser("score", help="score a CSV/Parquet file or dataset with a registry model (streamed, or on Dask)",
                        description="Score every record of a file or directory, streamed in bounded record batches with a "
                                    "progress line on stderr; optionally write, in input order, [id], score, anomalous, "
@@ -102,7 +106,7 @@ def _add_score(sub: Any) -> None:
                         "CSV/Parquet files read in sorted order)")
     p.add_argument("--registry", required=True, metavar="DIR")
     p.add_argument("--model", required=True, metavar="NAME")
-    p.add_argument("--ref", "--alias", dest="ref", default="champion", metavar="VERSION|ALIAS", help="version or alias (default champion)")
+    p.add_argument("--ref", "--alias", dest="ref", default=CHAMPION, metavar="VERSION|ALIAS", help=f"version or alias (default {CHAMPION})")
     p.add_argument("--output", "--out", dest="out", metavar="FILE",
                    help="write [id], score, anomalous, version columns here (.csv, .csv.gz, .tsv or .parquet, by extension)")
     p.add_argument("--label-column", metavar="COL", help="evaluate against this 0/1 column")
@@ -126,15 +130,13 @@ def _add_score(sub: Any) -> None:
 
 
 def _run_score(args: argparse.Namespace) -> int:
-    from outlierd.training.scoring import score_file
+    from outlierd.training.scoring import ScoreSpec, run_score
 
-    if args.explain_flagged_only and not args.explain:
-        raise ValueError("--explain-flagged-only needs --explain")
     # keep_scores=False: only the output file (and, with labels, scores + labels) -- flat memory
-    res = score_file(args.data, args.registry, args.model, args.ref, out=args.out, label_column=args.label_column,
-                     backend=args.backend, device=args.device, id_column=args.id_column, explain=args.explain,
-                     top_k=args.top_k, explain_flagged_only=args.explain_flagged_only, batch_rows=args.batch_rows,
-                     keep_scores=False, dask=args.dask, dask_workers=args.dask_workers, quiet=args.quiet)
+    res = run_score(ScoreSpec(args.data, args.registry, args.model, args.ref, out=args.out, label_column=args.label_column,
+                              backend=args.backend, device=args.device, id_column=args.id_column, explain=args.explain,
+                              top_k=args.top_k, explain_flagged_only=args.explain_flagged_only, batch_rows=args.batch_rows,
+                              keep_scores=False, dask=args.dask, dask_workers=args.dask_workers, quiet=args.quiet))
     rate = res.rows / res.seconds if res.seconds > 0 else float("inf")
     summary = {"model": res.model, "version": res.version, "rows": res.rows, "anomalies": res.anomalies,
                "seconds": res.seconds, "records_per_s": rate, "metrics": res.metrics, "backend": res.backend, "device": res.device,
@@ -226,7 +228,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: Any) -> None:
-    from outlierd.server import demo
+    from . import demo
 
     p = sub.add_parser("demo", help="train, serve, stream payments with injected anomalies, hot-swap the model",
                        description="End to end on 127.0.0.1: train an Isolation Forest on synthetic card payments and "
@@ -254,7 +256,7 @@ def _add_demo(sub: Any) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from outlierd.server.demo import run_demo
+    from .demo import run_demo
 
     summary = run_demo(args.registry, records=args.records, seconds=args.seconds, port=args.port, batch=args.batch,
                        train_records=args.train_records, anomaly_rate=args.anomaly_rate, alert_rate=args.alert_rate,
@@ -263,6 +265,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_drift(sub: Any) -> None:
+    from outlierd.core.registry import CHAMPION
+
     p = sub.add_parser("drift", help="drift and data-quality reports against a model's reference profile",
                        description="Compare data with the reference profile stored in a model's artifact.")
     dsub = p.add_subparsers(dest="drift_command", metavar="{report}", required=True)
@@ -272,8 +276,8 @@ def _add_drift(sub: Any) -> None:
                                     "the calibrated rate); write one self-contained HTML page and optionally a JSON summary.")
     r.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
     r.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
-    r.add_argument("--ref", "--alias", dest="ref", default="champion", metavar="VERSION|ALIAS",
-                   help="version or alias (default champion)")
+    r.add_argument("--ref", "--alias", dest="ref", default=CHAMPION, metavar="VERSION|ALIAS",
+                   help=f"version or alias (default {CHAMPION})")
     r.add_argument("--data", "--input", dest="data", required=True, metavar="FILE", help="records to test (.csv, .parquet)")
     r.add_argument("--out", required=True, metavar="FILE", help="write the HTML report here")
     r.add_argument("--json", metavar="FILE", help="also write the JSON summary here")
@@ -283,9 +287,16 @@ def _add_drift(sub: Any) -> None:
 
 
 def _run_drift(args: argparse.Namespace) -> int:
-    from outlierd.monitoring.report import drift_report
+    from dataclasses import replace
 
-    rep = drift_report(args.registry, args.model, args.data, args.out, ref=args.ref, json_out=args.json,
+    from outlierd.core.registry import Registry
+    from outlierd.monitoring.report import drift_report
+    from outlierd.training.data import load_dataset
+
+    features = [f["name"] for f in Registry(args.registry).get(args.model, args.ref)["manifest"]["features"]]
+    # require_rows=0: a column that is entirely missing is drift to report, not an error
+    ds = load_dataset(args.data, feature_names=features, require_rows=0)
+    rep = drift_report(args.registry, args.model, replace(ds, path=args.data), args.out, ref=args.ref, json_out=args.json,
                        top_records=args.top_records)
     s = rep.summary()
     feats = s["features"]

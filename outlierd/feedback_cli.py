@@ -22,15 +22,18 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from outlierd.core.errors import OutlierdError
-from outlierd.core.registry import Registry
+from outlierd.core.errors import DataError, OutlierdError
+from outlierd.core.labels import label_of
+from outlierd.core.registry import CHAMPION, Registry
 from outlierd.monitoring.store import LabelRow, default_store_path, open_store
+
+if TYPE_CHECKING:
+    from outlierd.training.labels import LabelledRecords
 
 EXIT_ERROR = 2
 COLUMNS = ("record_id", "label", "reviewer", "note")
-_LABEL_WORDS = {"anomaly": "anomaly", "1": "anomaly", "true": "anomaly", "normal": "normal", "0": "normal", "false": "normal"}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 def parse_label(value: str) -> str:
     """``anomaly`` or ``normal`` from anomaly/normal/1/0/true/false (any case), or ValueError."""
-    label = _LABEL_WORDS.get(value.strip().lower())
+    label = label_of(value)
     if label is None:
         raise ValueError(f"label {value!r} is not one of anomaly, normal, 1, 0, true, false")
     return label
@@ -127,6 +130,24 @@ def _open_existing(path: Path):
     if not path.is_file():
         raise OSError(f"no feedback store at {path} (nothing captured or imported yet; or pass --feedback-store)")
     return open_store(path)
+
+
+def labelled_records(registry: str | os.PathLike, model: str,
+                     feedback_store: str | os.PathLike | None = None) -> LabelledRecords:
+    """The captured records of ``model`` that reviewers labelled, read from the feedback store
+    (default: the registry's) as :class:`~outlierd.training.labels.LabelledRecords` for training
+    (``outlierd train --labels-from-feedback``)."""
+    from outlierd.training.labels import LabelledRecords
+
+    store = Path(feedback_store) if feedback_store else default_store_path(registry)
+    if not store.is_file():
+        raise DataError(f"--labels-from-feedback: no feedback store at {store} (submit labels first, or pass --feedback-store)")
+    st = open_store(store)
+    try:
+        X, y, ids = st.labelled(model)
+    finally:
+        st.close()
+    return LabelledRecords(X, y, tuple(ids), store)
 
 
 def _import(args: argparse.Namespace, path: Path) -> int:
@@ -215,7 +236,7 @@ def _anomaly_features(args: argparse.Namespace, store: Any) -> dict[str, Any]:
         if not (y == 1).any():
             return {**out, "note": "no captured record is labelled anomaly: nothing to explain"}
         reg = Registry(args.registry)
-        version = reg.resolve(args.model, "champion")
+        version = reg.resolve(args.model, CHAMPION)
         return {**anomaly_features(reg.load(args.model, version), X, y), "note": None}
     except (OutlierdError, ValueError, NotImplementedError) as e:
         return {**out, "note": f"labelled anomalies not explained: {e}"}

@@ -24,6 +24,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from outlierd.core.errors import InvalidInputError
+from outlierd.core.registry import CHAMPION
+
 EXIT_GATES_FAILED = 1
 GATE_FLAGS = ("min_records", "min_agreement", "min_labelled", "min_precision_gain", "max_latency_ratio")
 
@@ -43,7 +46,7 @@ def _gate_value(text: str) -> float | str:
 
 def add_parser(subparsers: Any) -> None:
     """Add ``threshold``, ``compare``, ``promote`` and ``rollback`` to an argparse subparsers object."""
-    from outlierd.training.rollout import DEFAULT_GATES
+    from outlierd.monitoring.promotion import DEFAULT_GATES
 
     def common(p: argparse.ArgumentParser, store: bool = True) -> None:
         # as in the issue's forms (`outlierd promote --model NAME`), the registry may come from the
@@ -121,7 +124,7 @@ def _open_store(args: argparse.Namespace):
 
     path = Path(args.feedback_store) if args.feedback_store else default_store_path(args.registry)
     if not path.exists():
-        raise ValueError(f"no feedback store at {path}: nothing captured yet (serve with capture on, or pass --feedback-store)")
+        raise InvalidInputError(f"no feedback store at {path}: nothing captured yet (serve with capture on, or pass --feedback-store)")
     return path, open_store(path)
 
 
@@ -129,16 +132,16 @@ def _registry(args: argparse.Namespace):
     from outlierd.core.registry import Registry
 
     if not Path(args.registry).is_dir():
-        raise ValueError(f"registry {args.registry} does not exist")
+        raise InvalidInputError(f"registry {args.registry} does not exist")
     return Registry(args.registry)
 
 
 def _ref(args: argparse.Namespace) -> str:
-    return args.version if args.version is not None else (args.alias or "champion")
+    return args.version if args.version is not None else (args.alias or CHAMPION)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from outlierd.training.calibrate import calibrate, publish
+    from outlierd.monitoring.recalibration import calibrate, publish
 
     reg = _registry(args)
     path, store = _open_store(args)
@@ -206,7 +209,7 @@ def _print_comparison(c) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from outlierd.training.rollout import compare
+    from outlierd.monitoring.promotion import compare
 
     reg = _registry(args)
     _, store = _open_store(args)
@@ -222,7 +225,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_promote(args: argparse.Namespace) -> int:
-    from outlierd.training.rollout import DEFAULT_GATES, Gates, promote
+    from outlierd.monitoring.promotion import DEFAULT_GATES, Gates, promote
 
     gates = Gates.from_json(args.gates) if args.gates else DEFAULT_GATES
     flags = {k: (None if getattr(args, k) == OFF else getattr(args, k)) for k in GATE_FLAGS if getattr(args, k) is not None}
@@ -252,7 +255,7 @@ def _run_promote(args: argparse.Namespace) -> int:
 
 
 def _run_rollback(args: argparse.Namespace) -> int:
-    from outlierd.training.rollout import rollback
+    from outlierd.monitoring.promotion import rollback
 
     reg = _registry(args)
     old, new = rollback(reg, args.model)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from outlierd.core.registry import Registry
-from outlierd.server import demo
+from outlierd import demo
 
 
 def test_generate_payments_injects_known_anomalies():

@@ -271,3 +271,22 @@ def test_top_records_beyond_the_flagged_ones(setup, capsys, rng, tmp_path):
     _, page, summary = _report(capsys, tmp_path, reg, path, "none", "--top-records", 0)
     assert summary["top_records"] == [] and "<h2>Most anomalous records</h2>" not in page
     assert summary["alert_features"]["flagged_records"] == int((scores >= m.threshold).sum())
+
+
+def test_report_takes_records_as_data(setup):
+    """monitoring does not load files: any records with the model's features in its order will do."""
+    from types import SimpleNamespace
+
+    from outlierd.core.errors import DataError
+    from outlierd.monitoring.report import build_report
+
+    _, reg, data, _ = setup
+    m, X, scores = _expected(reg, data)
+    rep = build_report(reg, "cardio", SimpleNamespace(X=X[:500], feature_names=list(m.feature_names), path="memory",
+                                                      warnings=[]))
+    assert rep.rows == 500 and rep.data == "memory" and rep.flagged == int((scores[:500] >= m.threshold).sum())
+    swapped = list(reversed(m.feature_names))
+    with pytest.raises(DataError, match="are not the features of 'cardio'"):
+        build_report(reg, "cardio", SimpleNamespace(X=X, feature_names=swapped, path="memory", warnings=[]))
+    with pytest.raises(DataError, match="no records"):
+        build_report(reg, "cardio", SimpleNamespace(X=X[:0], feature_names=list(m.feature_names), path="memory", warnings=[]))

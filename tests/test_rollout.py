@@ -30,7 +30,7 @@ from outlierd.server.client import request
 from outlierd.server.rollout import challenger_mask, route_point, split_key, to_challenger
 from outlierd.server.settings import ServeSettings
 from outlierd.training import export_sklearn
-from outlierd.training.rollout import Gates, champion_history, check_gates, compare, promote, rollback
+from outlierd.monitoring.promotion import Gates, champion_history, check_gates, compare, promote, rollback
 
 D = 5
 
@@ -59,7 +59,7 @@ def test_router_is_stable_across_processes(rng):
     """Python's hash() is salted per process; the router must not be."""
     ids = _ids(rng, 5000)
     digest = hashlib.sha256(np.packbits(challenger_mask(ids, 0.2)).tobytes()).hexdigest()
-    code = ("import sys, json, hashlib, numpy as np; from server.rollout import challenger_mask; "
+    code = ("import sys, json, hashlib, numpy as np; from outlierd.server.rollout import challenger_mask; "
             "ids = json.load(sys.stdin); print(hashlib.sha256(np.packbits(challenger_mask(ids, 0.2)).tobytes()).hexdigest())")
     for seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], input=json.dumps(ids), capture_output=True, text=True, cwd=ROOT,

@@ -15,7 +15,7 @@ from sklearn.metrics import average_precision_score
 from outlierd.core import load_model
 from outlierd.core.artifact import load_npz
 from outlierd.cli import main
-from outlierd.training import semi
+from outlierd.training import labels as semi_labels
 from outlierd.training.train import train
 
 
@@ -62,16 +62,16 @@ def test_partial_labels_parse_every_spelling(tmp_path, rng):
     cells = [spell[int(v)][rng.integers(len(spell[int(v)]))] for v in truth]
     X = rng.normal(size=(n, 2))
     path = _write(tmp_path / "d.csv", X, pa.array(cells, type=pa.string()))
-    got = semi.read_label_column(path, "label")
+    got = semi_labels.read_label_column(path, "label")
     assert got.dtype == np.int8
     np.testing.assert_array_equal(got, truth)
     # a numeric column: empty cells are nulls
     path = _write(tmp_path / "n.csv", X, _partial(np.maximum(truth, 0), set(np.flatnonzero(truth >= 0).tolist())))
-    np.testing.assert_array_equal(semi.read_label_column(path, "label"), truth)
+    np.testing.assert_array_equal(semi_labels.read_label_column(path, "label"), truth)
     # booleans
     b = pa.array([None if v < 0 else bool(v) for v in truth], type=pa.bool_())
-    np.testing.assert_array_equal(semi.parse_labels(b, "label"), truth)
-    ld = semi.load_labelled_data(path, "label")
+    np.testing.assert_array_equal(semi_labels.parse_labels(b, "label"), truth)
+    ld = semi_labels.load_labelled_data(path, "label")
     assert ld.feature_names == ["f0", "f1"] and ld.X.shape == (n, 2)
     assert (ld.anomalies, ld.normals) == (int(np.sum(truth == 1)), int(np.sum(truth == 0)))
 
@@ -225,7 +225,9 @@ def test_labels_from_the_feedback_store_are_appended(tmp_path, rng):
     store.add_labels("m", [LabelRow(ids[i], "anomaly" if y[captured[i]] else "normal", reviewer="t") for i in labelled])
     store.close()
     data = _write(tmp_path / "d.csv", X[file_rows])
-    res = train(data, reg, "m", labels_from_feedback=True, detector="robust_z", quiet=True)
+    from outlierd.feedback_cli import labelled_records
+
+    res = train(data, reg, "m", feedback=labelled_records(reg, "m"), detector="robust_z", quiet=True)
     lab = load_model(res.path).manifest["lineage"]["labels"]
     na = int(sum(y[captured[i]] for i in labelled))
     assert res.rows == 500 + 80 and lab["anomalies"] == na and lab["normals"] == 80 - na
@@ -236,3 +238,9 @@ def test_labels_from_the_feedback_store_are_appended(tmp_path, rng):
     # the appended records take part in the fit: robust_z's medians are those of file rows + normals
     fit = np.vstack([X[file_rows], X[captured[labelled]][y[captured[labelled]] == 0].astype(np.float32)])
     np.testing.assert_allclose(load_npz(res.path / "arrays.npz")["rz_median"], np.median(fit, axis=0), rtol=1e-12)
+    # the CLI reads the same records from the store and hands them to training as data
+    rc = main(["train", "--data", str(data), "--registry", str(reg), "--model", "m", "--labels-from-feedback",
+               "--detector", "robust_z", "--quiet"])
+    assert rc == 0
+    cli = load_model(reg / "m" / "2").manifest["lineage"]["labels"]["sources"][0]
+    assert cli == fb

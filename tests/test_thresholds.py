@@ -27,7 +27,7 @@ from outlierd.server.app import start_worker
 from outlierd.server.client import request
 from outlierd.server.settings import ServeSettings
 from outlierd.training import export_sklearn
-from outlierd.training.calibrate import alert_rate_threshold, calibrate, precision_threshold
+from outlierd.monitoring.recalibration import alert_rate_threshold, calibrate, precision_threshold
 
 D = 6
 

@@ -161,3 +161,116 @@ def test_console_script_help():
         assert cmd in res.stdout
     res = subprocess.run([sys.executable, "-m", "outlierd", "train", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert "--alert-rate" in res.stdout and "--detector" in res.stdout
+
+
+# --- one pipeline: the file read once, the artifact verified once, specs validated once --------
+
+def _labelled_csv(path, rng, n=300, partial=False):
+    X = rng.normal(size=(n, 3))
+    y = (rng.random(n) < 0.1).astype(int)
+    X[y == 1] += 4.0
+    cells = [("" if partial and i % 3 else str(v)) for i, v in enumerate(y)]
+    return _csv(path, ["a", "b", "c", "label"], [[*x, c] for x, c in zip(X, cells)])
+
+
+@pytest.mark.parametrize("how", ["unlabelled", "evaluation labels", "partial labels", "auto"])
+def test_data_file_is_parsed_once_and_the_probe_replayed_once(tmp_path, rng, monkeypatch, how):
+    import pyarrow.csv as pacsv
+
+    import outlierd.core.model as core_model
+    from outlierd.training.train import train
+
+    reads, probes = [], []
+    read_csv, verify_probe = pacsv.read_csv, core_model._verify_probe
+    monkeypatch.setattr(pacsv, "read_csv", lambda *a, **k: reads.append(a) or read_csv(*a, **k))
+    monkeypatch.setattr(core_model, "_verify_probe", lambda *a, **k: probes.append(a) or verify_probe(*a, **k))
+    data = _labelled_csv(tmp_path / "d.csv", rng, partial=how in ("partial labels", "auto"))
+    opts = {"unlabelled": {}, "evaluation labels": {"label_column": "label"},
+            "partial labels": {"label_column": "label", "detector": "hbos"},
+            "auto": {"label_column": "label", "detector": "auto", "select": "robust_z,hbos"}}[how]
+    res = train(data, tmp_path / "r", "m", quiet=True, **opts)
+    assert len(reads) == 1, how
+    assert len(probes) == 1, how  # once after the fit; publish checks digest and checksums only
+    assert ("roc_auc" in res.metrics) == (how != "unlabelled")
+    assert ("label_eval" in res.metrics) == (how in ("partial labels", "auto"))
+    load_model(res.path)  # the published copy verifies, probe included
+    assert len(probes) == 2
+
+
+def test_publish_reprobes_by_default_and_checks_checksums_without(tmp_path, rng, monkeypatch):
+    import outlierd.core.model as core_model
+    from outlierd.core.errors import ArtifactError
+    from outlierd.training.train import train
+
+    res = train(_labelled_csv(tmp_path / "d.csv", rng), tmp_path / "r", "m", quiet=True)
+    probes = []
+    verify_probe = core_model._verify_probe
+    monkeypatch.setattr(core_model, "_verify_probe", lambda *a, **k: probes.append(a) or verify_probe(*a, **k))
+    reg = Registry(tmp_path / "r")
+    assert reg.publish("m", res.path) == 2 and len(probes) == 1
+    assert reg.publish("m", res.path, reprobe=False) == 3 and len(probes) == 1
+    import shutil
+
+    art = shutil.copytree(res.path, tmp_path / "art")
+    with open(art / "arrays.npz", "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match="corrupt"):
+        reg.publish("m", art, reprobe=False)
+
+
+@pytest.mark.parametrize(
+    "options,field,message",
+    [
+        ({"alert_rate": 1.5}, "--alert-rate", "must be in (0, 1); got 1.5"),
+        ({"detector": "magic"}, "detector", "choose one of iforest, robust_z, hbos, knn, lof, autoencoder, auto, stacked"),
+        ({"folds": 1, "label_column": "label"}, "--folds", "must be at least 2; got 5 and 1"),
+        ({"select": "iforest", "detector": "hbos"}, "--select", "drop --detector hbos"),
+        ({"select": "iforest,magic", "detector": "auto"}, "--select", "got ['magic']"),
+        ({"detector": "auto"}, "--label-column", "label-aware training needs labels"),
+        ({"alias": "123"}, "--alias", "must not be all digits"),
+        ({"model": "a/b"}, "model name", "a/b"),
+    ],
+)
+def test_train_spec_validates_once_naming_the_option(tmp_path, options, field, message):
+    from outlierd.core.errors import InvalidInputError
+    from outlierd.training.spec import TrainSpec
+
+    kw = {"model": "m", **options}
+    with pytest.raises(InvalidInputError) as e:
+        TrainSpec(tmp_path / "missing.csv", tmp_path / "r", **kw)  # the data file is not touched
+    assert isinstance(e.value, ValueError) and field in str(e.value) and message in str(e.value)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"batch_rows": 0}, "--batch-rows must be >= 1; got 0"),
+        ({"explain_flagged_only": True}, "--explain-flagged-only needs --explain"),
+        ({"backend": "cuda"}, "--backend must be one of numba, onnx, torch; got 'cuda'"),
+        ({"device": "tpu"}, "--device must be one of cpu, cuda, auto; got 'tpu'"),
+        ({"dask": "local", "dask_workers": 0}, "--dask-workers must be >= 1; got 0"),
+    ],
+)
+def test_score_spec_validates_once_naming_the_option(tmp_path, options, message):
+    from outlierd.core.errors import InvalidInputError
+    from outlierd.training.scoring import ScoreSpec
+
+    with pytest.raises(InvalidInputError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        ScoreSpec(tmp_path / "missing.csv", tmp_path / "r", "m", **options)
+
+
+@pytest.mark.parametrize("modules,forbidden", [
+    ("train, scoring, semi, tracking, batch, dask_scoring", ("monitoring", "server", "cli", "feedback_cli", "demo")),
+    ("report, promotion, recalibration, store, trigger", ("training", "server", "cli", "feedback_cli", "demo")),
+])
+def test_training_and_monitoring_import_only_core(modules, forbidden):
+    pkg = "training" if "train" in modules else "monitoring"
+    code = (f"import sys, importlib; [importlib.import_module('outlierd.{pkg}.' + m.strip()) for m in {modules!r}.split(',')]; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[:2] in [['outlierd', f] for f in {forbidden!r}]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

@@ -32,7 +32,7 @@ import numpy as np
 
 from outlierd.core.autoencoder import INPUT_CLIP, INPUT_NAME, MODEL_FILE, OUTPUT_NAMES
 from outlierd.core.artifact import read_manifest, rewrite_manifest
-from outlierd.core.errors import OutlierdError
+from outlierd.core.errors import InvalidInputError, MissingDependencyError
 from outlierd.core.preprocess import Preprocessing
 
 TORCH_EXTRA = "the autoencoder needs the torch extra: pip install 'outlierd[torch]'"
@@ -42,10 +42,8 @@ OPSET = 17
 PROBE_TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
 
 
-class TorchMissingError(OutlierdError, ImportError):
+class TorchMissingError(MissingDependencyError):
     """torch is not installed (the ``torch`` extra)."""
-
-    code = "FAILED_PRECONDITION"
 
 
 def import_torch() -> Any:
@@ -175,10 +173,10 @@ def fit_autoencoder(
     torch = import_torch()
     Xs = np.clip(np.asarray(Xs, dtype=np.float64), -INPUT_CLIP, INPUT_CLIP).astype(np.float32)
     if Xs.ndim != 2 or Xs.shape[0] < 2 or Xs.shape[1] < 1:
-        raise ValueError(f"the autoencoder needs at least 2 records of >= 1 feature; got shape {Xs.shape}")
+        raise InvalidInputError(f"the autoencoder needs at least 2 records of >= 1 feature; got shape {Xs.shape}")
     if not (0.0 <= validation_fraction < 1.0 and 0.0 <= dropout < 1.0 and 0.0 <= min_delta < 1.0) \
             or max_epochs < 1 or patience < 1 or batch_size < 1:
-        raise ValueError("validation_fraction, dropout and min_delta must be in [0, 1); max_epochs, patience and batch_size >= 1")
+        raise InvalidInputError("validation_fraction, dropout and min_delta must be in [0, 1); max_epochs, patience and batch_size >= 1")
     n, d = Xs.shape
     sizes = layer_sizes(d)
     rng = np.random.default_rng(seed)

@@ -33,7 +33,7 @@ from typing import Any, TextIO
 import numpy as np
 import pyarrow as pa
 
-from .data import DataError
+from outlierd.core.errors import DataError, InvalidInputError
 
 DEFAULT_BATCH_ROWS = 65536
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -361,8 +361,6 @@ def score_batch(model: Any, batch: pa.RecordBatch | pa.Table, how: BatchScoring,
     """Score one batch with ``model``: the output batch (columns of :func:`output_schema`, id not
     cast) and the scores. ``first_row`` (the batch's row number in the whole input) makes error
     messages name the right record."""
-    from outlierd.core.errors import InvalidInputError
-
     X = feature_matrix(batch, how.columns.features)
     try:
         if how.top_k:
@@ -540,7 +538,7 @@ def stream_score(source: Source, model: Any, how: BatchScoring, *, out: str | os
     ahead and ``WRITE_BEHIND`` output batches queued, so memory stays bounded.
     """
     if batch_rows < 1:
-        raise ValueError(f"batch_rows must be >= 1; got {batch_rows}")
+        raise InvalidInputError(f"batch_rows must be >= 1; got {batch_rows}")
     from concurrent.futures import ThreadPoolExecutor
 
     stats = StreamStats()

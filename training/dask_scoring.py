@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from outlierd.core.errors import DataError, InvalidInputError, MissingDependencyError, UnavailableError
 from .batch import PARQUET_BUFFER_BYTES, BatchScoring, RowProgress, ScoreWriter, Source, StreamStats, label_array, score_batch
-from .data import DataError
 
 LABEL_FIELD = "__outlierd_label__"
 # partitions in flight per worker thread: enough to keep workers busy while the client writes
@@ -155,12 +155,12 @@ def dask_client(address: str, n_workers: int = 2) -> Iterator[Any]:
     try:
         from distributed import Client, LocalCluster
     except ImportError as e:
-        raise ValueError("--dask needs the dask extra: pip install 'outlierd[dask]'") from e
+        raise MissingDependencyError("--dask needs the dask extra: pip install 'outlierd[dask]'") from e
     import logging
 
     if address == "local":
         if n_workers < 1:
-            raise ValueError(f"--dask-workers must be >= 1; got {n_workers}")
+            raise InvalidInputError(f"--dask-workers must be >= 1; got {n_workers}")
         # workers are spawned processes of this interpreter: they import the installed outlierd
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                                dashboard_address=None, silence_logs=logging.ERROR)
@@ -173,7 +173,7 @@ def dask_client(address: str, n_workers: int = 2) -> Iterator[Any]:
     try:
         client = Client(address, timeout="15s")
     except (OSError, TimeoutError) as e:
-        raise ValueError(f"--dask {address}: cannot reach the Dask scheduler: {e}") from e
+        raise UnavailableError(f"--dask {address}: cannot reach the Dask scheduler: {e}") from e
     try:
         yield client
     finally:
@@ -182,10 +182,10 @@ def dask_client(address: str, n_workers: int = 2) -> Iterator[Any]:
 
 def _check_workers(client: Any) -> None:
     try:
-        client.run(exec, "import core.model, training.dask_scoring")
+        client.run(exec, "import outlierd.core.model, outlierd.training.dask_scoring")
     except Exception as e:  # ModuleNotFoundError raised on a worker, re-raised here
-        raise ValueError(f"--dask: the Dask workers cannot import outlierd ({type(e).__name__}: {e}); install outlierd "
-                         "on the workers (the same version as here)") from e
+        raise UnavailableError(f"--dask: the Dask workers cannot import outlierd ({type(e).__name__}: {e}); install outlierd "
+                               "on the workers (the same version as here)") from e
 
 
 def score_on_dask(source: Source, artifact: str | os.PathLike, how: BatchScoring, *, address: str,

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from outlierd.core.errors import DataError
+
+__all__ = ["DataError", "Dataset", "MIN_ROWS", "dataset_from_table", "load_dataset", "read_table"]
+
 MIN_ROWS = 2
-
-
-class DataError(ValueError):
-    """The training or scoring data cannot be used as given; the message says why and what to do."""
 
 
 @dataclass
@@ -75,7 +75,20 @@ def load_dataset(
     expects. Missing values are kept as NaN; constant columns and missing values are reported in
     ``warnings``.
     """
-    table = read_table(path)
+    return dataset_from_table(read_table(path), path, label_column=label_column, feature_names=feature_names,
+                              require_rows=require_rows)
+
+
+def dataset_from_table(
+    table: pa.Table,
+    path: str | os.PathLike,
+    *,
+    label_column: str | None = None,
+    feature_names: list[str] | None = None,
+    require_rows: int = MIN_ROWS,
+) -> Dataset:
+    """:func:`load_dataset` on a table already read from ``path`` (named in messages), so a caller
+    that needs other columns of the same file reads it once."""
     columns = list(table.column_names)
     if len(set(columns)) != len(columns):
         dupes = sorted({c for c in columns if columns.count(c) > 1})

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from outlierd.core.errors import InvalidInputError
+
 DETECTORS = ("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder")
 MAD_TO_SIGMA = 1.4826
 MEANAD_TO_SIGMA = 1.2533
@@ -41,7 +43,7 @@ def fit_hbos(X: np.ndarray, *, n_bins: int | None = None, alpha: float = 1.0) ->
     n, d = X.shape
     n_bins = default_bins(n) if n_bins is None else int(n_bins)
     if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1; got {n_bins}")
+        raise InvalidInputError(f"n_bins must be >= 1; got {n_bins}")
     lo, hi = X.min(axis=0), X.max(axis=0)
     width = (hi - lo) / n_bins
     inv_width = np.where(width > 0, 1.0 / np.where(width > 0, width, 1.0), 0.0)
@@ -72,10 +74,10 @@ def fit_knn(X: np.ndarray, *, k: int = 20, seed: int = 0, max_reference: int = 4
     from outlierd.core.knn import Neighbors
 
     if k < 1:
-        raise ValueError(f"k must be >= 1; got {k}")
+        raise InvalidInputError(f"k must be >= 1; got {k}")
     ref = reference_sample(X, seed=seed, max_rows=max_reference)
     if ref.shape[0] < 1:
-        raise ValueError("knn needs at least one training record")
+        raise InvalidInputError("knn needs at least one training record")
     k_eff = min(int(k), ref.shape[0])
     nn = Neighbors("knn", ref, k_eff, np.empty(0), np.empty(0))
     detector = {"kind": "knn", "params": {"k": k_eff, "k_requested": int(k), "metric": "euclidean",
@@ -91,10 +93,10 @@ def fit_lof(X: np.ndarray, *, k: int = 20, seed: int = 0, max_reference: int = 4
     from outlierd.core.knn import Neighbors, lof_tables
 
     if k < 1:
-        raise ValueError(f"k must be >= 1; got {k}")
+        raise InvalidInputError(f"k must be >= 1; got {k}")
     ref = reference_sample(X, seed=seed, max_rows=max_reference)
     if ref.shape[0] < 2:
-        raise ValueError("lof needs at least two training records")
+        raise InvalidInputError("lof needs at least two training records")
     k_eff = min(int(k), ref.shape[0] - 1)
     kdist, lrd = lof_tables(ref, k_eff)
     nn = Neighbors("lof", ref, k_eff, kdist, lrd)

@@ -6,16 +6,18 @@ import math
 from typing import Any
 
 import numpy as np
+
+from outlierd.core.errors import InvalidInputError
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def threshold_for_alert_rate(scores: np.ndarray, alert_rate: float) -> float:
     """The score cut that flags ``ceil(alert_rate * n)`` records (``score >= cut``; ties may add a few)."""
     if not 0.0 < alert_rate < 1.0:
-        raise ValueError(f"alert rate must be in (0, 1); got {alert_rate}")
+        raise InvalidInputError(f"alert rate must be in (0, 1); got {alert_rate}")
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
-        raise ValueError("cannot calibrate a threshold on zero scores")
+        raise InvalidInputError("cannot calibrate a threshold on zero scores")
     k = max(1, math.ceil(alert_rate * scores.size))
     return float(np.partition(scores, scores.size - k)[scores.size - k])
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from outlierd.core.artifact import write_artifact
-from outlierd.core.errors import ArtifactError
+from outlierd.core.errors import ArtifactError, InvalidInputError
 from outlierd.core.iforest import Forest, build_forest
 from outlierd.core.model import build_model
 from outlierd.core.preprocess import Preprocessing
@@ -46,9 +46,9 @@ def _feature_names(names: list[str] | None, n_features: int, fitted: Any = None)
         names = [f"x{i}" for i in range(n_features)]
     names = [str(n) for n in names]
     if len(names) != n_features:
-        raise ValueError(f"feature_names has {len(names)} names; the model has {n_features} features")
+        raise InvalidInputError(f"feature_names has {len(names)} names; the model has {n_features} features")
     if len(set(names)) != len(names):
-        raise ValueError("feature_names must be unique")
+        raise InvalidInputError("feature_names must be unique")
     return names
 
 
@@ -117,7 +117,7 @@ def export_detector(
 def forest_from_sklearn(forest: Any) -> Forest:
     """The complete-tree layout of a fitted ``IsolationForest``."""
     if not (hasattr(forest, "estimators_") and hasattr(forest, "estimators_features_")):
-        raise ValueError("export_sklearn needs a fitted sklearn.ensemble.IsolationForest")
+        raise InvalidInputError("export_sklearn needs a fitted sklearn.ensemble.IsolationForest")
     trees = []
     for est, feats in zip(forest.estimators_, forest.estimators_features_):
         t = est.tree_
@@ -171,7 +171,7 @@ def export_sklearn(
     if X_train is not None:
         X_train = np.asarray(X_train, dtype=np.float64)
         if X_train.ndim != 2 or X_train.shape[1] != d:
-            raise ValueError(f"X_train must have shape (n, {d}); got {X_train.shape}")
+            raise InvalidInputError(f"X_train must have shape (n, {d}); got {X_train.shape}")
         with np.errstate(all="ignore"):
             median = np.nanmedian(X_train, axis=0) if X_train.shape[0] else mid
         median = np.where(np.isfinite(median), median, mid)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import numpy as np
 
+from outlierd.core.backends import BACKENDS, DEVICES
+from outlierd.core.errors import InvalidInputError
 from outlierd.core.model import load_model
-from outlierd.core.registry import Registry
+from outlierd.core.registry import CHAMPION, Registry, validate_name
 
 from .batch import DEFAULT_BATCH_ROWS, BatchScoring, Columns, RowProgress, check_output, open_source, stream_score
 
@@ -41,68 +43,100 @@ class ScoreResult:
     threshold_version: int = 0     # its threshold version (0: the artifact's own threshold)
 
 
-def _check_options(top_k: int | None, n_features: int, batch_rows: int) -> None:
-    if top_k is not None and not 1 <= top_k <= n_features:
-        raise ValueError(f"--top-k must be between 1 and the model's {n_features} features; got {top_k}")
-    if batch_rows < 1:
-        raise ValueError(f"--batch-rows must be >= 1; got {batch_rows}")
+def _check_name(model: str) -> None:
+    try:
+        validate_name(model)
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from e
 
 
-def score_file(
-    data: str | os.PathLike,
-    registry: str | os.PathLike,
-    model: str,
-    ref: str = "champion",
-    *,
-    out: str | os.PathLike | None = None,
-    label_column: str | None = None,
-    quiet: bool = False,
-    backend: str = "numba",
-    device: str = "auto",
-    id_column: str | None = None,
-    explain: bool = False,
-    top_k: int = DEFAULT_TOP_K,
-    explain_flagged_only: bool = False,
-    batch_rows: int = CHUNK_ROWS,
-    keep_scores: bool = True,
-    dask: str | None = None,
-    dask_workers: int = 2,
-    progress_stream: TextIO | None = None,
-) -> ScoreResult:
-    """Score every record of ``data`` (a CSV/Parquet file or a directory of them) with ``model``
-    at ``ref`` (version or alias), streamed in batches of ``batch_rows`` records with a progress
-    line on stderr. Scores are float64, higher = more anomalous; ``anomalous`` is
-    ``score >= threshold``.
+@dataclass(frozen=True)
+class ScoreSpec:
+    """An ``outlierd score`` job: score every record of ``data`` with ``model`` at ``ref``.
 
-    ``out``: write ``[id_column,] score, anomalous, version`` (and with ``explain``,
-    ``top1_feature, top1_contribution, ...`` up to ``top_k``; only flagged records explained with
-    ``explain_flagged_only``) to a .csv or .parquet file, in input order. ``label_column``:
-    evaluate at the model's threshold (keeps scores and labels, not the table, in memory).
-    ``keep_scores``: return every score in ``ScoreResult.scores`` (O(rows) memory; the CLI turns
-    it off). ``dask``: a scheduler address or ``"local"`` (a LocalCluster of ``dask_workers``
-    processes) to score a Parquet input partition by partition on a cluster; the version is
-    resolved once here, so an alias moving mid-job changes nothing.
+    ``out``: write ``[id_column,] score, anomalous, version`` (and with ``explain``, the top
+    ``top_k`` features; only for flagged records with ``explain_flagged_only``). ``label_column``:
+    evaluate at the model's threshold. ``keep_scores``: return every score (O(rows) memory).
+    ``dask``: a scheduler address or ``"local"`` (a LocalCluster of ``dask_workers`` processes).
     """
+
+    data: str | os.PathLike
+    registry: str | os.PathLike
+    model: str
+    ref: str | int = CHAMPION
+    out: str | os.PathLike | None = None
+    label_column: str | None = None
+    quiet: bool = False
+    backend: str = "numba"
+    device: str = "auto"
+    id_column: str | None = None
+    explain: bool = False
+    top_k: int = DEFAULT_TOP_K
+    explain_flagged_only: bool = False
+    batch_rows: int = CHUNK_ROWS
+    keep_scores: bool = True
+    dask: str | None = None
+    dask_workers: int = 2
+    progress_stream: TextIO | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_name(self.model)
+        if self.backend not in BACKENDS:
+            raise InvalidInputError(f"--backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.device not in DEVICES:
+            raise InvalidInputError(f"--device must be one of {', '.join(DEVICES)}; got {self.device!r}")
+        if self.explain_flagged_only and not self.explain:
+            raise InvalidInputError("--explain-flagged-only needs --explain")
+        # its range (1 to the model's feature count) is checked once the model is loaded
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)):
+            raise InvalidInputError(f"--top-k must be an integer; got {self.top_k!r}")
+        if isinstance(self.batch_rows, bool) or not isinstance(self.batch_rows, (int, np.integer)) or self.batch_rows < 1:
+            raise InvalidInputError(f"--batch-rows must be >= 1; got {self.batch_rows}")
+        if self.dask == "local":
+            if isinstance(self.dask_workers, bool) or not isinstance(self.dask_workers, (int, np.integer)) or self.dask_workers < 1:
+                raise InvalidInputError(f"--dask-workers must be >= 1; got {self.dask_workers}")
+
+
+def _check_top_k(top_k: int, n_features: int) -> None:
+    if not 1 <= top_k <= n_features:
+        raise InvalidInputError(f"--top-k must be between 1 and the model's {n_features} features; got {top_k}")
+
+
+def score_file(data: str | os.PathLike, registry: str | os.PathLike, model: str, ref: str | int = CHAMPION,
+               **options: Any) -> ScoreResult:
+    """:func:`run_score` of ``ScoreSpec(data, registry, model, ref, **options)`` (the keyword form)."""
+    return run_score(ScoreSpec(data, registry, model, ref, **options))
+
+
+def run_score(spec: ScoreSpec) -> ScoreResult:
+    """Score every record of ``spec.data`` (a CSV/Parquet file or a directory of them) with
+    ``spec.model`` at ``spec.ref`` (version or alias), streamed in batches of ``batch_rows``
+    records with a progress line on stderr. Scores are float64, higher = more anomalous;
+    ``anomalous`` is ``score >= threshold``. With ``dask`` the version is resolved once here, so an
+    alias moving mid-job changes nothing.
+    """
+    data, out, label_column, explain = spec.data, spec.out, spec.label_column, spec.explain
+    backend, device, batch_rows, keep_scores, dask = spec.backend, spec.device, spec.batch_rows, spec.keep_scores, spec.dask
     source = open_source(data)  # a missing or unreadable input fails before any model is loaded
     if out is not None:
         check_output(out)
-    reg = Registry(registry)
-    version = reg.resolve(model, ref)
+    model = spec.model
+    reg = Registry(spec.registry)
+    version = reg.resolve(model, spec.ref)
     path = reg.path(model, version)
     m = load_model(path, backend=backend, device=device)
-    _check_options(top_k if explain else None, m.n_features, batch_rows)
-    if explain and not hasattr(m, "score_explain"):
-        raise ValueError("--explain needs Model.score_explain, which this outlierd's core does not have yet")
+    if explain:
+        _check_top_k(spec.top_k, m.n_features)
     # the threshold in force, as a server serving this version uses: its latest threshold version
     threshold, threshold_version = reg.threshold(model, version)
-    how = BatchScoring(Columns(tuple(m.feature_names), id_column, label_column), version,
-                       top_k=top_k if explain else None, flagged_only=explain_flagged_only, threshold=threshold)
-    progress = RowProgress(source.total_rows, stream=progress_stream, quiet=quiet)
+    how = BatchScoring(Columns(tuple(m.feature_names), spec.id_column, label_column), version,
+                       top_k=spec.top_k if explain else None, flagged_only=spec.explain_flagged_only, threshold=threshold)
+    progress = RowProgress(source.total_rows, stream=spec.progress_stream, quiet=spec.quiet)
     t0 = time.perf_counter()
     if dask is not None:
         from .dask_scoring import score_on_dask
 
-        stats = score_on_dask(source, path, how, address=dask, n_workers=dask_workers, out=out, batch_rows=batch_rows,
+        stats = score_on_dask(source, path, how, address=dask, n_workers=spec.dask_workers, out=out, batch_rows=batch_rows,
                               keep_scores=keep_scores, progress=progress, backend=backend, device=device)
     else:
         stats = stream_score(source, m, how, out=out, batch_rows=batch_rows, keep_scores=keep_scores, progress=progress)

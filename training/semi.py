@@ -19,31 +19,23 @@ candidates, and the stacked model (which keeps the unsupervised rank with weight
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow as pa
 
-from outlierd.core.artifact import rewrite_manifest
-from outlierd.core.model import Model, build_model, load_model
+from outlierd.core.errors import InvalidInputError
+from outlierd.core.model import Model, build_model
 from outlierd.core.preprocess import Preprocessing
 from outlierd.core.stacked import KIND as STACKED, Combination, base_prefix, rank_normalise, rank_table
 
-from .data import DataError, load_dataset, read_table
-from .detectors import DETECTORS, MAD_TO_SIGMA, MEANAD_TO_SIGMA, fit_hbos, fit_iforest, fit_knn, fit_lof, fit_robust_z
-from .evaluate import evaluate, threshold_for_alert_rate
-from .lineage import base_lineage, data_lineage
+from .detectors import MAD_TO_SIGMA, MEANAD_TO_SIGMA, fit_hbos, fit_iforest, fit_knn, fit_lof, fit_robust_z
+from .export import export_detector, export_sklearn, forest_from_sklearn
+from .fit import fit_and_export
+from .labels import LabelledData
+from .lineage import base_lineage
 
-ANOMALY_WORDS = ("1", "1.0", "true", "anomaly")
-NORMAL_WORDS = ("0", "0.0", "false", "normal")
 MIN_LABELS = 5          # per class, for the stacked (semi-supervised) model
 MIN_SELECT_LABELS = 2   # per class, to compare detectors out of fold at all
 DEFAULT_FOLDS = 5
@@ -58,157 +50,6 @@ SELECT_CONFIDENCE = 0.9
 BOOTSTRAP_ROUNDS = 200
 
 
-# --- labels ----------------------------------------------------------------------------------
-
-def parse_labels(column: pa.ChunkedArray | pa.Array, name: str, source: str = "data") -> np.ndarray:
-    """Labels from a table column: int8, 1 = anomaly, 0 = normal, -1 = unlabelled (an empty cell,
-    null or NaN). Accepts 0/1 numbers, booleans, and the words 0/1/true/false/anomaly/normal in any
-    case. Anything else is a :class:`DataError` naming the column and the values found."""
-    t = column.type
-    hint = ("(true/false and anomaly/normal are accepted too; leave a cell empty for an unlabelled record)")
-    if pa.types.is_null(t):
-        return np.full(len(column), -1, dtype=np.int8)
-    if pa.types.is_boolean(t):
-        v = column.to_numpy(zero_copy_only=False)
-        return np.array([-1 if x is None else int(bool(x)) for x in v], dtype=np.int8)
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
-        v = column.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
-        out = np.full(v.shape, -1, dtype=np.int8)
-        known = ~np.isnan(v)
-        bad = known & ~np.isin(v, (0.0, 1.0))
-        if bad.any():
-            examples = sorted(set(v[bad].tolist()))[:5]
-            raise DataError(f"{source}: label column {name!r} must hold 0 (normal) or 1 (anomaly); found {examples} {hint}")
-        out[known] = v[known].astype(np.int8)
-        return out
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
-        raw = column.cast(pa.string()).to_pylist()
-        out = np.full(len(raw), -1, dtype=np.int8)
-        bad: set[str] = set()
-        for i, s in enumerate(raw):
-            w = "" if s is None else s.strip().lower()
-            if w in ("", "nan", "null", "none", "na"):
-                continue
-            if w in ANOMALY_WORDS:
-                out[i] = 1
-            elif w in NORMAL_WORDS:
-                out[i] = 0
-            else:
-                bad.add(s)
-        if bad:
-            raise DataError(f"{source}: label column {name!r} must hold 0 (normal) or 1 (anomaly); found {sorted(bad)[:5]} {hint}")
-        return out
-    raise DataError(f"{source}: label column {name!r} has type {t}; labels must be 0/1, true/false or anomaly/normal")
-
-
-def read_label_column(data: str | os.PathLike, label_column: str) -> np.ndarray:
-    """The parsed labels (-1 unlabelled, 0, 1) of ``label_column`` in ``data``."""
-    table = read_table(data)
-    if label_column not in table.column_names:
-        raise DataError(f"{data}: label column {label_column!r} not found; columns are {list(table.column_names)[:20]}")
-    return parse_labels(table.column(label_column), label_column, str(data))
-
-
-def fingerprint(keys: Sequence[str], labels: np.ndarray) -> str:
-    """sha256 of a label set: its sorted (key, label) pairs as canonical JSON. Same labels on the
-    same records -> same fingerprint, whatever their order."""
-    pairs = sorted((str(k), int(v)) for k, v in zip(keys, labels) if v >= 0)
-    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
-
-
-@dataclass
-class LabelledData:
-    X: np.ndarray                 # (n, d) float64: the file's rows, then the feedback records
-    feature_names: list[str]
-    y: np.ndarray                 # (n,) int8: 1 anomaly, 0 normal, -1 unlabelled
-    n_file_rows: int
-    provenance: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def anomalies(self) -> int:
-        return int(np.sum(self.y == 1))
-
-    @property
-    def normals(self) -> int:
-        return int(np.sum(self.y == 0))
-
-
-def _check_feedback_schema(registry: str | os.PathLike | None, model: str | None, names: list[str], width: int, store: Path) -> None:
-    if width != len(names):
-        raise DataError(f"feedback store {store}: captured records of {model!r} have {width} features; "
-                        f"the training data has {len(names)}")
-    if registry is None or model is None:
-        return
-    from outlierd.core.artifact import read_manifest
-    from outlierd.core.registry import Registry
-
-    try:
-        reg = Registry(registry)
-        versions = reg.versions(model)
-        served = [f["name"] for f in read_manifest(reg.path(model, versions[-1]["version"]))["features"]] if versions else None
-    except Exception:  # no such model yet, unreadable manifest: nothing to compare with
-        return
-    if served is not None and served != names:
-        raise DataError(f"feedback store {store}: {model!r} was served with features {served[:5]}…, "
-                        f"the training data has {names[:5]}…; captured records cannot be appended")
-
-
-def load_labelled_data(
-    data: str | os.PathLike,
-    label_column: str | None = None,
-    *,
-    feedback_store: str | os.PathLike | None = None,
-    model: str | None = None,
-    registry: str | os.PathLike | None = None,
-) -> LabelledData:
-    """The training rows of ``data`` with their labels (``label_column``: partial labels allowed),
-    plus, with ``feedback_store``, the captured records of ``model`` that reviewers labelled
-    (appended after the file's rows, features in the model's order)."""
-    labels, names = None, None
-    if label_column is not None:
-        table = read_table(data)
-        if label_column not in table.column_names:
-            raise DataError(f"{data}: label column {label_column!r} not found; columns are {list(table.column_names)[:20]}")
-        labels = parse_labels(table.column(label_column), label_column, str(data))
-        names = [c for c in table.column_names if c != label_column]
-        del table
-    ds = load_dataset(data, feature_names=names)
-    n = ds.n_rows
-    y = labels if labels is not None else np.full(n, -1, dtype=np.int8)
-    X = ds.X
-    sources: list[dict[str, Any]] = []
-    if label_column is not None:
-        sources.append({"source": "column", "column": label_column, "anomalies": int(np.sum(y == 1)),
-                        "normals": int(np.sum(y == 0)), "sha256": fingerprint([f"row:{i}" for i in range(n)], y)})
-    warnings = list(ds.warnings)
-    if feedback_store is not None:
-        from outlierd.monitoring.store import open_store
-
-        store = Path(feedback_store)
-        if not store.is_file():
-            raise DataError(f"--labels-from-feedback: no feedback store at {store} (submit labels first, or pass --feedback-store)")
-        if model is None:
-            raise ValueError("labels from the feedback store need the model name")
-        st = open_store(store)
-        try:
-            Xf, yf, ids = st.labelled(model)
-        finally:
-            st.close()
-        if len(ids):
-            _check_feedback_schema(registry, model, ds.feature_names, Xf.shape[1], store)
-            X = np.vstack([X, np.asarray(Xf, dtype=np.float64)])
-            y = np.concatenate([y, np.asarray(yf, dtype=np.int8)])
-        else:
-            warnings.append(f"feedback store {store} holds no labelled captured records of {model!r}")
-        sources.append({"source": "feedback", "store": str(store.resolve()), "model": model, "records": len(ids),
-                        "anomalies": int(np.sum(yf == 1)), "normals": int(np.sum(yf == 0)), "sha256": fingerprint(ids, yf)})
-    provenance = {"anomalies": int(np.sum(y == 1)), "normals": int(np.sum(y == 0)), "unlabelled": int(np.sum(y < 0)),
-                  "label_column": label_column, "sources": sources,
-                  "sha256": hashlib.sha256("".join(s["sha256"] for s in sources).encode()).hexdigest()}
-    return LabelledData(X, ds.feature_names, y, n, provenance, warnings)
-
-
 # --- candidates -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -221,8 +62,6 @@ class Candidate:
         """``(detector manifest entry, arrays, fitted sklearn forest or None)`` on preprocessed rows."""
         p = dict(self.params)
         if self.kind == "iforest":
-            from .export import forest_from_sklearn
-
             forest = fit_iforest(Xp, seed=seed, **p)
             layout = forest_from_sklearn(forest)
             spec = {"kind": "iforest", "params": {"n_trees": layout.n_trees, "depth": layout.depth,
@@ -235,7 +74,7 @@ class Candidate:
         elif self.kind == "hbos":
             spec, arrays = fit_hbos(Xp, **p)
         else:
-            raise ValueError(f"{self.kind} cannot be fitted here")
+            raise InvalidInputError(f"{self.kind} cannot be fitted here")
         return spec, arrays, None
 
 
@@ -260,9 +99,9 @@ def parse_select(select: str | Sequence[str] | None) -> tuple[str, ...]:
     allowed = (*CANDIDATES, STACKED)
     bad = [s for s in items if s not in allowed]
     if bad or not items:
-        raise ValueError(f"--select takes a comma-separated list of {', '.join(allowed)}; got {bad or select!r}")
+        raise InvalidInputError(f"--select takes a comma-separated list of {', '.join(allowed)}; got {bad or select!r}")
     if items == [STACKED]:
-        raise ValueError("--select stacked needs at least one unsupervised candidate to stack, e.g. --select iforest,hbos,stacked")
+        raise InvalidInputError("--select stacked needs at least one unsupervised candidate to stack, e.g. --select iforest,hbos,stacked")
     return tuple(dict.fromkeys(items))
 
 
@@ -305,7 +144,7 @@ def make_folds(y: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray
     yl = y[lab].astype(np.int64)
     k = int(min(k, np.sum(yl == 1), np.sum(yl == 0)))
     if k < 2:
-        raise ValueError("out-of-fold scoring needs at least 2 labelled anomalies and 2 labelled normals")
+        raise InvalidInputError("out-of-fold scoring needs at least 2 labelled anomalies and 2 labelled normals")
     fold = np.empty(lab.size, dtype=np.int64)
     for f, (_, test) in enumerate(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(lab, yl)):
         fold[test] = f
@@ -427,11 +266,6 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def uses_labels(detector: str | None, select: Any, labels_from_feedback: bool) -> bool:
-    """True when the flags ask for label-aware training whatever the label column holds."""
-    return bool(select) or labels_from_feedback or detector in ("auto", STACKED)
-
-
 def plan(ld: LabelledData, *, detector: str, select: Sequence[str], min_labels: int = MIN_LABELS,
          folds: int = DEFAULT_FOLDS, seed: int = 0, log: Any = None, confidence: float = SELECT_CONFIDENCE) -> Plan:
     """Decide what to fit: ``detector`` exactly, or (``auto`` / ``select``) by out-of-fold PR-AUC
@@ -460,7 +294,7 @@ def plan(ld: LabelledData, *, detector: str, select: Sequence[str], min_labels: 
                f"and {MIN_SELECT_LABELS} labelled normals; got {na} anomalies and {nn} normals (label more records, "
                "or choose a detector with --detector)")
         if explicit:
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         p = Plan("iforest", notes=[msg + "; fell back to iforest"])
         if log:
             log("warning: " + p.notes[0])
@@ -482,7 +316,7 @@ def plan(ld: LabelledData, *, detector: str, select: Sequence[str], min_labels: 
             msg = (f"stacked model needs at least {min_labels} labelled anomalies and {min_labels} normals "
                    f"(--min-labels); got {na} and {nn}")
             if detector == STACKED:
-                raise ValueError(msg)
+                raise InvalidInputError(msg)
             p.notes.append(msg + ": not fitted")
         else:
             bases = unsup
@@ -513,15 +347,12 @@ def plan(ld: LabelledData, *, detector: str, select: Sequence[str], min_labels: 
 def export_candidate(name: str, X_fit: np.ndarray, names: list[str], seed: int, dest: Path, lineage: dict[str, Any]) -> Path:
     """Fit candidate ``name`` on ``X_fit`` and write its artifact (the same way ``outlierd train``
     writes that detector)."""
-    from .export import export_sklearn
-    from .train import _fit_and_export
-
     prep = _fit_prep(X_fit)
     cand = CANDIDATES.get(name)
     if cand is None or (cand.kind == name and not cand.params):
-        return _fit_and_export(name if cand is None else cand.kind, X_fit, names, prep, seed, dest, lineage)
+        return fit_and_export(name if cand is None else cand.kind, X_fit, names, prep, seed, dest, lineage)
     if cand.kind != "iforest":
-        raise ValueError(f"no exporter for candidate {name}")
+        raise InvalidInputError(f"no exporter for candidate {name}")
     forest = fit_iforest(prep.transform(X_fit), seed=seed, **dict(cand.params))
     return export_sklearn(forest, dest, names, X_train=X_fit, lineage=lineage)
 
@@ -529,8 +360,6 @@ def export_candidate(name: str, X_fit: np.ndarray, names: list[str], seed: int, 
 def export_stacked(ld: LabelledData, p: Plan, seed: int, dest: Path, lineage: dict[str, Any], C: float = LOGREG_C) -> Path:
     """Fit the bases on every row but the known anomalies, the logistic model on the labelled
     records' out-of-fold base ranks, and write the ``stacked`` artifact."""
-    from .export import export_detector
-
     assert p.oof is not None
     X_fit = ld.X[ld.y != 1]
     prep = _fit_prep(X_fit)
@@ -559,99 +388,3 @@ def export_stacked(ld: LabelledData, p: Plan, seed: int, dest: Path, lineage: di
         "score": "(1 - alpha) * rank(primary) + alpha * sigmoid(logistic model on base ranks and standardised features)"}}
     return export_detector(dest, detector=spec, arrays=arrays, prep=prep, feature_names=ld.feature_names, threshold=0.0,
                            X_train=ld.X, lineage=base_lineage(**lineage), seed=seed)
-
-
-def train_with_labels(
-    data: str | os.PathLike,
-    registry: str | os.PathLike,
-    model: str,
-    *,
-    detector: str = "iforest",
-    label_column: str | None = None,
-    select: str | Sequence[str] | None = None,
-    labels_from_feedback: bool = False,
-    feedback_store: str | os.PathLike | None = None,
-    min_labels: int = MIN_LABELS,
-    folds: int = DEFAULT_FOLDS,
-    alert_rate: float = 0.01,
-    alias: str | None = None,
-    seed: int = 0,
-    quiet: bool = False,
-) -> Any:
-    """Label-aware ``outlierd train`` (see the module docstring); returns a ``TrainResult``."""
-    from outlierd.core.registry import Registry
-    from outlierd.monitoring.store import default_store_path
-
-    from .train import Progress, TrainResult
-
-    sel = parse_select(select)
-    if detector not in (*DETECTORS, "auto", STACKED):
-        raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join((*DETECTORS, 'auto', STACKED))}")
-    if sel and detector not in ("auto", STACKED):
-        raise ValueError(f"--select chooses the detector; drop --detector {detector} (or use --detector auto)")
-    if min_labels < 2 or folds < 2:
-        raise ValueError(f"--min-labels and --folds must be at least 2; got {min_labels} and {folds}")
-    if not 0.0 < alert_rate < 1.0:
-        raise ValueError(f"--alert-rate must be in (0, 1); got {alert_rate}")
-    if label_column is None and not labels_from_feedback:
-        raise ValueError("label-aware training needs labels: --label-column COL and/or --labels-from-feedback")
-    reg = Registry(registry)
-    progress = Progress(7, quiet=quiet)
-
-    def log(line: str) -> None:
-        if not quiet:
-            print(line, file=sys.stderr, flush=True)
-
-    progress(f"loading {data}")
-    store = (Path(feedback_store) if feedback_store else default_store_path(registry)) if labels_from_feedback else None
-    ld = load_labelled_data(data, label_column, feedback_store=store, model=model, registry=registry)
-    for w in ld.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    prov = ld.provenance
-    progress(f"labels: {prov['anomalies']} anomalies, {prov['normals']} normals, {prov['unlabelled']} unlabelled of "
-             f"{ld.X.shape[0]} rows" + (f" ({ld.X.shape[0] - ld.n_file_rows} from the feedback store)" if store else ""))
-    p = plan(ld, detector=detector, select=sel, min_labels=min_labels, folds=folds, seed=seed, log=log)
-    X_fit = ld.X[ld.y != 1]
-    if X_fit.shape[0] < 2:
-        raise DataError(f"{data}: fewer than 2 rows left once the known anomalies are removed")
-    lineage = {
-        "data": data_lineage(data, ld.n_file_rows, ld.feature_names),
-        "parameters": {"detector": detector, "seed": seed, "alert_rate": alert_rate, "label_column": label_column,
-                       "select": list(sel), "labels_from_feedback": labels_from_feedback, "min_labels": min_labels,
-                       "folds": folds},
-        "labels": {**prov, "fit_rows": int(X_fit.shape[0]), "excluded_anomalies": prov["anomalies"]},
-    }
-    progress(f"fitting {p.chosen} on {X_fit.shape[0]} rows ({prov['anomalies']} known anomalies left out)")
-    workdir = Path(tempfile.mkdtemp(prefix="outlierd-train-"))
-    try:
-        dest = workdir / "artifact"
-        path = export_stacked(ld, p, seed, dest, lineage) if p.chosen == STACKED else export_candidate(
-            p.chosen, X_fit, ld.feature_names, seed, dest, lineage)
-        progress("verifying the artifact and scoring the training data")
-        scores = load_model(path).score(ld.X)
-        threshold = threshold_for_alert_rate(scores, alert_rate)
-        metrics: dict[str, Any] = {"alert_rate": alert_rate, "train_alert_rate": float(np.mean(scores >= threshold)),
-                                   "chosen": p.chosen, "labels_anomalies": prov["anomalies"], "labels_normals": prov["normals"]}
-        if p.chosen == STACKED:
-            metrics.update(stacked_primary=p.bases[p.primary], stacked_alpha=p.alpha, stacked_bases=list(p.bases))
-        if p.selection:
-            metrics["selection_pr_auc"] = p.selection
-        if p.notes:
-            metrics["label_notes"] = p.notes
-        progress("evaluating on labelled records the model did not train on"
-                 if p.oof_scores is not None else "evaluating (no out-of-fold scores: label metrics skipped)")
-        if p.oof is not None and p.oof_scores is not None:
-            ev = evaluate(p.oof_scores, p.oof.y, threshold)
-            metrics.update(ev)
-            metrics["label_eval"] = (f"{p.oof.k}-fold out-of-fold on {p.oof.y.size} labelled records (stratified; every "
-                                     "fold's detectors fitted without it and without known anomalies"
-                                     + ("; the detector was chosen on these same folds, so PR-AUC is optimistic)"
-                                        if p.selection else ")"))
-        rewrite_manifest(path, threshold=threshold, metrics=metrics)
-        load_model(path)
-        progress(f"publishing to {registry}")
-        version = reg.publish(model, path, aliases=(alias,) if alias else ())
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    progress(f"published {model} version {version}" + (f" as {alias!r}" if alias else ""))
-    return TrainResult(version, reg.path(model, version), threshold, metrics, ld.warnings, int(ld.X.shape[0]), len(ld.feature_names))

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from outlierd.core.artifact import ARRAYS, read_manifest, verify_files
-from outlierd.core.errors import OutlierdError
+from outlierd.core.errors import MissingDependencyError, OutlierdError
 from outlierd.core.registry import Registry
 
 DEFAULT_EXPERIMENT = "outlierd"
@@ -54,10 +54,8 @@ _MAX_TAG = 8000
 T = TypeVar("T")
 
 
-class MlflowUnavailableError(OutlierdError, ValueError):
-    """``--mlflow-uri`` was given but MLflow is not installed."""
-
-    code = "FAILED_PRECONDITION"
+class MlflowUnavailableError(MissingDependencyError, ValueError):
+    """``--mlflow-uri`` was given but MLflow is not installed (still a ValueError for older callers)."""
 
 
 class MirrorError(OutlierdError):

@@ -1,8 +1,15 @@
-"""The training pipeline behind ``outlierd train``.
+"""The training pipeline behind ``outlierd train``: one path, in stages over small frozen records.
 
-data -> validation -> preprocessing fit (median imputation) -> detector fit -> artifact (probe +
-reference profile) -> training scores -> threshold calibrated to the alert rate -> evaluation (with
-labels) -> lineage -> registry publish (+ alias).
+load (the data file is read once; labels, if any, come from the same table) -> plan (which detector;
+with labels, chosen out of fold) -> fit/export (preprocessing fit, detector fit, artifact with probe
+and reference profile) -> calibrate (the artifact is loaded and its probe verified once, the
+training rows scored, the threshold set to the alert rate) -> evaluate (with labels) -> publish
+(registry, alias; the probe is not replayed a third time).
+
+Without labels, or with a fully labelled column (evaluation only), every row is fitted. With
+labels used for training (partial labels, feedback records, ``select``, ``auto`` / ``stacked``:
+see :class:`~outlierd.training.spec.TrainSpec`) the known anomalies are left out of the fit and the
+metrics come from out-of-fold scores (``training.semi``).
 """
 
 from __future__ import annotations
@@ -12,24 +19,29 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
+import pyarrow as pa
 
 from outlierd.core.artifact import rewrite_manifest
+from outlierd.core.errors import DataError
 from outlierd.core.model import load_model
 from outlierd.core.preprocess import Preprocessing
 from outlierd.core.registry import Registry
+from outlierd.core.stacked import KIND as STACKED
 
-from .data import load_dataset
-from .detectors import DETECTORS, fit_hbos, fit_iforest, fit_knn, fit_lof, fit_robust_z
+from .data import dataset_from_table, read_table
 from .evaluate import evaluate, threshold_for_alert_rate
-from .export import export_detector, export_sklearn
-from .lineage import base_lineage, data_lineage
+from .fit import fit_and_export
+from .labels import LabelledData, LabelledRecords, labelled_data, parse_labels
+from .lineage import data_lineage
+from .semi import Plan, export_candidate, export_stacked, plan
+from .spec import DEFAULT_ALERT_RATE, TrainSpec
 
-DEFAULT_ALERT_RATE = 0.01
+__all__ = ["DEFAULT_ALERT_RATE", "LabelledRecords", "Progress", "TrainResult", "TrainSpec", "run_train", "train"]
 
 
 class Progress:
@@ -57,92 +69,191 @@ class TrainResult:
     n_features: int
 
 
-def _fit_and_export(detector: str, X: np.ndarray, names: list[str], prep: Preprocessing, seed: int, dest: Path, lineage: dict[str, Any]) -> Path:
-    Xp = prep.transform(X)
-    if detector == "iforest":
-        forest = fit_iforest(Xp, seed=seed)
-        return export_sklearn(forest, dest, names, X_train=X, lineage=lineage)
-    if detector == "autoencoder":
-        from .autoencoder import export_autoencoder, fit_autoencoder, standardizing_prep
+@dataclass(frozen=True, eq=False)
+class Loaded:
+    """Stage 1: the rows to train on, their labels and what the labels are for."""
 
-        prep = standardizing_prep(X, prep.median, prep.missing)
-        ae = fit_autoencoder(prep.transform(X), seed=seed)
-        return export_autoencoder(dest, ae, prep, names, X_train=X, lineage=base_lineage(**lineage), seed=seed)
-    if detector in ("knn", "lof"):
-        spec, arrays = (fit_knn if detector == "knn" else fit_lof)(Xp, seed=seed)
-    else:
-        fit: Callable[..., tuple[dict[str, Any], dict[str, np.ndarray]]] = fit_robust_z if detector == "robust_z" else fit_hbos
-        spec, arrays = fit(Xp)
-    return export_detector(dest, detector=spec, arrays=arrays, prep=prep, feature_names=names, threshold=0.0,
-                           X_train=X, lineage=base_lineage(**lineage), seed=seed)
+    X: np.ndarray                        # (n, d) float64, NaN where missing
+    feature_names: list[str]
+    warnings: list[str]
+    n_file_rows: int
+    eval_labels: np.ndarray | None = None  # a fully labelled column: in-sample evaluation only
+    labelled: LabelledData | None = None   # labels used for training (the label-aware path)
 
 
-def train(
-    data: str | os.PathLike,
-    registry: str | os.PathLike,
-    model: str,
-    *,
-    detector: str = "iforest",
-    label_column: str | None = None,
-    alert_rate: float = DEFAULT_ALERT_RATE,
-    alias: str | None = None,
-    seed: int = 0,
-    quiet: bool = False,
-    select: str | Sequence[str] | None = None,
-    labels_from_feedback: bool = False,
-    feedback_store: str | os.PathLike | None = None,
-    min_labels: int = 5,
-    folds: int = 5,
-) -> TrainResult:
-    """Train ``detector`` on ``data`` and publish it to ``registry`` as ``model``; returns the
-    published version with its threshold and metrics.
+@dataclass(frozen=True, eq=False)
+class Fitted:
+    """Stages 2-3: what was fitted and where its artifact is."""
 
-    Labels: a ``label_column`` with every row labelled (0/1) is used for evaluation only, as
-    before. Partial labels (empty cells), ``labels_from_feedback``, ``select`` or ``detector``
-    "auto" / "stacked" take the label-aware path (training/semi.py): known anomalies are left out
-    of the fit, detectors are compared out of fold, a semi-supervised model is fitted when there
-    are ``min_labels`` labels of each kind."""
-    from . import semi
+    plan: Plan
+    path: Path
+    lineage: dict[str, Any]
 
-    if semi.uses_labels(detector, select, labels_from_feedback) or (
-            label_column is not None and bool(np.any(semi.read_label_column(data, label_column) < 0))):
-        return semi.train_with_labels(
-            data, registry, model, detector=detector, label_column=label_column, select=select,
-            labels_from_feedback=labels_from_feedback, feedback_store=feedback_store, min_labels=min_labels,
-            folds=folds, alert_rate=alert_rate, alias=alias, seed=seed, quiet=quiet)
-    if detector not in DETECTORS:
-        raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
-    if not 0.0 < alert_rate < 1.0:
-        raise ValueError(f"--alert-rate must be in (0, 1); got {alert_rate}")
-    reg = Registry(registry)
-    progress = Progress(6, quiet=quiet)
-    progress(f"loading {data}")
-    ds = load_dataset(data, label_column=label_column)
-    for w in ds.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    progress(f"fitting {detector} on {ds.n_rows} rows x {len(ds.feature_names)} features")
+
+@dataclass(frozen=True, eq=False)
+class Calibrated:
+    """Stages 4-5: the threshold and the metrics to stamp into the manifest."""
+
+    threshold: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _median_prep(X: np.ndarray) -> Preprocessing:
     with np.errstate(all="ignore"):
-        median = np.nanmedian(np.where(np.isfinite(ds.X), ds.X, np.nan), axis=0)
-    prep = Preprocessing.identity(len(ds.feature_names), median=median)
-    lineage = {
-        "data": data_lineage(data, ds.n_rows, ds.feature_names),
-        "parameters": {"detector": detector, "seed": seed, "alert_rate": alert_rate, "label_column": label_column},
-    }
+        median = np.nanmedian(np.where(np.isfinite(X), X, np.nan), axis=0)
+    return Preprocessing.identity(X.shape[1], median=median)
+
+
+def column_labels(spec: TrainSpec, table: pa.Table) -> np.ndarray:
+    """The parsed labels (-1 unlabelled, 0, 1) of ``spec.label_column`` in ``table``."""
+    name = spec.label_column
+    if name is None or name not in table.column_names:
+        raise DataError(f"{spec.data}: label column {name!r} not found; columns are {list(table.column_names)[:20]}")
+    return parse_labels(table.column(name), name, str(spec.data))
+
+
+def load(spec: TrainSpec, table: pa.Table, label_aware: bool) -> Loaded:
+    """Stage 1: the rows of ``table`` (``spec.data``, read once by the caller) with their labels:
+    for training when ``label_aware`` (plus ``spec.feedback``), else a fully labelled 0/1 column
+    for evaluation only."""
+    if label_aware:
+        ld = labelled_data(table, spec.data, spec.label_column, feedback=spec.feedback, model=spec.model,
+                           registry=spec.registry)
+        return Loaded(ld.X, ld.feature_names, ld.warnings, ld.n_file_rows, labelled=ld)
+    ds = dataset_from_table(table, spec.data, label_column=spec.label_column)
+    return Loaded(ds.X, ds.feature_names, ds.warnings, ds.n_rows, eval_labels=ds.labels)
+
+
+def choose(spec: TrainSpec, loaded: Loaded, log: Callable[[str], None] | None) -> Plan:
+    """Stage 2: the detector to fit (with labels: compared out of fold)."""
+    if loaded.labelled is None:
+        return Plan(spec.detector)
+    return plan(loaded.labelled, detector=spec.detector, select=spec.candidates, min_labels=spec.min_labels,
+                folds=spec.folds, seed=spec.seed, log=log)
+
+
+def _lineage(spec: TrainSpec, loaded: Loaded) -> dict[str, Any]:
+    params: dict[str, Any] = {"detector": spec.detector, "seed": spec.seed, "alert_rate": spec.alert_rate,
+                              "label_column": spec.label_column}
+    lineage: dict[str, Any] = {"data": data_lineage(spec.data, loaded.n_file_rows, loaded.feature_names), "parameters": params}
+    ld = loaded.labelled
+    if ld is not None:
+        params.update(select=list(spec.candidates), labels_from_feedback=spec.feedback is not None, min_labels=spec.min_labels,
+                      folds=spec.folds)
+        prov = ld.provenance
+        lineage["labels"] = {**prov, "fit_rows": int(np.sum(ld.y != 1)), "excluded_anomalies": prov["anomalies"]}
+    return lineage
+
+
+def fit_export(spec: TrainSpec, loaded: Loaded, p: Plan, dest: Path) -> Fitted:
+    """Stage 3: fit the planned detector (without the known anomalies) and write its artifact."""
+    lineage = _lineage(spec, loaded)
+    ld = loaded.labelled
+    if ld is None:
+        path = fit_and_export(p.chosen, loaded.X, loaded.feature_names, _median_prep(loaded.X), spec.seed, dest, lineage)
+    elif p.chosen == STACKED:
+        path = export_stacked(ld, p, spec.seed, dest, lineage)
+    else:
+        path = export_candidate(p.chosen, ld.X[ld.y != 1], ld.feature_names, spec.seed, dest, lineage)
+    return Fitted(p, path, lineage)
+
+
+def calibrate(spec: TrainSpec, loaded: Loaded, fitted: Fitted) -> tuple[Calibrated, np.ndarray]:
+    """Stage 4: load the artifact (its one probe verification), score the training rows and set the
+    threshold to the alert rate."""
+    scores = load_model(fitted.path).score(loaded.X)
+    threshold = threshold_for_alert_rate(scores, spec.alert_rate)
+    metrics: dict[str, Any] = {"alert_rate": spec.alert_rate, "train_alert_rate": float(np.mean(scores >= threshold))}
+    ld, p = loaded.labelled, fitted.plan
+    if ld is not None:
+        metrics.update(chosen=p.chosen, labels_anomalies=ld.provenance["anomalies"], labels_normals=ld.provenance["normals"])
+        if p.chosen == STACKED:
+            metrics.update(stacked_primary=p.bases[p.primary], stacked_alpha=p.alpha, stacked_bases=list(p.bases))
+        if p.selection:
+            metrics["selection_pr_auc"] = p.selection
+        if p.notes:
+            metrics["label_notes"] = p.notes
+    return Calibrated(threshold, metrics), scores
+
+
+def evaluate_stage(loaded: Loaded, p: Plan, cal: Calibrated, scores: np.ndarray) -> Calibrated:
+    """Stage 5: metrics on labels: in sample for a fully labelled column, out of fold for labels
+    used in training."""
+    metrics = dict(cal.metrics)
+    if loaded.eval_labels is not None:
+        metrics.update(evaluate(scores, loaded.eval_labels, cal.threshold))
+    elif p.oof is not None and p.oof_scores is not None:
+        metrics.update(evaluate(p.oof_scores, p.oof.y, cal.threshold))
+        metrics["label_eval"] = (f"{p.oof.k}-fold out-of-fold on {p.oof.y.size} labelled records (stratified; every "
+                                 "fold's detectors fitted without it and without known anomalies"
+                                 + ("; the detector was chosen on these same folds, so PR-AUC is optimistic)"
+                                    if p.selection else ")"))
+    return Calibrated(cal.threshold, metrics)
+
+
+def publish(spec: TrainSpec, fitted: Fitted, cal: Calibrated) -> int:
+    """Stage 6: stamp threshold and metrics, publish (the probe was verified in :func:`calibrate`;
+    the registry still checks the digest and checksums) and move the alias."""
+    rewrite_manifest(fitted.path, threshold=cal.threshold, metrics=cal.metrics)
+    return Registry(spec.registry).publish(spec.model, fitted.path, aliases=(spec.alias,) if spec.alias else (),
+                                           reprobe=False)
+
+
+def run_train(spec: TrainSpec) -> TrainResult:
+    """Run every stage of ``spec``; returns the published version with its threshold and metrics."""
+    quiet = spec.quiet
+    reg = Registry(spec.registry)
+
+    def log(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    table, label_aware = None, spec.asks_for_labels
+    if spec.label_column is not None and not label_aware:
+        # an empty cell in the label column makes it reviewers' labels, used for training
+        table = read_table(spec.data)
+        label_aware = bool(np.any(column_labels(spec, table) < 0))
+    progress = Progress(7 if label_aware else 6, quiet=quiet)
+    progress(f"loading {spec.data}")
+    loaded = load(spec, read_table(spec.data) if table is None else table, label_aware)
+    for w in loaded.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    ld = loaded.labelled
+    if ld is not None:
+        prov = ld.provenance
+        progress(f"labels: {prov['anomalies']} anomalies, {prov['normals']} normals, {prov['unlabelled']} unlabelled of "
+                 f"{ld.X.shape[0]} rows" + (f" ({ld.X.shape[0] - ld.n_file_rows} from the feedback store)"
+                                            if spec.feedback is not None else ""))
+    p = choose(spec, loaded, log)
+    if ld is not None:
+        fit_rows = int(np.sum(ld.y != 1))
+        if fit_rows < 2:
+            raise DataError(f"{spec.data}: fewer than 2 rows left once the known anomalies are removed")
+        progress(f"fitting {p.chosen} on {fit_rows} rows ({ld.provenance['anomalies']} known anomalies left out)")
+    else:
+        progress(f"fitting {spec.detector} on {loaded.n_file_rows} rows x {len(loaded.feature_names)} features")
     workdir = Path(tempfile.mkdtemp(prefix="outlierd-train-"))
     try:
-        path = _fit_and_export(detector, ds.X, ds.feature_names, prep, seed, workdir / "artifact", lineage)
+        fitted = fit_export(spec, loaded, p, workdir / "artifact")
         progress("verifying the artifact and scoring the training data")
-        scores = load_model(path).score(ds.X)
-        threshold = threshold_for_alert_rate(scores, alert_rate)
-        metrics: dict[str, Any] = {"alert_rate": alert_rate, "train_alert_rate": float(np.mean(scores >= threshold))}
-        progress("evaluating" + ("" if ds.labels is not None else " (no labels: metrics skipped)"))
-        if ds.labels is not None:
-            metrics.update(evaluate(scores, ds.labels, threshold))
-        rewrite_manifest(path, threshold=threshold, metrics=metrics)
-        load_model(path)  # the final artifact must load before it is published
-        progress(f"publishing to {registry}")
-        version = reg.publish(model, path, aliases=(alias,) if alias else ())
+        cal, scores = calibrate(spec, loaded, fitted)
+        if ld is not None:
+            progress("evaluating on labelled records the model did not train on"
+                     if p.oof_scores is not None else "evaluating (no out-of-fold scores: label metrics skipped)")
+        else:
+            progress("evaluating" + ("" if loaded.eval_labels is not None else " (no labels: metrics skipped)"))
+        cal = evaluate_stage(loaded, p, cal, scores)
+        progress(f"publishing to {spec.registry}")
+        version = publish(spec, fitted, cal)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    progress(f"published {model} version {version}" + (f" as {alias!r}" if alias else ""))
-    return TrainResult(version, reg.path(model, version), threshold, metrics, ds.warnings, ds.n_rows, len(ds.feature_names))
+    progress(f"published {spec.model} version {version}" + (f" as {spec.alias!r}" if spec.alias else ""))
+    return TrainResult(version, reg.path(spec.model, version), cal.threshold, cal.metrics, loaded.warnings,
+                       int(loaded.X.shape[0]), len(loaded.feature_names))
+
+
+def train(data: str | os.PathLike, registry: str | os.PathLike, model: str, **options: Any) -> TrainResult:
+    """:func:`run_train` of ``TrainSpec(data, registry, model, **options)``: the keyword form that
+    library callers and the retrain policy use (``detector``, ``label_column``, ``alert_rate``,
+    ``alias``, ``seed``, ``quiet``, ``select``, ``feedback``, ``min_labels``, ``folds``)."""
+    return run_train(TrainSpec(data, registry, model, **options))

@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from outlierd.core.registry import Registry
+from outlierd.core.errors import InvalidInputError
+from outlierd.core.labels import ANOMALY
+from outlierd.core.registry import CHAMPION, Registry
 
 MIN_ALERTS = 10       # alert rate: the weighted sample must hold at least this many expected alerts
 MIN_RECORDS = 100     # alert rate: captured records (flagged + sampled) at least
@@ -69,13 +71,13 @@ class Calibration:
 def _check_rate(name: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value) or not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in (0, 1); got {value}")
+        raise InvalidInputError(f"{name} must be in (0, 1); got {value}")
     return value
 
 
 def weights_of(flagged: np.ndarray, sampled: np.ndarray, sample_rate: np.ndarray) -> np.ndarray:
     """Inverse-probability weights of captured records: 1 for flagged ones (always captured),
-    ``1 / sample_rate`` for sampled ones. Raises ``ValueError`` when a sampled record's rate is unknown."""
+    ``1 / sample_rate`` for sampled ones. Raises ``InvalidInputError`` (a ``ValueError``) when a sampled record's rate is unknown."""
     flagged = np.asarray(flagged, dtype=bool)
     sampled = np.asarray(sampled, dtype=bool)
     rate = np.asarray(sample_rate, dtype=np.float64)
@@ -84,7 +86,7 @@ def weights_of(flagged: np.ndarray, sampled: np.ndarray, sample_rate: np.ndarray
     if s.any():
         r = rate[s]
         if not np.all(np.isfinite(r) & (r > 0) & (r <= 1)):
-            raise ValueError("some sampled captures have no usable sample rate (stored NaN or 0): cannot weight them")
+            raise InvalidInputError("some sampled captures have no usable sample rate (stored NaN or 0): cannot weight them")
         w[s] = 1.0 / r
     return w
 
@@ -97,9 +99,9 @@ def alert_rate_threshold(scores: np.ndarray, weights: np.ndarray, alert_rate: fl
     scores = np.asarray(scores, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     if scores.size == 0:
-        raise ValueError("cannot calibrate a threshold on zero scores")
+        raise InvalidInputError("cannot calibrate a threshold on zero scores")
     if not np.all(np.isfinite(scores)):
-        raise ValueError(f"captured scores hold {int(np.count_nonzero(~np.isfinite(scores)))} non-finite values")
+        raise InvalidInputError(f"captured scores hold {int(np.count_nonzero(~np.isfinite(scores)))} non-finite values")
     order = np.argsort(-scores, kind="stable")
     cum = np.cumsum(w[order])
     goal = alert_rate * cum[-1]
@@ -111,16 +113,16 @@ def alert_rate_threshold(scores: np.ndarray, weights: np.ndarray, alert_rate: fl
 def precision_threshold(scores: np.ndarray, y: np.ndarray, precision: float) -> tuple[float, float, int]:
     """The lowest ``t`` among ``scores`` with precision (share of ``y == 1`` among records scoring
     ``>= t``) at least ``precision``: ``(t, precision at t, records at or above t)``. Raises
-    ``ValueError`` when no threshold reaches it."""
+    ``InvalidInputError`` when no threshold reaches it."""
     precision = float(precision)
     if not math.isfinite(precision) or not 0.0 < precision <= 1.0:
-        raise ValueError(f"precision target must be in (0, 1]; got {precision}")
+        raise InvalidInputError(f"precision target must be in (0, 1]; got {precision}")
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(y).astype(bool)
     if s.size == 0:
-        raise ValueError("no labelled records with captured scores")
+        raise InvalidInputError("no labelled records with captured scores")
     if not np.all(np.isfinite(s)):
-        raise ValueError(f"labelled records' scores hold {int(np.count_nonzero(~np.isfinite(s)))} non-finite values")
+        raise InvalidInputError(f"labelled records' scores hold {int(np.count_nonzero(~np.isfinite(s)))} non-finite values")
     uniq, inv = np.unique(s, return_inverse=True)  # ascending
     pos = np.bincount(inv, weights=y, minlength=uniq.size)
     cnt = np.bincount(inv, minlength=uniq.size)
@@ -129,8 +131,8 @@ def precision_threshold(scores: np.ndarray, y: np.ndarray, precision: float) -> 
     prec = tp / n
     ok = np.flatnonzero(prec >= precision - 1e-12)
     if ok.size == 0:
-        raise ValueError(f"precision {precision:g} is not reachable on the labelled records: the best is "
-                         f"{prec.max():.4f} (at threshold {uniq[int(np.argmax(prec))]:.6g}, {int(n[int(np.argmax(prec))])} records)")
+        raise InvalidInputError(f"precision {precision:g} is not reachable on the labelled records: the best is "
+                                f"{prec.max():.4f} (at threshold {uniq[int(np.argmax(prec))]:.6g}, {int(n[int(np.argmax(prec))])} records)")
     i = int(ok[0])
     return float(uniq[i]), float(prec[i]), int(n[i])
 
@@ -144,20 +146,20 @@ def _latest_per_id(ids: list[str], *cols: np.ndarray) -> tuple[list[str], list[n
     return [ids[i] for i in idx], [np.asarray(c)[idx] for c in cols]
 
 
-def calibrate(registry: Registry, store: Any, model: str, ref: int | str = "champion", *, alert_rate: float | None = None,
+def calibrate(registry: Registry, store: Any, model: str, ref: int | str = CHAMPION, *, alert_rate: float | None = None,
               precision: float | None = None, min_records: int = MIN_RECORDS, min_labels: int = MIN_LABELS) -> Calibration:
     """Compute a new threshold for version ``ref`` of ``model`` from the captures and labels in
     ``store`` (a :class:`monitoring.store.Store`); exactly one of ``alert_rate`` / ``precision``.
-    Nothing is published: see :func:`publish`. Raises ``ValueError`` with the reason when the data
+    Nothing is published: see :func:`publish`. Raises ``InvalidInputError`` (a ``ValueError``) with the reason when the data
     cannot support the target."""
     if (alert_rate is None) == (precision is None):
-        raise ValueError("give exactly one target: --alert-rate R or --precision P")
+        raise InvalidInputError("give exactly one target: --alert-rate R or --precision P")
     version = registry.resolve(model, ref)
     previous, prev_n = registry.threshold(model, version)
     preds = store.predictions(model, version=version, features=False)
     if len(preds) == 0:
-        raise ValueError(f"no captured predictions of {model!r} version {version} in the feedback store: serve it "
-                         "with capture on (the default) and let traffic flow first")
+        raise InvalidInputError(f"no captured predictions of {model!r} version {version} in the feedback store: serve it "
+                                "with capture on (the default) and let traffic flow first")
     notes: list[str] = []
     ids, (score, flagged, sampled, rate) = _latest_per_id(preds.record_id, preds.score, preds.flagged, preds.sampled, preds.sample_rate)
     if len(ids) < len(preds):
@@ -165,34 +167,34 @@ def calibrate(registry: Registry, store: Any, model: str, ref: int | str = "cham
     if alert_rate is not None:
         alert_rate = _check_rate("--alert-rate", alert_rate)
         if not np.any(sampled & ~flagged):
-            raise ValueError(f"no sampled captures of {model!r} version {version}, only flagged ones: the size of the "
-                             "traffic is unknown; serve with --capture-sample > 0")
+            raise InvalidInputError(f"no sampled captures of {model!r} version {version}, only flagged ones: the size of the "
+                                    "traffic is unknown; serve with --capture-sample > 0")
         w = weights_of(flagged, sampled, rate)
         total = float(w.sum())
         if len(ids) < min_records or alert_rate * total < MIN_ALERTS:
-            raise ValueError(f"not enough captured traffic for alert rate {alert_rate:g}: {len(ids)} captured records "
-                             f"standing for {total:.0f} scored ones (need {min_records} captured and "
-                             f"{MIN_ALERTS / alert_rate:.0f} scored); capture more or raise the capture sample rate")
+            raise InvalidInputError(f"not enough captured traffic for alert rate {alert_rate:g}: {len(ids)} captured records "
+                                    f"standing for {total:.0f} scored ones (need {min_records} captured and "
+                                    f"{MIN_ALERTS / alert_rate:.0f} scored); capture more or raise the capture sample rate")
         t = alert_rate_threshold(score, w, alert_rate)
         est = float(w[score >= t].sum() / total)
         return Calibration(model, version, "alert_rate", alert_rate, t, previous, prev_n, est, None, None, len(ids),
                            int(np.count_nonzero(sampled)), 0, notes=notes)
     precision = float(precision)  # type: ignore[arg-type]
     if not math.isfinite(precision) or not 0.0 < precision <= 1.0:
-        raise ValueError(f"--precision must be in (0, 1]; got {precision}")
+        raise InvalidInputError(f"--precision must be in (0, 1]; got {precision}")
     labels = store.labels(model)
     latest: dict[str, str] = {}
     for row in labels:  # arrival order: the last label of a record wins
         latest[row.record_id] = row.label
     by_id = dict(zip(ids, score))
-    joined = [(by_id[rid], lab == "anomaly") for rid, lab in latest.items() if rid in by_id]
+    joined = [(by_id[rid], lab == ANOMALY) for rid, lab in latest.items() if rid in by_id]
     if len(joined) < min_labels:
-        raise ValueError(f"not enough labels for a precision target: {len(joined)} labelled records of {model!r} version "
-                         f"{version} have a captured score (need {min_labels}; {len(latest)} labelled ids in all)")
+        raise InvalidInputError(f"not enough labels for a precision target: {len(joined)} labelled records of {model!r} version "
+                                f"{version} have a captured score (need {min_labels}; {len(latest)} labelled ids in all)")
     s = np.array([j[0] for j in joined])
     y = np.array([j[1] for j in joined])
     if int(y.sum()) < MIN_POSITIVES:
-        raise ValueError(f"not enough labelled anomalies for a precision target: {int(y.sum())} (need {MIN_POSITIVES})")
+        raise InvalidInputError(f"not enough labelled anomalies for a precision target: {int(y.sum())} (need {MIN_POSITIVES})")
     t, p, k = precision_threshold(s, y, precision)
     try:
         w = weights_of(flagged, sampled, rate)

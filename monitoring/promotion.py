@@ -37,13 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from outlierd.core.errors import ModelNotFoundError
-from outlierd.core.registry import Registry
+from outlierd.core.errors import InvalidInputError, ModelNotFoundError
+from outlierd.core.labels import ANOMALY
+from outlierd.core.registry import CHALLENGER, CHAMPION, Registry
 
-from .calibrate import weights_of
+from .recalibration import weights_of
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 WINDOW_SLACK_S = 5.0  # champion captures this long before the first / after the last challenger capture count
 PROMOTE_ACTION = "promote"
 ROLLBACK_ACTION = "rollback"
@@ -70,13 +69,13 @@ class Gates:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read gates file {path}: {e}") from e
+            raise InvalidInputError(f"cannot read gates file {path}: {e}") from e
         if not isinstance(data, dict):
-            raise ValueError(f"gates file {path} must hold a JSON object")
+            raise InvalidInputError(f"gates file {path} must hold a JSON object")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"gates file {path}: unknown gates {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise InvalidInputError(f"gates file {path}: unknown gates {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**{**asdict(cls()), **data}).validated()
 
     def validated(self) -> "Gates":
@@ -85,13 +84,13 @@ class Gates:
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"gate {f.name} must be a finite number or null; got {v!r}")
+                raise InvalidInputError(f"gate {f.name} must be a finite number or null; got {v!r}")
         for name in ("min_records", "min_labelled", "max_latency_ratio"):
             v = getattr(self, name)
             if v is not None and v < 0:
-                raise ValueError(f"gate {name} must be >= 0; got {v}")
+                raise InvalidInputError(f"gate {name} must be >= 0; got {v}")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
-            raise ValueError(f"gate min_agreement must be in [0, 1]; got {self.min_agreement}")
+            raise InvalidInputError(f"gate min_agreement must be in [0, 1]; got {self.min_agreement}")
         return self
 
 
@@ -193,30 +192,30 @@ def _versions(registry: Registry, model: str) -> tuple[int, int]:
     try:
         chal = registry.resolve(model, CHALLENGER)
     except ModelNotFoundError:
-        raise ValueError(f"model {model!r} has no {CHALLENGER!r} alias: nothing to compare (publish a challenger, "
-                         f"e.g. outlierd retrain-policy or registry alias)") from None
+        raise InvalidInputError(f"model {model!r} has no {CHALLENGER!r} alias: nothing to compare (publish a challenger, "
+                                f"e.g. outlierd retrain-policy or registry alias)") from None
     if chal == champ:
-        raise ValueError(f"{CHAMPION!r} and {CHALLENGER!r} of {model!r} are the same version {champ}: nothing to compare")
+        raise InvalidInputError(f"{CHAMPION!r} and {CHALLENGER!r} of {model!r} are the same version {champ}: nothing to compare")
     return champ, chal
 
 
 def compare(registry: Registry, store: Any, model: str) -> Comparison:
     """Champion vs challenger on the captured traffic (see the module docstring). Raises
-    ``ValueError`` saying why when there is nothing to compare."""
+    ``InvalidInputError`` saying why when there is nothing to compare."""
     champ_v, chal_v = _versions(registry, model)
     chal = store.predictions(model, role=CHALLENGER, version=chal_v, features=False)
     if len(chal) == 0:
-        raise ValueError(f"no captured challenger traffic for {model!r} version {chal_v}: serve with --rollout shadow "
-                         "(or split) and capture on, and let traffic flow")
+        raise InvalidInputError(f"no captured challenger traffic for {model!r} version {chal_v}: serve with --rollout shadow "
+                                "(or split) and capture on, and let traffic flow")
     t0, t1 = float(chal.ts.min()), float(chal.ts.max())
     champ = store.predictions(model, role=CHAMPION, version=champ_v, features=False)
     in_window = (champ.ts >= t0 - WINDOW_SLACK_S) & (champ.ts <= t1 + WINDOW_SLACK_S)
     if not in_window.any():
-        raise ValueError(f"no captured champion traffic of {model!r} version {champ_v} while the challenger (version "
-                         f"{chal_v}) was captured: nothing to compare")
+        raise InvalidInputError(f"no captured champion traffic of {model!r} version {champ_v} while the challenger (version "
+                                f"{chal_v}) was captured: nothing to compare")
     labels: dict[str, int] = {}
     for row in store.labels(model):  # arrival order: the last label of a record wins
-        labels[row.record_id] = 1 if row.label == "anomaly" else 0
+        labels[row.record_id] = 1 if row.label == ANOMALY else 0
     a, a_scores, a_flag = _role_stats(CHAMPION, champ_v, champ, in_window, labels)
     b, b_scores, b_flag = _role_stats(CHALLENGER, chal_v, chal, np.ones(len(chal), dtype=bool), labels)
     notes: list[str] = []
@@ -337,12 +336,12 @@ def champion_history(registry: Registry, model: str) -> list[int]:
 
 def rollback(registry: Registry, model: str) -> tuple[int, int]:
     """Return ``champion`` to the previous champion version; ``(from, to)``. Audited (action
-    ``rollback``). Raises ``ValueError`` when there is no previous champion."""
+    ``rollback``). Raises ``InvalidInputError`` (a ``ValueError``) when there is no previous champion."""
     current = registry.resolve(model, CHAMPION)
     stack = champion_history(registry, model)
     if len(stack) < 2 or stack[-1] != current:
-        raise ValueError(f"no previous champion of {model!r} to return to (champion is version {current}; "
-                         f"history: {stack or 'empty'}); use outlierd registry alias to choose a version")
+        raise InvalidInputError(f"no previous champion of {model!r} to return to (champion is version {current}; "
+                                f"history: {stack or 'empty'}); use outlierd registry alias to choose a version")
     target = stack[-2]
     registry.resolve(model, target)  # the version must still exist
     registry.set_alias(model, CHAMPION, target)

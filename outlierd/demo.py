@@ -3,7 +3,7 @@
 The whole loop on one machine, through the real paths only:
 
 1. generate a synthetic card-payments history (13 correlated numeric features), train the default
-   detector (Isolation Forest) on it with :func:`training.train.train` and publish it as alias
+   detector (Isolation Forest) on it with :func:`outlierd.training.train.train` and publish it as alias
    ``champion`` in a registry;
 2. start ``python -m outlierd serve`` on 127.0.0.1 in a subprocess and wait for gRPC health SERVING;
 3. stream fresh traffic with anomalies injected at known positions (four kinds) through
@@ -37,11 +37,11 @@ from typing import Iterator, TextIO
 import numpy as np
 
 from outlierd.core.errors import OutlierdError
-
-from .settings import ServeSettings
+from outlierd.core.registry import CHAMPION
+from outlierd.server.settings import ServeSettings
 
 MODEL = "payments"
-ALIAS = "champion"
+ALIAS = CHAMPION
 HOST = "127.0.0.1"
 
 FEATURES = (
@@ -396,7 +396,7 @@ class _Retrainer(threading.Thread):
     def run(self) -> None:
         try:
             from outlierd.core.registry import Registry
-            from outlierd.training.train import train
+            from outlierd.training.train import TrainSpec, run_train
 
             t = time.perf_counter()
             self.say(f"  retrain | t={t - self.t0:5.1f}s  training the next version on {self.rows:,} newer records "
@@ -404,7 +404,8 @@ class _Retrainer(threading.Thread):
             rng = np.random.default_rng(self.seed)
             X, kind = generate_payments(self.rows, rng, anomaly_rate=0.002)
             csv = write_csv(self.data_dir / f"payments-train-seed{self.seed}.csv", X, kind)
-            res = train(csv, self.registry, MODEL, label_column="label", alert_rate=self.alert_rate, seed=self.seed, quiet=True)
+            res = run_train(TrainSpec(csv, self.registry, MODEL, label_column="label", alert_rate=self.alert_rate,
+                                      seed=self.seed, quiet=True))
             reg = Registry(self.registry)
             self.previous = reg.resolve(MODEL, ALIAS)
             self.version = res.version
@@ -483,7 +484,7 @@ def run_demo(
     server: ServerProcess | None = None
     try:
         try:
-            from outlierd.training.train import train
+            from outlierd.training.train import TrainSpec, run_train
 
             # 1. train and publish the first champion
             say(f"outlierd demo: card payments, {len(FEATURES)} features; registry {root}{' (temporary)' if temporary else ''}")
@@ -491,7 +492,8 @@ def run_demo(
             t = time.perf_counter()
             X, kind = generate_payments(train_records, np.random.default_rng(seed), anomaly_rate=0.002)
             csv = write_csv(data_dir / f"payments-train-seed{seed}.csv", X, kind)
-            res = train(csv, root, MODEL, label_column="label", alert_rate=alert_rate, alias=ALIAS, seed=seed, quiet=True)
+            res = run_train(TrainSpec(csv, root, MODEL, label_column="label", alert_rate=alert_rate, alias=ALIAS, seed=seed,
+                                      quiet=True))
             summary.first_version = res.version
             say(f"      published {MODEL} version {res.version} as {ALIAS!r} in {time.perf_counter() - t:.1f}s: threshold "
                 f"{res.threshold:.4f}, training ROC-AUC {res.metrics.get('roc_auc', float('nan')):.3f}")
@@ -528,7 +530,7 @@ def _stream(port: int | None, s: DemoSummary, say: _Printer, *, records: int, se
             expect_version: int) -> None:
     import grpc
 
-    from .client import ScorerClient
+    from outlierd.server.client import ScorerClient
 
     t0 = time.perf_counter()
     feed = _Feed(np.random.default_rng(seed + 1000), records, batch, anomaly_rate, deadline=t0 + seconds)
