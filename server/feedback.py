@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import grpc
 
+from outlierd.core.labels import ANOMALY, NORMAL
 from outlierd.monitoring.quality import from_store
 from outlierd.monitoring.store import LabelRow, StoreOpener
 from outlierd.v1 import scoring_pb2 as pb
@@ -30,7 +31,7 @@ from .requests import refuse_undecodable
 
 log = logging.getLogger("outlierd.feedback")
 STREAM_GROUP = 512  # labels of one stream committed in one transaction at most
-_LABELS = {pb.ANOMALY: "anomaly", pb.NORMAL: "normal"}
+_LABELS = {pb.ANOMALY: ANOMALY, pb.NORMAL: NORMAL}
 
 
 class FeedbackService:

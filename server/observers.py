@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from outlierd.core.registry import CHALLENGER, CHAMPION
+
 from .results import CaptureTag, ScoredBatch
 
 log = logging.getLogger("outlierd.batcher")
-CHALLENGER_ROLE, CHAMPION_ROLE = "challenger", "champion"
 _UNTAGGED = CaptureTag((), 0)
 
 
@@ -49,7 +50,7 @@ class CaptureObserver:
         sel = None
         cap = self.writer
         if cap is not None and scores.shape[0]:
-            role = CHALLENGER_ROLE if handle.alias == CHALLENGER_ROLE else CHAMPION_ROLE
+            role = CHALLENGER if handle.alias == CHALLENGER else CHAMPION
             if one is not None:
                 sel = cap.capture_batch(handle, role, batch.X, scores, handle.threshold, (one,), None, batch.out.kernel_us)
             else:  # untagged requests (none from the plane) get generated ids

@@ -33,12 +33,12 @@ import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from outlierd.core.errors import ArtifactError, InvalidInputError, ModelNotFoundError
+from outlierd.core.registry import CHALLENGER, CHAMPION
 
 from .batcher import PARALLEL_MIN_ROWS
 from .reload import ModelHandle, ModelSlot, load_handle
 
 log = logging.getLogger("outlierd.rollout")
-CHALLENGER = "challenger"
 MODES = ("off", "shadow", "split")
 SPLIT_KEYS = ("id", "request")
 _SCALE = float(2**64)
@@ -324,7 +324,7 @@ class Rollout:
         with the champion's capture selection, after the answer: the response never waits for it);
         otherwise None."""
         if self.metrics is not None and X.shape[0]:
-            role = CHALLENGER if handle.alias == CHALLENGER else "champion"
+            role = CHALLENGER if handle.alias == CHALLENGER else CHAMPION
             counter = self._counters.get((handle.name, role))
             if counter is None:  # labels() takes a lock: once per (model, role)
                 counter = self._counters[(handle.name, role)] = self.metrics.records.labels(handle.name, role)

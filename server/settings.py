@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from outlierd.core.registry import CHAMPION
+
 
 @dataclass
 class ServeSettings:
@@ -13,7 +15,7 @@ class ServeSettings:
     """Registry root directory (a shared volume for many replicas)."""
     model: str
     """Registry model name this server serves (requests with an empty ``model`` get it)."""
-    alias: str = "champion"
+    alias: str = CHAMPION
     """Alias whose version is served; watched for changes (hot reload)."""
     host: str = "0.0.0.0"
     """Address to listen on."""
