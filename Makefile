@@ -28,8 +28,11 @@ deps-system:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	else echo "make deps-system: no promtool/prometheus and no root apt-get to install them: the deploy/prometheus tests will skip" >&2; fi
 
-# mypy checks these packages, by import name (so that outlierd.core is core/): add yours here.
-MYPY_PATHS := outlierd.core outlierd.monitoring outlierd
+# mypy checks these packages and modules by import name (outlierd.core is core/), each with -p, plus
+# the top-level outlierd/__init__.py (-m outlierd: `-p outlierd` would take in every subpackage).
+# Add yours here.
+MYPY_PATHS := outlierd.core outlierd.monitoring \
+	outlierd.cli outlierd.feedback_cli outlierd.health_cli outlierd.registry_cli outlierd.rollout_cli
 
 # The installed layout (.ci/installed_layout.py) lets mypy and import-linter see core/ as outlierd.core.
 LAYOUT := $(BIN)/python .ci/installed_layout.py
@@ -47,7 +50,7 @@ lint: $(STAMP)
 	@$(LAYOUT) lint-imports --no-logo --no-cache $(CURDIR)/pyproject.toml || \
 		{ echo "make test: import contracts broken (pyproject.toml [tool.importlinter], see above)" >&2; exit 1; }
 	@$(LAYOUT) mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache \
-		$(addprefix -p ,$(MYPY_PATHS)) || { echo "make test: mypy found type errors (see above)" >&2; exit 1; }
+		-m outlierd $(addprefix -p ,$(MYPY_PATHS)) || { echo "make test: mypy found type errors (see above)" >&2; exit 1; }
 
 # Speed suites (outside the test run); OUTLIERD_BENCH_ROWS shrinks the data.
 bench: $(STAMP)

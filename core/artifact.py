@@ -20,8 +20,9 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,8 @@ def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         if np.asarray(value).dtype == object:
             raise ArtifactError(f"array {key!r} has dtype object; artifacts hold numeric arrays only")
     with open(path, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        named: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}  # Any: not savez's allow_pickle
+        np.savez(f, **named)
         f.flush()
         os.fsync(f.fileno())
 

@@ -9,7 +9,8 @@ hands float32 records to an array program. Each builder is registered per (detec
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numba as nb
 import numpy as np
@@ -131,7 +132,7 @@ class ArrayScorer:
         # the fused Numba step, not Preprocessing.transform: NumPy's version took ~0.3-0.7 s per
         # million 32-feature rows, several times the GPU's own time for them (measured on an H200)
         p = self._prep
-        Xp = np.empty(X.shape, dtype=self._dtype)
+        Xp: np.ndarray = np.empty(X.shape, dtype=self._dtype)
         if not parallel if parallel is not None else n <= SERIAL_MAX_ROWS:
             bad = prep_into_serial(X, p.median, p.center, p.scale_inv, p.reject, Xp)
         else:

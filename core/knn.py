@@ -65,7 +65,7 @@ class Neighbors:
         return out
 
     @classmethod
-    def from_arrays(cls, kind: str, arrays: dict[str, np.ndarray], n_features: int, k: int) -> "Neighbors":
+    def from_arrays(cls, kind: str, arrays: dict[str, np.ndarray], n_features: int, k: int) -> Neighbors:
         if kind not in KINDS:
             raise ArtifactError(f"unknown neighbour detector {kind!r}")
         try:

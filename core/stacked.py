@@ -27,8 +27,9 @@ of ``{"kind", "params", "prefix", "preprocessing", "name"}``), ``primary``, ``al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,7 @@ class Combination:
         return (1.0 - self.alpha) * F[:, self.primary] + self.alpha * p
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any], n_bases: int, d: int) -> "Combination":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any], n_bases: int, d: int) -> Combination:
         try:
             knots = [np.ascontiguousarray(arrays[f"st_knots_{i}"], dtype=np.float64) for i in range(n_bases)]
             levels = [np.ascontiguousarray(arrays[f"st_levels_{i}"], dtype=np.float64) for i in range(n_bases)]

@@ -38,7 +38,8 @@ import secrets
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numba as nb
 import numpy as np
@@ -240,7 +241,7 @@ class CaptureWriter:
         if len(self._queue) >= self.max_queue:  # decided before selecting, so the sample is not consumed
             self._count_dropped(handle.name, int(np.count_nonzero(flagged)), "queue_full")
             return False
-        marks = np.asarray(flagged, dtype=np.uint8)
+        marks: np.ndarray = np.asarray(flagged, dtype=np.uint8)  # stays uint8 (NEP 50), whatever the stubs infer
         if sample is not None:
             marks = marks | (np.asarray(sample, dtype=np.uint8) << 1) | 4
         ring = self._rings.get(X.shape[1]) or self._new_ring(X.shape[1])
@@ -307,14 +308,14 @@ class CaptureWriter:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def start(self) -> "CaptureWriter":
+    def start(self) -> CaptureWriter:
         _warm_up()
         self._thread = threading.Thread(target=self._run, name="outlierd-capture", daemon=True)
         self._thread.start()
         return self
 
     @classmethod
-    def in_process(cls, path: str | os.PathLike, **kw: Any) -> "CaptureWriter":
+    def in_process(cls, path: str | os.PathLike, **kw: Any) -> CaptureWriter:
         """A writer whose store is the SQLite file ``path`` written by a child process
         (:mod:`monitoring.capture_proc`): the server's default, so SQLite never holds its GIL."""
         from .capture_proc import ProcessStore
@@ -424,7 +425,8 @@ class CaptureWriter:
             batch, rows = [], {}
         for kp in lost:
             self._count_dropped(kp.handle.name, kp.k, "queue_full")
-        out, at = [], {}
+        out = []
+        at: dict[int, int] = {}  # id(ring) -> rows of it handed out so far
         for kp in batch:  # each batch's rows: a slice of its ring's gathered rows, in queue order
             a = at.get(id(kp.ring), 0)
             at[id(kp.ring)] = a + kp.k

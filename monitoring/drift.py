@@ -64,7 +64,7 @@ class Reference:
     missing_rate: np.ndarray | None = None  # (d,) share of NaN in training
 
     @classmethod
-    def from_profile(cls, profile: dict[str, Any], alert_rate: float | None = None, range_margin: float = 0.1) -> "Reference":
+    def from_profile(cls, profile: dict[str, Any], alert_rate: float | None = None, range_margin: float = 0.1) -> Reference:
         feats = profile.get("features") or []
         if not feats:
             raise ValueError("the model's reference profile is empty: retrain it with training data to monitor drift")
@@ -107,12 +107,12 @@ class Window:
     alerts: int = 0
 
     @classmethod
-    def empty(cls, ref: Reference) -> "Window":
+    def empty(cls, ref: Reference) -> Window:
         d, k = ref.proportions.shape
         return cls(np.zeros((d, k), np.int64), np.zeros(d, np.int64), np.zeros((d, len(QUALITY_REASONS)), np.int64),
                    np.zeros(ref.score_proportions.size, np.int64))
 
-    def merge(self, other: "Window") -> "Window":
+    def merge(self, other: Window) -> Window:
         return Window(self.counts + other.counts, self.missing + other.missing, self.quality + other.quality,
                       self.score_counts + other.score_counts, self.records + other.records, self.alerts + other.alerts)
 
@@ -121,7 +121,7 @@ class Window:
                 "records": np.array(self.records), "alerts": np.array(self.alerts)}
 
     @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> "Window":
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> Window:
         return cls(a["counts"], a["missing"], a["quality"], a["score_counts"], int(a["records"]), int(a["alerts"]))
 
 

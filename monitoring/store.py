@@ -23,9 +23,10 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -103,7 +104,7 @@ def default_store_path(registry_dir: str | os.PathLike) -> Path:
     return Path(registry_dir) / DEFAULT_FILENAME
 
 
-def open_store(path: str | os.PathLike) -> "SQLiteStore":
+def open_store(path: str | os.PathLike) -> SQLiteStore:
     """The SQLite store at ``path``, created (with its schema) on first use. Raises ``OSError``
     naming the path when the file cannot be opened or written."""
     return SQLiteStore(path)
@@ -262,7 +263,7 @@ class SQLiteStore:
                 except sqlite3.Error:
                     pass
 
-    def _write(self, conn: sqlite3.Connection, durable: bool) -> "SQLiteStore._Txn":
+    def _write(self, conn: sqlite3.Connection, durable: bool) -> SQLiteStore._Txn:
         return SQLiteStore._Txn(conn, durable)
 
     def close(self) -> None:
@@ -365,7 +366,8 @@ class SQLiteStore:
 
     def predictions(self, model: str, *, role: str | None = None, version: int | None = None,
                     features: bool = True) -> Predictions:
-        where, params = ["b.model = ?"], [model]
+        where = ["b.model = ?"]
+        params: list[str | int] = [model]
         if role is not None:
             where.append("b.role = ?")
             params.append(role)
@@ -453,7 +455,7 @@ def _columns(rows: list[tuple], features: bool) -> Predictions:
                        latency_us=f64(cols[6]), X=X, sample_rate=f64(cols[7]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _insert_rows(m: int) -> str:
     return "INSERT INTO predictions (batch, record_id, score, flags, latency_us, x) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * m)
 

@@ -17,8 +17,9 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
@@ -108,7 +109,8 @@ class StreamMonitor:
 
     def _share(self) -> None:
         assert self.share_dir is not None
-        arrays: dict[str, np.ndarray] = {"pane_ids": np.array([pid for pid, _ in self.closed], dtype=np.int64),
+        # Any: np.savez(**arrays) would otherwise be read as possibly passing allow_pickle
+        arrays: dict[str, Any] = {"pane_ids": np.array([pid for pid, _ in self.closed], dtype=np.int64),
                                          "tag": np.array(self.share_tag, dtype=np.int64)}
         for i, (_, w) in enumerate(self.closed):
             arrays.update({f"{i}_{k}": v for k, v in w.to_arrays().items()})

@@ -43,7 +43,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +258,7 @@ class RetrainPolicy:
     # ------------------------------------------------------------------ logging and control
 
     def log(self, event: str, level: str = "info", **fields: Any) -> None:
-        ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         kv = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None)
         self.log_line(f"retrain-policy ts={ts} level={level} event={event} model={self.model}" + (f" {kv}" if kv else ""))
 

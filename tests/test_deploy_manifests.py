@@ -228,7 +228,7 @@ def test_manifests_validate_against_the_kubernetes_schemas(version):
     docs = _manifests()
     assert {d["kind"] for _, d in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
                                              "PersistentVolumeClaim", "ConfigMap"}
-    for path, doc in docs:
+    for _path, doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
 
 

@@ -43,7 +43,7 @@ def test_robust_z_matches_oracle(tmp_path, rng, combine, n, d, monkeypatch):
     Xt = _with_edges(rng, rng.standard_t(3, size=(2 * n, d)) * 30)
     ref = naive.robust_z(naive.prep(Xt, median), arrays["rz_median"], arrays["rz_scale_inv"], combine)
     for cutoff in (0, 10**9):
-        monkeypatch.setattr(core.backends, "SERIAL_MAX_ROWS", cutoff)
+        monkeypatch.setattr(outlierd.core.backends, "SERIAL_MAX_ROWS", cutoff)
         got = model.score(Xt)
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, ref, rtol=1e-12)
@@ -70,7 +70,7 @@ def test_hbos_matches_oracle(tmp_path, rng, n, d, bins, monkeypatch):
     Xt[6, :] = arrays["hb_lo"]
     ref = naive.hbos(naive.prep(Xt, median), arrays["hb_lo"], arrays["hb_hi"], arrays["hb_inv_width"], arrays["hb_table"])
     for cutoff in (0, 10**9):
-        monkeypatch.setattr(core.backends, "SERIAL_MAX_ROWS", cutoff)
+        monkeypatch.setattr(outlierd.core.backends, "SERIAL_MAX_ROWS", cutoff)
         got = model.score(Xt)
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)

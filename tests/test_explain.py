@@ -136,7 +136,7 @@ def test_robust_z_equals_abs_z(rng, combine, monkeypatch):
     Xt[:3, :] = arrays["rz_median"]  # all |z| == 0: every feature ties
     z = np.abs((naive.prep(Xt, prep.median) - arrays["rz_median"]) * arrays["rz_scale_inv"])
     for cutoff in (0, 10**9):  # parallel and serial kernels
-        monkeypatch.setattr(core.backends, "SERIAL_MAX_ROWS", cutoff)
+        monkeypatch.setattr(outlierd.core.backends, "SERIAL_MAX_ROWS", cutoff)
         scores, features, contributions = model.score_explain(Xt, top_k=D)
         np.testing.assert_array_equal(scores, model.score(Xt))
         _check_ranking(features, contributions)
@@ -160,7 +160,7 @@ def test_hbos_equals_per_feature_terms(rng, monkeypatch):
                 1 + min(int(np.floor((v - a["hb_lo"][j]) * a["hb_inv_width"][j])), n_bins - 1)
             terms[i, j] = a["hb_table"][j, s]
     for cutoff in (0, 10**9):
-        monkeypatch.setattr(core.backends, "SERIAL_MAX_ROWS", cutoff)
+        monkeypatch.setattr(outlierd.core.backends, "SERIAL_MAX_ROWS", cutoff)
         scores, features, contributions = model.score_explain(Xt, top_k=D)
         np.testing.assert_array_equal(scores, model.score(Xt))
         _check_ranking(features, contributions)
@@ -202,7 +202,7 @@ def test_iforest_equals_tree_walk(rng, params, monkeypatch):
     Xt = np.concatenate([X[:60], rng.normal(size=(140, D)) * X.std(axis=0) * 4])
     expected = iforest_oracle(forest, Xt)
     for cutoff in (0, 10**9):
-        monkeypatch.setattr(core.backends, "SERIAL_MAX_ROWS", cutoff)
+        monkeypatch.setattr(outlierd.core.backends, "SERIAL_MAX_ROWS", cutoff)
         scores, features, contributions = model.score_explain(Xt, top_k=D)
         np.testing.assert_array_equal(scores, model.score(Xt))
         np.testing.assert_allclose(scores, -forest.score_samples(Xt), atol=1e-12)
@@ -225,7 +225,7 @@ def test_neighbors_equal_sklearn_neighbours(rng, kind, monkeypatch):
     idx = NearestNeighbors(n_neighbors=k).fit(ref).kneighbors(Xp)[1]
     expected = ((Xp[:, None, :] - ref[idx]) ** 2).mean(axis=1)
     for cutoff in (0, 10**9):
-        monkeypatch.setattr(core.backends, "SERIAL_MAX_ROWS", cutoff)
+        monkeypatch.setattr(outlierd.core.backends, "SERIAL_MAX_ROWS", cutoff)
         scores, features, contributions = model.score_explain(Xt, top_k=D)
         np.testing.assert_array_equal(scores, model.score(Xt))
         _check_ranking(features, contributions)
@@ -246,7 +246,7 @@ def test_flagged_only_explains_exactly_the_flagged(rng, kind, monkeypatch):
     # can tie: a few more)
     model = _with_threshold(model, arrays, prep, np.sort(model.score(Xt))[-60])
     for cutoff in (0, 10**9):
-        monkeypatch.setattr(core.backends, "SERIAL_MAX_ROWS", cutoff)
+        monkeypatch.setattr(outlierd.core.backends, "SERIAL_MAX_ROWS", cutoff)
         scores, features, contributions = model.score_explain(Xt, top_k=3, flagged_only=True)
         np.testing.assert_array_equal(scores, model.score(Xt))
         flagged = model.predict(Xt)

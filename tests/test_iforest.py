@@ -80,7 +80,7 @@ def test_serial_and_parallel_paths_agree(small_model, rng, monkeypatch):
     Xt = rng.normal(size=(3001, 5))
     ref = -forest.score_samples(Xt)
     for cutoff in (0, 1, 10**9):  # force the parallel kernel, then the serial one, on the same rows
-        monkeypatch.setattr(core.backends, "SERIAL_MAX_ROWS", cutoff)
+        monkeypatch.setattr(outlierd.core.backends, "SERIAL_MAX_ROWS", cutoff)
         np.testing.assert_allclose(model.score(Xt), ref, atol=1e-12)
         np.testing.assert_allclose(model.score(Xt[:3]), ref[:3], atol=1e-12)
 

@@ -83,7 +83,7 @@ def test_torch_backend_equals_numba(tmp_path, rng, kind, monkeypatch):
     want = numba_model.score(Xq)
     np.testing.assert_allclose(torch_model.score(Xq), want, rtol=0, atol=1e-6)
     # chunked GEMM: several chunks of a few rows each
-    monkeypatch.setattr(core.knn, "CHUNK_ELEMENTS", 13 * arrays["nn_ref"].shape[0])
+    monkeypatch.setattr(outlierd.core.knn, "CHUNK_ELEMENTS", 13 * arrays["nn_ref"].shape[0])
     chunked = load_model(path, backend="torch", device="cpu")
     np.testing.assert_allclose(chunked.score(Xq), want, rtol=0, atol=1e-6)
     assert torch_model.score(np.empty((0, 6))).shape == (0,)
@@ -97,7 +97,7 @@ def test_serial_and_parallel_paths_agree(tmp_path, rng, kind, monkeypatch):
     Xq = rng.normal(size=(1000, 5)) * 2  # several blocks of 64, and a ragged last block
     got = {}
     for cutoff in (0, 10**9):
-        monkeypatch.setattr(core.backends, "SERIAL_MAX_ROWS", cutoff)
+        monkeypatch.setattr(outlierd.core.backends, "SERIAL_MAX_ROWS", cutoff)
         got[cutoff] = model.score(Xq)
     np.testing.assert_array_equal(got[0], got[10**9])
     np.testing.assert_array_equal(model.score(Xq, parallel=True), model.score(Xq, parallel=False))

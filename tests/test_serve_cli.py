@@ -16,7 +16,7 @@ def captured(monkeypatch):
         got["settings"] = settings
         return 0
 
-    monkeypatch.setattr(server.workers, "serve", fake_serve)
+    monkeypatch.setattr(outlierd.server.workers, "serve", fake_serve)
     for var in ("OUTLIERD_REGISTRY", "OUTLIERD_MODEL", "OUTLIERD_PORT"):
         monkeypatch.delenv(var, raising=False)
     return got
