@@ -14,7 +14,9 @@ from .errors import (
     OutlierdError,
     RegistryError,
     StoreError,
+    StoreUnavailableError,
     UnavailableError,
+    UnsupportedError,
 )
 from .model import Model, load_model
 
@@ -29,6 +31,8 @@ __all__ = [
     "OutlierdError",
     "RegistryError",
     "StoreError",
+    "StoreUnavailableError",
     "UnavailableError",
+    "UnsupportedError",
     "load_model",
 ]

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ArtifactError
+from .errors import ArtifactError, InvalidInputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -157,7 +157,8 @@ def write_artifact(
 
 
 def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed in an artifact's JSON")
+    # a ValueError, as json.load's own: read_manifest wraps both as ArtifactError
+    raise InvalidInputError(f"{name} is not allowed in an artifact's JSON")
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from .errors import ArtifactError
+from .errors import ArtifactError, InvalidInputError
 
 POLICIES = ("impute", "reject")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -69,7 +69,7 @@ class Preprocessing:
         X = np.array(X, dtype=np.float64)
         nan = np.isnan(X)
         if self.reject and not np.all(np.isfinite(X)):
-            raise ValueError("X contains NaN or inf and the missing-value policy is 'reject'")
+            raise InvalidInputError("X contains NaN or inf and the missing-value policy is 'reject'")
         X = np.where(nan, self.median[None, :], X)
         X = np.clip(X, -FLOAT32_MAX, FLOAT32_MAX)
         return (X - self.center) * self.scale_inv

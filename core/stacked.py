@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .backends import BUILDERS, register
-from .errors import ArtifactError
+from .errors import ArtifactError, InvalidInputError
 from .preprocess import Preprocessing
 
 KIND = "stacked"
@@ -57,7 +57,7 @@ def rank_table(train_scores: np.ndarray, max_knots: int = 4096) -> tuple[np.ndar
     s = np.sort(np.asarray(train_scores, dtype=np.float64))
     s = s[np.isfinite(s)]
     if s.size == 0:
-        raise ValueError("rank_table needs at least one finite score")
+        raise InvalidInputError("rank_table needs at least one finite score")
     if s.size == 1:
         return np.array([s[0], s[0] + 1.0]), np.array([0.0, 1.0])
     pos = np.unique(np.round(np.linspace(0, s.size - 1, min(max_knots, s.size))).astype(np.int64))

@@ -44,6 +44,8 @@ from typing import Any, NamedTuple
 import numba as nb
 import numpy as np
 
+from outlierd.core.errors import InvalidInputError
+
 from .store import Store, StoreOpener  # noqa: F401  (StoreOpener: callers import it from here too)
 
 log = logging.getLogger("outlierd.capture")
@@ -170,7 +172,7 @@ class CaptureWriter:
                  metrics: Any = None, seed: int | None = None, token: str | None = None, interval_s: float = INTERVAL_S,
                  ring_bytes: int = RING_BYTES):
         if not 0.0 <= sample_rate <= 1.0:
-            raise ValueError(f"capture sample rate must be in [0, 1]; got {sample_rate}")
+            raise InvalidInputError(f"capture sample rate must be in [0, 1]; got {sample_rate}")
         self._get_store: Callable[[], Store] = store.get if isinstance(store, StoreOpener) else (lambda: store)
         self._process: Any = None  # monitoring.capture_proc.ProcessStore: rows are counted when it answers
         self.sample_rate = float(sample_rate)

@@ -26,6 +26,8 @@ from typing import Any
 import numba as nb
 import numpy as np
 
+from outlierd.core.errors import InvalidInputError
+
 EPS = 1e-4
 QUALITY_REASONS = ("missing", "non_finite", "out_of_range", "constant_break")
 
@@ -67,7 +69,7 @@ class Reference:
     def from_profile(cls, profile: dict[str, Any], alert_rate: float | None = None, range_margin: float = 0.1) -> Reference:
         feats = profile.get("features") or []
         if not feats:
-            raise ValueError("the model's reference profile is empty: retrain it with training data to monitor drift")
+            raise InvalidInputError("the model's reference profile is empty: retrain it with training data to monitor drift")
         d = len(feats)
         k = max(len(f["proportions"]) for f in feats)
         edges = np.full((d, max(k - 1, 1)), np.inf)
@@ -195,7 +197,7 @@ def observe(window: Window, ref: Reference, X: np.ndarray, scores: np.ndarray, t
     scores = np.ascontiguousarray(scores, dtype=np.float64)
     # the kernel does not check bounds: shapes must be right before it runs
     if X.ndim != 2 or X.shape[1] != ref.n_features or scores.shape != (X.shape[0],):
-        raise ValueError(f"observe needs X of shape (n, {ref.n_features}) and n scores; got {X.shape} and {scores.shape}")
+        raise InvalidInputError(f"observe needs X of shape (n, {ref.n_features}) and n scores; got {X.shape} and {scores.shape}")
     window.alerts += int(_observe(X, scores, float(threshold), ref.edges, ref.lo, ref.hi, ref.constant, ref.constant_value,
                                   ref.score_edges, window.counts, window.missing, window.quality, window.score_counts))
     window.records += X.shape[0]

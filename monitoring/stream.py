@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from outlierd.core.errors import InvalidInputError
+
 from .drift import QUALITY_REASONS, DriftConfig, DriftResult, Reference, Window, evaluate, observe
 
 
@@ -32,11 +34,11 @@ class StreamMonitor:
                  on_window: Callable[[DriftResult, Window], None] | None = None, clock: Callable[[], float] = time.time,
                  share_tag: int = 0):
         if pane_records is not None and pane_seconds is not None:
-            raise ValueError("set one of pane_records and pane_seconds, not both")
+            raise InvalidInputError("set one of pane_records and pane_seconds, not both")
         if pane_records is None and pane_seconds is None:
             pane_records = 10_000
         if window_panes < 1:
-            raise ValueError(f"window_panes must be >= 1; got {window_panes}")
+            raise InvalidInputError(f"window_panes must be >= 1; got {window_panes}")
         self.ref, self.config = ref, config
         self.pane_records, self.pane_seconds, self.window_panes = pane_records, pane_seconds, window_panes
         self.share_dir = Path(share_dir) if share_dir else None
