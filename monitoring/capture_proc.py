@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from outlierd.core.errors import StoreError, StoreUnavailableError
+from outlierd.core.errors import InvalidInputError, StoreUnavailableError
 
 log = logging.getLogger("outlierd.capture")
 
@@ -72,9 +72,9 @@ def unpack(header: bytes, body: bytes) -> tuple[dict, dict[str, np.ndarray]]:
         at += a.nbytes
         out[name] = a.reshape(n, d) if name == "X" else a
     if at != len(body):
-        raise StoreError(f"capture frame body is {len(body)} bytes; its header describes {at}")
+        raise InvalidInputError(f"capture frame body is {len(body)} bytes; its header describes {at}")
     if sum(h["ks"]) != n or len(h["ids"]) != len(h["ks"]) or len(h["gen"]) != len(h["ks"]):
-        raise StoreError("capture frame header: ks, ids and gen disagree")
+        raise InvalidInputError("capture frame header: ks, ids and gen disagree")
     return h, out
 
 
@@ -85,7 +85,7 @@ def record_ids(h: dict, local: np.ndarray) -> list[str]:
     for k, ids, (seq, request_id) in zip(h["ks"], h["ids"], h["gen"]):
         if ids is not None:
             if len(ids) != k:
-                raise StoreError(f"capture frame: a message of {k} records carries {len(ids)} ids")
+                raise InvalidInputError(f"capture frame: a message of {k} records carries {len(ids)} ids")
             out.extend(ids)
         else:
             out.extend([f"gen:{token}:{seq}:{request_id}:{i}" for i in loc[a:a + k]])
