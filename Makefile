@@ -44,13 +44,17 @@ test: $(STAMP) deps-system
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 	@$(MAKE) --no-print-directory lint
 
-# Static checks alone (no pytest): ruff, import-linter's contracts (pyproject.toml), mypy.
+# Static checks alone (no pytest): ruff, import-linter's contracts (pyproject.toml), mypy. All three
+# run; the target fails naming each check that failed.
 lint: $(STAMP)
-	@$(BIN)/ruff check . || { echo "make test: ruff check found problems (see above)" >&2; exit 1; }
-	@$(LAYOUT) lint-imports --no-logo --no-cache $(CURDIR)/pyproject.toml || \
-		{ echo "make test: import contracts broken (pyproject.toml [tool.importlinter], see above)" >&2; exit 1; }
-	@$(LAYOUT) mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache \
-		-m outlierd $(addprefix -p ,$(MYPY_PATHS)) || { echo "make test: mypy found type errors (see above)" >&2; exit 1; }
+	@failed=""; \
+	echo "== ruff check ."; $(BIN)/ruff check . || failed="$$failed ruff"; \
+	echo "== lint-imports (pyproject.toml [tool.importlinter])"; \
+	$(LAYOUT) lint-imports --no-logo --no-cache $(CURDIR)/pyproject.toml || failed="$$failed import-contracts"; \
+	echo "== mypy -m outlierd $(addprefix -p ,$(MYPY_PATHS))"; \
+	$(LAYOUT) mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache \
+		-m outlierd $(addprefix -p ,$(MYPY_PATHS)) || failed="$$failed mypy"; \
+	if [ -n "$$failed" ]; then echo "make test: static checks failed:$$failed (see above)" >&2; exit 1; fi
 
 # Speed suites (outside the test run); OUTLIERD_BENCH_ROWS shrinks the data.
 bench: $(STAMP)
