@@ -28,7 +28,7 @@ from conftest import ROOT, LoopThread
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it comes with the dev extra's kubernetes-validate)")
 
-from outlierd.server.settings import ServeSettings
+from outlierd.server.settings import ServeSettings  # noqa: E402  (after the importorskip above)
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
