@@ -6,6 +6,7 @@ higher = more anomalous. This package imports nothing else of the project.
 
 from .errors import (
     ArtifactError,
+    BackendUnavailableError,
     DataError,
     DeviceError,
     InvalidInputError,
@@ -22,6 +23,7 @@ from .model import Model, load_model
 
 __all__ = [
     "ArtifactError",
+    "BackendUnavailableError",
     "DataError",
     "DeviceError",
     "InvalidInputError",

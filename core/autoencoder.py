@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .backends import ArrayScorer, DeviceError, register
-from .errors import ArtifactError, MissingDependencyError
+from .errors import ArtifactError, BackendUnavailableError
 from .explain import top_k_of
 
 MODEL_FILE = "model.onnx"
@@ -94,7 +94,7 @@ def _autoencoder_onnx(detector, arrays, d, prep, device, files):
     try:
         import onnxruntime  # noqa: F401
     except ImportError as e:
-        raise MissingDependencyError("the autoencoder is scored by ONNX Runtime: pip install 'outlierd[onnx]'") from e
+        raise BackendUnavailableError("the autoencoder is scored by ONNX Runtime: pip install 'outlierd[onnx]'") from e
     fn = make_scorer_fn(files[MODEL_FILE], d, device)
 
     def explain_fn(X: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:

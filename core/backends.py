@@ -15,7 +15,7 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from .errors import DeviceError, InvalidInputError, MissingDependencyError, UnsupportedError  # DeviceError was defined here once: still importable
+from .errors import BackendUnavailableError, DeviceError, InvalidInputError, UnsupportedError  # DeviceError was defined here once: still importable
 from .explain import empty_outputs
 from .preprocess import Preprocessing, prep_into_parallel, prep_into_serial
 
@@ -204,7 +204,7 @@ def import_torch(device: str) -> Any:
     try:
         import torch
     except ImportError as e:
-        raise MissingDependencyError("the torch backend needs the torch extra: pip install 'outlierd[torch]'") from e
+        raise BackendUnavailableError("the torch backend needs the torch extra: pip install 'outlierd[torch]'") from e
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda: torch.cuda.is_available() is False here (a CPU-only torch build or no "
                           "usable GPU); install a CUDA build of torch on a GPU machine, or use --device cpu")

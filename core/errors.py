@@ -91,3 +91,8 @@ class UnsupportedError(OutlierdError, NotImplementedError):
     an explanation kernel). Also a NotImplementedError, which it was raised as before."""
 
     code = "UNIMPLEMENTED"
+
+
+class BackendUnavailableError(MissingDependencyError, ValueError):
+    """The scoring backend asked for (``backend="onnx"`` / ``"torch"``) needs an extra that is not
+    installed. Also a ValueError, which it was raised as before (an unusable ``backend`` argument)."""

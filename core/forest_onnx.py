@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .backends import ArrayScorer, DeviceError, register
-from .errors import MissingDependencyError
+from .errors import BackendUnavailableError
 from .iforest import Forest, numba_explainer
 
 OPSET = 17
@@ -151,6 +151,6 @@ def _iforest_onnx(detector, arrays, d, prep, device, files):
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
-        raise MissingDependencyError("the onnx backend needs `pip install onnx onnxruntime` (or onnxruntime-gpu for CUDA)") from e
+        raise BackendUnavailableError("the onnx backend needs `pip install onnx onnxruntime` (or onnxruntime-gpu for CUDA)") from e
     forest = Forest.from_arrays(arrays, d)
     return ArrayScorer(make_scorer_fn(forest, d, device), prep, "onnx", device, explain_fn=numba_explainer(forest, prep))

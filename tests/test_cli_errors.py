@@ -73,3 +73,15 @@ def test_registry_command_errors_reach_main(capsys, tmp_path):
     assert main(["registry", "list", "--registry", str(tmp_path / "reg"), "--model", "nope"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("outlierd: error: no model 'nope'")
+
+
+def test_errors_that_replaced_builtins_still_are_them():
+    # callers (server, training, tests) that caught the builtin these used to be keep working
+    from outlierd.core.errors import BackendUnavailableError, MissingDependencyError, StoreError, UnavailableError
+    from outlierd.monitoring.trigger import ScrapeError
+
+    assert issubclass(StoreUnavailableError, StoreError) and issubclass(StoreUnavailableError, OSError)
+    assert issubclass(UnsupportedError, NotImplementedError) and UnsupportedError.code == "UNIMPLEMENTED"
+    assert issubclass(BackendUnavailableError, MissingDependencyError) and issubclass(BackendUnavailableError, ValueError)
+    assert issubclass(ScrapeError, UnavailableError)
+    assert str(StoreUnavailableError("store x unavailable")) == "store x unavailable"
