@@ -86,7 +86,8 @@ class ServeSettings:
     """With rollout split: route each message by its first record id (id; messages without ids by
     request_id) or by its request_id (request)."""
     capture: int = field(default=1, metadata={"flag": "--no-capture", "const": 0})
-    """Prediction capture into the feedback store (1 on, 0 off): every flagged record and a random sample of the others."""
+    """Prediction capture into the feedback store (1 on, 0 off): every flagged record and a random sample of the others.
+    Feedback RPCs store labels either way."""
     capture_sample: float = 0.01
     """Share of unflagged records captured (the random sample that estimates recall from labels)."""
     feedback_store: Path | None = None
