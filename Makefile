@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench env clean deps-system
+.PHONY: demo test lint bench env clean deps-system
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +28,37 @@ deps-system:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	else echo "make deps-system: no promtool/prometheus and no root apt-get to install them: the deploy/prometheus tests will skip" >&2; fi
 
-# pytest exits 5 when it collected no test: that is a failure here, said plainly.
+# mypy checks these packages and modules by import name (outlierd.core is core/), each with -p, plus
+# the top-level outlierd/__init__.py (-m outlierd: `-p outlierd` would take in every subpackage).
+# Add yours here.
+MYPY_PATHS := outlierd.core outlierd.monitoring \
+	outlierd.cli outlierd.feedback_cli outlierd.health_cli outlierd.registry_cli outlierd.rollout_cli
+
+# The installed layout (.ci/installed_layout.py) lets mypy and import-linter see core/ as outlierd.core.
+LAYOUT := $(BIN)/python .ci/installed_layout.py
+
+# pytest exits 5 when it collected no test: that is a failure here, said plainly. Then lint, the
+# import contracts and types; each stops the target with a line saying which check failed.
 test: $(STAMP) deps-system
 	@$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+	@$(MAKE) --no-print-directory lint
+
+# Static checks alone (no pytest): ruff, import-linter's contracts (pyproject.toml), mypy. All three
+# run; the target fails naming each check that failed.
+lint: $(STAMP)
+	@failed=""; \
+	echo "== ruff check ."; $(BIN)/ruff check . || failed="$$failed ruff"; \
+	echo "== lint-imports (pyproject.toml [tool.importlinter])"; \
+	$(LAYOUT) lint-imports --no-logo --no-cache $(CURDIR)/pyproject.toml || failed="$$failed import-contracts"; \
+	echo "== mypy -m outlierd $(addprefix -p ,$(MYPY_PATHS))"; \
+	$(LAYOUT) mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache \
+		-m outlierd $(addprefix -p ,$(MYPY_PATHS)) || failed="$$failed mypy"; \
+	if [ -n "$$failed" ]; then echo "make test: static checks failed:$$failed (see above)" >&2; exit 1; fi
 
 # Speed suites (outside the test run); OUTLIERD_BENCH_ROWS shrinks the data.
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-only -p no:cacheprovider --benchmark-columns=median,min,max,rounds,iterations
 
 clean:
-	rm -rf $(VENV) runs .benchmarks
+	rm -rf $(VENV) runs .benchmarks build/installed-layout .mypy_cache .ruff_cache

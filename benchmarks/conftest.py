@@ -23,8 +23,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -330,7 +331,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             tr.write_line(f"  {t['target']}: {t['measured']:,.2f} {t['unit']} -> {'MET' if t['met'] else 'NOT MET'}",
                           green=bool(t["met"]), red=not t["met"])
     summary = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "rows": ROWS, "n_features": N_FEATURES, "n_trees": N_TREES, "max_samples": MAX_SAMPLES,
         "train_rows": TRAIN_ROWS, "hbos_bins": HBOS_BINS, "peer_threads": N_THREADS,
         "statistic": "median", "ratio": "times faster than the peer: ours/peer for throughput, peer/ours for latency",
@@ -389,7 +390,7 @@ class _Step:
         else:
             self.tr.write_line(f"[bench] {msg}")
 
-    def __enter__(self) -> "_Step":
+    def __enter__(self) -> _Step:
         self.t0 = time.perf_counter()
         self._say(f"{self.what} ...")
         return self

@@ -18,8 +18,7 @@ import argparse
 import asyncio
 import signal
 import sys
-from pathlib import Path
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc

@@ -159,7 +159,7 @@ class ServerProcess:
         except OSError:
             return ""
 
-    def start(self, timeout: float = 120.0) -> "ServerProcess":
+    def start(self, timeout: float = 120.0) -> ServerProcess:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 

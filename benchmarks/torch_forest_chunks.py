@@ -56,7 +56,7 @@ def main() -> int:
     Xd = torch.from_numpy(X).cuda()
     for chunk in (16_384, 65_536, 262_144, 1_048_576):
         tf = TorchForest(forest, "cuda", chunk_rows=chunk)
-        def walk():
+        def walk(tf=tf, chunk=chunk):
             with torch.inference_mode():
                 for lo in range(0, args.rows, chunk):
                     tf.path_sums(Xd[lo:lo + chunk])

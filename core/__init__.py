@@ -6,6 +6,7 @@ higher = more anomalous. This package imports nothing else of the project.
 
 from .errors import (
     ArtifactError,
+    BackendUnavailableError,
     DataError,
     DeviceError,
     InvalidInputError,
@@ -14,12 +15,15 @@ from .errors import (
     OutlierdError,
     RegistryError,
     StoreError,
+    StoreUnavailableError,
     UnavailableError,
+    UnsupportedError,
 )
 from .model import Model, load_model
 
 __all__ = [
     "ArtifactError",
+    "BackendUnavailableError",
     "DataError",
     "DeviceError",
     "InvalidInputError",
@@ -29,6 +33,8 @@ __all__ = [
     "OutlierdError",
     "RegistryError",
     "StoreError",
+    "StoreUnavailableError",
     "UnavailableError",
+    "UnsupportedError",
     "load_model",
 ]

@@ -20,12 +20,13 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from .errors import ArtifactError
+from .errors import ArtifactError, InvalidInputError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -74,7 +75,8 @@ def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         if np.asarray(value).dtype == object:
             raise ArtifactError(f"array {key!r} has dtype object; artifacts hold numeric arrays only")
     with open(path, "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        named: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}  # Any: not savez's allow_pickle
+        np.savez(f, **named)
         f.flush()
         os.fsync(f.fileno())
 
@@ -155,7 +157,8 @@ def write_artifact(
 
 
 def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed in an artifact's JSON")
+    # a ValueError, as json.load's own: read_manifest wraps both as ArtifactError
+    raise InvalidInputError(f"{name} is not allowed in an artifact's JSON")
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,10 +13,12 @@ Explanations: feature ``j`` contributes its squared reconstruction error (the gr
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .backends import ArrayScorer, DeviceError, register
-from .errors import ArtifactError
+from .errors import ArtifactError, BackendUnavailableError
 from .explain import top_k_of
 
 MODEL_FILE = "model.onnx"
@@ -47,9 +49,9 @@ def session(model_bytes: bytes, device: str):
     return sess
 
 
-def make_scorer_fn(model_bytes: bytes, n_features: int, device: str = "cpu", chunk_rows: int = CHUNK_ROWS):
-    """``fn(float32 (n, d)) -> float64 (n,)`` running the graph; ``fn.squared_error(X)`` gives the
-    per-feature squared errors (n, d) and ``fn.session`` the session."""
+def make_scorer_fn(model_bytes: bytes, n_features: int, device: str = "cpu", chunk_rows: int = CHUNK_ROWS) -> GraphScorer:
+    """The graph as a scorer function (:class:`GraphScorer`): ``fn(float32 (n, d)) -> float64 (n,)``;
+    ``fn.squared_error(X)`` gives the per-feature squared errors (n, d) and ``fn.session`` the session."""
     sess = session(model_bytes, device)
     inputs, outputs = sess.get_inputs(), [o.name for o in sess.get_outputs()]
     if len(inputs) != 1 or inputs[0].name != INPUT_NAME or any(o not in outputs for o in OUTPUT_NAMES):
@@ -59,19 +61,30 @@ def make_scorer_fn(model_bytes: bytes, n_features: int, device: str = "cpu", chu
     if len(shape) != 2 or shape[1] != n_features:
         raise ArtifactError(f"{MODEL_FILE} takes records of shape {shape}; the manifest declares {n_features} features")
 
-    def run(X: np.ndarray, output: str) -> np.ndarray:
+    return GraphScorer(sess, chunk_rows)
+
+
+class GraphScorer:
+    """``fn(float32 (n, d)) -> float64 (n,)`` running the graph, ``chunk_rows`` rows per session run;
+    ``fn.squared_error(X)`` gives the per-feature squared errors (n, d), ``fn.session`` the session."""
+
+    def __init__(self, session: Any, chunk_rows: int):
+        self.session = session
+        self.chunk_rows = chunk_rows
+
+    def _run(self, X: np.ndarray, output: str) -> np.ndarray:
         X = np.ascontiguousarray(X, dtype=np.float32)
+        sess, chunk_rows = self.session, self.chunk_rows
         if X.shape[0] <= chunk_rows:
             return sess.run([output], {INPUT_NAME: X})[0]
         return np.concatenate([sess.run([output], {INPUT_NAME: X[lo:lo + chunk_rows]})[0]
                                for lo in range(0, X.shape[0], chunk_rows)])
 
-    def fn(X: np.ndarray) -> np.ndarray:
-        return run(X, "score").astype(np.float64)
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        return self._run(X, "score").astype(np.float64)
 
-    fn.squared_error = lambda X: run(X, "squared_error").astype(np.float64)
-    fn.session = sess
-    return fn
+    def squared_error(self, X: np.ndarray) -> np.ndarray:
+        return self._run(X, "squared_error").astype(np.float64)
 
 
 @register("autoencoder", "onnx", native=True)
@@ -81,7 +94,7 @@ def _autoencoder_onnx(detector, arrays, d, prep, device, files):
     try:
         import onnxruntime  # noqa: F401
     except ImportError as e:
-        raise ValueError("the autoencoder is scored by ONNX Runtime: pip install 'outlierd[onnx]'") from e
+        raise BackendUnavailableError("the autoencoder is scored by ONNX Runtime: pip install 'outlierd[onnx]'") from e
     fn = make_scorer_fn(files[MODEL_FILE], d, device)
 
     def explain_fn(X: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,12 +9,13 @@ hands float32 records to an array program. Each builder is registered per (detec
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numba as nb
 import numpy as np
 
-from .errors import DeviceError, InvalidInputError  # DeviceError was defined here once: still importable
+from .errors import BackendUnavailableError, DeviceError, InvalidInputError, UnsupportedError  # DeviceError was defined here once: still importable
 from .explain import empty_outputs
 from .preprocess import Preprocessing, prep_into_parallel, prep_into_serial
 
@@ -61,7 +62,7 @@ class NumbaScorer:
 
     def _explain_kernels(self) -> tuple[Callable, Callable, tuple]:
         if self._explain is None:
-            raise NotImplementedError("this detector has no explanation kernel")
+            raise UnsupportedError("this detector has no explanation kernel")
         serial, parallel, extra = self._explain
         if callable(extra):
             with self._explain_lock:  # computed once even when several scoring threads ask at once
@@ -113,7 +114,7 @@ class ArrayScorer:
         """``(scores, features, contributions)``: scores from this backend (equal to ``self(X)``),
         attributions from ``explain_fn`` for all records or only those with ``score >= threshold``."""
         if self._explain_fn is None:
-            raise NotImplementedError(f"the {self.backend} backend of this detector has no explanations")
+            raise UnsupportedError(f"the {self.backend} backend of this detector has no explanations")
         scores = self(X, parallel)
         if not flagged_only:
             feat, contrib = self._explain_fn(X, top_k)
@@ -131,7 +132,7 @@ class ArrayScorer:
         # the fused Numba step, not Preprocessing.transform: NumPy's version took ~0.3-0.7 s per
         # million 32-feature rows, several times the GPU's own time for them (measured on an H200)
         p = self._prep
-        Xp = np.empty(X.shape, dtype=self._dtype)
+        Xp: np.ndarray = np.empty(X.shape, dtype=self._dtype)
         if not parallel if parallel is not None else n <= SERIAL_MAX_ROWS:
             bad = prep_into_serial(X, p.median, p.center, p.scale_inv, p.reject, Xp)
         else:
@@ -182,7 +183,7 @@ def cuda_available(backend: str | None = None) -> bool:
 def resolve_device(device: str, backend: str) -> str:
     """'auto' -> 'cuda' when the backend can use a present GPU, else 'cpu'; 'cuda' without one fails."""
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
+        raise InvalidInputError(f"device must be one of {DEVICES}; got {device!r}")
     if backend == "numba":
         if device == "cuda":
             raise DeviceError("the numba backend runs on the CPU; use backend='onnx' or 'torch' for --device cuda")
@@ -203,7 +204,7 @@ def import_torch(device: str) -> Any:
     try:
         import torch
     except ImportError as e:
-        raise ValueError("the torch backend needs the torch extra: pip install 'outlierd[torch]'") from e
+        raise BackendUnavailableError("the torch backend needs the torch extra: pip install 'outlierd[torch]'") from e
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda: torch.cuda.is_available() is False here (a CPU-only torch build or no "
                           "usable GPU); install a CUDA build of torch on a GPU machine, or use --device cpu")

@@ -79,3 +79,20 @@ class MissingDependencyError(OutlierdError, ImportError):
     """An optional extra this operation needs is not installed (the message names the extra)."""
 
     code = "FAILED_PRECONDITION"
+
+
+class StoreUnavailableError(StoreError, OSError):
+    """The store cannot be opened, read or written (locked, closed, unreachable, a newer schema).
+    Also an OSError: callers that caught the OSError the store raised before keep working."""
+
+
+class UnsupportedError(OutlierdError, NotImplementedError):
+    """The model or backend does not offer this operation (e.g. explanations on a backend without
+    an explanation kernel). Also a NotImplementedError, which it was raised as before."""
+
+    code = "UNIMPLEMENTED"
+
+
+class BackendUnavailableError(MissingDependencyError, ValueError):
+    """The scoring backend asked for (``backend="onnx"`` / ``"torch"``) needs an extra that is not
+    installed. Also a ValueError, which it was raised as before (an unusable ``backend`` argument)."""

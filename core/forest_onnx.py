@@ -24,9 +24,12 @@ backend take the scores from the graph and the attributions from the Numba expla
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .backends import ArrayScorer, DeviceError, register
+from .errors import BackendUnavailableError
 from .iforest import Forest, numba_explainer
 
 OPSET = 17
@@ -113,27 +116,33 @@ def _session(model_bytes: bytes, device: str):
     return sess
 
 
-def make_scorer_fn(forest: Forest, n_features: int, device: str = "cpu", chunk_rows: int | None = None):
-    """``fn(float32 (n, d)) -> float64 (n,)`` running the forest's ONNX graph, ``chunk_rows``
-    (default :data:`CHUNK_ROWS`) rows per session run."""
-    chunk_rows = chunk_rows or CHUNK_ROWS
-    sess = _session(forest_to_onnx(forest, n_features).SerializeToString(), device)
-    constant = forest.denominator == 0  # the Numba kernel's convention: no information, score 1
+class GraphScorer:
+    """``fn(float32 (n, d)) -> float64 (n,)`` running the forest's ONNX graph, ``chunk_rows`` rows
+    per session run; ``fn.session`` is the ONNX Runtime session."""
 
-    def fn(X: np.ndarray) -> np.ndarray:
-        n = X.shape[0]
-        if constant:
+    def __init__(self, session: Any, chunk_rows: int, constant: bool):
+        self.session = session
+        self.chunk_rows = chunk_rows
+        self.constant = constant  # the Numba kernel's convention: no information, score 1
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        n, chunk_rows = X.shape[0], self.chunk_rows
+        if self.constant:
             return np.ones(n, dtype=np.float64)
         if n <= chunk_rows:
-            return sess.run(["score"], {"X": X})[0]
+            return self.session.run(["score"], {"X": X})[0]
         out = np.empty(n, dtype=np.float64)
         for lo in range(0, n, chunk_rows):
             hi = min(lo + chunk_rows, n)
-            out[lo:hi] = sess.run(["score"], {"X": X[lo:hi]})[0]
+            out[lo:hi] = self.session.run(["score"], {"X": X[lo:hi]})[0]
         return out
 
-    fn.session = sess
-    return fn
+
+def make_scorer_fn(forest: Forest, n_features: int, device: str = "cpu", chunk_rows: int | None = None) -> GraphScorer:
+    """The forest's ONNX graph as a scorer function (:class:`GraphScorer`), ``chunk_rows``
+    (default :data:`CHUNK_ROWS`) rows per session run."""
+    sess = _session(forest_to_onnx(forest, n_features).SerializeToString(), device)
+    return GraphScorer(sess, chunk_rows or CHUNK_ROWS, forest.denominator == 0)
 
 
 @register("iforest", "onnx")
@@ -142,6 +151,6 @@ def _iforest_onnx(detector, arrays, d, prep, device, files):
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
-        raise ValueError("the onnx backend needs `pip install onnx onnxruntime` (or onnxruntime-gpu for CUDA)") from e
+        raise BackendUnavailableError("the onnx backend needs `pip install onnx onnxruntime` (or onnxruntime-gpu for CUDA)") from e
     forest = Forest.from_arrays(arrays, d)
     return ArrayScorer(make_scorer_fn(forest, d, device), prep, "onnx", device, explain_fn=numba_explainer(forest, prep))

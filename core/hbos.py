@@ -42,7 +42,7 @@ class Hbos:
         return {"hb_lo": self.lo, "hb_hi": self.hi, "hb_inv_width": self.inv_width, "hb_table": self.table}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], n_features: int) -> "Hbos":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_features: int) -> Hbos:
         try:
             parts = [np.ascontiguousarray(arrays[k], dtype=np.float64) for k in ("hb_lo", "hb_hi", "hb_inv_width", "hb_table")]
         except KeyError as e:

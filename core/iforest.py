@@ -32,8 +32,8 @@ The sample counts ``n_node`` are recovered from the leaves' stored path lengths 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numba as nb
 import numpy as np
@@ -86,7 +86,7 @@ class Forest:
         }
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], n_features: int) -> "Forest":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_features: int) -> Forest:
         try:
             feature = np.ascontiguousarray(arrays["if_feature"])
             threshold = np.ascontiguousarray(arrays["if_threshold"], dtype=np.float32)
@@ -156,14 +156,14 @@ def build_forest(trees: list[dict[str, np.ndarray]], max_samples: int, n_feature
         # path length as sklearn computes it: (depth in edges) + c(n) - 1 + 1, i.e. node depth
         # counted from 1 at the root, plus c(n), minus 1.0, in that order of operations.
         values = ((tree["_depth"] + 1).astype(np.float64) + average_path_length(tree["n_node_samples"])) - 1.0
-        stack = [(0, 0, 0)]  # (sklearn node, complete-tree position, level)
-        while stack:
-            node, pos, level = stack.pop()
+        walk: list[tuple[int, int, int]] = [(0, 0, 0)]  # (sklearn node, complete-tree position, level)
+        while walk:
+            node, pos, level = walk.pop()
             if left[node] >= 0:
                 feature[t, pos] = feat[node]
                 threshold[t, pos] = thr[node]
-                stack.append((left[node], 2 * pos + 1, level + 1))
-                stack.append((right[node], 2 * pos + 2, level + 1))
+                walk.append((left[node], 2 * pos + 1, level + 1))
+                walk.append((right[node], 2 * pos + 2, level + 1))
             else:
                 # pad: every leaf below `pos` carries this leaf's value; the internal nodes
                 # between keep threshold +inf, so a walk always goes left through them.
@@ -179,7 +179,6 @@ def build_forest(trees: list[dict[str, np.ndarray]], max_samples: int, n_feature
 @nb.njit(nogil=True, cache=True)
 def _score_rows(X, lo, hi, out, median, center, scale_inv, reject, feature, threshold, leaf_value, denominator, buf, idx, acc):
     """Score rows ``X[lo:hi]`` into ``out[lo:hi]``; returns the first rejected row or -1."""
-    n_trees = feature.shape[0]
     n_int = feature.shape[1]
     depth = 0
     while (1 << depth) - 1 < n_int:

@@ -36,7 +36,7 @@ import numba as nb
 import numpy as np
 
 from .backends import ArrayScorer, NumbaScorer, import_torch, register
-from .errors import ArtifactError
+from .errors import ArtifactError, InvalidInputError
 from .explain import mark_unexplained, select_top_k
 from .preprocess import prep_block
 
@@ -65,7 +65,7 @@ class Neighbors:
         return out
 
     @classmethod
-    def from_arrays(cls, kind: str, arrays: dict[str, np.ndarray], n_features: int, k: int) -> "Neighbors":
+    def from_arrays(cls, kind: str, arrays: dict[str, np.ndarray], n_features: int, k: int) -> Neighbors:
         if kind not in KINDS:
             raise ArtifactError(f"unknown neighbour detector {kind!r}")
         try:
@@ -202,7 +202,7 @@ def reference_neighbors(ref: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
     ref = np.ascontiguousarray(ref, dtype=np.float64)
     m = ref.shape[0]
     if not 1 <= k <= m - 1:
-        raise ValueError(f"k must be in [1, {m - 1}] for {m} reference records; got {k}")
+        raise InvalidInputError(f"k must be in [1, {m - 1}] for {m} reference records; got {k}")
     dist = np.empty((m, k), dtype=np.float64)
     idx = np.empty((m, k), dtype=np.int64)
     _self_neighbors(ref, k, dist, idx)

@@ -158,7 +158,7 @@ def build_model(manifest: dict[str, Any], arrays: dict[str, np.ndarray], referen
     if d < 1 or not np.isfinite(threshold):
         raise ArtifactError(f"manifest declares {d} features and threshold {threshold}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+        raise InvalidInputError(f"backend must be one of {BACKENDS}; got {backend!r}")
     _load_plugins()
     if (kind, backend) not in BUILDERS and backend == "numba" and kind in NATIVE_BACKEND:
         backend = NATIVE_BACKEND[kind]  # e.g. the autoencoder has no Numba kernel: ONNX is its default
@@ -167,7 +167,7 @@ def build_model(manifest: dict[str, Any], arrays: dict[str, np.ndarray], referen
         if kind not in kinds:
             raise ArtifactError(f"unknown detector kind {kind!r}; this outlierd knows {', '.join(kinds)}")
         have = sorted(b for k, b in BUILDERS if k == kind)
-        raise ValueError(f"detector {kind!r} has no {backend!r} backend; available: {', '.join(have)}")
+        raise InvalidInputError(f"detector {kind!r} has no {backend!r} backend; available: {', '.join(have)}")
     prep = Preprocessing.from_artifact(manifest.get("preprocessing", {}), arrays, d)
     if files is None:
         files = {}

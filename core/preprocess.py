@@ -18,7 +18,7 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from .errors import ArtifactError
+from .errors import ArtifactError, InvalidInputError
 
 POLICIES = ("impute", "reject")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -38,7 +38,7 @@ class Preprocessing:
         return self.missing == "reject"
 
     @classmethod
-    def identity(cls, n_features: int, median: np.ndarray | None = None, missing: str = "impute") -> "Preprocessing":
+    def identity(cls, n_features: int, median: np.ndarray | None = None, missing: str = "impute") -> Preprocessing:
         med = np.zeros(n_features) if median is None else np.asarray(median, dtype=np.float64)
         return cls(med, np.zeros(n_features), np.ones(n_features), missing)
 
@@ -50,7 +50,7 @@ class Preprocessing:
         return {"missing": self.missing, "scaling": "affine" if scaled else "none"}
 
     @classmethod
-    def from_artifact(cls, manifest: dict[str, Any], arrays: dict[str, np.ndarray], n_features: int) -> "Preprocessing":
+    def from_artifact(cls, manifest: dict[str, Any], arrays: dict[str, np.ndarray], n_features: int) -> Preprocessing:
         missing = manifest.get("missing", "impute")
         if missing not in POLICIES:
             raise ArtifactError(f"unknown missing-value policy {missing!r}; expected one of {POLICIES}")
@@ -61,14 +61,15 @@ class Preprocessing:
         for p in parts:
             if p.shape != (n_features,) or not np.all(np.isfinite(p)):
                 raise ArtifactError(f"preprocessing arrays must be {n_features} finite values each")
-        return cls(*parts, missing=missing)
+        median, center, scale_inv = parts
+        return cls(median, center, scale_inv, missing=missing)
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Vectorised NumPy twin of the fused kernel step (float64 out), for training and tests."""
         X = np.array(X, dtype=np.float64)
         nan = np.isnan(X)
         if self.reject and not np.all(np.isfinite(X)):
-            raise ValueError("X contains NaN or inf and the missing-value policy is 'reject'")
+            raise InvalidInputError("X contains NaN or inf and the missing-value policy is 'reject'")
         X = np.where(nan, self.median[None, :], X)
         X = np.clip(X, -FLOAT32_MAX, FLOAT32_MAX)
         return (X - self.center) * self.scale_inv
@@ -83,7 +84,7 @@ def prep_block(X, start, stop, median, center, scale_inv, reject, buf):
     d = X.shape[1]
     for r in range(stop - start):
         for j in range(d):
-            v = np.float64(X[start + r, j])
+            v: float = np.float64(X[start + r, j])
             if not np.isfinite(v):
                 if reject:
                     return start + r

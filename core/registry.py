@@ -30,14 +30,14 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .artifact import MANIFEST, fsync_dir, read_manifest, rewrite_manifest, verify_files
-from .errors import ArtifactError, ModelNotFoundError, RegistryError
+from .errors import ArtifactError, InvalidInputError, ModelNotFoundError, RegistryError
 from .model import Model, load_model
 
 ALIASES = "aliases.json"
@@ -56,7 +56,7 @@ _VERSION_RE = re.compile(r"[1-9][0-9]*")
 
 def _now() -> str:
     """UTC time, ISO-8601 with milliseconds and a ``Z`` suffix."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _user() -> str | None:
@@ -74,9 +74,9 @@ def validate_name(name: Any, what: str = "model name") -> str:
     refused.
     """
     if not isinstance(name, str):
-        raise ValueError(f"{what} must be a string; got {type(name).__name__}")
+        raise InvalidInputError(f"{what} must be a string; got {type(name).__name__}")
     if not name or len(name) > MAX_NAME or not _NAME_RE.fullmatch(name):
-        raise ValueError(
+        raise InvalidInputError(
             f"invalid {what} {name!r}: use 1 to {MAX_NAME} letters, digits, '.', '_' or '-', "
             "not starting with '.'"
         )
@@ -87,7 +87,7 @@ def validate_alias(alias: Any) -> str:
     """Like :func:`validate_name`, and not all digits (those would read as version numbers)."""
     validate_name(alias, "alias name")
     if alias.isdigit():
-        raise ValueError(f"invalid alias name {alias!r}: an alias must not be all digits (it would read as a version)")
+        raise InvalidInputError(f"invalid alias name {alias!r}: an alias must not be all digits (it would read as a version)")
     return alias
 
 
@@ -342,14 +342,14 @@ class Registry:
         stamped here and cannot be given.
         """
         if not isinstance(action, str) or not action:
-            raise ValueError(f"audit action must be a non-empty string; got {action!r}")
+            raise InvalidInputError(f"audit action must be a non-empty string; got {action!r}")
         reserved = sorted({"time", "user", "host", "pid"} & fields.keys())
         if reserved:
-            raise ValueError(f"audit fields {', '.join(reserved)} are stamped by the registry and cannot be given")
+            raise InvalidInputError(f"audit fields {', '.join(reserved)} are stamped by the registry and cannot be given")
         try:
             json.dumps(fields)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"audit fields must be JSON-serialisable: {e}") from e
+            raise InvalidInputError(f"audit fields must be JSON-serialisable: {e}") from e
         with self._locked(name) as mdir:
             self._append_audit(mdir, action=action, model=name, **fields)
 
@@ -366,15 +366,15 @@ class Registry:
         """
         value = float(threshold)
         if not np.isfinite(value):
-            raise ValueError(f"threshold must be a finite number; got {threshold!r}")
+            raise InvalidInputError(f"threshold must be a finite number; got {threshold!r}")
         extra = dict(info or {})
         reserved = sorted({"model", "version", "threshold", "threshold_version", "time", "user", "host"} & extra.keys())
         if reserved:
-            raise ValueError(f"threshold info fields {', '.join(reserved)} are set by the registry and cannot be given")
+            raise InvalidInputError(f"threshold info fields {', '.join(reserved)} are set by the registry and cannot be given")
         try:
             json.dumps(extra, allow_nan=False)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"threshold info must be JSON-serialisable with finite numbers: {e}") from e
+            raise InvalidInputError(f"threshold info must be JSON-serialisable with finite numbers: {e}") from e
         target = self.resolve(name, version)  # version directories are never removed: resolving before the lock is safe
         with self._locked(name) as mdir:
             tdir = mdir / THRESHOLDS / str(target)
@@ -433,7 +433,7 @@ class Registry:
         """The version number ``ref`` names: an int, a decimal string (``"3"``) or an alias."""
         mdir, numbers = self._require_model(name)
         if isinstance(ref, bool) or not isinstance(ref, (int, str)):
-            raise ValueError(f"version reference must be an int, a decimal string or an alias name; got {ref!r}")
+            raise InvalidInputError(f"version reference must be an int, a decimal string or an alias name; got {ref!r}")
         if isinstance(ref, str) and ref.isascii() and ref.isdigit():
             ref = int(ref)
         if isinstance(ref, int):
@@ -543,7 +543,7 @@ def _ranges(numbers: list[int]) -> str:
         return "(none)"
     parts = []
     start = prev = numbers[0]
-    for n in numbers[1:] + [None]:  # type: ignore[list-item]
+    for n in [*numbers[1:], None]:
         if n is not None and n == prev + 1:
             prev = n
             continue

@@ -35,7 +35,7 @@ class RobustZ:
         return {"rz_median": self.median, "rz_scale_inv": self.scale_inv}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], n_features: int, combine: str) -> "RobustZ":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_features: int, combine: str) -> RobustZ:
         if combine not in COMBINE:
             raise ArtifactError(f"unknown robust_z combine {combine!r}; expected one of {COMBINE}")
         try:

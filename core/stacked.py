@@ -27,13 +27,14 @@ of ``{"kind", "params", "prefix", "preprocessing", "name"}``), ``primary``, ``al
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from .backends import BUILDERS, register
-from .errors import ArtifactError
+from .errors import ArtifactError, InvalidInputError
 from .preprocess import Preprocessing
 
 KIND = "stacked"
@@ -56,7 +57,7 @@ def rank_table(train_scores: np.ndarray, max_knots: int = 4096) -> tuple[np.ndar
     s = np.sort(np.asarray(train_scores, dtype=np.float64))
     s = s[np.isfinite(s)]
     if s.size == 0:
-        raise ValueError("rank_table needs at least one finite score")
+        raise InvalidInputError("rank_table needs at least one finite score")
     if s.size == 1:
         return np.array([s[0], s[0] + 1.0]), np.array([0.0, 1.0])
     pos = np.unique(np.round(np.linspace(0, s.size - 1, min(max_knots, s.size))).astype(np.int64))
@@ -111,7 +112,7 @@ class Combination:
         return (1.0 - self.alpha) * F[:, self.primary] + self.alpha * p
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any], n_bases: int, d: int) -> "Combination":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], params: dict[str, Any], n_bases: int, d: int) -> Combination:
         try:
             knots = [np.ascontiguousarray(arrays[f"st_knots_{i}"], dtype=np.float64) for i in range(n_bases)]
             levels = [np.ascontiguousarray(arrays[f"st_levels_{i}"], dtype=np.float64) for i in range(n_bases)]

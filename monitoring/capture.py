@@ -38,10 +38,13 @@ import secrets
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numba as nb
 import numpy as np
+
+from outlierd.core.errors import InvalidInputError
 
 from .store import Store, StoreOpener  # noqa: F401  (StoreOpener: callers import it from here too)
 
@@ -169,7 +172,7 @@ class CaptureWriter:
                  metrics: Any = None, seed: int | None = None, token: str | None = None, interval_s: float = INTERVAL_S,
                  ring_bytes: int = RING_BYTES):
         if not 0.0 <= sample_rate <= 1.0:
-            raise ValueError(f"capture sample rate must be in [0, 1]; got {sample_rate}")
+            raise InvalidInputError(f"capture sample rate must be in [0, 1]; got {sample_rate}")
         self._get_store: Callable[[], Store] = store.get if isinstance(store, StoreOpener) else (lambda: store)
         self._process: Any = None  # monitoring.capture_proc.ProcessStore: rows are counted when it answers
         self.sample_rate = float(sample_rate)
@@ -240,7 +243,7 @@ class CaptureWriter:
         if len(self._queue) >= self.max_queue:  # decided before selecting, so the sample is not consumed
             self._count_dropped(handle.name, int(np.count_nonzero(flagged)), "queue_full")
             return False
-        marks = np.asarray(flagged, dtype=np.uint8)
+        marks: np.ndarray = np.asarray(flagged, dtype=np.uint8)  # stays uint8 (NEP 50), whatever the stubs infer
         if sample is not None:
             marks = marks | (np.asarray(sample, dtype=np.uint8) << 1) | 4
         ring = self._rings.get(X.shape[1]) or self._new_ring(X.shape[1])
@@ -307,14 +310,14 @@ class CaptureWriter:
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def start(self) -> "CaptureWriter":
+    def start(self) -> CaptureWriter:
         _warm_up()
         self._thread = threading.Thread(target=self._run, name="outlierd-capture", daemon=True)
         self._thread.start()
         return self
 
     @classmethod
-    def in_process(cls, path: str | os.PathLike, **kw: Any) -> "CaptureWriter":
+    def in_process(cls, path: str | os.PathLike, **kw: Any) -> CaptureWriter:
         """A writer whose store is the SQLite file ``path`` written by a child process
         (:mod:`monitoring.capture_proc`): the server's default, so SQLite never holds its GIL."""
         from .capture_proc import ProcessStore
@@ -424,7 +427,8 @@ class CaptureWriter:
             batch, rows = [], {}
         for kp in lost:
             self._count_dropped(kp.handle.name, kp.k, "queue_full")
-        out, at = [], {}
+        out = []
+        at: dict[int, int] = {}  # id(ring) -> rows of it handed out so far
         for kp in batch:  # each batch's rows: a slice of its ring's gathered rows, in queue order
             a = at.get(id(kp.ring), 0)
             at[id(kp.ring)] = a + kp.k

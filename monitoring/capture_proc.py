@@ -27,10 +27,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
+
+from outlierd.core.errors import InvalidInputError, StoreUnavailableError
 
 log = logging.getLogger("outlierd.capture")
 
@@ -70,9 +72,9 @@ def unpack(header: bytes, body: bytes) -> tuple[dict, dict[str, np.ndarray]]:
         at += a.nbytes
         out[name] = a.reshape(n, d) if name == "X" else a
     if at != len(body):
-        raise ValueError(f"capture frame body is {len(body)} bytes; its header describes {at}")
+        raise InvalidInputError(f"capture frame body is {len(body)} bytes; its header describes {at}")
     if sum(h["ks"]) != n or len(h["ids"]) != len(h["ks"]) or len(h["gen"]) != len(h["ks"]):
-        raise ValueError("capture frame header: ks, ids and gen disagree")
+        raise InvalidInputError("capture frame header: ks, ids and gen disagree")
     return h, out
 
 
@@ -83,7 +85,7 @@ def record_ids(h: dict, local: np.ndarray) -> list[str]:
     for k, ids, (seq, request_id) in zip(h["ks"], h["ids"], h["gen"]):
         if ids is not None:
             if len(ids) != k:
-                raise ValueError(f"capture frame: a message of {k} records carries {len(ids)} ids")
+                raise InvalidInputError(f"capture frame: a message of {k} records carries {len(ids)} ids")
             out.extend(ids)
         else:
             out.extend([f"gen:{token}:{seq}:{request_id}:{i}" for i in loc[a:a + k]])
@@ -127,7 +129,7 @@ class ProcessStore:
             proc.stdin.flush()  # type: ignore[union-attr]
         except (OSError, ValueError) as e:  # the child died: this frame and any unanswered ones are lost
             self._child_lost(proc)
-            raise OSError(f"capture process exited: {e}") from e
+            raise StoreUnavailableError(f"capture process exited: {e}") from e
 
     def sync(self, timeout: float) -> bool:
         """Wait until the child answered every frame sent (stored or failed); False on timeout."""
@@ -166,9 +168,9 @@ class ProcessStore:
         if proc is not None and proc.poll() is None:
             return proc
         if self._closed:
-            raise OSError("capture store is closed")
+            raise StoreUnavailableError("capture store is closed")
         if time.monotonic() - self._failed_at < RESTART_BACKOFF_S:
-            raise OSError("capture process not running (restarting shortly)")
+            raise StoreUnavailableError("capture process not running (restarting shortly)")
         if proc is not None:
             self._child_lost(proc)
         env = dict(os.environ)
@@ -178,7 +180,7 @@ class ProcessStore:
                                     stdout=subprocess.PIPE, env=env, bufsize=1 << 20)
         except OSError as e:
             self._failed_at = time.monotonic()
-            raise OSError(f"cannot start the capture process: {e}") from e
+            raise StoreUnavailableError(f"cannot start the capture process: {e}") from e
         _widen_pipe(proc.stdin.fileno())  # type: ignore[union-attr]
         self._proc = proc
         self._reader = threading.Thread(target=self._read, args=(proc,), name="outlierd-capture-status", daemon=True)

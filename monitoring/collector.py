@@ -8,8 +8,8 @@ one process seeing every record would have.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from prometheus_client.core import GaugeMetricFamily
 

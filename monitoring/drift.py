@@ -26,6 +26,8 @@ from typing import Any
 import numba as nb
 import numpy as np
 
+from outlierd.core.errors import InvalidInputError
+
 EPS = 1e-4
 QUALITY_REASONS = ("missing", "non_finite", "out_of_range", "constant_break")
 
@@ -64,10 +66,10 @@ class Reference:
     missing_rate: np.ndarray | None = None  # (d,) share of NaN in training
 
     @classmethod
-    def from_profile(cls, profile: dict[str, Any], alert_rate: float | None = None, range_margin: float = 0.1) -> "Reference":
+    def from_profile(cls, profile: dict[str, Any], alert_rate: float | None = None, range_margin: float = 0.1) -> Reference:
         feats = profile.get("features") or []
         if not feats:
-            raise ValueError("the model's reference profile is empty: retrain it with training data to monitor drift")
+            raise InvalidInputError("the model's reference profile is empty: retrain it with training data to monitor drift")
         d = len(feats)
         k = max(len(f["proportions"]) for f in feats)
         edges = np.full((d, max(k - 1, 1)), np.inf)
@@ -107,12 +109,12 @@ class Window:
     alerts: int = 0
 
     @classmethod
-    def empty(cls, ref: Reference) -> "Window":
+    def empty(cls, ref: Reference) -> Window:
         d, k = ref.proportions.shape
         return cls(np.zeros((d, k), np.int64), np.zeros(d, np.int64), np.zeros((d, len(QUALITY_REASONS)), np.int64),
                    np.zeros(ref.score_proportions.size, np.int64))
 
-    def merge(self, other: "Window") -> "Window":
+    def merge(self, other: Window) -> Window:
         return Window(self.counts + other.counts, self.missing + other.missing, self.quality + other.quality,
                       self.score_counts + other.score_counts, self.records + other.records, self.alerts + other.alerts)
 
@@ -121,7 +123,7 @@ class Window:
                 "records": np.array(self.records), "alerts": np.array(self.alerts)}
 
     @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> "Window":
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> Window:
         return cls(a["counts"], a["missing"], a["quality"], a["score_counts"], int(a["records"]), int(a["alerts"]))
 
 
@@ -195,7 +197,7 @@ def observe(window: Window, ref: Reference, X: np.ndarray, scores: np.ndarray, t
     scores = np.ascontiguousarray(scores, dtype=np.float64)
     # the kernel does not check bounds: shapes must be right before it runs
     if X.ndim != 2 or X.shape[1] != ref.n_features or scores.shape != (X.shape[0],):
-        raise ValueError(f"observe needs X of shape (n, {ref.n_features}) and n scores; got {X.shape} and {scores.shape}")
+        raise InvalidInputError(f"observe needs X of shape (n, {ref.n_features}) and n scores; got {X.shape} and {scores.shape}")
     window.alerts += int(_observe(X, scores, float(threshold), ref.edges, ref.lo, ref.hi, ref.constant, ref.constant_value,
                                   ref.score_edges, window.counts, window.missing, window.quality, window.score_counts))
     window.records += X.shape[0]

@@ -9,6 +9,7 @@ worker, and the parent serves ``/metrics`` through a ``MultiProcessCollector``. 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -22,7 +23,7 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry  # where companions (e.g. server.rollout's metrics) register too
-        kw = {"registry": registry} if registry is not None else {}
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
         self.request_latency = Histogram(
             "outlierd_request_duration_seconds", "Time from request received to response ready, by RPC method.",
             ["method"], buckets=LATENCY_BUCKETS, **kw)
@@ -56,8 +57,8 @@ class DriftGauges:
     """The drift metrics of the last evaluated window (names are a public contract)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        kw = {"registry": registry} if registry is not None else {}
-        mode = {"multiprocess_mode": "mostrecent"}
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
+        mode: dict[str, Any] = {"multiprocess_mode": "mostrecent"}
         self.psi = Gauge("outlierd_feature_psi", "PSI of the feature over the drift window vs the reference.", ["model", "feature"], **mode, **kw)
         self.wasserstein = Gauge("outlierd_feature_wasserstein", "Wasserstein-1 on the reference bins, over the bins' span.",
                                  ["model", "feature"], **mode, **kw)
@@ -88,8 +89,8 @@ class FeedbackGauges:
     NaN: not enough labels to say."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        kw = {"registry": registry} if registry is not None else {}
-        mode = {"multiprocess_mode": "mostrecent"}
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
+        mode: dict[str, Any] = {"multiprocess_mode": "mostrecent"}
         self.precision = Gauge("outlierd_feedback_precision", "Share of reviewed flagged records labelled anomaly.", ["model"], **mode, **kw)
         self.recall = Gauge("outlierd_feedback_recall_estimate",
                             "Estimated recall: flagged anomalies over flagged plus estimated missed ones (from reviewed random-sample captures).",

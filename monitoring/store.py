@@ -23,15 +23,18 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from outlierd.core.errors import InvalidInputError, StoreUnavailableError
 from outlierd.core.labels import ANOMALY, LABELS
+from outlierd.core.registry import CHALLENGER, CHAMPION
 
-ROLES = ("champion", "challenger")
+ROLES = (CHAMPION, CHALLENGER)
 DEFAULT_FILENAME = "feedback.sqlite"
 BUSY_TIMEOUT_MS = 10_000
 SCHEMA_VERSION = 2
@@ -104,7 +107,7 @@ def default_store_path(registry_dir: str | os.PathLike) -> Path:
     return Path(registry_dir) / DEFAULT_FILENAME
 
 
-def open_store(path: str | os.PathLike) -> "SQLiteStore":
+def open_store(path: str | os.PathLike) -> SQLiteStore:
     """The SQLite store at ``path``, created (with its schema) on first use. Raises ``OSError``
     naming the path when the file cannot be opened or written."""
     return SQLiteStore(path)
@@ -130,12 +133,12 @@ class StoreOpener:
             if self._store is not None:
                 return self._store
             if time.monotonic() - self._failed_at < self.retry_s and self._error is not None:
-                raise OSError(f"feedback store {self.path} unavailable: {self._error}")
+                raise StoreUnavailableError(f"feedback store {self.path} unavailable: {self._error}")
             try:
                 self._store = self._opener(self.path)
             except Exception as e:
                 self._error, self._failed_at = e, time.monotonic()
-                raise OSError(f"feedback store {self.path} unavailable: {e}") from e
+                raise StoreUnavailableError(f"feedback store {self.path} unavailable: {e}") from e
             return self._store
 
     def close(self) -> None:
@@ -147,7 +150,7 @@ class StoreOpener:
 
 def validate_label(label: str) -> str:
     if label not in LABELS:
-        raise ValueError(f"label must be one of {', '.join(LABELS)}; got {label!r}")
+        raise InvalidInputError(f"label must be one of {', '.join(LABELS)}; got {label!r}")
     return label
 
 
@@ -207,7 +210,7 @@ class SQLiteStore:
         try:
             found = conn.execute("PRAGMA user_version").fetchone()[0]
             if found not in (0, SCHEMA_VERSION):
-                raise OSError(f"feedback store {self.path} has schema version {found}; this outlierd reads version "
+                raise StoreUnavailableError(f"feedback store {self.path} has schema version {found}; this outlierd reads version "
                               f"{SCHEMA_VERSION}: export its labels with the outlierd that wrote it, or start a new store")
             with self._write(conn, durable=True):
                 for stmt in _SCHEMA.split(";"):
@@ -215,7 +218,7 @@ class SQLiteStore:
                         conn.execute(stmt)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as e:
-            raise OSError(f"cannot write the feedback store {self.path}: {e}") from e
+            raise StoreUnavailableError(f"cannot write the feedback store {self.path}: {e}") from e
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r})"
@@ -227,7 +230,7 @@ class SQLiteStore:
         if conn is not None:
             return conn
         if self._closed:
-            raise OSError(f"feedback store {self.path} is closed")
+            raise StoreUnavailableError(f"feedback store {self.path} is closed")
         try:
             # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT)
             conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
@@ -238,7 +241,7 @@ class SQLiteStore:
                 raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
             conn.execute("PRAGMA synchronous = FULL")
         except sqlite3.Error as e:
-            raise OSError(f"cannot open the feedback store {self.path}: {e}") from e
+            raise StoreUnavailableError(f"cannot open the feedback store {self.path}: {e}") from e
         self._local.conn = conn
         with self._lock:
             self._conns.append(conn)
@@ -263,7 +266,7 @@ class SQLiteStore:
                 except sqlite3.Error:
                     pass
 
-    def _write(self, conn: sqlite3.Connection, durable: bool) -> "SQLiteStore._Txn":
+    def _write(self, conn: sqlite3.Connection, durable: bool) -> SQLiteStore._Txn:
         return SQLiteStore._Txn(conn, durable)
 
     def close(self) -> None:
@@ -288,14 +291,14 @@ class SQLiteStore:
         n = len(record_ids)
         X = np.ascontiguousarray(X, dtype="<f4")
         if X.ndim != 2 or X.shape[0] != n:
-            raise ValueError(f"X must be (n_records, n_features) with n_records={n}; got shape {X.shape}")
+            raise InvalidInputError(f"X must be (n_records, n_features) with n_records={n}; got shape {X.shape}")
         scores = np.asarray(scores, dtype=np.float64)
         flagged, sampled = np.asarray(flagged, dtype=bool), np.asarray(sampled, dtype=bool)
         for name, a in (("scores", scores), ("flagged", flagged), ("sampled", sampled)):
             if a.shape != (n,):
-                raise ValueError(f"{name} must hold one value per record ({n}); got shape {a.shape}")
+                raise InvalidInputError(f"{name} must hold one value per record ({n}); got shape {a.shape}")
         if role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+            raise InvalidInputError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
         if n == 0:
             return
         lat = np.broadcast_to(np.asarray(latency_us, dtype=np.float64), (n,))
@@ -343,11 +346,11 @@ class SQLiteStore:
         """See :meth:`Store.add_labels`: one transaction, fsynced before returning."""
         for i, r in enumerate(rows):
             if not r.record_id:
-                raise ValueError(f"label {i}: record_id is empty")
+                raise InvalidInputError(f"label {i}: record_id is empty")
             try:
                 validate_label(r.label)
             except ValueError as e:
-                raise ValueError(f"label {i} (record_id {r.record_id!r}): {e}") from None
+                raise InvalidInputError(f"label {i} (record_id {r.record_id!r}): {e}") from None
         if not rows:
             return []
         now = time.time()
@@ -366,7 +369,8 @@ class SQLiteStore:
 
     def predictions(self, model: str, *, role: str | None = None, version: int | None = None,
                     features: bool = True) -> Predictions:
-        where, params = ["b.model = ?"], [model]
+        where = ["b.model = ?"]
+        params: list[str | int] = [model]
         if role is not None:
             where.append("b.role = ?")
             params.append(role)
@@ -435,7 +439,7 @@ def _stack(widths: list[int], blobs: list[bytes]) -> np.ndarray:
         return np.zeros((0, 0), dtype=np.float32)
     d = widths[0]
     if any(w != d for w in widths):
-        raise ValueError(f"captured records have different feature counts ({sorted(set(widths))}); select one version")
+        raise InvalidInputError(f"captured records have different feature counts ({sorted(set(widths))}); select one version")
     return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), d).astype(np.float32)
 
 
@@ -454,7 +458,7 @@ def _columns(rows: list[tuple], features: bool) -> Predictions:
                        latency_us=f64(cols[6]), X=X, sample_rate=f64(cols[7]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _insert_rows(m: int) -> str:
     return "INSERT INTO predictions (batch, record_id, score, flags, latency_us, x) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?)"] * m)
 

@@ -17,10 +17,13 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
+
+from outlierd.core.errors import InvalidInputError
 
 from .drift import QUALITY_REASONS, DriftConfig, DriftResult, Reference, Window, evaluate, observe
 
@@ -31,11 +34,11 @@ class StreamMonitor:
                  on_window: Callable[[DriftResult, Window], None] | None = None, clock: Callable[[], float] = time.time,
                  share_tag: int = 0):
         if pane_records is not None and pane_seconds is not None:
-            raise ValueError("set one of pane_records and pane_seconds, not both")
+            raise InvalidInputError("set one of pane_records and pane_seconds, not both")
         if pane_records is None and pane_seconds is None:
             pane_records = 10_000
         if window_panes < 1:
-            raise ValueError(f"window_panes must be >= 1; got {window_panes}")
+            raise InvalidInputError(f"window_panes must be >= 1; got {window_panes}")
         self.ref, self.config = ref, config
         self.pane_records, self.pane_seconds, self.window_panes = pane_records, pane_seconds, window_panes
         self.share_dir = Path(share_dir) if share_dir else None
@@ -108,7 +111,8 @@ class StreamMonitor:
 
     def _share(self) -> None:
         assert self.share_dir is not None
-        arrays: dict[str, np.ndarray] = {"pane_ids": np.array([pid for pid, _ in self.closed], dtype=np.int64),
+        # Any: np.savez(**arrays) would otherwise be read as possibly passing allow_pickle
+        arrays: dict[str, Any] = {"pane_ids": np.array([pid for pid, _ in self.closed], dtype=np.int64),
                                          "tag": np.array(self.share_tag, dtype=np.int64)}
         for i, (_, w) in enumerate(self.closed):
             arrays.update({f"{i}_{k}": v for k, v in w.to_arrays().items()})

@@ -43,12 +43,13 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from outlierd.core.errors import DataError, InvalidInputError, UnavailableError
 from outlierd.core.registry import Registry, validate_name
 
 CHALLENGER = "challenger"
@@ -109,7 +110,7 @@ def parse_window(text: str, model: str) -> WindowView | None:
     return WindowView(records if math.isfinite(records) else 0.0, states, psi, **extra)
 
 
-class ScrapeError(Exception):
+class ScrapeError(UnavailableError):
     """The metrics endpoint could not be read or parsed."""
 
 
@@ -137,7 +138,7 @@ class DriftTracker:
 
     def __init__(self, sustained: int):
         if not isinstance(sustained, int) or isinstance(sustained, bool) or sustained < 1:
-            raise ValueError(f"sustained must be a whole number of windows >= 1; got {sustained!r}")
+            raise InvalidInputError(f"sustained must be a whole number of windows >= 1; got {sustained!r}")
         self.sustained = sustained
         self.runs: dict[str, int] = {}
 
@@ -181,11 +182,11 @@ def resolve_data(path: str | os.PathLike) -> Path:
     if p.is_dir():
         files = [e for e in p.iterdir() if e.is_file() and e.name.endswith(DATA_SUFFIXES) and not e.name.startswith(".")]
         if not files:
-            raise ValueError(f"data directory {p} holds no data file ({', '.join(DATA_SUFFIXES)})")
+            raise DataError(f"data directory {p} holds no data file ({', '.join(DATA_SUFFIXES)})")
         return max(files, key=lambda e: (e.stat().st_mtime_ns, e.name))
     if p.exists():
-        raise ValueError(f"data {p} is neither a file nor a directory")
-    raise ValueError(f"data {p}: no such file or directory (give a training data file, or a directory of captured data files)")
+        raise DataError(f"data {p} is neither a file nor a directory")
+    raise DataError(f"data {p}: no such file or directory (give a training data file, or a directory of captured data files)")
 
 
 def _fmt(value: Any) -> str:
@@ -229,21 +230,21 @@ class RetrainPolicy:
     ) -> None:
         validate_name(model)
         if not (isinstance(interval, (int, float)) and math.isfinite(interval) and interval > 0):
-            raise ValueError(f"interval must be > 0 seconds; got {interval!r}")
+            raise InvalidInputError(f"interval must be > 0 seconds; got {interval!r}")
         if not (isinstance(every, (int, float)) and math.isfinite(every) and every >= 0):
-            raise ValueError(f"every must be >= 0 seconds (0: no schedule); got {every!r}")
+            raise InvalidInputError(f"every must be >= 0 seconds (0: no schedule); got {every!r}")
         if max_triggers is not None and (not isinstance(max_triggers, int) or max_triggers < 1):
-            raise ValueError(f"max_triggers must be >= 1; got {max_triggers!r}")
+            raise InvalidInputError(f"max_triggers must be >= 1; got {max_triggers!r}")
         if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds > 0):
-            raise ValueError(f"max_seconds must be > 0; got {max_seconds!r}")
+            raise InvalidInputError(f"max_seconds must be > 0; got {max_seconds!r}")
         if metrics_url is not None and not metrics_url.startswith(("http://", "https://")):
-            raise ValueError(f"metrics URL must start with http:// or https://; got {metrics_url!r}")
+            raise InvalidInputError(f"metrics URL must start with http:// or https://; got {metrics_url!r}")
         self.tracker = DriftTracker(sustained)
         p = Path(data)
         if not p.exists():
-            raise ValueError(f"data {p}: no such file or directory (give a training data file, or a directory of captured data files)")
+            raise DataError(f"data {p}: no such file or directory (give a training data file, or a directory of captured data files)")
         if not (p.is_file() or p.is_dir()):
-            raise ValueError(f"data {p} is neither a file nor a directory")
+            raise DataError(f"data {p} is neither a file nor a directory")
         self.registry = Registry(registry)
         self.model, self.data = model, p
         self.train, self.train_kwargs = train, dict(train_kwargs or {})
@@ -258,7 +259,7 @@ class RetrainPolicy:
     # ------------------------------------------------------------------ logging and control
 
     def log(self, event: str, level: str = "info", **fields: Any) -> None:
-        ts = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         kv = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items() if v is not None)
         self.log_line(f"retrain-policy ts={ts} level={level} event={event} model={self.model}" + (f" {kv}" if kv else ""))
 
@@ -358,7 +359,7 @@ class RetrainPolicy:
     def run(self) -> list[Trigger]:
         """Scrape and trigger until stopped; returns the triggers of this run."""
         if self.metrics_url is None and self.every <= 0:
-            raise ValueError("nothing to trigger on: give a metrics URL (drift), a schedule (every > 0) or trigger on demand")
+            raise InvalidInputError("nothing to trigger on: give a metrics URL (drift), a schedule (every > 0) or trigger on demand")
         clock = time.monotonic
         start = clock()
         deadline = start + self.max_seconds if self.max_seconds else math.inf

@@ -17,8 +17,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .core import ArtifactError, InvalidInputError, Model, ModelNotFoundError, OutlierdError, load_model
-    from .training import export_detector, export_sklearn
+    # `X as X`: an explicit re-export (PEP 484), the names __getattr__ below provides at run time
+    from .core import ArtifactError as ArtifactError
+    from .core import InvalidInputError as InvalidInputError
+    from .core import Model as Model
+    from .core import ModelNotFoundError as ModelNotFoundError
+    from .core import OutlierdError as OutlierdError
+    from .core import load_model as load_model
+    from .training import export_detector as export_detector
+    from .training import export_sklearn as export_sklearn
 
 _LAZY = {
     "load_model": "outlierd.core",

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from outlierd.core.errors import DataError, OutlierdError
+from outlierd.core.errors import DataError, InvalidInputError, OutlierdError
 from outlierd.core.labels import label_of
 from outlierd.core.registry import CHAMPION, Registry
 from outlierd.monitoring.store import LabelRow, default_store_path, open_store
@@ -62,20 +62,15 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed ``outlierd feedback ...`` command; returns the exit code."""
-    try:
-        Registry(args.registry).aliases(args.model)  # the model must exist: catches typos before touching the store
-        path = Path(args.feedback_store) if args.feedback_store else default_store_path(args.registry)
-        if args.feedback_command == "import":
-            return _import(args, path)
-        if args.feedback_command == "export":
-            return _export(args, path)
-        if args.feedback_command == "stats":
-            return _stats(args, path)
-        raise ValueError(f"unknown feedback command {args.feedback_command!r}")
-    except (OutlierdError, ValueError, OSError) as e:
-        msg = str(e.args[0]) if isinstance(e, LookupError) and len(e.args) == 1 else str(e)
-        print(f"outlierd: error: {msg}", file=sys.stderr)
-        return EXIT_ERROR
+    Registry(args.registry).aliases(args.model)  # the model must exist: catches typos before touching the store
+    path = Path(args.feedback_store) if args.feedback_store else default_store_path(args.registry)
+    if args.feedback_command == "import":
+        return _import(args, path)
+    if args.feedback_command == "export":
+        return _export(args, path)
+    if args.feedback_command == "stats":
+        return _stats(args, path)
+    raise InvalidInputError(f"unknown feedback command {args.feedback_command!r}")
 
 
 def parse_label(value: str) -> str:
@@ -91,7 +86,7 @@ def read_labels(file: str | os.PathLike) -> list[LabelRow]:
     try:
         f = open(file, newline="", encoding="utf-8")
     except OSError as e:
-        raise OSError(f"cannot read {file}: {e.strerror}") from e
+        raise DataError(f"cannot read {file}: {e.strerror}") from e
     with f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -116,13 +111,13 @@ def read_labels(file: str | os.PathLike) -> list[LabelRow]:
                 try:
                     label = parse_label(rec[col["label"]])
                 except ValueError as e:
-                    raise ValueError(f"{file} line {line}: {e}") from None
+                    raise DataError(f"{file} line {line}: {e}") from None
                 rows.append(LabelRow(rid, label, rec[col["reviewer"]] if "reviewer" in col else "",
                                      rec[col["note"]] if "note" in col else ""))
         except csv.Error as e:
-            raise ValueError(f"{file} line {reader.line_num}: not valid CSV: {e}") from e
+            raise DataError(f"{file} line {reader.line_num}: not valid CSV: {e}") from e
         except UnicodeDecodeError as e:
-            raise ValueError(f"{file}: not UTF-8 text: {e}") from e
+            raise DataError(f"{file}: not UTF-8 text: {e}") from e
     return rows
 
 

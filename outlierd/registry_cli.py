@@ -26,7 +26,7 @@ import json
 import sys
 from typing import Any
 
-from outlierd.core.errors import OutlierdError
+from outlierd.core.errors import InvalidInputError
 from outlierd.core.registry import Registry
 
 EXIT_ERROR = 2
@@ -86,19 +86,15 @@ def add_mlflow_args(p: argparse.ArgumentParser, *, what: str, required: bool = F
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed ``outlierd registry ...`` command; returns the exit code."""
     registry = Registry(args.registry)
-    try:
-        if args.registry_command == "list":
-            return _list(registry, args)
-        if args.registry_command == "show":
-            return _show(registry, args)
-        if args.registry_command == "alias":
-            return _alias(registry, args)
-        if args.registry_command == "mirror":
-            return _mirror(registry, args)
-        raise ValueError(f"unknown registry command {args.registry_command!r}")
-    except (OutlierdError, ValueError, OSError) as e:
-        print(f"outlierd: error: {_message(e)}", file=sys.stderr)
-        return EXIT_ERROR
+    if args.registry_command == "list":
+        return _list(registry, args)
+    if args.registry_command == "show":
+        return _show(registry, args)
+    if args.registry_command == "alias":
+        return _alias(registry, args)
+    if args.registry_command == "mirror":
+        return _mirror(registry, args)
+    raise InvalidInputError(f"unknown registry command {args.registry_command!r}")
 
 
 def _message(e: BaseException) -> str:

@@ -1,27 +1,39 @@
-"""Typed settings of ``outlierd serve``; every field can come from an ``OUTLIERD_*`` variable."""
+"""Typed settings of ``outlierd serve``; every field can come from an ``OUTLIERD_*`` variable.
+
+Each field's docstring (the string under it) is its ``--flag``'s help: ``outlierd serve``'s flags are
+generated from these fields (``outlierd.cli``), with the type and default shown from the field.
+``field(metadata=...)`` says what the generated flag needs beyond that: ``choices``; ``metavar``;
+``flag``/``dest``/``const`` for the flags of another form (``--no-drift`` stores 0 in ``drift``);
+``cli_note``, said in the help instead of the default.
+"""
 
 from __future__ import annotations
 
+import ast
+import functools
+import inspect
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
+from outlierd.core.errors import InvalidInputError
 from outlierd.core.registry import CHAMPION
 
 
 @dataclass
 class ServeSettings:
-    registry: Path
+    registry: Path = field(metadata={"metavar": "DIR", "cli_note": "required here or as OUTLIERD_REGISTRY"})
     """Registry root directory (a shared volume for many replicas)."""
-    model: str
+    model: str = field(metadata={"metavar": "NAME", "cli_note": "required here or as OUTLIERD_MODEL"})
     """Registry model name this server serves (requests with an empty ``model`` get it)."""
-    alias: str = CHAMPION
+    alias: str = field(default=CHAMPION, metadata={"metavar": "ALIAS"})
     """Alias whose version is served; watched for changes (hot reload)."""
     host: str = "0.0.0.0"
     """Address to listen on."""
-    port: int = 50051
+    port: int = field(default=50051, metadata={"metavar": "PORT"})
     """gRPC port (0: pick a free one; single worker only)."""
-    metrics_port: int = 9100
+    metrics_port: int = field(default=9100, metadata={"metavar": "PORT"})
     """Prometheus /metrics port (0: no metrics server)."""
     workers: int = 1
     """Worker processes sharing the port with SO_REUSEPORT."""
@@ -46,13 +58,13 @@ class ServeSettings:
     """How often workers check the alias."""
     grace_s: float = 10.0
     """On SIGTERM: how long in-flight work may take to finish."""
-    device: str = "auto"
+    device: str = field(default="auto", metadata={"choices": ("cpu", "cuda", "auto")})
     """cpu, cuda (every batch on the GPU; fails at start without one) or auto (large batches on the GPU when present)."""
-    gpu_backend: str = "onnx"
+    gpu_backend: str = field(default="onnx", metadata={"choices": ("onnx", "torch")})
     """Backend for GPU batches: onnx (ONNX Runtime CUDA) or torch."""
     gpu_min_rows: int = 65536  # measured crossover on an H200 (torch backend): between 4,096 and 65,536 rows
     """With device auto: batches of at least this many records go to the GPU (measure it: benchmarks/gpu_suite.py)."""
-    drift: int = 1
+    drift: int = field(default=1, metadata={"flag": "--no-drift", "const": 0})
     """Drift and data-quality monitoring on the scoring path (1 on, 0 off)."""
     drift_pane_records: int = 0
     """Close a drift pane every N records (0: by time, every drift_pane_seconds)."""
@@ -66,48 +78,52 @@ class ServeSettings:
     """PSI at or above which a feature is 'drift'."""
     drift_min_records: int = 1000
     """Windows with fewer records are not judged."""
-    rollout: str = "off"
+    rollout: str = field(default="off", metadata={"choices": ("off", "shadow", "split")})
     """Challenger rollout: off; shadow (the 'challenger' alias scores every message too, captured, never
     returned); split (a share of messages is answered by the challenger). No challenger alias: champion only."""
     split_share: float = 0.1
     """With rollout split: the share of messages (by a stable hash of split_key) answered by the challenger."""
-    split_key: str = "id"
+    split_key: str = field(default="id", metadata={"choices": ("id", "request")})
     """With rollout split: route each message by its first record id (id; messages without ids by
     request_id) or by its request_id (request)."""
-    capture: int = 1
-    """Prediction capture into the feedback store (1 on, 0 off): every flagged record and a random sample of the others."""
+    capture: int = field(default=1, metadata={"flag": "--no-capture", "const": 0})
+    """Prediction capture into the feedback store (1 on, 0 off): every flagged record and a random sample of the others.
+    Feedback RPCs store labels either way."""
     capture_sample: float = 0.01
     """Share of unflagged records captured (the random sample that estimates recall from labels)."""
     feedback_store: Path | None = None
     """Feedback store (SQLite file) for captures and labels; default: feedback.sqlite in the registry directory."""
-    tls_cert: Path | None = None
+    tls_cert: Path | None = field(default=None, metadata={"metavar": "PEM"})
     """Server certificate (PEM) for TLS."""
-    tls_key: Path | None = None
+    tls_key: Path | None = field(default=None, metadata={"metavar": "PEM"})
     """Server private key (PEM) for TLS."""
-    tls_client_ca: Path | None = None
+    tls_client_ca: Path | None = field(default=None, metadata={"metavar": "PEM"})
     """CA bundle (PEM): when set, clients must present a certificate it signed (mutual TLS)."""
-    auth_token: str | None = field(default=None, repr=False)
+    auth_token: str | None = field(default=None, repr=False, metadata={
+        "flag": "--auth-token-file", "dest": "auth_token_file", "metavar": "FILE",
+        "cli_note": "the CLI reads it from FILE, or from OUTLIERD_AUTH_TOKEN"})
     """Bearer token clients must send (``authorization: Bearer …``); health checks are exempt."""
 
     @classmethod
-    def from_env(cls, **overrides: object) -> "ServeSettings":
+    def from_env(cls, **overrides: object) -> ServeSettings:
         """Settings from ``OUTLIERD_<FIELD>`` variables, then ``overrides`` (CLI flags) on top."""
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}  # Any: checked by validate() below, not by static types
         for f in fields(cls):
             env = os.environ.get(f"OUTLIERD_{f.name.upper()}")
             if env is not None:
                 values[f.name] = env
         values.update({k: v for k, v in overrides.items() if v is not None})
         for f in fields(cls):
-            if f.name in values and isinstance(values[f.name], str):
+            raw = values.get(f.name)
+            if isinstance(raw, str):
                 t = str(f.type)
                 if t.startswith("int"):
-                    values[f.name] = int(values[f.name])  # type: ignore[arg-type]
+                    values[f.name] = int(raw)
                 elif t.startswith("float"):
-                    values[f.name] = float(values[f.name])  # type: ignore[arg-type]
+                    values[f.name] = float(raw)
                 elif "Path" in t:
-                    values[f.name] = Path(values[f.name])  # type: ignore[arg-type]
-        s = cls(**values)  # type: ignore[arg-type]
+                    values[f.name] = Path(raw)
+        s = cls(**values)
         s.validate()
         return s
 
@@ -115,31 +131,45 @@ class ServeSettings:
         for name in ("workers", "threads", "max_batch", "max_queue_records", "max_request_records", "stream_inflight",
                      "max_concurrent_rpcs", "drift_window_panes"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+                raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"--device must be cpu, cuda or auto; got {self.device!r}")
+            raise InvalidInputError(f"--device must be cpu, cuda or auto; got {self.device!r}")
         if self.gpu_backend not in ("onnx", "torch"):
-            raise ValueError(f"--gpu-backend must be onnx or torch; got {self.gpu_backend!r}")
+            raise InvalidInputError(f"--gpu-backend must be onnx or torch; got {self.gpu_backend!r}")
         if self.drift_pane_records < 0 or self.drift_pane_seconds <= 0:
-            raise ValueError("--drift-pane-records must be >= 0 and --drift-pane-seconds > 0")
+            raise InvalidInputError("--drift-pane-records must be >= 0 and --drift-pane-seconds > 0")
         if self.rollout not in ("off", "shadow", "split"):
-            raise ValueError(f"--rollout must be off, shadow or split; got {self.rollout!r}")
+            raise InvalidInputError(f"--rollout must be off, shadow or split; got {self.rollout!r}")
         if not 0.0 <= self.split_share <= 1.0:
-            raise ValueError(f"--split-share must be in [0, 1]; got {self.split_share}")
+            raise InvalidInputError(f"--split-share must be in [0, 1]; got {self.split_share}")
         if self.split_key not in ("id", "request"):
-            raise ValueError(f"--split-key must be id or request; got {self.split_key!r}")
+            raise InvalidInputError(f"--split-key must be id or request; got {self.split_key!r}")
         if not 0.0 <= self.capture_sample <= 1.0:
-            raise ValueError(f"--capture-sample must be in [0, 1]; got {self.capture_sample}")
+            raise InvalidInputError(f"--capture-sample must be in [0, 1]; got {self.capture_sample}")
         if self.max_delay_us < 0:
-            raise ValueError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
+            raise InvalidInputError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
         if self.workers > 1 and self.port == 0:
-            raise ValueError("--port 0 cannot be shared by several workers; choose a port")
+            raise InvalidInputError("--port 0 cannot be shared by several workers; choose a port")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together")
+            raise InvalidInputError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
-            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+            raise InvalidInputError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
 
     def drift_config(self):
         from outlierd.monitoring.drift import DriftConfig
 
         return DriftConfig(psi_warn=self.drift_psi_warn, psi_drift=self.drift_psi_drift, min_records=self.drift_min_records)
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each :class:`ServeSettings` field's docstring, whitespace folded to single spaces (read once,
+    from the class's source: attribute docstrings are not kept at run time)."""
+    cls = ast.parse(inspect.getsource(ServeSettings)).body[0]
+    assert isinstance(cls, ast.ClassDef)
+    docs: dict[str, str] = {}
+    for node, nxt in zip(cls.body, cls.body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

@@ -1,5 +1,5 @@
 import os
-import sys
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +65,11 @@ class LoopThread:
         self.loop.close()
 
 
-def run_cli(*args: str) -> "subprocess.CompletedProcess":
+def run_cli(*args: str) -> subprocess.CompletedProcess:
     """``outlierd ARGS`` in this process (the console script's main: same parsing, same exit codes),
     with its stdout and stderr captured."""
     import contextlib
     import io
-    import subprocess
 
     from outlierd.cli import main
 

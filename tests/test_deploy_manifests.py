@@ -28,7 +28,7 @@ from conftest import ROOT, LoopThread
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it comes with the dev extra's kubernetes-validate)")
 
-from outlierd.server.settings import ServeSettings
+from outlierd.server.settings import ServeSettings  # noqa: E402  (after the importorskip above)
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -228,7 +228,7 @@ def test_manifests_validate_against_the_kubernetes_schemas(version):
     docs = _manifests()
     assert {d["kind"] for _, d in docs} >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
                                              "PersistentVolumeClaim", "ConfigMap"}
-    for path, doc in docs:
+    for _path, doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
 
 

@@ -1,6 +1,5 @@
 """The device policy on a machine without a GPU: auto picks the CPU and says so; cuda fails loudly."""
 
-import os
 import subprocess
 import sys
 

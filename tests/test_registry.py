@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -18,7 +17,7 @@ from outlierd.core.errors import ArtifactError, ModelNotFoundError
 from outlierd.core.model import Model, build_model, load_model
 from outlierd.core.preprocess import Preprocessing
 from outlierd.core.registry import Registry
-from outlierd import registry_cli
+from outlierd.cli import main as cli_main
 
 N_PROCS = 8
 
@@ -340,11 +339,8 @@ def test_lock_timeout_is_a_clear_error(reg, artifacts):
 
 
 def cli(*argv):
-    p = argparse.ArgumentParser(prog="outlierd")
-    sub = p.add_subparsers(dest="command", required=True)
-    registry_cli.add_parser(sub)
-    args = p.parse_args(list(argv))
-    return args.func(args)
+    """``outlierd ARGV`` through the console script's main: the CLI's one error boundary is there."""
+    return cli_main(list(argv))
 
 
 @pytest.fixture()

@@ -418,7 +418,7 @@ def test_flood_gets_resource_exhausted_then_server_recovers(loop_thread, registr
             assert_scored(resp, X[i:i + 2], served_model)
         assert srv.sample("outlierd_overloaded_total") == len(exhausted)
         # the server keeps serving once the flood is over
-        for i in range(3):
+        for _ in range(3):
             assert_scored(stub.Score(request(X[:2]), timeout=TIMEOUT), X[:2], served_model)
         assert srv.sample("outlierd_queue_depth_records") == 0
         assert health_check(srv.target) == health_pb2.HealthCheckResponse.SERVING
@@ -480,7 +480,7 @@ def test_metrics_after_calls(loop_thread, registry_dir, X, served_model):
         assert srv.sample("outlierd_request_duration_seconds_count", {"method": "ScoreStream"}) == 2
         assert srv.sample("outlierd_queue_depth_records") == 0
 
-        for reason, req, _, _ in INVALID:
+        for _reason, req, _, _ in INVALID:
             with pytest.raises(grpc.RpcError):
                 stub.Score(req, timeout=TIMEOUT)
         expected: dict[str, int] = {}
