@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +78,7 @@ class Tree(ServerProcess):
                                 "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"], port, log_dir)
         self.base = base
 
-    def start(self, timeout: float = 120.0) -> "Tree":
+    def start(self, timeout: float = 120.0) -> Tree:
         # ServerProcess.start with this tree's directory and PYTHONPATH
         import test_bench_server as tb
 

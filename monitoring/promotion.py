@@ -64,7 +64,7 @@ class Gates:
     """Challenger / champion mean captured kernel latency per record at most."""
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "Gates":
+    def from_json(cls, path: str | os.PathLike) -> Gates:
         """Gates from a JSON object with any of the field names (``null`` switches a gate off)."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -78,7 +78,7 @@ class Gates:
             raise InvalidInputError(f"gates file {path}: unknown gates {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**{**asdict(cls()), **data}).validated()
 
-    def validated(self) -> "Gates":
+    def validated(self) -> Gates:
         for f in fields(self):
             v = getattr(self, f.name)
             if v is None:

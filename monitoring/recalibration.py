@@ -176,8 +176,8 @@ def calibrate(registry: Registry, store: Any, model: str, ref: int | str = CHAMP
                                     f"standing for {total:.0f} scored ones (need {min_records} captured and "
                                     f"{MIN_ALERTS / alert_rate:.0f} scored); capture more or raise the capture sample rate")
         t = alert_rate_threshold(score, w, alert_rate)
-        est = float(w[score >= t].sum() / total)
-        return Calibration(model, version, "alert_rate", alert_rate, t, previous, prev_n, est, None, None, len(ids),
+        rate_est = float(w[score >= t].sum() / total)
+        return Calibration(model, version, "alert_rate", alert_rate, t, previous, prev_n, rate_est, None, None, len(ids),
                            int(np.count_nonzero(sampled)), 0, notes=notes)
     precision = float(precision)  # type: ignore[arg-type]
     if not math.isfinite(precision) or not 0.0 < precision <= 1.0:

@@ -21,7 +21,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -185,11 +185,11 @@ def build_report(registry: str | os.PathLike, model: str, ds: Records, ref: str 
         flagged = scores >= m.threshold
         n_flagged = int(flagged.sum())
         pick = np.argsort(-scores, kind="stable")[:top_records]  # ties: earlier row first
-        if feat is not None:
+        if feat is not None and contrib is not None:
             f_top, c_top = feat[pick], contrib[pick]
-            rest = ~flagged[pick]
-            if rest.any():  # fewer flagged records than asked for: explain the few others listed
-                f_top[rest], c_top[rest] = m.explain(X[pick[rest]], top_k)
+            unflagged = ~flagged[pick]
+            if unflagged.any():  # fewer flagged records than asked for: explain the few others listed
+                f_top[unflagged], c_top[unflagged] = m.explain(X[pick[unflagged]], top_k)
             why = alert_features(m.feature_names, feat[flagged])
         else:
             f_top = np.full((pick.size, 0), -1, dtype=np.int64)
@@ -199,7 +199,7 @@ def build_report(registry: str | os.PathLike, model: str, ds: Records, ref: str 
     if unscored:
         warnings.append(f"{unscored} records with NaN or inf were not scored (the model's missing-value policy is 'reject')")
     return DriftReport(model, version, str(ref), str(data), n_rows,
-                       datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                       datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
                        m.threshold, result, window, reference, m.reference, config, unscored,
                        m.manifest.get("published"), warnings, m.kind, top, why, n_flagged, top_k)
 
@@ -283,7 +283,7 @@ def _histogram_svg(ref_p: np.ndarray, cur_p: np.ndarray | None, edges: np.ndarra
         hi = "+∞" if i == k - 1 else _edge(edges[i])
         return f"({lo}, {hi}]"
 
-    groups = [(i, rng(i), ref_p[i], cur_p[i] if cur_p is not None else None) for i in range(k)]
+    groups: list[tuple[float, str, Any, Any]] = [(i, rng(i), ref_p[i], cur_p[i] if cur_p is not None else None) for i in range(k)]
     if missing:
         groups.append((k + 0.5, "missing (NaN, share of records)", missing[0], missing[1]))
         xm = left + (k + 1) * gw

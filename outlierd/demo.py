@@ -32,7 +32,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -310,6 +311,7 @@ class _Feed:
                 X, kind = generate_payments(min(CHUNK, self.records - self.sent), self.rng, anomaly_rate=self.anomaly_rate)
                 X = X.astype(np.float32)
                 pos = 0
+            assert kind is not None
             n = min(self.batch, X.shape[0] - pos)
             self.truth.put(kind[pos:pos + n])
             self.sent += n

@@ -17,11 +17,13 @@ of event-loop time less, which on a small machine is throughput (benchmarks/test
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections import deque
 from queue import SimpleQueue
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -95,7 +97,11 @@ class MicroBatcher:
             self._jobs.put(None)
         workers, self._workers = self._workers, []
         # running kernels finish (as a ThreadPoolExecutor's shutdown(wait=True) would), off the loop
-        await asyncio.get_running_loop().run_in_executor(None, lambda: [t.join() for t in workers])
+        def join_all() -> None:
+            for t in workers:
+                t.join()
+
+        await asyncio.get_running_loop().run_in_executor(None, join_all)
 
     # -- the scoring threads ------------------------------------------------------------------
 
@@ -182,6 +188,9 @@ class MicroBatcher:
     def _release(self, n: int) -> None:
         self._inflight -= n
 
+    def _release_done(self, n: int, _fut: asyncio.Future) -> None:
+        self._inflight -= n
+
     def submit(self, X: np.ndarray, handle: ModelHandle, explain: Explain | None = None,
                tag: CaptureTag | None = None) -> asyncio.Future:
         """Queue ``X`` for scoring with ``handle``; the future resolves to a :class:`ScoreResult`.
@@ -201,7 +210,7 @@ class MicroBatcher:
         if n >= self.max_batch or n == 0 or explain is not None:
             return loop.create_task(self._score_direct(handle, X, explain, tag))
         fut = loop.create_future()
-        fut.add_done_callback(lambda _f, n=n: self._release(n))
+        fut.add_done_callback(functools.partial(self._release_done, n))
         item = Pending(X, handle, fut, tag)
         if self.max_delay_s == 0:
             if not self._queue and self._busy + self._waiting < self._threads:
@@ -397,7 +406,7 @@ class MicroBatcher:
             if self._queued < self.max_batch and self.max_delay_s > 0:
                 try:
                     await asyncio.wait_for(self._full.wait(), timeout=self.max_delay_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             await self._acquire_thread()
             items = self._take_batch()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -44,7 +45,7 @@ class ScorerClient:
     def __init__(self, target: str, *, token: str | None = None, root_certificates: bytes | None = None,
                  private_key: bytes | None = None, certificate_chain: bytes | None = None,
                  server_name: str | None = None, timeout: float | None = 30.0, max_message_bytes: int = 64 * 1024 * 1024):
-        options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         if root_certificates is not None:
@@ -56,7 +57,7 @@ class ScorerClient:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.timeout = timeout
 
-    def __enter__(self) -> "ScorerClient":
+    def __enter__(self) -> ScorerClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

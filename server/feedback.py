@@ -17,7 +17,8 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 

@@ -25,7 +25,8 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

@@ -6,7 +6,8 @@ are the data plane's (``DataPlane.check``)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 

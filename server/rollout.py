@@ -27,7 +27,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
@@ -86,10 +87,10 @@ def split_key(req: Any, key: str = "id") -> str:
 class RolloutMetrics:
     """Rollout metrics (names are a public contract). One instance per collector registry."""
 
-    _by_registry: "weakref.WeakKeyDictionary[CollectorRegistry, RolloutMetrics]" = weakref.WeakKeyDictionary()
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, RolloutMetrics] = weakref.WeakKeyDictionary()
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        kw = {"registry": registry} if registry is not None else {}
+        kw: dict[str, Any] = {"registry": registry} if registry is not None else {}
         self.records = Counter("outlierd_rollout_records_total",
                                "Records scored by role: champion / challenger answered, or shadow (challenger, not returned).",
                                ["model", "role"], **kw)
@@ -103,7 +104,7 @@ class RolloutMetrics:
                                        ["model", "alias"], multiprocess_mode="liveall", **kw)
 
     @classmethod
-    def for_service(cls, metrics: Any) -> "RolloutMetrics | None":
+    def for_service(cls, metrics: Any) -> RolloutMetrics | None:
         """The rollout metrics living beside a ``ServiceMetrics`` (on its ``registry`` attribute when
         it has one, else the default registry); None without metrics."""
         if metrics is None:

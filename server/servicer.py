@@ -7,7 +7,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Any, AsyncIterator
+from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -132,6 +133,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                     t0 = time.perf_counter()
                     position += 1
                     fut = None
+                    entry: tuple[Any, float, asyncio.Future | None, BaseException | None]
                     try:
                         if type(req) is Undecodable:  # answered (request_id 0: unknown), the stream goes on
                             raise req.refuse(f"message {position} of the stream")

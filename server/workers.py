@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from .settings import ServeSettings
 
@@ -103,7 +104,7 @@ def serve(settings: ServeSettings) -> int:
         for i in range(settings.workers):
             start(i)
         if settings.metrics_port:
-            extra = ()
+            extra: tuple[Any, ...] = ()
             if settings.drift:
                 from outlierd.monitoring.collector import DriftCollector
 

@@ -26,7 +26,8 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -90,7 +91,9 @@ def _build_modules(torch: Any, sizes: list[int], dropout: float = 0.0) -> tuple[
                 layers.append(nn.Dropout(dropout))
     autoencoder = nn.Sequential(*layers)
 
-    class ReconstructionError(nn.Module):
+    module: Any = nn.Module  # torch is a parameter here (an optional extra): a base class of type Any
+
+    class ReconstructionError(module):
         """``x -> (mean squared error over features, per-feature squared errors)``."""
 
         def __init__(self, ae: Any):

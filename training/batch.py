@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -150,8 +150,9 @@ class Source:
     kind: str            # "csv", "parquet" (one file), "dataset" (Parquet directory), "files" (mixed directory)
     total_rows: int | None
     files: list[Path]
+    schema: pa.Schema    # the columns as read (the first file's, for a directory)
 
-    def batches(self, columns: Columns, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, columns: Columns, batch_rows: int) -> Generator[pa.RecordBatch, None, None]:
         raise NotImplementedError
 
 
@@ -180,7 +181,7 @@ class CsvSource(Source):
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"cannot read {path}: {e}") from e
 
-    def batches(self, columns: Columns, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, columns: Columns, batch_rows: int) -> Generator[pa.RecordBatch, None, None]:
         import pyarrow.csv as pacsv
 
         columns.check(self.schema, self.path)
@@ -218,7 +219,7 @@ class ParquetFileSource(Source):
         self.schema = self._file.schema_arrow
         self.total_rows = int(self._file.metadata.num_rows)
 
-    def batches(self, columns: Columns, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, columns: Columns, batch_rows: int) -> Generator[pa.RecordBatch, None, None]:
         columns.check(self.schema, self.path)
         try:
             for batch in self._file.iter_batches(batch_size=batch_rows, columns=columns.read):
@@ -245,7 +246,7 @@ class ParquetDatasetSource(Source):
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"cannot read the Parquet dataset {path}: {e}") from e
 
-    def batches(self, columns: Columns, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, columns: Columns, batch_rows: int) -> Generator[pa.RecordBatch, None, None]:
         columns.check(self.schema, self.path)
         try:
             # to_batches yields in dataset (file, then row) order; small read-ahead keeps memory flat
@@ -271,7 +272,7 @@ class FileSequenceSource(Source):
         self.schema = self._first.schema
         self.total_rows = None
 
-    def batches(self, columns: Columns, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, columns: Columns, batch_rows: int) -> Generator[pa.RecordBatch, None, None]:
         for i, f in enumerate(self.files):
             src = self._first if i == 0 else _open_file(f)
             yield from src.batches(columns, batch_rows)
@@ -453,7 +454,7 @@ class ScoreWriter:
             pass
         self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "ScoreWriter":
+    def __enter__(self) -> ScoreWriter:
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:

@@ -115,13 +115,13 @@ def dataset_from_table(
     empty = [feature_names[j] for j in np.flatnonzero(missing_counts == n)]
     if empty and require_rows > 0:
         raise DataError(f"{path}: columns {empty[:10]} have no finite values at all; drop them")
-    for j in np.flatnonzero(missing_counts):
+    for j in np.flatnonzero(missing_counts).tolist():
         warnings.append(f"column {feature_names[j]!r}: {missing_counts[j]} missing or non-finite values (imputed with the median)")
     if n:
         with np.errstate(all="ignore"):
             lo = np.where(finite, X, np.inf).min(axis=0)
             hi = np.where(finite, X, -np.inf).max(axis=0)
-        for j in np.flatnonzero(lo == hi):
+        for j in np.flatnonzero(lo == hi).tolist():
             warnings.append(f"column {feature_names[j]!r} is constant ({lo[j]:g}); it carries no signal")
     labels = None
     if label_column is not None:

@@ -4,7 +4,8 @@ unsupervised and the label-aware paths of the training pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 

@@ -147,6 +147,7 @@ def run_score(spec: ScoreSpec) -> ScoreResult:
         from .evaluate import evaluate  # scikit-learn: imported only when there is something to evaluate
 
         labels = np.concatenate(stats.labels) if stats.labels else np.empty(0, dtype=np.int8)
+        assert scores is not None  # kept whenever there is a label column
         metrics = evaluate(scores, labels, threshold)
         if not keep_scores:
             scores = None

@@ -25,13 +25,15 @@ down, bad URI, permission) surfaces as one :class:`MirrorError` naming the step 
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
 
 from outlierd.core.artifact import ARRAYS, read_manifest, verify_files
 from outlierd.core.errors import MissingDependencyError, OutlierdError
@@ -285,9 +287,9 @@ def log_version_run(
         plist = [Param(k, v) for k, v in params.items()]
         # MLflow takes at most 100 params+tags and 1000 metrics per batch.
         for chunk in _chunks(plist, 100):
-            _step("log parameters", lambda c=chunk: mlc.log_batch(run_id, params=c))
+            _step("log parameters", functools.partial(mlc.log_batch, run_id, params=chunk))
         for mchunk in _chunks(metrics, 1000):
-            _step("log metrics", lambda c=mchunk: mlc.log_batch(run_id, metrics=c))
+            _step("log metrics", functools.partial(mlc.log_batch, run_id, metrics=mchunk))
         _step("log lineage.json", lambda: mlc.log_dict(run_id, manifest.get("lineage") or {}, "lineage.json"))
         _step(f"upload the artifact {path}", lambda: mlc.log_artifacts(run_id, str(path), ARTIFACT_PATH))
     except BaseException:
@@ -445,14 +447,14 @@ def mirror_model(
         if number not in mlflow_of:
             continue  # points at a skipped (corrupt) version
         _step(f"set alias {alias!r} of registered model {model!r}",
-              lambda a=alias, n=number: mlc.set_registered_model_alias(model, a, mlflow_of[n]))
+              functools.partial(mlc.set_registered_model_alias, model, alias, mlflow_of[number]))
         report.aliases[alias] = number
     managed = {str(mv.version) for mv in known.values()}
     current = _step(f"read registered model {model!r}", lambda: mlc.get_registered_model(model))
     for alias, mlv in dict(current.aliases or {}).items():
         if alias not in aliases and str(mlv) in managed:
             _step(f"remove alias {alias!r} of registered model {model!r}",
-                  lambda a=alias: mlc.delete_registered_model_alias(model, a))
+                  functools.partial(mlc.delete_registered_model_alias, model, alias))
             report.removed_aliases.append(alias)
     return report
 
