@@ -10,7 +10,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The package as it installs (core/ as outlierd.core, ...: pyproject's package-dir mapping), without a
+# build: .ci/installed_layout.py lays symlinks out under build/installed-layout. PYTHONSAFEPATH keeps
+# the checkout's own outlierd/ folder (the CLI alone) from shadowing it, in subprocesses too.
+python3 .ci/installed_layout.py true || exit 3
+export PYTHONPATH=$PWD/build/installed-layout${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc
   python3 -c "import torch, numba, numpy, onnxruntime, sklearn, google.protobuf as pb; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'numba', numba.__version__, 'numpy', numpy.__version__, 'ort', onnxruntime.__version__, onnxruntime.get_available_providers(), 'sklearn', sklearn.__version__, 'protobuf', pb.__version__)"
 } 2>&1 | tee "$OUT/env.txt"

@@ -402,8 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except (OSError, ValueError) as e:
         # OSError: a file or socket the command needs (one line: str() of an OSError is one).
-        # ValueError: input refused by code not yet on OutlierdError (the training jobs, the
-        # feedback CSV reader); drop it here once those raise InvalidInputError.
+        # ValueError: a library's refusal of input that no layer wrapped (pyarrow's ArrowInvalid,
+        # NumPy): still one line, never a traceback. Everything the project raises on purpose is
+        # an OutlierdError, above.
         if os.environ.get("OUTLIERD_DEBUG"):
             raise
         print(f"outlierd: error: {e}", file=sys.stderr)

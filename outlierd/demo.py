@@ -37,7 +37,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from outlierd.core.errors import OutlierdError
+from outlierd.core.errors import InvalidInputError, OutlierdError
 from outlierd.core.registry import CHAMPION
 from outlierd.server.settings import ServeSettings
 
@@ -462,19 +462,19 @@ def run_demo(
     ``ok`` says whether everything the demo shows happened.
     """
     if records < 1:
-        raise ValueError(f"--records must be >= 1; got {records}")
+        raise InvalidInputError(f"--records must be >= 1; got {records}")
     if not seconds > 0:
-        raise ValueError(f"--seconds must be > 0; got {seconds}")
+        raise InvalidInputError(f"--seconds must be > 0; got {seconds}")
     if batch < 1:
-        raise ValueError(f"--batch must be >= 1; got {batch}")
+        raise InvalidInputError(f"--batch must be >= 1; got {batch}")
     if train_records < 100:
-        raise ValueError(f"--train-records must be >= 100; got {train_records}")
+        raise InvalidInputError(f"--train-records must be >= 100; got {train_records}")
     if not 0.0 <= anomaly_rate < 0.5:
-        raise ValueError(f"--anomaly-rate must be in [0, 0.5); got {anomaly_rate}")
+        raise InvalidInputError(f"--anomaly-rate must be in [0, 0.5); got {anomaly_rate}")
     if not 0.0 <= retrain_at < 1.0:
-        raise ValueError(f"retrain_at must be in [0, 1); got {retrain_at}")
+        raise InvalidInputError(f"retrain_at must be in [0, 1); got {retrain_at}")
     if not 0 <= port < 65536:
-        raise ValueError(f"--port must be in 0..65535; got {port}")
+        raise InvalidInputError(f"--port must be in 0..65535; got {port}")
     if port:
         _check_port_free(port)  # before any work
     say = _Printer(out or sys.stdout)

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from outlierd.core.errors import DataError, InvalidInputError, OutlierdError
+from outlierd.core.errors import DataError, InvalidInputError, OutlierdError, StoreUnavailableError
 from outlierd.core.labels import label_of
 from outlierd.core.registry import CHAMPION, Registry
 from outlierd.monitoring.store import LabelRow, default_store_path, open_store
@@ -77,7 +77,7 @@ def parse_label(value: str) -> str:
     """``anomaly`` or ``normal`` from anomaly/normal/1/0/true/false (any case), or ValueError."""
     label = label_of(value)
     if label is None:
-        raise ValueError(f"label {value!r} is not one of anomaly, normal, 1, 0, true, false")
+        raise DataError(f"label {value!r} is not one of anomaly, normal, 1, 0, true, false")
     return label
 
 
@@ -91,11 +91,11 @@ def read_labels(file: str | os.PathLike) -> list[LabelRow]:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
-            raise ValueError(f"{file} is empty: expected a header record_id,label[,reviewer,note]")
+            raise DataError(f"{file} is empty: expected a header record_id,label[,reviewer,note]")
         header = [h.strip().lower() for h in header]
         unknown = [h for h in header if h not in COLUMNS]
         if "record_id" not in header or "label" not in header or unknown or len(set(header)) != len(header):
-            raise ValueError(f"{file} line 1: header is {','.join(header)!r}; expected the columns record_id,label[,reviewer,note]")
+            raise DataError(f"{file} line 1: header is {','.join(header)!r}; expected the columns record_id,label[,reviewer,note]")
         col = {h: i for i, h in enumerate(header)}
         rows: list[LabelRow] = []
         try:
@@ -104,10 +104,10 @@ def read_labels(file: str | os.PathLike) -> list[LabelRow]:
                 if not rec or all(not c.strip() for c in rec):
                     continue  # blank line
                 if len(rec) != len(header):
-                    raise ValueError(f"{file} line {line}: {len(rec)} fields, the header has {len(header)}")
+                    raise DataError(f"{file} line {line}: {len(rec)} fields, the header has {len(header)}")
                 rid = rec[col["record_id"]].strip()
                 if not rid:
-                    raise ValueError(f"{file} line {line}: record_id is empty")
+                    raise DataError(f"{file} line {line}: record_id is empty")
                 try:
                     label = parse_label(rec[col["label"]])
                 except ValueError as e:
@@ -123,7 +123,7 @@ def read_labels(file: str | os.PathLike) -> list[LabelRow]:
 
 def _open_existing(path: Path):
     if not path.is_file():
-        raise OSError(f"no feedback store at {path} (nothing captured or imported yet; or pass --feedback-store)")
+        raise StoreUnavailableError(f"no feedback store at {path} (nothing captured or imported yet; or pass --feedback-store)")
     return open_store(path)
 
 

@@ -76,7 +76,8 @@ def test_datasets_equal_numba(tmp_path, backend, name):
     X, _ = load_csv(name)
     path = _export(tmp_path, X, random_state=0)
     ref, model = load_model(path), load_model(path, backend=_backend(backend))
-    assert (model.backend, model.device) == (backend, "cpu")
+    # the default device is auto: on a machine with a GPU this backend uses, the GPU
+    assert (model.backend, model.device) == (backend, "cuda" if outlierd.core.backends.cuda_available(backend) else "cpu")
     np.testing.assert_allclose(model.score(X), ref.score(X), rtol=0, atol=ATOL)
     np.testing.assert_array_equal(model.predict(X), ref.predict(X))
 
