@@ -9,8 +9,9 @@ Both servers serve one registry (an Isolation Forest, 100 trees of 256 samples, 
 trained with this checkout's ``outlierd train``) on 127.0.0.1 with their defaults. Each scenario
 runs ``--rounds`` rounds; a round measures both servers with a fresh ``loadgen.py`` each, the order
 alternating (base-new, new-base, ...). Printed per scenario: each server's median (records/s for
-streams, p50 µs for unary calls), the ratio new/base of the medians (for latency base/new, so
-above 1 is always "new is faster"), and the spread of the per-round ratios. The other tree is run
+streams, p50 µs for unary calls; and the server process's CPU µs per record, less noisy than
+throughput on a shared machine), the ratio new/base of the medians (for latency and CPU base/new,
+so above 1 is always "new is faster"), and the spread of the per-round ratios. The other tree is run
 with ``PYTHONPATH=<base>`` from its own directory: it may predate the one-import-name layout.
 
 Kernels: with ``--kernels``, ``Model.score`` of the same artifact through each tree (in a
@@ -91,12 +92,19 @@ class Tree(ServerProcess):
         return self
 
 
-def _load(target: str, data: Path, args: list[str], seconds: float) -> dict:
+def _load(server: Tree, data: Path, args: list[str], seconds: float) -> dict:
+    """One loadgen run against ``server``; its result, plus the server's CPU microseconds per record
+    scored over the whole run (warm-up included: an estimate, but the same one for both sides)."""
+    target = server.target
+    cpu0 = server.cpu_s()
     out = subprocess.run([sys.executable, str(HERE / "loadgen.py"), "--target", target, "--data", str(data), *args,
                           "--warmup", "0.5", "--duration", str(seconds)], capture_output=True, text=True, timeout=seconds + 120)
     if out.returncode != 0:
         raise SystemExit(f"loadgen failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    records = res["records_per_s"] * (seconds + 0.5)
+    res["cpu_us_per_record"] = (server.cpu_s() - cpu0) * 1e6 / records if records else float("nan")
+    return res
 
 
 def _value(res: dict) -> float:
@@ -142,19 +150,20 @@ def main() -> int:
         for name in a.scenarios.split(","):
             for r in range(a.rounds):
                 for side in (("base", "new") if r % 2 == 0 else ("new", "base")):
-                    res = _load(servers[side].target, data, SCENARIOS[name], a.seconds)
+                    res = _load(servers[side], data, SCENARIOS[name], a.seconds)
                     results.setdefault(name, {"base": [], "new": []})[side].append(_value(res))
+                    results.setdefault(f"{name} cpu", {"base": [], "new": []})[side].append(res["cpu_us_per_record"])
                 print(f"[ab] {name} round {r + 1}/{a.rounds}", file=sys.stderr, flush=True)
     finally:
         for s in servers.values():
             s.stop()
     print(f"{'scenario':<18} {'base':>12} {'new':>12} {'ratio':>7}  per-round ratios (min / median / max)")
     for name, v in results.items():
-        latency = name.startswith("unary")
+        latency = name.startswith("unary") or name.endswith(" cpu")
         b, n = statistics.median(v["base"]), statistics.median(v["new"])
         per = [(bb / nn) if latency else (nn / bb) for bb, nn in zip(v["base"], v["new"])]
         ratio = b / n if latency else n / b
-        unit = "us p50" if latency else "rec/s"
+        unit = "server cpu us/record" if name.endswith(" cpu") else "us p50" if latency else "rec/s"
         print(f"{name:<18} {b:>12.1f} {n:>12.1f} {ratio:>7.3f}  {min(per):.3f} / {statistics.median(per):.3f} / {max(per):.3f}  ({unit})")
     return 0
 
