@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import MANIFEST, fsync_dir, read_manifest, rewrite_manifest, verify_files
-from .errors import ArtifactError, InvalidInputError, ModelNotFoundError, RegistryError
+from .errors import ArtifactError, InvalidInputError, ModelNotFoundError, OutlierdError, RegistryError
 from .model import Model, load_model
 
 ALIASES = "aliases.json"
@@ -230,12 +230,12 @@ class Registry:
             )
         return mdir, numbers
 
-    def _set_alias_locked(self, mdir: Path, name: str, alias: str, version: int) -> None:
+    def _set_alias_locked(self, mdir: Path, name: str, alias: str, version: int, **extra: Any) -> None:
         aliases = self._read_aliases(mdir)
         previous = aliases.get(alias)
         aliases[alias] = version
         self._write_aliases(mdir, aliases)
-        self._append_audit(mdir, action="alias", model=name, alias=alias, version=version, previous=previous)
+        self._append_audit(mdir, action="alias", model=name, alias=alias, version=version, previous=previous, **extra)
 
     def _info(self, name: str, mdir: Path, version: int, aliases: dict[str, int]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         vdir = mdir / str(version)
@@ -309,17 +309,49 @@ class Registry:
                 self._set_alias_locked(mdir, name, alias, version)
         return version
 
-    def set_alias(self, name: str, alias: str, version: int | str) -> int:
+    def set_alias(self, name: str, alias: str, version: int | str, *, verify: bool = False, force: bool = False) -> int:
         """Point ``alias`` of model ``name`` at ``version`` (a number, a decimal string or another
         alias, resolved now). The alias file is replaced atomically and the move audited.
         Returns the version number the alias now points to.
+
+        ``verify``: load the target first (checksums, shapes, probe scores) and refuse the move with
+        :class:`~core.errors.ArtifactError` when it fails, so no worker that restarts is pointed at
+        a version it cannot serve; ``force`` moves it anyway and records the failure in the audit
+        log (``forced`` and ``verify_error``).
         """
         validate_alias(alias)
         self._require_model(name)
+        failure = None
+        if verify:
+            target = self.resolve(name, version)
+            try:
+                load_model(self.path(name, target))  # before the lock: a load replays the probe set
+            except OutlierdError as e:
+                if not force:
+                    previous = self._read_aliases(self._model_dir(name)).get(alias)
+                    raise ArtifactError(
+                        f"version {target} of {name!r} fails verification, so alias {alias!r} stays "
+                        f"{'at version ' + str(previous) if previous is not None else 'unset'}: {e.message} "
+                        "(--force moves it anyway; the move is audited)") from e
+                failure = e.message
         with self._locked(name) as mdir:
             target = self.resolve(name, version)
-            self._set_alias_locked(mdir, name, alias, target)
+            extra = {} if failure is None else {"forced": True, "verify_error": failure}
+            self._set_alias_locked(mdir, name, alias, target, **extra)
         return target
+
+    def last_good(self, name: str, alias: str, refused: Iterable[int] = ()) -> Iterator[int]:
+        """Versions ``alias`` of ``name`` pointed at before, newest move first, without repeats or
+        ``refused`` ones (from the audit log): the candidates a worker falls back to when the
+        alias points at a version it cannot load."""
+        seen = set(refused)
+        for record in reversed(self.audit(name)):
+            if record.get("action") != "alias" or record.get("alias") != alias:
+                continue
+            for v in (record.get("version"), record.get("previous")):
+                if isinstance(v, int) and not isinstance(v, bool) and v not in seen:
+                    seen.add(v)
+                    yield v
 
     def remove_alias(self, name: str, alias: str) -> None:
         """Delete ``alias`` of model ``name``; :class:`~core.errors.ModelNotFoundError` if it does not exist."""

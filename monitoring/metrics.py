@@ -33,7 +33,7 @@ class ServiceMetrics:
                                     ["model"], buckets=BATCH_BUCKETS, **kw)
         self.model_info = Gauge("outlierd_model_info", "1 for the model version each worker serves.",
                                 ["model", "version", "alias"], multiprocess_mode="liveall", **kw)
-        self.reloads = Counter("outlierd_model_reloads_total", "Model reload attempts by result (ok, refused).", ["model", "result"], **kw)
+        self.reloads = Counter("outlierd_model_reloads_total", "Model reload attempts by result (ok, refused; fallback: an earlier version served at start; registry_error: the registry could not be read).", ["model", "result"], **kw)
         self.invalid_inputs = Counter("outlierd_invalid_inputs_total", "Rejected requests by reason.", ["reason"], **kw)
         self.queue_depth = Gauge("outlierd_queue_depth_records", "Records waiting in the micro-batcher.",
                                  multiprocess_mode="livesum", **kw)

@@ -4,7 +4,7 @@ Public forms (used by tools outside the project; keep them stable)::
 
     outlierd registry list  --registry DIR --model NAME [--json]
     outlierd registry show  --registry DIR --model NAME (VERSION|ALIAS) [--json]
-    outlierd registry alias --registry DIR --model NAME ALIAS VERSION
+    outlierd registry alias --registry DIR --model NAME ALIAS VERSION [--force]
 
 Extensions (optional extra ``outlierd[mlflow]``)::
 
@@ -60,6 +60,9 @@ def add_parser(subparsers: Any) -> None:
     common(p_alias)
     p_alias.add_argument("alias", metavar="ALIAS", help="alias name, e.g. champion or challenger")
     p_alias.add_argument("version", metavar="VERSION", help="version number (or an existing alias)")
+    p_alias.add_argument("--force", action="store_true",
+                         help="move the alias even when the version fails verification (checksums, probe scores); "
+                              "the move and the failure are recorded in the audit log")
     add_mlflow_args(p_alias, what="also set the alias on the MLflow registered model (mirroring the version when missing)")
 
     p_mirror = sub.add_parser("mirror", help="mirror every version and alias of a model to the MLflow Model Registry",
@@ -167,7 +170,8 @@ def _alias(registry: Registry, args: argparse.Namespace) -> int:
         previous: int | None = registry.aliases(args.model).get(args.alias)
     except ValueError:
         previous = None  # an invalid alias name is reported by set_alias below
-    version = registry.set_alias(args.model, args.alias, args.version)
+    # verified first: a worker that restarts must find a version it can serve behind the alias
+    version = registry.set_alias(args.model, args.alias, args.version, verify=True, force=args.force)
     was = f" (was {previous})" if previous is not None and previous != version else ""
     print(f"{args.model}: {args.alias} -> {version}{was}")
     if not getattr(args, "mlflow_uri", None):

@@ -19,11 +19,35 @@ from collections.abc import Callable
 import numpy as np
 
 from outlierd.core.backends import SERIAL_MAX_ROWS, resolve_device
-from outlierd.core.errors import OutlierdError
+from outlierd.core.errors import ArtifactError, OutlierdError
 from outlierd.core.model import Model, load_model
 from outlierd.core.registry import Registry
 
 log = logging.getLogger("outlierd.reload")
+# outlierd_model_reloads_total{result}: ok, refused (a version that fails), fallback (serving an
+# earlier version at start), registry_error (the watcher could not read the registry)
+RELOAD_RESULTS = ("ok", "refused", "fallback", "registry_error")
+REGISTRY_LOG_INTERVAL_S = 60.0
+
+
+class _RateLimited:
+    """Log one line at most every ``interval_s``; the next says how many were left out."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float) -> None:
+        self.logger, self.interval_s = logger, interval_s
+        self._last = -float("inf")
+        self._skipped = 0
+
+    def warning(self, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self._skipped += 1
+            return
+        if self._skipped:
+            fmt += f" ({self._skipped} more like it in the last %.0fs)"
+            args = (*args, now - self._last)
+        self._last, self._skipped = now, 0
+        self.logger.warning(fmt, *args)
 
 
 @dataclass(frozen=True)
@@ -85,18 +109,53 @@ class ModelSlot:
         self.policy = policy
         self.monitor_factory = monitor_factory
         if metrics is not None:  # series exist at 0 from the start, so rate() sees the first event
-            for result in ("ok", "refused"):
+            for result in RELOAD_RESULTS:
                 metrics.reloads.labels(name, result)
         self.current: ModelHandle | None = None
         self._refused: int | None = None  # last version refused, not retried until the alias moves
         self._refused_threshold: tuple[int, int] | None = None  # (version, threshold version) that could not be read
+        self._registry_problem = _RateLimited(log, REGISTRY_LOG_INTERVAL_S)
+        self.fallback = False  # serving an earlier version because the alias points at one that fails
         self.changed = asyncio.Event()
 
     def load_initial(self) -> ModelHandle:
+        """Load the version the alias points at. When it cannot be served (it fails verification),
+        serve the newest version the alias pointed at before that loads (the audit log knows
+        them), say so in the log and in ``outlierd_model_reloads_total{result="fallback"}``, and
+        keep watching: the refused version is not retried until the alias moves. Raises only when
+        no version can be served at all."""
         version = self.registry.resolve(self.name, self.alias)
-        self._swap(load_handle(self.registry, self.name, self.alias, version, self.policy))
+        try:
+            handle = load_handle(self.registry, self.name, self.alias, version, self.policy)
+        except Exception as first:
+            handle = self._fallback(version, first)
+        self._swap(handle)
         assert self.current is not None
         return self.current
+
+    def _fallback(self, refused: int, error: Exception) -> ModelHandle:
+        self._refused = refused
+        if self.metrics is not None:
+            self.metrics.reloads.labels(self.name, "refused").inc()
+        tried = []
+        for version in self.registry.last_good(self.name, self.alias, refused=(refused,)):
+            tried.append(version)
+            try:
+                handle = load_handle(self.registry, self.name, self.alias, version, self.policy)
+            except Exception as e:
+                log.error("fallback refused model=%s version=%d error=%s", self.name, version, e)
+                continue
+            self.fallback = True
+            if self.metrics is not None:
+                self.metrics.reloads.labels(self.name, "fallback").inc()
+            log.error("alias points at a version that cannot serve model=%s alias=%s version=%d error=%s; serving the "
+                      "last good version=%d instead until the alias moves", self.name, self.alias, refused, error, version)
+            return handle
+        if not tried:
+            raise error
+        raise ArtifactError(
+            f"alias {self.alias!r} of {self.name!r} points at version {refused}, which cannot serve ({error}); "
+            f"no earlier version it pointed at loads either (tried {', '.join(map(str, tried))})") from error
 
     def _with_monitor(self, handle: ModelHandle) -> ModelHandle:
         if self.monitor_factory is None:
@@ -125,7 +184,7 @@ class ModelSlot:
         try:
             n = await loop.run_in_executor(None, self.registry.threshold_version, self.name, cur.version)
         except Exception as e:  # registry unreachable: keep serving
-            log.warning("threshold check failed model=%s version=%d error=%s", self.name, cur.version, e)
+            self._registry_error("threshold check failed model=%s version=%d error=%s", self.name, cur.version, e)
             return False
         if n == cur.threshold_version or (cur.version, n) == self._refused_threshold:
             return False
@@ -144,16 +203,25 @@ class ModelSlot:
         self.changed.set()
         return True
 
+    def _registry_error(self, fmt: str, *args: Any) -> None:
+        """A registry problem seen by the watcher (unreachable, a dangling alias, a garbled
+        aliases.json): counted every time (``result="registry_error"``), logged at most once per
+        ``REGISTRY_LOG_INTERVAL_S`` (the watcher looks 4 times a second)."""
+        if self.metrics is not None:
+            self.metrics.reloads.labels(self.name, "registry_error").inc()
+        self._registry_problem.warning(fmt, *args)
+
     async def check(self) -> bool:
         """Look at the alias once; swap in a new version if it moved. True if the handle changed."""
         loop = asyncio.get_running_loop()
         try:
             version = await loop.run_in_executor(None, self.registry.resolve, self.name, self.alias)
         except Exception as e:  # registry unreachable or alias removed: keep serving
-            log.warning("alias check failed model=%s alias=%s error=%s", self.name, self.alias, e)
+            self._registry_error("alias check failed model=%s alias=%s error=%s", self.name, self.alias, e)
             return False
         cur = self.current
         if cur is not None and version == cur.version:
+            self.fallback = False  # the alias came back to the version served
             return await self._check_threshold(cur)
         if version == self._refused:
             return False
@@ -168,6 +236,7 @@ class ModelSlot:
                       self.name, version, e, cur.version if cur else None)
             return False
         self._refused = None
+        self.fallback = False
         self._swap(handle)
         if self.metrics is not None:
             self.metrics.reloads.labels(self.name, "ok").inc()
