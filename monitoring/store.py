@@ -90,6 +90,9 @@ class Store(Protocol):
     def labels(self, model: str) -> list[LabelRow]:
         """Every stored label, in arrival order (duplicates kept: they measure disagreement)."""
 
+    def known(self, model: str, record_ids: Sequence[str]) -> list[bool]:
+        """Per record id, whether a captured prediction of ``model`` has it."""
+
     def predictions(self, model: str, *, role: str | None = None, version: int | None = None,
                     features: bool = True) -> Predictions:
         """Captured records, in capture order, optionally of one role and/or version."""
@@ -362,6 +365,10 @@ class SQLiteStore:
         return known
 
     # -- reads -------------------------------------------------------------------------------
+
+    def known(self, model: str, record_ids: Sequence[str]) -> list[bool]:
+        conn = self._conn()
+        return [conn.execute(_KNOWN, (rid, model)).fetchone() is not None for rid in record_ids]
 
     def labels(self, model: str) -> list[LabelRow]:
         cur = self._conn().execute("SELECT record_id, label, reviewer, note, ts FROM labels WHERE model = ? ORDER BY id", (model,))

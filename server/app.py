@@ -165,7 +165,7 @@ async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | Non
         # object handed in (tests) is written by the writer thread itself
         capture = (CaptureWriter(opener, sample_rate=settings.capture_sample, metrics=metrics) if store is not None else
                    CaptureWriter.in_process(path, sample_rate=settings.capture_sample, metrics=metrics)).start()
-    return capture, FeedbackService(opener, settings.model, metrics)
+    return capture, FeedbackService(opener, settings.model, metrics, capture=capture)
 
 
 async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None, store=None) -> Worker:

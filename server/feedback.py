@@ -32,6 +32,7 @@ from .requests import refuse_undecodable
 
 log = logging.getLogger("outlierd.feedback")
 STREAM_GROUP = 512  # labels of one stream committed in one transaction at most
+CAPTURE_SETTLE_S = 1.0  # how long a label with an unknown record id waits for captures in flight
 _LABELS = {pb.ANOMALY: ANOMALY, pb.NORMAL: NORMAL}
 
 
@@ -39,8 +40,10 @@ class FeedbackService:
     """A worker's feedback side: the store (opened lazily), one writer thread for labels, and the
     quality gauges recomputed at most every ``quality_interval_s`` on their own thread."""
 
-    def __init__(self, opener: StoreOpener, model: str, metrics: Any = None, quality_interval_s: float = 5.0):
+    def __init__(self, opener: StoreOpener, model: str, metrics: Any = None, quality_interval_s: float = 5.0,
+                 capture: Any = None):
         self.opener, self.model, self.metrics = opener, model, metrics
+        self.capture = capture  # monitoring.capture.CaptureWriter: records scored a moment ago are still on their way
         self.quality_interval_s = quality_interval_s
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlierd-feedback")
         self._quality_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlierd-quality")
@@ -51,7 +54,15 @@ class FeedbackService:
         self._committing = False
 
     def _add(self, rows: Sequence[LabelRow]) -> list[bool]:
-        return self.opener.get().add_labels(self.model, rows)
+        store = self.opener.get()
+        known = store.add_labels(self.model, rows)
+        if self.capture is not None and not all(known) and self.capture.flush(CAPTURE_SETTLE_S):
+            # NOTE: capture writes every ~100 ms, so a record scored just before its label arrives
+            # is usually still on its way to the store: flush, then look again (only for the
+            # unknown ids: labels for records scored long ago pay nothing)
+            again = iter(store.known(self.model, [r.record_id for r, k in zip(rows, known) if not k]))
+            known = [k or next(again) for k in known]
+        return known
 
     async def store(self, rows: Sequence[LabelRow]) -> list[bool]:
         """Store ``rows`` durably (off the event loop); known_record per row. Calls that arrive while
