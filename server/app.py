@@ -195,7 +195,8 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
                       max_queue_records=settings.max_queue_records, max_request_records=settings.max_request_records,
                       metrics=metrics, capture=capture)
     plane.start()
-    servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback)
+    servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback,
+                              max_message_bytes=settings.max_message_bytes)
     add_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

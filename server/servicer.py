@@ -16,9 +16,9 @@ import numpy as np
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 
-from .errors import message_error, stream_errors, unary_errors
+from .errors import RequestError, message_error, stream_errors, unary_errors
 from .feedback import FeedbackRpcs, FeedbackService
-from .plane import DataPlane
+from .plane import DEFAULT_TOP_K, DataPlane
 from .requests import Undecodable, decode, lenient, refuse_undecodable
 from .results import Explain, ScoreResult
 
@@ -49,9 +49,10 @@ def _packed_scores(scores: np.ndarray, flagged: np.ndarray) -> bytes:
 
 class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
     def __init__(self, plane: DataPlane, *, stream_inflight: int = 8, metrics: Any = None,
-                 feedback: FeedbackService | None = None):
+                 feedback: FeedbackService | None = None, max_message_bytes: int = 64 * 1024 * 1024):
         self.plane, self.metrics, self.feedback = plane, metrics, feedback
         self.stream_inflight = stream_inflight
+        self.max_message_bytes = max_message_bytes
         self._latency = {m: metrics.request_latency.labels(m) for m in ("Score", "ScoreStream")} if metrics else {}
 
     # -- shared steps -------------------------------------------------------------------------
@@ -68,8 +69,26 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
         plane = self.plane
         handle = plane.route(plane.resolve(req.model), req.ids, req.request_id)
         X = decode(req, handle)
-        explain = Explain(req.top_k, req.explain_flagged_only) if req.explain else None
+        explain = None
+        if req.explain:
+            explain = Explain(req.top_k, req.explain_flagged_only)
+            if not explain.flagged_only:  # every record explained: the answer's size is known now
+                self._check_answer_size(handle, X.shape[0], explain.top_k)
         return plane.submit(handle, X, ids=req.ids, request_id=req.request_id, explain=explain)
+
+    def _check_answer_size(self, handle: Any, explained: int, top_k: int, n: int | None = None) -> None:
+        """Refuse an explain request whose answer would not fit in one message (the transport's
+        ``--max-message-bytes``), before scoring it rather than failing to send it."""
+        k = top_k or min(DEFAULT_TOP_K, handle.model.n_features)
+        names = handle.model.feature_names
+        name_bytes = max((len(f.encode()) for f in names), default=0) + 2  # the longest name, tag and length
+        per_record = 16 + 10 * k + k * name_bytes  # record index, packed features and contributions, names, framing
+        size = (explained if n is None else n) * 9 + explained * per_record
+        if size > self.max_message_bytes:
+            raise RequestError(
+                f"explain: the answer for {explained} explained records would be about {size / 2**20:.0f} MiB, over the "
+                f"{self.max_message_bytes / 2**20:g} MiB message limit (--max-message-bytes): send fewer records per "
+                "request, ask for a smaller top_k or for explain_flagged_only", reason="too_large")
 
     @staticmethod
     def _add_explanations(resp: pb.ScoreResponse, names: list[str], explanation: tuple[np.ndarray, np.ndarray]) -> None:
@@ -93,6 +112,13 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             ScorerServicer._add_explanations(resp, handle.model.feature_names, result.explanation)
         return resp
 
+    def _encode(self, req: pb.ScoreRequest, result: ScoreResult) -> pb.ScoreResponse:
+        if result.explanation is not None:  # flagged_only: how many are explained is known only now
+            features = result.explanation[0]
+            self._check_answer_size(result.handle, int(np.count_nonzero(features[:, 0] >= 0)), features.shape[1],
+                                    n=result.scores.shape[0])
+        return self._response(req, result)
+
     def _observe(self, method: str, t0: float) -> None:
         if self.metrics is not None:
             self._latency[method].observe(time.perf_counter() - t0)
@@ -102,7 +128,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
     @unary_errors("scoring", count=True)
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:  # noqa: N802 - gRPC name
         t0 = time.perf_counter()
-        response = self._response(request, await self._start(request))
+        response = self._encode(request, await self._start(request))
         self._observe("Score", t0)
         return response
 
@@ -179,7 +205,13 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 if err is not None:
                     yield pb.ScoreResponse(request_id=getattr(req, "request_id", 0), error=message_error(err))
                     continue
-                yield self._response(req, result)
+                try:
+                    response = self._encode(req, result)
+                except RequestError as e:
+                    self.count_error(e)
+                    yield pb.ScoreResponse(request_id=req.request_id, error=message_error(e))
+                    continue
+                yield response
                 self._observe("ScoreStream", t0)
         finally:
             task.cancel()
