@@ -20,7 +20,8 @@ get per-capture generated ids and do not join). Estimates:
 * **latency**: mean and p99 of the captured per-record kernel time of each role.
 
 Gates (defaults in :data:`DEFAULT_GATES`, every one can be switched off with ``None``):
-``min_records`` challenger captures (200), ``min_agreement`` (0.9), ``min_labelled`` labelled
+``min_records`` challenger captures (200), ``min_agreement`` (0.9), ``min_jaccard`` overlap of the
+alerts (0.5), ``min_labelled`` labelled
 flagged records per role (30), ``min_precision_gain`` challenger minus champion precision (0.0: not
 worse), ``max_latency_ratio`` challenger / champion mean latency (1.5). A gate whose inputs are
 missing fails, saying so.
@@ -56,6 +57,10 @@ class Gates:
     """Challenger records captured (the evidence) at least."""
     min_agreement: float | None = 0.9
     """Share of records both flag alike (estimated over the traffic; needs shadow captures) at least."""
+    min_jaccard: float | None = 0.5
+    """Overlap of the two roles' alerts (Jaccard of the flagged id sets) at least. At a 1% alert rate
+    two models can agree on 99% of the traffic while sharing a quarter of their alerts: agreement
+    over the traffic alone says little about the alerts."""
     min_labelled: int | None = 30
     """Labelled flagged records per role at least (for the precision gate)."""
     min_precision_gain: float | None = 0.0
@@ -89,8 +94,10 @@ class Gates:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise InvalidInputError(f"gate {name} must be >= 0; got {v}")
-        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 1.0:
-            raise InvalidInputError(f"gate min_agreement must be in [0, 1]; got {self.min_agreement}")
+        for name in ("min_agreement", "min_jaccard"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v <= 1.0:
+                raise InvalidInputError(f"gate {name} must be in [0, 1]; got {v}")
         return self
 
 
@@ -260,6 +267,9 @@ def check_gates(cmp: Comparison, gates: Gates = DEFAULT_GATES) -> list[GateResul
     gate("min_agreement", cmp.agreement, gates.min_agreement,
          cmp.agreement is not None and gates.min_agreement is not None and cmp.agreement >= gates.min_agreement,
          "agreement unknown: no records captured for both roles with a champion sample (run --rollout shadow)")
+    gate("min_jaccard", cmp.jaccard, gates.min_jaccard,
+         cmp.jaccard is not None and gates.min_jaccard is not None and cmp.jaccard >= gates.min_jaccard,
+         "alert overlap unknown: no records captured for both roles (run --rollout shadow)")
     labelled = min(cmp.champion.labelled_flagged, cmp.challenger.labelled_flagged)
     gate("min_labelled", labelled, gates.min_labelled,
          gates.min_labelled is not None and labelled >= gates.min_labelled, "")

@@ -6,7 +6,7 @@ Forms::
                                  [--feedback-store PATH] [--dry-run] [--json]
     outlierd threshold list      --registry DIR --model NAME [--version V | --alias A] [--json]
     outlierd compare  --registry DIR --model NAME [--feedback-store PATH] [--json]
-    outlierd promote  --registry DIR --model NAME [--gates FILE.json] [--min-records N] [--min-agreement A]
+    outlierd promote  --registry DIR --model NAME [--gates FILE.json] [--min-records N] [--min-agreement A] [--min-jaccard J]
                       [--min-labelled N] [--min-precision-gain G] [--max-latency-ratio L] [--force]
                       [--feedback-store PATH] [--json]
     outlierd rollback --registry DIR --model NAME [--json]
@@ -28,7 +28,7 @@ from outlierd.core.errors import InvalidInputError
 from outlierd.core.registry import CHAMPION
 
 EXIT_GATES_FAILED = 1
-GATE_FLAGS = ("min_records", "min_agreement", "min_labelled", "min_precision_gain", "max_latency_ratio")
+GATE_FLAGS = ("min_records", "min_agreement", "min_jaccard", "min_labelled", "min_precision_gain", "max_latency_ratio")
 
 
 OFF = "off"
@@ -103,6 +103,9 @@ def add_parser(subparsers: Any) -> None:
     pro.add_argument("--min-records", type=_gate_value, metavar="N", help=f"challenger records captured at least (default {d.min_records})")
     pro.add_argument("--min-agreement", type=_gate_value, metavar="A",
                      help=f"share of records flagged alike at least (default {d.min_agreement}; needs shadow captures)")
+    pro.add_argument("--min-jaccard", type=_gate_value, metavar="J",
+                     help=f"overlap of the two roles' alerts (Jaccard of the flagged ids) at least (default {d.min_jaccard}; "
+                          "needs shadow captures)")
     pro.add_argument("--min-labelled", type=_gate_value, metavar="N",
                      help=f"labelled flagged records per role at least (default {d.min_labelled})")
     pro.add_argument("--min-precision-gain", type=_gate_value, metavar="G",

@@ -304,8 +304,14 @@ def test_compare_and_gates_against_references(promo, rng):
     assert all(g.passed for g in results.values()), results
     tight = {g.name: g.passed for g in check_gates(c, Gates(min_agreement=0.999, max_latency_ratio=1.1))}
     assert tight["min_agreement"] is False and tight["max_latency_ratio"] is False and tight["min_precision_gain"] is True
-    off = check_gates(c, Gates(min_agreement=None, max_latency_ratio=None, min_records=None, min_labelled=None))
+    off = check_gates(c, Gates(min_agreement=None, min_jaccard=None, max_latency_ratio=None, min_records=None, min_labelled=None))
     assert [g.name for g in off] == ["min_precision_gain"]
+    # agreement over the traffic says little at a low alert rate: 0.99 with a quarter of the alerts shared fails
+    import dataclasses
+
+    lopsided = {g.name: g for g in check_gates(dataclasses.replace(c, agreement=0.99, jaccard=0.28), Gates())}
+    assert lopsided["min_agreement"].passed and not lopsided["min_jaccard"].passed
+    assert lopsided["min_jaccard"].reason == "0.28 misses 0.5"
     store.close()
 
 
