@@ -38,6 +38,7 @@ from .reload import DevicePolicy, ModelSlot
 from .rollout import ChallengerSlot, Rollout, RolloutMetrics, ShadowScorer
 from .servicer import ScorerServicer, add_to_server
 from .settings import ServeSettings
+from .streams import StreamGuard
 
 log = logging.getLogger("outlierd.server")
 SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["Scorer"].full_name
@@ -196,7 +197,9 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
                       metrics=metrics, capture=capture)
     plane.start()
     servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback,
-                              max_message_bytes=settings.max_message_bytes)
+                              max_message_bytes=settings.max_message_bytes,
+                              streams=StreamGuard(settings.max_streams_per_peer, settings.max_streams_per_connection,
+                                                  settings.stream_idle_s))
     add_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

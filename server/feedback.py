@@ -29,6 +29,7 @@ from outlierd.v1 import scoring_pb2 as pb
 
 from .errors import RequestError, message_error, stream_errors, unary_errors
 from .requests import refuse_undecodable
+from .streams import StreamGuard
 
 log = logging.getLogger("outlierd.feedback")
 STREAM_GROUP = 512  # labels of one stream committed in one transaction at most
@@ -144,6 +145,7 @@ class FeedbackRpcs:
 
     feedback: FeedbackService | None
     plane: Any
+    streams: StreamGuard
 
     def _feedback_service(self) -> FeedbackService:
         if self.feedback is None:
@@ -169,51 +171,70 @@ class FeedbackRpcs:
         # (up to STREAM_GROUP) in one transaction, then acks them all in order. Labels arriving
         # during a commit form the next group: the busier the stream, the larger the groups.
         pending: asyncio.Queue = asyncio.Queue(maxsize=STREAM_GROUP)
+        committing = [False]
+        timer: Any = None
 
         async def reader() -> None:
             try:
                 async for req in request_iterator:
+                    if timer is not None:
+                        timer.touch()
                     await pending.put(req)
             finally:
                 await pending.put(None)
 
-        task = asyncio.get_running_loop().create_task(reader())
-        position = 0  # messages taken so far (an undecodable one is named by its position)
-        try:
-            done = False
-            while not done:
-                first = await pending.get()
-                if first is None:
-                    break
-                group = [first]
-                while len(group) < STREAM_GROUP and not pending.empty():
-                    nxt = pending.get_nowait()
-                    if nxt is None:
-                        done = True
-                        break
-                    group.append(nxt)
-                acks: list[pb.FeedbackAck] = []
-                rows: list[LabelRow] = []
-                slots: list[int] = []
-                for req in group:
-                    position += 1
-                    record_id = getattr(req, "record_id", "")  # "" for a message that did not decode
-                    try:
-                        rows.append(self._label_row(req, f"message {position} of the stream"))
-                        slots.append(len(acks))
-                        acks.append(pb.FeedbackAck(record_id=record_id))
-                    except RequestError as e:
-                        acks.append(pb.FeedbackAck(record_id=record_id, stored=False, error=message_error(e)))
-                if rows:
-                    try:
-                        known = await self._feedback_service().store(rows)
-                    except RequestError as e:
-                        for i in slots:
-                            acks[i].error = message_error(e)
-                    else:
-                        for i, k in zip(slots, known):
-                            acks[i].stored, acks[i].known_record = True, k
-                for ack in acks:
+        with self.streams.admit(context):
+            task = asyncio.get_running_loop().create_task(reader())
+            timer = self.streams.timer(task.cancel, busy=lambda: not pending.empty() or committing[0])
+            try:
+                async for ack in self._feedback_stream(pending, timer, committing):
                     yield ack
-        finally:
-            task.cancel()
+                if timer is not None and timer.fired:
+                    raise timer.closed_error()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                task.cancel()
+
+    async def _feedback_stream(self, pending: asyncio.Queue, timer: Any, committing: list[bool]) -> AsyncIterator[pb.FeedbackAck]:
+        position = 0  # messages taken so far (an undecodable one is named by its position)
+        done = False
+        while not done:
+            first = await pending.get()
+            if first is None:
+                break
+            group = [first]
+            while len(group) < STREAM_GROUP and not pending.empty():
+                nxt = pending.get_nowait()
+                if nxt is None:
+                    done = True
+                    break
+                group.append(nxt)
+            acks: list[pb.FeedbackAck] = []
+            rows: list[LabelRow] = []
+            slots: list[int] = []
+            for req in group:
+                position += 1
+                record_id = getattr(req, "record_id", "")  # "" for a message that did not decode
+                try:
+                    rows.append(self._label_row(req, f"message {position} of the stream"))
+                    slots.append(len(acks))
+                    acks.append(pb.FeedbackAck(record_id=record_id))
+                except RequestError as e:
+                    acks.append(pb.FeedbackAck(record_id=record_id, stored=False, error=message_error(e)))
+            if rows:
+                committing[0] = True  # a slow commit is not idleness
+                try:
+                    known = await self._feedback_service().store(rows)
+                except RequestError as e:
+                    for i in slots:
+                        acks[i].error = message_error(e)
+                else:
+                    for i, k in zip(slots, known):
+                        acks[i].stored, acks[i].known_record = True, k
+                finally:
+                    committing[0] = False
+            if timer is not None:
+                timer.touch()
+            for ack in acks:
+                yield ack

@@ -21,6 +21,7 @@ from .feedback import FeedbackRpcs, FeedbackService
 from .plane import DEFAULT_TOP_K, DataPlane
 from .requests import Undecodable, decode, lenient, refuse_undecodable
 from .results import Explain, ScoreResult
+from .streams import StreamGuard
 
 log = logging.getLogger("outlierd.servicer")
 
@@ -49,9 +50,11 @@ def _packed_scores(scores: np.ndarray, flagged: np.ndarray) -> bytes:
 
 class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
     def __init__(self, plane: DataPlane, *, stream_inflight: int = 8, metrics: Any = None,
-                 feedback: FeedbackService | None = None, max_message_bytes: int = 64 * 1024 * 1024):
+                 feedback: FeedbackService | None = None, max_message_bytes: int = 64 * 1024 * 1024,
+                 streams: StreamGuard | None = None):
         self.plane, self.metrics, self.feedback = plane, metrics, feedback
         self.stream_inflight = stream_inflight
+        self.streams = streams or StreamGuard()
         self.max_message_bytes = max_message_bytes
         self._latency = {m: metrics.request_latency.labels(m) for m in ("Score", "ScoreStream")} if metrics else {}
 
@@ -140,6 +143,11 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
         # the stream goes on.
         # NOTE: a deque and at most one waiting future per side, not an asyncio.Queue: the same
         # order and bound for less event-loop work per message.
+        with self.streams.admit(context):
+            async for response in self._score_stream(request_iterator):
+                yield response
+
+    async def _score_stream(self, request_iterator: AsyncIterator[pb.ScoreRequest]) -> AsyncIterator[pb.ScoreResponse]:
         pending: deque = deque()
         limit = self.stream_inflight
         loop = asyncio.get_running_loop()
@@ -158,6 +166,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 async for req in request_iterator:
                     t0 = time.perf_counter()
                     position += 1
+                    if timer is not None:
+                        timer.touch()
                     fut = None
                     entry: tuple[Any, float, asyncio.Future | None, BaseException | None]
                     try:
@@ -183,6 +193,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                 wake(0)
 
         task = loop.create_task(reader())
+        # an idle stream (no message, nothing unanswered) is closed: its reader stops, then it ends
+        timer = self.streams.timer(task.cancel, busy=lambda: bool(pending))
         try:
             while True:
                 if not pending:
@@ -202,6 +214,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                     except Exception as e:  # a scoring failure answers this message, not the stream
                         self.count_error(e)
                         err = e
+                if timer is not None:
+                    timer.touch()
                 if err is not None:
                     yield pb.ScoreResponse(request_id=getattr(req, "request_id", 0), error=message_error(err))
                     continue
@@ -213,7 +227,11 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
                     continue
                 yield response
                 self._observe("ScoreStream", t0)
+            if timer is not None and timer.fired:
+                raise timer.closed_error()
         finally:
+            if timer is not None:
+                timer.cancel()
             task.cancel()
             for entry in pending:  # a cancelled stream frees its queued work
                 if entry is not None and entry[2] is not None:

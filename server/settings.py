@@ -54,6 +54,14 @@ class ServeSettings:
     """Transport cap on a message's size (gRPC answers RESOURCE_EXHAUSTED beyond it)."""
     stream_inflight: int = 8
     """Messages of one stream scored concurrently (responses still come in order)."""
+    stream_idle_s: float = 300.0
+    """A stream (ScoreStream, SubmitFeedbackStream) with no message and nothing unanswered for this
+    long is closed with UNAVAILABLE, so idle streams cannot hold the concurrent-RPC capacity (0: never)."""
+    max_streams_per_peer: int = 1024
+    """Open streams from one client address at most; beyond it a new stream is RESOURCE_EXHAUSTED
+    (unary calls and other clients keep the rest of --max-concurrent-rpcs)."""
+    max_streams_per_connection: int = 256
+    """Open streams on one connection (channel) at most; beyond it a new stream is RESOURCE_EXHAUSTED."""
     reload_interval_s: float = 0.25
     """How often workers check the alias."""
     grace_s: float = 10.0
@@ -129,7 +137,7 @@ class ServeSettings:
 
     def validate(self) -> None:
         for name in ("workers", "threads", "max_batch", "max_queue_records", "max_request_records", "stream_inflight",
-                     "max_concurrent_rpcs", "drift_window_panes"):
+                     "max_concurrent_rpcs", "drift_window_panes", "max_streams_per_peer", "max_streams_per_connection"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.device not in ("cpu", "cuda", "auto"):
@@ -146,6 +154,8 @@ class ServeSettings:
             raise InvalidInputError(f"--split-key must be id or request; got {self.split_key!r}")
         if not 0.0 <= self.capture_sample <= 1.0:
             raise InvalidInputError(f"--capture-sample must be in [0, 1]; got {self.capture_sample}")
+        if not self.stream_idle_s >= 0:
+            raise InvalidInputError(f"--stream-idle-s must be >= 0 (0: never); got {self.stream_idle_s}")
         if self.max_delay_us < 0:
             raise InvalidInputError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
         if self.workers > 1 and self.port == 0:
