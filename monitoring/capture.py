@@ -194,6 +194,7 @@ class CaptureWriter:
         # totals in records (also in the metrics; kept here for callers without metrics)
         self.captured = 0
         self.dropped = 0
+        self.pruned = 0  # predictions deleted by the capture process's retention
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -317,14 +318,20 @@ class CaptureWriter:
         return self
 
     @classmethod
-    def in_process(cls, path: str | os.PathLike, **kw: Any) -> CaptureWriter:
+    def in_process(cls, path: str | os.PathLike, *, retention: Any = None, **kw: Any) -> CaptureWriter:
         """A writer whose store is the SQLite file ``path`` written by a child process
-        (:mod:`monitoring.capture_proc`): the server's default, so SQLite never holds its GIL."""
+        (:mod:`monitoring.capture_proc`): the server's default, so SQLite never holds its GIL.
+        ``retention``: a :class:`~monitoring.capture_proc.Retention` the child enforces."""
         from .capture_proc import ProcessStore
 
         writer = cls(StoreOpener(path), **kw)  # the opener is never opened here: the child opens the file
-        writer._process = ProcessStore(path, writer._on_result)
+        writer._process = ProcessStore(path, writer._on_result, retention=retention, on_pruned=writer._on_pruned)
         return writer
+
+    def _on_pruned(self, n: int) -> None:
+        self.pruned += n
+        if self.metrics is not None:
+            self.metrics.capture_pruned.inc(n)
 
     def _on_result(self, model: str, role: str, n: int, error: str | None) -> None:
         # from the child's status reader: the outcome of one transaction

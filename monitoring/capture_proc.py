@@ -28,7 +28,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -93,6 +95,31 @@ def record_ids(h: dict, local: np.ndarray) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class Retention:
+    """How long captured predictions are kept, enforced by the capture process between frames (off
+    the server's hot path), at most every ``every_s``: older than ``max_age_s``, or beyond
+    ``max_bytes`` of store, the oldest unlabelled predictions are deleted (0: no such bound)."""
+
+    max_age_s: float = 0.0
+    max_bytes: int = 0
+    every_s: float = 60.0
+
+    def argv(self) -> list[str]:
+        return ["--max-age-s", repr(float(self.max_age_s)), "--max-bytes", str(int(self.max_bytes)),
+                "--prune-every-s", repr(float(self.every_s))]
+
+    @classmethod
+    def from_argv(cls, args: Sequence[str]) -> Retention:
+        values = dict(zip(args[::2], args[1::2]))
+        return cls(float(values.get("--max-age-s", 0)), int(values.get("--max-bytes", 0)), float(values.get("--prune-every-s", 60)))
+
+    def apply(self, store: Any) -> int:
+        if not self.max_age_s and not self.max_bytes:
+            return 0
+        return int(store.prune(self.max_age_s or None, self.max_bytes or None))
+
+
 class ProcessStore:
     """The write side of the capture store, in a child process (see the module docstring).
 
@@ -100,9 +127,12 @@ class ProcessStore:
     that is the writer thread waiting, never scoring). ``on_result(model, role, n, error)`` is called
     from the reader thread for every frame, with ``error`` None once the rows are stored."""
 
-    def __init__(self, path: str | os.PathLike, on_result: Callable[[str, str, int, str | None], None]):
+    def __init__(self, path: str | os.PathLike, on_result: Callable[[str, str, int, str | None], None], *,
+                 retention: Retention | None = None, on_pruned: Callable[[int], None] | None = None):
         self.path = Path(path)
         self.on_result = on_result
+        self.retention = retention or Retention()
+        self.on_pruned = on_pruned
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
         self._lock = threading.Condition()
@@ -176,7 +206,8 @@ class ProcessStore:
         env = dict(os.environ)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child keeps no metrics; the parent counts its answers
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "outlierd.monitoring.capture_proc", str(self.path)], stdin=subprocess.PIPE,
+            proc = subprocess.Popen([sys.executable, "-m", "outlierd.monitoring.capture_proc", str(self.path), *self.retention.argv()],
+                                    stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, env=env, bufsize=1 << 20)
         except OSError as e:
             self._failed_at = time.monotonic()
@@ -204,6 +235,10 @@ class ProcessStore:
             try:
                 msg = json.loads(line)
             except ValueError:
+                continue
+            if "pruned" in msg:  # the child's retention pass
+                if self.on_pruned is not None:
+                    self.on_pruned(int(msg["pruned"]))
                 continue
             with self._lock:
                 entry = self._pending.pop(int(msg.get("seq", -1)), None)
@@ -273,14 +308,27 @@ def main(argv: list[str] | None = None) -> int:
     from .store import StoreOpener
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m monitoring.capture_proc STORE_PATH", file=sys.stderr)
+    if not args or len(args) % 2 != 1:
+        print("usage: python -m outlierd.monitoring.capture_proc STORE_PATH [--max-age-s S] [--max-bytes N] [--prune-every-s S]",
+              file=sys.stderr)
         return 2
     _lower_priority()
     opener = StoreOpener(args[0])
+    retention = Retention.from_argv(args[1:])
+    pruned_at = -float("inf")
     src, out = sys.stdin.buffer, sys.stdout
     try:
         while True:
+            if time.monotonic() - pruned_at >= retention.every_s:  # between frames: the server never waits for it
+                pruned_at = time.monotonic()
+                try:
+                    n = retention.apply(opener.get())
+                except Exception as e:  # retention must never stop capture; the next pass tries again
+                    print(f"outlierd capture: retention failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    n = 0
+                if n:
+                    out.write(json.dumps({"pruned": n}) + "\n")
+                    out.flush()
             prefix = _read_exactly(src, _PREFIX.size)
             if prefix is None:
                 return 0

@@ -47,6 +47,8 @@ class ServiceMetrics:
         self.drift = DriftGauges(registry)
         # Prediction capture (monitoring.capture) and reviewers' feedback (server.feedback)
         self.captured = Counter("outlierd_captured_total", "Scored records written to the feedback store.", ["model", "role"], **kw)
+        self.capture_pruned = Counter("outlierd_capture_pruned_total",
+                                      "Captured predictions deleted by retention (by age or store size; labelled ones are kept).", **kw)
         self.capture_dropped = Counter("outlierd_capture_dropped_total",
                                        "Records that should have been captured and were not, by reason (queue_full, write_error).",
                                        ["model", "reason"], **kw)

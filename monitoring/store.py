@@ -38,6 +38,7 @@ ROLES = (CHAMPION, CHALLENGER)
 DEFAULT_FILENAME = "feedback.sqlite"
 BUSY_TIMEOUT_MS = 10_000
 SCHEMA_VERSION = 2
+PRUNE_CHUNK = 20_000  # predictions visited per retention transaction
 INSERT_ROWS = 128  # captured records per INSERT statement (6 parameters each)
 
 
@@ -169,7 +170,7 @@ CREATE TABLE IF NOT EXISTS capture_batches (  -- what the rows of one write shar
     ts REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS predictions (  -- one row per captured record, lean: this is written for every capture
-    id INTEGER PRIMARY KEY,    -- the rowid: capture order (rows are never deleted, and AUTOINCREMENT costs a write per insert)
+    id INTEGER PRIMARY KEY,    -- the rowid: capture order (pruning deletes the oldest, and AUTOINCREMENT would cost a write per insert)
     batch INTEGER NOT NULL REFERENCES capture_batches (id),
     record_id TEXT NOT NULL,
     score REAL NOT NULL,
@@ -363,6 +364,59 @@ class SQLiteStore:
             conn.executemany("INSERT INTO labels (model, record_id, label, reviewer, note, ts) VALUES (?, ?, ?, ?, ?, ?)",
                              [(model, r.record_id, r.label, r.reviewer or "", r.note or "", r.ts or now) for r in rows])
         return known
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def live_bytes(self) -> int:
+        """Bytes of the file in use (free pages, which new rows reuse, not counted)."""
+        conn = self._conn()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages * conn.execute("PRAGMA page_size").fetchone()[0])
+
+    def prune(self, max_age_s: float | None = None, max_bytes: int | None = None, *, now: float | None = None,
+              chunk: int = PRUNE_CHUNK) -> int:
+        """Delete captured predictions, oldest first, that are older than ``max_age_s`` or while
+        the store holds more than ``max_bytes``; never a prediction whose record id carries a label
+        (labelled records and their predictions are what recalibration and retraining learn
+        from). Short transactions of at most ``chunk`` rows, so capture and labels never wait
+        long. Returns the number of predictions deleted. The file stops growing rather than
+        shrinking: freed pages are reused by new captures."""
+        cutoff = None if max_age_s is None else (time.time() if now is None else now) - max_age_s
+        deleted = 0
+        conn = self._conn()
+        after = -1  # the walk's position: predictions are visited in capture (rowid) order
+        kept: set[int] = set()  # batches that keep a labelled prediction
+        while True:
+            over = max_bytes is not None and self.live_bytes() > max_bytes
+            if cutoff is None and not over:
+                break
+            rows = conn.execute(
+                "SELECT p.id, p.batch, b.ts, EXISTS (SELECT 1 FROM labels AS l WHERE l.model = b.model AND "
+                "l.record_id = p.record_id) FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch "
+                "WHERE p.id > ? ORDER BY p.id LIMIT ?", (after, chunk)).fetchall()
+            doomed: list[tuple[int]] = []
+            seen: list[int] = []  # batches visited, in order (a batch's rows are contiguous and share its ts)
+            stop = len(rows) < chunk  # the end of the table: every batch visited is complete
+            for pid, batch, ts, labelled in rows:
+                if not over and (cutoff is None or ts >= cutoff):
+                    stop = True  # young enough, and the store is within its size: done
+                    break
+                after = pid
+                if not seen or seen[-1] != batch:
+                    seen.append(batch)
+                if labelled:
+                    kept.add(batch)
+                else:
+                    doomed.append((pid,))
+            if not stop and seen:
+                seen.pop()  # may go on in the next chunk
+            with self._write(conn, durable=False):
+                conn.executemany("DELETE FROM predictions WHERE id = ?", doomed)
+                conn.executemany("DELETE FROM capture_batches WHERE id = ?", [(b,) for b in seen if b not in kept])
+            deleted += len(doomed)
+            if stop:
+                break
+        return deleted
 
     # -- reads -------------------------------------------------------------------------------
 

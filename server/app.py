@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from outlierd.core.registry import Registry
 from outlierd.monitoring.capture import CaptureWriter
+from outlierd.monitoring.capture_proc import Retention
 from outlierd.monitoring.drift import reference_for
 from outlierd.monitoring.metrics import ServiceMetrics
 from outlierd.monitoring.store import StoreOpener, default_store_path, open_store
@@ -165,7 +166,8 @@ async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | Non
         # the store's file is written by a child process (SQLite off this process's GIL); a store
         # object handed in (tests) is written by the writer thread itself
         capture = (CaptureWriter(opener, sample_rate=settings.capture_sample, metrics=metrics) if store is not None else
-                   CaptureWriter.in_process(path, sample_rate=settings.capture_sample, metrics=metrics)).start()
+                   CaptureWriter.in_process(path, sample_rate=settings.capture_sample, metrics=metrics,
+                                            retention=Retention(settings.capture_max_age_s, settings.capture_max_bytes))).start()
     return capture, FeedbackService(opener, settings.model, metrics, capture=capture)
 
 

@@ -99,6 +99,10 @@ class ServeSettings:
     Feedback RPCs store labels either way."""
     capture_sample: float = 0.01
     """Share of unflagged records captured (the random sample that estimates recall from labels)."""
+    capture_max_age_s: float = 7 * 24 * 3600.0
+    """Captured predictions older than this are deleted, labelled ones kept (0: kept forever)."""
+    capture_max_bytes: int = 4 * 1024**3
+    """The capture store's size bound: beyond it the oldest unlabelled predictions are deleted (0: none)."""
     feedback_store: Path | None = None
     """Feedback store (SQLite file) for captures and labels; default: feedback.sqlite in the registry directory."""
     tls_cert: Path | None = field(default=None, metadata={"metavar": "PEM"})
@@ -156,6 +160,8 @@ class ServeSettings:
             raise InvalidInputError(f"--capture-sample must be in [0, 1]; got {self.capture_sample}")
         if not self.stream_idle_s >= 0:
             raise InvalidInputError(f"--stream-idle-s must be >= 0 (0: never); got {self.stream_idle_s}")
+        if self.capture_max_age_s < 0 or self.capture_max_bytes < 0:
+            raise InvalidInputError("--capture-max-age-s and --capture-max-bytes must be >= 0 (0: no bound)")
         if self.max_delay_us < 0:
             raise InvalidInputError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
         if self.workers > 1 and self.port == 0:
