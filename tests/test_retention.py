@@ -90,7 +90,7 @@ def test_the_capture_process_enforces_it_and_counts(tmp_path):
     writer = CaptureWriter.in_process(path, sample_rate=1.0, metrics=metrics, retention=Retention(max_age_s=DAY, every_s=0.0)).start()
     try:
         X = np.random.default_rng(0).standard_normal((10, D)).astype(np.float32)
-        writer.capture_batch(H, "champion", X, np.zeros(10), 1.0, ((["new-%d" % i for i in range(10)], 1),))
+        writer.capture_batch(H, "champion", X, np.zeros(10), 1.0, (([f"new-{i}" for i in range(10)], 1),))
         assert writer.flush(30)
         deadline = time.monotonic() + 30
         while writer.pruned < 99:
