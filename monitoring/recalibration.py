@@ -10,8 +10,15 @@ Two targets (scores: higher = more anomalous; a record is flagged when ``score >
   total (with every weight 1 it is the ``ceil(R * n)``-th highest score, as at training time).
 * **precision** ``P``: labels joined with the version's captured scores (latest label and latest
   capture per record id); the threshold is the lowest labelled score ``t`` at which the precision of
-  the labelled records scoring ``>= t`` is at least ``P`` (precision is not monotonic in ``t``, so
-  every candidate is checked).
+  the records scoring ``>= t`` is at least ``P`` (precision is not monotonic in ``t``, so every
+  candidate is checked), with at least ``min_support`` labelled records at or above it. Labelled
+  records are not a random sample of the traffic: reviewers label alerts, and an unflagged record is
+  captured with probability ``sample_rate`` only. So each labelled record is weighted by the inverse
+  of its chance to be there: its capture weight (1 flagged, ``1 / sample_rate`` sampled) times
+  captured over labelled records of its stratum (flagged / sampled). Plain precision over the
+  labelled records overstated it badly (0.3 asked, 0.13 real, 53% of traffic flagged). The result
+  carries a 90% Wilson interval on the effective number of records; a threshold whose estimated
+  alert rate is far above the current one is refused unless forced.
 
 The result is published as a new threshold version of the model version
 (:meth:`core.registry.Registry.publish_threshold`); serving workers pick it up without reloading.
@@ -37,6 +44,10 @@ MIN_ALERTS = 10       # alert rate: the weighted sample must hold at least this 
 MIN_RECORDS = 100     # alert rate: captured records (flagged + sampled) at least
 MIN_LABELS = 30       # precision: labelled records with a captured score at least
 MIN_POSITIVES = 5     # precision: labelled anomalies at least
+MIN_SUPPORT = 20      # precision: labelled records at or above the threshold at least
+ALERT_RATE_JUMP = 3.0  # precision: refuse (unless forced) a threshold flagging this many times the current rate ...
+ALERT_RATE_SLACK = 0.01  # ... and this much more of the traffic
+Z90 = 1.6448536269514722  # two-sided 90% normal quantile
 
 
 @dataclass
@@ -58,6 +69,9 @@ class Calibration:
     labelled: int               # labelled records used (precision method; 0 otherwise)
     threshold_version: int | None = None  # set once published
     notes: list[str] = field(default_factory=list)
+    precision_ci: tuple[float, float] | None = None  # 90% interval of the precision estimate (precision method)
+    current_alert_rate: float | None = None  # estimated at the threshold in force, on the same captures
+    refused: str | None = None  # why publishing it needs --force (a far higher alert rate); None: fine
 
     def info(self) -> dict[str, Any]:
         """What goes into the threshold version's record (besides the value)."""
@@ -137,6 +151,52 @@ def precision_threshold(scores: np.ndarray, y: np.ndarray, precision: float) -> 
     return float(uniq[i]), float(prec[i]), int(n[i])
 
 
+def wilson(p: float, n_eff: float, z: float = Z90) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``p`` estimated from ``n_eff`` (effective) records."""
+    if n_eff <= 0:
+        return 0.0, 1.0
+    d = 1 + z * z / n_eff
+    centre = (p + z * z / (2 * n_eff)) / d
+    half = z * math.sqrt(max(p * (1 - p) / n_eff + z * z / (4 * n_eff * n_eff), 0.0)) / d
+    # the interval contains p (a Wilson property): keep it so through rounding, e.g. at p = 1
+    return max(0.0, min(centre - half, p)), min(1.0, max(centre + half, p))
+
+
+def weighted_precision_threshold(scores: np.ndarray, y: np.ndarray, w: np.ndarray, precision: float,
+                                 min_support: int = MIN_SUPPORT) -> tuple[float, float, int, tuple[float, float]]:
+    """The lowest ``t`` among ``scores`` with at least ``min_support`` records at or above it whose
+    weighted precision (``sum(w * y) / sum(w)`` over records scoring ``>= t``) is at least
+    ``precision``: ``(t, precision at t, records at or above t, 90% interval)``. With unit weights
+    and ``min_support`` 1 it is :func:`precision_threshold`. Raises ``InvalidInputError`` when no
+    threshold reaches it."""
+    precision = float(precision)
+    if not math.isfinite(precision) or not 0.0 < precision <= 1.0:
+        raise InvalidInputError(f"precision target must be in (0, 1]; got {precision}")
+    s = np.asarray(scores, dtype=np.float64)
+    yb = np.asarray(y).astype(bool)
+    w = np.asarray(w, dtype=np.float64)
+    if s.size == 0:
+        raise InvalidInputError("no labelled records with captured scores")
+    if not np.all(np.isfinite(s)):
+        raise InvalidInputError(f"labelled records' scores hold {int(np.count_nonzero(~np.isfinite(s)))} non-finite values")
+    uniq, inv = np.unique(s, return_inverse=True)  # ascending
+    rev = slice(None, None, -1)
+    tp = np.cumsum(np.bincount(inv, weights=w * yb, minlength=uniq.size)[rev])[rev]  # weight of anomalies >= uniq[i]
+    tot = np.cumsum(np.bincount(inv, weights=w, minlength=uniq.size)[rev])[rev]
+    sq = np.cumsum(np.bincount(inv, weights=w * w, minlength=uniq.size)[rev])[rev]
+    n = np.cumsum(np.bincount(inv, minlength=uniq.size)[rev])[rev]
+    prec = tp / tot
+    ok = np.flatnonzero((prec >= precision - 1e-12) & (n >= min_support))
+    if ok.size == 0:
+        supported = n >= min_support
+        best = int(np.argmax(np.where(supported, prec, -1.0))) if supported.any() else int(np.argmax(prec))
+        raise InvalidInputError(f"precision {precision:g} is not reachable on the labelled records with at least {min_support} "
+                                f"of them at or above the threshold: the best is {prec[best]:.4f} (at threshold "
+                                f"{uniq[best]:.6g}, {int(n[best])} labelled records)")
+    i = int(ok[0])
+    return float(uniq[i]), float(prec[i]), int(n[i]), wilson(float(prec[i]), float(tot[i] ** 2 / sq[i]))
+
+
 def _latest_per_id(ids: list[str], *cols: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
     """Keep the last row of each id (capture order), in first-seen order of those last rows."""
     last: dict[str, int] = {}
@@ -147,7 +207,8 @@ def _latest_per_id(ids: list[str], *cols: np.ndarray) -> tuple[list[str], list[n
 
 
 def calibrate(registry: Registry, store: Any, model: str, ref: int | str = CHAMPION, *, alert_rate: float | None = None,
-              precision: float | None = None, min_records: int = MIN_RECORDS, min_labels: int = MIN_LABELS) -> Calibration:
+              precision: float | None = None, min_records: int = MIN_RECORDS, min_labels: int = MIN_LABELS,
+              min_support: int = MIN_SUPPORT) -> Calibration:
     """Compute a new threshold for version ``ref`` of ``model`` from the captures and labels in
     ``store`` (a :class:`monitoring.store.Store`); exactly one of ``alert_rate`` / ``precision``.
     Nothing is published: see :func:`publish`. Raises ``InvalidInputError`` (a ``ValueError``) with the reason when the data
@@ -186,23 +247,47 @@ def calibrate(registry: Registry, store: Any, model: str, ref: int | str = CHAMP
     latest: dict[str, str] = {}
     for row in labels:  # arrival order: the last label of a record wins
         latest[row.record_id] = row.label
-    by_id = dict(zip(ids, score))
-    joined = [(by_id[rid], lab == ANOMALY) for rid, lab in latest.items() if rid in by_id]
+    position = {rid: i for i, rid in enumerate(ids)}
+    joined = [(position[rid], lab == ANOMALY) for rid, lab in latest.items() if rid in position]
     if len(joined) < min_labels:
         raise InvalidInputError(f"not enough labels for a precision target: {len(joined)} labelled records of {model!r} version "
                                 f"{version} have a captured score (need {min_labels}; {len(latest)} labelled ids in all)")
-    s = np.array([j[0] for j in joined])
+    at = np.array([j[0] for j in joined], dtype=np.int64)
     y = np.array([j[1] for j in joined])
     if int(y.sum()) < MIN_POSITIVES:
         raise InvalidInputError(f"not enough labelled anomalies for a precision target: {int(y.sum())} (need {MIN_POSITIVES})")
-    t, p, k = precision_threshold(s, y, precision)
+    unflagged = sampled & ~flagged
     try:
-        w = weights_of(flagged, sampled, rate)
-        est: float | None = float(w[score >= t].sum() / w.sum()) if np.any(sampled & ~flagged) else None
-    except ValueError:  # sample rates unknown: no estimate of the alert rate
-        est = None
+        capture_w: np.ndarray | None = weights_of(flagged, sampled, rate)
+    except ValueError:  # sample rates unknown: labelled records count alike, and no alert rate estimate
+        capture_w = None
+        notes.append("sample rates unknown: labelled records are not weighted (precision may be overstated)")
+    lw = np.ones(at.size)
+    if capture_w is not None:
+        # inverse chance to be labelled: capture weight x captured / labelled records of its stratum
+        lw = capture_w[at].copy()
+        for stratum in (flagged, unflagged):
+            in_stratum = stratum[at]
+            if in_stratum.any():
+                lw[in_stratum] *= np.count_nonzero(stratum) / np.count_nonzero(in_stratum)
+        if not unflagged[at].any() and unflagged.any():
+            notes.append("no labelled sampled (unflagged) records: below the capture-time threshold precision cannot be "
+                         "estimated, so only thresholds at or above every unflagged capture are considered")
+            floor = float(score[unflagged].max())
+            keep = score[at] > floor
+            at, y, lw = at[keep], y[keep], lw[keep]
+    t, p, k, ci = weighted_precision_threshold(score[at], y, lw, precision, min_support)
+    est = cur = None
+    refused = None
+    if capture_w is not None and unflagged.any():
+        est = float(capture_w[score >= t].sum() / capture_w.sum())
+        cur = float(capture_w[score >= previous].sum() / capture_w.sum())
+        if est > ALERT_RATE_JUMP * cur and est - cur > ALERT_RATE_SLACK:
+            refused = (f"the new threshold would flag about {est:.2%} of the traffic, {est / max(cur, 1e-12):.1f}x the "
+                       f"{cur:.2%} flagged now: check the labels, or publish it anyway with --force")
     return Calibration(model, version, "precision", precision, t, previous, prev_n, est, p, k, len(ids),
-                       int(np.count_nonzero(sampled)), len(joined), notes=notes)
+                       int(np.count_nonzero(sampled)), len(joined), notes=notes, precision_ci=ci, current_alert_rate=cur,
+                       refused=refused)
 
 
 def publish(registry: Registry, cal: Calibration, store_path: str | os.PathLike | None = None) -> int:

@@ -64,7 +64,7 @@ def add_parser(subparsers: Any) -> None:
                                            "calibration is published as a threshold version (1, 2, 3 ...) beside the "
                                            "immutable artifact (whose own threshold is version 0); serving workers pick it "
                                            "up within a second, without reloading the model.")
-    tsub = th.add_subparsers(dest="threshold_command", metavar="{calibrate,list}", required=True)
+    tsub = th.add_subparsers(dest="threshold_command", metavar="{calibrate,list,use}", required=True)
     cal = tsub.add_parser("calibrate", help="compute a threshold from captured scores / labels and publish it",
                           description="--alert-rate R: the threshold flagging a share R of the captured live traffic "
                                       "(sampled captures weighted by their inverse sample rate). --precision P: the lowest "
@@ -77,7 +77,19 @@ def add_parser(subparsers: Any) -> None:
     target.add_argument("--alert-rate", type=float, metavar="R", help="share of live records to flag, in (0, 1)")
     target.add_argument("--precision", type=float, metavar="P", help="precision target among labelled records, in (0, 1]")
     cal.add_argument("--dry-run", action="store_true", help="compute and print, publish nothing")
+    cal.add_argument("--force", action="store_true",
+                     help="publish even a threshold whose estimated alert rate is far above the current one")
     cal.set_defaults(func=_run_calibrate)
+
+    use = tsub.add_parser("use", help="go back to an earlier threshold version (published again as the newest)",
+                          description="Publish the value of threshold version N (0: the artifact's own) of a model version "
+                                      "as its next threshold version: serving workers pick it up within a second.")
+    common(use, store=False)
+    ref = use.add_mutually_exclusive_group()
+    ref.add_argument("--version", metavar="V", help="model version number")
+    ref.add_argument("--alias", metavar="A", help="alias (default champion)")
+    use.add_argument("threshold_version", type=int, metavar="N", help="the threshold version to use again")
+    use.set_defaults(func=_run_use)
 
     ls = tsub.add_parser("list", help="the threshold versions of a model version")
     common(ls, store=False)
@@ -152,6 +164,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         cal = calibrate(reg, store, args.model, _ref(args), alert_rate=args.alert_rate, precision=args.precision)
     finally:
         store.close()
+    if cal.refused is not None and not args.force and not args.dry_run:
+        raise InvalidInputError(f"threshold {cal.threshold:.6g} not published: {cal.refused} (--dry-run shows it all)")
     if not args.dry_run:
         publish(reg, cal, path)
     if args.json:
@@ -162,12 +176,38 @@ def _run_calibrate(args: argparse.Namespace) -> int:
           f"(was {cal.previous:.6g}, threshold version {cal.previous_threshold_version})")
     if cal.estimated_alert_rate is not None:
         print(f"  estimated alert rate on captured traffic {cal.estimated_alert_rate:.4f}")
+    if cal.current_alert_rate is not None:
+        print(f"  estimated alert rate at the threshold in force {cal.current_alert_rate:.4f}")
     if cal.precision is not None:
-        print(f"  precision on labelled records {cal.precision:.4f} ({cal.flagged_labelled} of {cal.labelled} labelled at or above)")
+        ci = f", 90% interval {cal.precision_ci[0]:.3f}-{cal.precision_ci[1]:.3f}" if cal.precision_ci else ""
+        print(f"  estimated precision {cal.precision:.4f}{ci} ({cal.flagged_labelled} of {cal.labelled} labelled records at "
+              "or above, weighted by their chance to be captured and labelled)")
+    if cal.refused is not None:
+        print(f"  refused unless --force: {cal.refused}")
     print(f"  from {cal.records} captured records ({cal.sampled} sampled)")
     for note in cal.notes:
         print(f"  note: {note}")
     print("  dry run: nothing published" if args.dry_run else f"  published as threshold version {cal.threshold_version}")
+    return 0
+
+
+def _run_use(args: argparse.Namespace) -> int:
+    reg = _registry(args)
+    version = reg.resolve(args.model, _ref(args))
+    own = float(reg.get(args.model, version)["manifest"]["threshold"])
+    values = {0: own, **{int(r["threshold_version"]): float(r["threshold"]) for r in reg.thresholds(args.model, version)}}
+    if args.threshold_version not in values:
+        raise InvalidInputError(f"{args.model} version {version} has no threshold version {args.threshold_version}; it has "
+                                f"{', '.join(map(str, sorted(values)))} (outlierd threshold list)")
+    value = values[args.threshold_version]
+    n = reg.publish_threshold(args.model, version, value, {"method": "use", "from_threshold_version": args.threshold_version,
+                                                           "tool": "outlierd threshold use"})
+    if args.json:
+        print(json.dumps({"model": args.model, "version": version, "threshold": value, "threshold_version": n,
+                          "from_threshold_version": args.threshold_version}, indent=2, sort_keys=True))
+        return 0
+    print(f"{args.model} version {version}: threshold {value:.6g} (threshold version {args.threshold_version}) published again "
+          f"as threshold version {n}")
     return 0
 
 

@@ -27,7 +27,7 @@ from outlierd.server.app import start_worker
 from outlierd.server.client import request
 from outlierd.server.settings import ServeSettings
 from outlierd.training import export_sklearn
-from outlierd.monitoring.recalibration import alert_rate_threshold, calibrate, precision_threshold
+from outlierd.monitoring.recalibration import alert_rate_threshold, calibrate, precision_threshold, weighted_precision_threshold
 
 D = 6
 
@@ -167,13 +167,33 @@ def test_alert_rate_calibration_on_captured_traffic(tmp_path, reg_dir, rng):
     store.close()
 
 
-def _brute_precision(scores: np.ndarray, y: np.ndarray, P: float) -> float | None:
+def _brute_precision(scores: np.ndarray, y: np.ndarray, P: float, w: np.ndarray | None = None, min_support: int = 1) -> float | None:
+    """The lowest threshold whose (weighted) precision over the records at or above it reaches P."""
+    w = np.ones(scores.size) if w is None else w
     best = None
     for t in sorted(set(scores.tolist())):
         sel = scores >= t
-        if y[sel].mean() >= P and (best is None or t < best):
+        if sel.sum() >= min_support and (w[sel] * y[sel]).sum() / w[sel].sum() >= P - 1e-12 and (best is None or t < best):
             best = t
     return best
+
+
+def test_weighted_precision_threshold_against_brute_force(rng):
+    for _ in range(20):
+        n = int(rng.integers(30, 300))
+        scores = np.round(rng.normal(size=n), 1)  # ties on purpose
+        y = rng.random(n) < 1 / (1 + np.exp(-3 * scores))
+        w = np.where(rng.random(n) < 0.5, 1.0, rng.uniform(1, 50, size=n))
+        P, support = float(rng.uniform(0.5, 0.95)), int(rng.integers(1, 20))
+        ref = _brute_precision(scores, y, P, w, support)
+        if ref is None:
+            with pytest.raises(ValueError, match="not reachable"):
+                weighted_precision_threshold(scores, y, w, P, support)
+            continue
+        t, prec, k, (lo, hi) = weighted_precision_threshold(scores, y, w, P, support)
+        sel = scores >= t
+        assert t == ref and k == int(sel.sum()) >= support
+        assert prec == pytest.approx((w[sel] * y[sel]).sum() / w[sel].sum()) and lo <= prec <= hi
 
 
 def test_precision_threshold_against_brute_force(rng):
@@ -209,11 +229,15 @@ def test_precision_calibration_from_labels(tmp_path, reg_dir, rng):
     rows.append(LabelRow("never-captured", "anomaly"))
     store.add_labels("m", rows)
     P = 0.8
-    ref = _brute_precision(s, truth, P)
+    # every captured record is labelled: a record's weight is its capture weight (1 flagged, 1 / 0.05 sampled)
+    w = np.where(s >= model.threshold, 1.0, 1 / 0.05)
+    ref = _brute_precision(s, truth, P, w, min_support=20)
     assert ref is not None
     cal = calibrate(reg, store, "m", 2, precision=P)
     assert cal.threshold == ref and cal.method == "precision" and cal.labelled == len(ids)
-    assert cal.precision == pytest.approx(truth[s >= ref].mean())
+    sel = s >= ref
+    assert cal.precision == pytest.approx((w[sel] * truth[sel]).sum() / w[sel].sum())
+    assert cal.precision_ci[0] <= cal.precision <= cal.precision_ci[1]
     # relabelled: 6 anomalies in the lower half of the scores, the rest normal: 0.99 is out of reach
     low = np.flatnonzero(s < np.median(s))
     anomalies = set(rng.choice(low, size=6, replace=False).tolist())
@@ -272,6 +296,55 @@ def test_cli_calibrate_and_list(tmp_path, data, rng):
                       (("--alert-rate", "0.05", "--feedback-store", str(tmp_path / "none.sqlite")), "no feedback store")):
         bad = run_cli("threshold", "calibrate", *common, *args)
         assert bad.returncode == 2 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_cli_precision_is_not_overstated_by_labels_on_alerts(tmp_path, data, rng):
+    # Reviewers label every alert but only some of the 1% sample of the rest: over the labelled
+    # records, precision below the alert threshold looks far better than it is on the traffic.
+    # The calibrated threshold's precision on the whole traffic (ground truth known here) must
+    # meet the target within its interval; plain precision over the labels misses it badly.
+    reg = _fresh_registry(tmp_path, data)
+    model = load_model(reg.path("m", 1))
+    X = rng.normal(size=(60_000, D)) * rng.uniform(0.9, 1.6, size=(60_000, 1))
+    scores = model.score(X)
+    t0 = float(np.quantile(scores, 0.98))  # the threshold in force flags 2% of the traffic
+    reg.publish_threshold("m", 1, t0)
+    truth = rng.random(scores.size) < 0.9 / (1 + np.exp(-60 * (scores - t0)))
+    store = open_store(reg.root / "feedback.sqlite")
+    ids, keep = _capture(store, "m", 1, X, scores, t0, 0.01, rng)
+    s, y = scores[keep], truth[keep]
+    flagged = s >= t0
+    labelled = flagged | (rng.random(s.size) < 0.6)  # every alert, 60% of the sampled others
+    store.add_labels("m", [LabelRow(ids[i], "anomaly" if y[i] else "normal") for i in np.flatnonzero(labelled)])
+    store.close()
+    common = ["--registry", str(reg.root), "--model", "m"]
+    P = 0.3
+    res = run_cli("threshold", "calibrate", *common, "--precision", str(P), "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    t = out["threshold"]
+    real = truth[scores >= t].mean()
+    lo, hi = out["precision_ci"]
+    assert lo - 0.05 <= real <= hi + 0.05 and real > 0.2, (real, out)
+    assert out["estimated_alert_rate"] == pytest.approx((scores >= t).mean(), rel=0.35)
+    # what plain precision over the labelled records would have chosen: far below the target on the traffic
+    t_plain, _, _ = precision_threshold(s[labelled], y[labelled], P)
+    assert truth[scores >= t_plain].mean() < 0.6 * P and t_plain < t, (truth[scores >= t_plain].mean(), real)
+
+    # a target that the labels put far below the current threshold's alert rate: refused unless --force
+    res = run_cli("threshold", "calibrate", *common, "--precision", "0.05")
+    assert res.returncode == 2 and "not published" in res.stderr and "--force" in res.stderr, res.stderr
+    assert reg.threshold_version("m", 1) == 1
+    shown = run_cli("threshold", "calibrate", *common, "--precision", "0.05", "--dry-run")
+    assert shown.returncode == 0 and "refused unless --force" in shown.stdout and "dry run: nothing published" in shown.stdout
+    forced = run_cli("threshold", "calibrate", *common, "--precision", "0.05", "--force")
+    assert forced.returncode == 0 and "published as threshold version 2" in forced.stdout, forced.stderr
+    # and the way back: threshold version 1 in force again, as version 3
+    back = run_cli("threshold", "use", *common, "1")
+    assert back.returncode == 0 and "published again as threshold version 3" in back.stdout, back.stderr
+    assert reg.threshold("m", 1) == (pytest.approx(t0), 3)
+    missing = run_cli("threshold", "use", *common, "9")
+    assert missing.returncode == 2 and "has no threshold version 9" in missing.stderr
 
 
 # ---------------------------------------------------------------------------------------------
