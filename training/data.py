@@ -11,9 +11,29 @@ import pyarrow as pa
 
 from outlierd.core.errors import DataError
 
-__all__ = ["DataError", "Dataset", "MIN_ROWS", "dataset_from_table", "load_dataset", "read_table"]
+__all__ = ["DataError", "Dataset", "LABEL_LIKE", "MIN_ROWS", "check_no_label_like", "dataset_from_table",
+           "label_like_columns", "load_dataset", "read_table"]
 
 MIN_ROWS = 2
+# column names that usually hold labels, not features (compared case-insensitively, trimmed): a
+# file with one of these and no --label-column is refused unless --feature-columns lists it
+LABEL_LIKE = ("label", "labels", "is_anomaly", "is_outlier", "anomaly", "outlier", "target", "class")
+
+
+def label_like_columns(names: list[str]) -> list[str]:
+    """The names among ``names`` that look like a label column (:data:`LABEL_LIKE`)."""
+    return [c for c in names if c.strip().lower() in LABEL_LIKE]
+
+
+def check_no_label_like(path: str | os.PathLike, features: list[str]) -> None:
+    """Refuse (:class:`DataError`) to train on a label-like column picked as a feature by default
+    (no ``--label-column`` naming it, no ``--feature-columns`` listing it)."""
+    suspects = label_like_columns(features)
+    if suspects:
+        c = suspects[0]
+        raise DataError(f"{path}: column {c!r} looks like a label column and would be trained as a feature; "
+                        f"pass --label-column {c} if it holds labels, or list the features explicitly with "
+                        f"--feature-columns (it may include {c!r}) if it really is a feature")
 
 
 @dataclass
