@@ -35,6 +35,8 @@ import pyarrow as pa
 
 from outlierd.core.errors import DataError, InvalidInputError
 
+from .data import first_non_numeric, non_numeric_message, printable
+
 DEFAULT_BATCH_ROWS = 65536
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")
@@ -179,11 +181,33 @@ class CsvSource(Source):
             with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES), parse_options=self._parse) as r:
                 self.schema = r.schema
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read {path}: {e}") from e
+            raise DataError(f"cannot read {path}: {printable(e, 300)}") from e
+
+    def _non_numeric_cell(self, column: str) -> None:
+        """Raise :class:`DataError` naming the first cell of ``column`` (read as text: the first
+        block held something that is not a number) that is not a number, with its row."""
+        import pyarrow.csv as pacsv
+
+        convert = pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()})
+        row = 0
+        with pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                            parse_options=self._parse, convert_options=convert) as reader:
+            for batch in reader:
+                bad = first_non_numeric(batch.column(0), row)
+                if bad is not None:
+                    raise DataError(f"{self.path}: " + non_numeric_message(
+                        f"feature column {column!r} has type string; the model needs numeric features", *bad))
+                row += batch.num_rows
 
     def batches(self, columns: Columns, batch_rows: int) -> Generator[pa.RecordBatch, None, None]:
         import pyarrow.csv as pacsv
 
+        for c in columns.features:
+            if c in self.schema.names and pa.types.is_string(self.schema.field(c).type):
+                try:
+                    self._non_numeric_cell(c)
+                except pa.ArrowInvalid as e:
+                    raise DataError(f"cannot read {self.path}: {printable(e, 300)}") from e
         columns.check(self.schema, self.path)
         # Types come from the first block; a numeric column whose first block held only integers
         # (or nothing) may hold decimals later: read it as float64 (what the model gets anyway).
@@ -201,7 +225,7 @@ class CsvSource(Source):
                 for batch in reader:
                     yield from _slices(batch, batch_rows)
         except pa.ArrowInvalid as e:
-            raise DataError(f"{self.path}: {e}") from e
+            raise DataError(f"{self.path}: {printable(e, 300)}") from e
 
 
 class ParquetFileSource(Source):
@@ -215,7 +239,7 @@ class ParquetFileSource(Source):
             # no pre-buffering, 1 MiB buffered reads: memory bounded by one row group's columns
             self._file = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read {path}: {e}") from e
+            raise DataError(f"cannot read {path}: {printable(e, 300)}") from e
         self.schema = self._file.schema_arrow
         self.total_rows = int(self._file.metadata.num_rows)
 
@@ -225,7 +249,7 @@ class ParquetFileSource(Source):
             for batch in self._file.iter_batches(batch_size=batch_rows, columns=columns.read):
                 yield from _slices(batch, batch_rows)
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read {self.path}: {e}") from e
+            raise DataError(f"cannot read {self.path}: {printable(e, 300)}") from e
 
 
 class ParquetDatasetSource(Source):
@@ -244,7 +268,7 @@ class ParquetDatasetSource(Source):
             self.schema = self.dataset.schema
             self.total_rows = int(self.dataset.count_rows())  # from the files' metadata
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read the Parquet dataset {path}: {e}") from e
+            raise DataError(f"cannot read the Parquet dataset {path}: {printable(e, 300)}") from e
 
     def batches(self, columns: Columns, batch_rows: int) -> Generator[pa.RecordBatch, None, None]:
         columns.check(self.schema, self.path)
@@ -258,7 +282,7 @@ class ParquetDatasetSource(Source):
                                                  fragment_readahead=1, fragment_scan_options=opts):
                 yield from _slices(batch, batch_rows)
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read the Parquet dataset {self.path}: {e}") from e
+            raise DataError(f"cannot read the Parquet dataset {self.path}: {printable(e, 300)}") from e
 
 
 class FileSequenceSource(Source):
