@@ -148,7 +148,9 @@ def _run_score(args: argparse.Namespace) -> int:
     summary = {"model": res.model, "version": res.version, "rows": res.rows, "anomalies": res.anomalies,
                "seconds": res.seconds, "records_per_s": rate, "metrics": res.metrics, "backend": res.backend, "device": res.device,
                "mode": res.mode, "explained": res.explained, "output": res.output, "setup_seconds": res.setup_seconds,
-               "threshold": res.threshold, "threshold_version": res.threshold_version}
+               "threshold": res.threshold, "threshold_version": res.threshold_version, "warnings": res.warnings}
+    for w in res.warnings:  # the input checked against the model: stderr, and the JSON summary
+        print(f"warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0

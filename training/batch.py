@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -382,11 +382,14 @@ class BatchScoring:
 
 
 def score_batch(model: Any, batch: pa.RecordBatch | pa.Table, how: BatchScoring, *, first_row: int = 0,
-                where: Any = "input") -> tuple[pa.RecordBatch, np.ndarray]:
+                where: Any = "input", observe: Callable[[np.ndarray], None] | None = None) -> tuple[pa.RecordBatch, np.ndarray]:
     """Score one batch with ``model``: the output batch (columns of :func:`output_schema`, id not
     cast) and the scores. ``first_row`` (the batch's row number in the whole input) makes error
-    messages name the right record."""
+    messages name the right record. ``observe``: called with the batch's feature matrix (the input
+    checks of ``training.input_check``: one vectorised pass per batch)."""
     X = feature_matrix(batch, how.columns.features)
+    if observe is not None:
+        observe(X)
     try:
         if how.top_k:
             scores, feats, contrib = model.score_explain(X, top_k=how.top_k, flagged_only=how.flagged_only,
@@ -555,8 +558,9 @@ class StreamStats:
 
 def stream_score(source: Source, model: Any, how: BatchScoring, *, out: str | os.PathLike | None = None,
                  batch_rows: int = DEFAULT_BATCH_ROWS, keep_scores: bool = False,
-                 progress: RowProgress | None = None) -> StreamStats:
+                 progress: RowProgress | None = None, observe: Callable[[np.ndarray], None] | None = None) -> StreamStats:
     """Score ``source`` batch by batch with ``model``; write the output (if ``out``) as it goes.
+    ``observe``: see :func:`score_batch`.
 
     Reading the next batch and writing the previous output (pyarrow, GIL released) overlap with
     scoring the current one (Numba, GIL released) on two helper threads; at most one batch read
@@ -577,7 +581,7 @@ def stream_score(source: Source, model: Any, how: BatchScoring, *, out: str | os
             ahead = reader.submit(next, batches, None)
             while (batch := ahead.result()) is not None:
                 ahead = reader.submit(next, batches, None)  # read the next batch while this one is scored
-                ob, scores = score_batch(model, batch, how, first_row=stats.rows, where=source.path)
+                ob, scores = score_batch(model, batch, how, first_row=stats.rows, where=source.path, observe=observe)
                 labels = None
                 if how.columns.label_column is not None:
                     labels = label_array(batch, how.columns.label_column, source.path, stats.rows)
