@@ -13,8 +13,6 @@ from conftest import run_cli
 from outlierd.core.errors import ArtifactError, InvalidInputError
 from outlierd.core.model import load_model
 from outlierd.core.registry import Registry
-from outlierd.training.detectors import MIN_FIT_ROWS, min_fit_rows
-from outlierd.training.input_check import InputCheck, calibrated_alert_rate
 from outlierd.training.spec import TrainSpec
 
 ESC = "\x1b"
@@ -103,6 +101,8 @@ def test_three_rows_publish_nothing(tmp_path):
 
 @pytest.mark.parametrize("detector", ["iforest", "hbos", "robust_z", "knn", "lof"])
 def test_each_detector_has_its_floor(tmp_path, detector):
+    from outlierd.training.detectors import min_fit_rows
+
     need = min_fit_rows(detector)
     data = _csv(tmp_path / "few.csv", ["a", "b"], _normal_rows(need - 1, 2))
     res = _train(data, tmp_path / "r", "--detector", detector)
@@ -114,6 +114,8 @@ def test_each_detector_has_its_floor(tmp_path, detector):
 
 
 def test_floors_are_what_the_detectors_need():
+    from outlierd.training.detectors import MIN_FIT_ROWS, min_fit_rows
+
     assert MIN_FIT_ROWS["knn"] > 20 and MIN_FIT_ROWS["lof"] > 20  # more than k = 20 neighbours
     assert MIN_FIT_ROWS["iforest"] >= 32 and MIN_FIT_ROWS["hbos"] >= 32
     assert min_fit_rows("iforest_1024") == MIN_FIT_ROWS["iforest"]
@@ -183,6 +185,8 @@ def test_score_warns_when_the_alert_rate_collapses(small_registry, tmp_path):
 
 
 def test_input_check_units():
+    from outlierd.training.input_check import InputCheck, calibrated_alert_rate
+
     ref = {"features": [{"name": "a", "min": 0.0, "max": 1.0}, {"name": "b", "min": 5.0, "max": 5.0}, {"name": "c"}]}
     check = InputCheck.from_reference(ref, ["a", "b", "c"])
     X = np.array([[2.5, 5.0, 1e9], [-1.5, 11.0, 0.0], [0.5, np.nan, 0.0], [1.9, 9.9, 0.0]])
