@@ -136,7 +136,7 @@ def run_score(spec: ScoreSpec) -> ScoreResult:
     how = BatchScoring(Columns(tuple(m.feature_names), spec.id_column, label_column), version,
                        top_k=spec.top_k if explain else None, flagged_only=spec.explain_flagged_only, threshold=threshold)
     progress = RowProgress(source.total_rows, stream=spec.progress_stream, quiet=spec.quiet)
-    check = InputCheck.from_reference(m.reference, m.feature_names)
+    check: InputCheck | None = InputCheck.from_reference(m.reference, m.feature_names)
     t0 = time.perf_counter()
     if dask is not None:
         from .dask_scoring import score_on_dask
@@ -147,7 +147,7 @@ def run_score(spec: ScoreSpec) -> ScoreResult:
                               keep_scores=keep_scores, progress=progress, backend=backend, device=device)
     else:
         stats = stream_score(source, m, how, out=out, batch_rows=batch_rows, keep_scores=keep_scores, progress=progress,
-                             observe=check.observe)
+                             observe=None if check is None else check.observe)
     seconds = time.perf_counter() - t0
     record = reg.thresholds(model, version)[-1] if threshold_version else None
     # the model's own training label column is expected beside its features: not "ignored"
