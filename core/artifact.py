@@ -214,8 +214,52 @@ def verify_files(path: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
             raise ArtifactError(f"{fpath} is corrupt: sha256 {digest[:12]}… differs from the manifest's")
 
 
+# deflate's largest compression ratio is about 1032:1: a compressed member cannot decompress to more
+_MAX_DEFLATE_RATIO = 1032
+
+
+def check_npz_shapes(path: str | os.PathLike) -> None:
+    """Read the ``.npy`` headers inside the .npz ``path`` (no array data) and refuse
+    (:class:`ArtifactError`) an array whose claimed shape needs more bytes than its member holds, so
+    that a forged header never makes the loader allocate it."""
+    import zipfile
+
+    from numpy.lib import format as npformat
+
+    size = Path(path).stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with z.open(info) as f:
+                    major, minor = npformat.read_magic(f)
+                    if (major, minor) == (1, 0):
+                        shape, _fortran, dtype = npformat.read_array_header_1_0(f, max_header_size=1 << 16)
+                    else:
+                        shape, _fortran, dtype = npformat.read_array_header_2_0(f, max_header_size=1 << 16)
+                    header = f.tell()
+                count = 1
+                for dim in shape:
+                    count *= int(dim)
+                claimed = count * dtype.itemsize  # exact: Python ints never overflow
+                # the member's bytes: its uncompressed size, which the zip states, bounded by what its
+                # compressed bytes can hold
+                room = info.file_size - header
+                if info.compress_type != zipfile.ZIP_STORED:
+                    room = min(room, info.compress_size * _MAX_DEFLATE_RATIO)
+                if claimed > room:
+                    raise ArtifactError(
+                        f"{path}: array {name!r} claims shape {tuple(int(d) for d in shape)} of {dtype} ({claimed:,} bytes) "
+                        f"but the file is {size:,} bytes ({max(room, 0):,} for this array); the artifact is corrupt or "
+                        "forged and is refused")
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from e
+
+
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Load an .npz with pickle disabled (object arrays are refused)."""
+    """Load an .npz with pickle disabled (object arrays are refused); the shapes its headers claim
+    are checked against the file's size first (:func:`check_npz_shapes`)."""
+    check_npz_shapes(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}

@@ -186,7 +186,8 @@ def resolve_device(device: str, backend: str) -> str:
         raise InvalidInputError(f"device must be one of {DEVICES}; got {device!r}")
     if backend == "numba":
         if device == "cuda":
-            raise DeviceError("the numba backend runs on the CPU; use backend='onnx' or 'torch' for --device cuda")
+            raise DeviceError("the numba backend runs on the CPU; for --device cuda use --backend onnx or --backend torch "
+                              "(or --device cpu / auto with the numba backend)")
         return "cpu"
     if device == "cpu":
         return "cpu"

@@ -34,6 +34,10 @@ def _add_train(sub: Any) -> None:
                    help="column of labels: 0/1, true/false or anomaly/normal; an empty cell = unlabelled. Every row "
                         "labelled (and no --select/--detector auto): evaluation only. Partially labelled: reviewers' "
                         "labels, used for training (known anomalies left out of the fit, metrics out of fold)")
+    p.add_argument("--feature-columns", metavar="LIST",
+                   help="comma-separated feature columns to train on, in order (default: every column but --label-column; "
+                        "a column named like a label -- label, target, class, is_anomaly ... -- is then refused: name it "
+                        "with --label-column, or list it here to keep it as a feature)")
     p.add_argument("--labels-from-feedback", action="store_true",
                    help="append the captured records of --model that reviewers labelled (the feedback store) to the "
                         "training data, with their labels")
@@ -67,7 +71,8 @@ def _run_train(args: argparse.Namespace) -> int:
                 if args.labels_from_feedback else None)
     res = run_train(TrainSpec(args.data, args.registry, args.model, detector=args.detector, label_column=args.label_column,
                               alert_rate=args.alert_rate, alias=args.alias, seed=args.seed, quiet=args.quiet,
-                              select=args.select, feedback=feedback, min_labels=args.min_labels, folds=args.folds))
+                              select=args.select, feedback=feedback, min_labels=args.min_labels, folds=args.folds,
+                              feature_columns=args.feature_columns))
     mlflow, mlflow_rc = registry_cli.train_to_mlflow(
         args, res, None if args.quiet else (lambda msg: print(f"[mlflow] {msg}", file=sys.stderr, flush=True)))
     if args.json:
@@ -143,7 +148,9 @@ def _run_score(args: argparse.Namespace) -> int:
     summary = {"model": res.model, "version": res.version, "rows": res.rows, "anomalies": res.anomalies,
                "seconds": res.seconds, "records_per_s": rate, "metrics": res.metrics, "backend": res.backend, "device": res.device,
                "mode": res.mode, "explained": res.explained, "output": res.output, "setup_seconds": res.setup_seconds,
-               "threshold": res.threshold, "threshold_version": res.threshold_version}
+               "threshold": res.threshold, "threshold_version": res.threshold_version, "warnings": res.warnings}
+    for w in res.warnings:  # the input checked against the model: stderr, and the JSON summary
+        print(f"warning: {w}", file=sys.stderr)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0

@@ -60,7 +60,7 @@ def _sha(path: Path) -> str:
 
 def _train(data: Path, reg: Path, model: str, *extra: str) -> int:
     return main(["train", "--data", str(data), "--registry", str(reg), "--model", model, "--quiet",
-                 "--detector", "robust_z", *extra])
+                 "--detector", "robust_z", "--label-column", "label", *extra])  # _data's label column is a label
 
 
 def _by_tag(client, model: str) -> dict[int, object]:

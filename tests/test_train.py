@@ -185,7 +185,8 @@ def test_data_file_is_parsed_once_and_the_probe_replayed_once(tmp_path, rng, mon
     monkeypatch.setattr(pacsv, "read_csv", lambda *a, **k: reads.append(a) or read_csv(*a, **k))
     monkeypatch.setattr(core_model, "_verify_probe", lambda *a, **k: probes.append(a) or verify_probe(*a, **k))
     data = _labelled_csv(tmp_path / "d.csv", rng, partial=how in ("partial labels", "auto"))
-    opts = {"unlabelled": {}, "evaluation labels": {"label_column": "label"},
+    # unlabelled: the file's label column is left out, not trained as a feature (issue 14, item 9)
+    opts = {"unlabelled": {"feature_columns": "a,b,c"}, "evaluation labels": {"label_column": "label"},
             "partial labels": {"label_column": "label", "detector": "hbos"},
             "auto": {"label_column": "label", "detector": "auto", "select": "robust_z,hbos"}}[how]
     res = train(data, tmp_path / "r", "m", quiet=True, **opts)
@@ -202,7 +203,7 @@ def test_publish_reprobes_by_default_and_checks_checksums_without(tmp_path, rng,
     from outlierd.core.errors import ArtifactError
     from outlierd.training.train import train
 
-    res = train(_labelled_csv(tmp_path / "d.csv", rng), tmp_path / "r", "m", quiet=True)
+    res = train(_labelled_csv(tmp_path / "d.csv", rng), tmp_path / "r", "m", quiet=True, feature_columns="a,b,c")
     probes = []
     verify_probe = core_model._verify_probe
     monkeypatch.setattr(core_model, "_verify_probe", lambda *a, **k: probes.append(a) or verify_probe(*a, **k))

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from outlierd.core.errors import DataError, InvalidInputError
+
+from .data import first_non_numeric, non_numeric_message, printable
 
 DEFAULT_BATCH_ROWS = 65536
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -179,11 +181,33 @@ class CsvSource(Source):
             with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES), parse_options=self._parse) as r:
                 self.schema = r.schema
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read {path}: {e}") from e
+            raise DataError(f"cannot read {path}: {printable(e, 300)}") from e
+
+    def _non_numeric_cell(self, column: str) -> None:
+        """Raise :class:`DataError` naming the first cell of ``column`` (read as text: the first
+        block held something that is not a number) that is not a number, with its row."""
+        import pyarrow.csv as pacsv
+
+        convert = pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()})
+        row = 0
+        with pacsv.open_csv(self.path, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                            parse_options=self._parse, convert_options=convert) as reader:
+            for batch in reader:
+                bad = first_non_numeric(batch.column(0), row)
+                if bad is not None:
+                    raise DataError(f"{self.path}: " + non_numeric_message(
+                        f"feature column {column!r} has type string; the model needs numeric features", *bad))
+                row += batch.num_rows
 
     def batches(self, columns: Columns, batch_rows: int) -> Generator[pa.RecordBatch, None, None]:
         import pyarrow.csv as pacsv
 
+        for c in columns.features:
+            if c in self.schema.names and pa.types.is_string(self.schema.field(c).type):
+                try:
+                    self._non_numeric_cell(c)
+                except pa.ArrowInvalid as e:
+                    raise DataError(f"cannot read {self.path}: {printable(e, 300)}") from e
         columns.check(self.schema, self.path)
         # Types come from the first block; a numeric column whose first block held only integers
         # (or nothing) may hold decimals later: read it as float64 (what the model gets anyway).
@@ -201,7 +225,7 @@ class CsvSource(Source):
                 for batch in reader:
                     yield from _slices(batch, batch_rows)
         except pa.ArrowInvalid as e:
-            raise DataError(f"{self.path}: {e}") from e
+            raise DataError(f"{self.path}: {printable(e, 300)}") from e
 
 
 class ParquetFileSource(Source):
@@ -215,7 +239,7 @@ class ParquetFileSource(Source):
             # no pre-buffering, 1 MiB buffered reads: memory bounded by one row group's columns
             self._file = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_BUFFER_BYTES)
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read {path}: {e}") from e
+            raise DataError(f"cannot read {path}: {printable(e, 300)}") from e
         self.schema = self._file.schema_arrow
         self.total_rows = int(self._file.metadata.num_rows)
 
@@ -225,7 +249,7 @@ class ParquetFileSource(Source):
             for batch in self._file.iter_batches(batch_size=batch_rows, columns=columns.read):
                 yield from _slices(batch, batch_rows)
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read {self.path}: {e}") from e
+            raise DataError(f"cannot read {self.path}: {printable(e, 300)}") from e
 
 
 class ParquetDatasetSource(Source):
@@ -244,7 +268,7 @@ class ParquetDatasetSource(Source):
             self.schema = self.dataset.schema
             self.total_rows = int(self.dataset.count_rows())  # from the files' metadata
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read the Parquet dataset {path}: {e}") from e
+            raise DataError(f"cannot read the Parquet dataset {path}: {printable(e, 300)}") from e
 
     def batches(self, columns: Columns, batch_rows: int) -> Generator[pa.RecordBatch, None, None]:
         columns.check(self.schema, self.path)
@@ -258,7 +282,7 @@ class ParquetDatasetSource(Source):
                                                  fragment_readahead=1, fragment_scan_options=opts):
                 yield from _slices(batch, batch_rows)
         except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read the Parquet dataset {self.path}: {e}") from e
+            raise DataError(f"cannot read the Parquet dataset {self.path}: {printable(e, 300)}") from e
 
 
 class FileSequenceSource(Source):
@@ -358,11 +382,14 @@ class BatchScoring:
 
 
 def score_batch(model: Any, batch: pa.RecordBatch | pa.Table, how: BatchScoring, *, first_row: int = 0,
-                where: Any = "input") -> tuple[pa.RecordBatch, np.ndarray]:
+                where: Any = "input", observe: Callable[[np.ndarray], None] | None = None) -> tuple[pa.RecordBatch, np.ndarray]:
     """Score one batch with ``model``: the output batch (columns of :func:`output_schema`, id not
     cast) and the scores. ``first_row`` (the batch's row number in the whole input) makes error
-    messages name the right record."""
+    messages name the right record. ``observe``: called with the batch's feature matrix (the input
+    checks of ``training.input_check``: one vectorised pass per batch)."""
     X = feature_matrix(batch, how.columns.features)
+    if observe is not None:
+        observe(X)
     try:
         if how.top_k:
             scores, feats, contrib = model.score_explain(X, top_k=how.top_k, flagged_only=how.flagged_only,
@@ -531,8 +558,9 @@ class StreamStats:
 
 def stream_score(source: Source, model: Any, how: BatchScoring, *, out: str | os.PathLike | None = None,
                  batch_rows: int = DEFAULT_BATCH_ROWS, keep_scores: bool = False,
-                 progress: RowProgress | None = None) -> StreamStats:
+                 progress: RowProgress | None = None, observe: Callable[[np.ndarray], None] | None = None) -> StreamStats:
     """Score ``source`` batch by batch with ``model``; write the output (if ``out``) as it goes.
+    ``observe``: see :func:`score_batch`.
 
     Reading the next batch and writing the previous output (pyarrow, GIL released) overlap with
     scoring the current one (Numba, GIL released) on two helper threads; at most one batch read
@@ -553,7 +581,7 @@ def stream_score(source: Source, model: Any, how: BatchScoring, *, out: str | os
             ahead = reader.submit(next, batches, None)
             while (batch := ahead.result()) is not None:
                 ahead = reader.submit(next, batches, None)  # read the next batch while this one is scored
-                ob, scores = score_batch(model, batch, how, first_row=stats.rows, where=source.path)
+                ob, scores = score_batch(model, batch, how, first_row=stats.rows, where=source.path, observe=observe)
                 labels = None
                 if how.columns.label_column is not None:
                     labels = label_array(batch, how.columns.label_column, source.path, stats.rows)

@@ -11,9 +11,66 @@ import pyarrow as pa
 
 from outlierd.core.errors import DataError
 
-__all__ = ["DataError", "Dataset", "MIN_ROWS", "dataset_from_table", "load_dataset", "read_table"]
+__all__ = ["DataError", "Dataset", "LABEL_LIKE", "MIN_ROWS", "check_no_label_like", "dataset_from_table",
+           "first_non_numeric", "label_like_columns", "load_dataset", "non_numeric_message", "printable", "read_table"]
 
 MIN_ROWS = 2
+# column names that usually hold labels, not features (compared case-insensitively, trimmed): a
+# file with one of these and no --label-column is refused unless --feature-columns lists it
+LABEL_LIKE = ("label", "labels", "is_anomaly", "is_outlier", "anomaly", "outlier", "target", "class")
+
+
+# cells pyarrow's CSV reader reads as missing in a numeric column (besides an empty cell)
+NULL_TOKENS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                         "N/A", "NA", "NULL", "NaN", "n/a", "nan", "null"})
+
+
+def printable(text: object, limit: int | None = None) -> str:
+    """``text`` safe to echo on a terminal: control and other non-printable characters escaped as
+    ``repr`` does (``\\x1b``, ``\\n``), truncated to ``limit`` characters with an ellipsis."""
+    s = str(text)
+    if limit is not None and len(s) > limit:
+        s = s[:limit] + "…"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def first_non_numeric(values: pa.ChunkedArray | pa.Array, offset: int = 0) -> tuple[int, str] | None:
+    """``(row, text)`` of the first cell of a string column that is neither a number nor a missing
+    value (``row`` counted from ``offset``), or None. For error messages: not on a hot path."""
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    row = offset
+    for chunk in chunks:
+        for cell in chunk.cast(pa.string()).to_pylist():
+            if cell is not None and cell.strip() not in NULL_TOKENS:
+                try:
+                    float(cell)
+                except ValueError:
+                    return row, cell
+            row += 1
+    return None
+
+
+def non_numeric_message(lead: str, row: int, cell: str) -> str:
+    """``lead`` (what is wrong with the column), then the first cell that is not a number: its row
+    (1-based, the header not counted) and its text (escaped, truncated)."""
+    return (f"{lead}: row {row + 1} (counting from 1 after the header) holds '{printable(cell, 40)}', which is not a "
+            "number; fix the cell, leave it empty (a missing value), or encode the column as numbers or drop it")
+
+
+def label_like_columns(names: list[str]) -> list[str]:
+    """The names among ``names`` that look like a label column (:data:`LABEL_LIKE`)."""
+    return [c for c in names if c.strip().lower() in LABEL_LIKE]
+
+
+def check_no_label_like(path: str | os.PathLike, features: list[str]) -> None:
+    """Refuse (:class:`DataError`) to train on a label-like column picked as a feature by default
+    (no ``--label-column`` naming it, no ``--feature-columns`` listing it)."""
+    suspects = label_like_columns(features)
+    if suspects:
+        c = suspects[0]
+        raise DataError(f"{path}: column {c!r} looks like a label column and would be trained as a feature; "
+                        f"pass --label-column {c} if it holds labels, or list the features explicitly with "
+                        f"--feature-columns (it may include {c!r}) if it really is a feature")
 
 
 @dataclass
@@ -46,16 +103,21 @@ def read_table(path: str | os.PathLike) -> pa.Table:
             parse = pacsv.ParseOptions(delimiter="\t" if name.endswith(".tsv") else ",")
             return pacsv.read_csv(p, parse_options=parse)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"cannot read {p}: {e}") from e
+        raise DataError(f"cannot read {p}: {printable(e, 300)}") from e
     raise DataError(f"{p}: unknown file type; outlierd reads .csv, .csv.gz, .tsv, .parquet and .pq files")
 
 
-def _numeric_column(table: pa.Table, name: str) -> np.ndarray:
+def _numeric_column(table: pa.Table, name: str, where: object = None) -> np.ndarray:
     col = table.column(name)
     t = col.type
     if pa.types.is_null(t):
         return np.full(len(col), np.nan)
     if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t)):
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            bad = first_non_numeric(col)
+            if bad is not None:
+                raise DataError(("" if where is None else f"{where}: ") + non_numeric_message(
+                    f"column {name!r} has type {t}; outlierd trains on numeric features only", *bad))
         raise DataError(
             f"column {name!r} has type {t}; outlierd trains on numeric features only: "
             "encode it as numbers or drop it"
@@ -108,7 +170,7 @@ def dataset_from_table(
         raise DataError(f"{path}: {n} rows; at least {require_rows} are needed")
     X = np.empty((n, len(feature_names)), dtype=np.float64)
     for j, name in enumerate(feature_names):
-        X[:, j] = _numeric_column(table, name)
+        X[:, j] = _numeric_column(table, name, path)
     warnings: list[str] = []
     finite = np.isfinite(X)
     missing_counts = (~finite).sum(axis=0)

@@ -7,11 +7,46 @@ from typing import Any
 
 import numpy as np
 
-from outlierd.core.errors import InvalidInputError
+from outlierd.core.errors import DataError, InvalidInputError
 
 DETECTORS = ("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder")
 MAD_TO_SIGMA = 1.4826
 MEANAD_TO_SIGMA = 1.2533
+DEFAULT_K = 20  # knn / lof neighbours (fit_knn, fit_lof)
+
+# The fewest training rows each detector is fitted on (the rows of the fit: known anomalies left
+# out). Below these the model is not what its name says, and the threshold (a quantile of the
+# training scores at the alert rate) is set on a handful of values:
+# - iforest: trees of max_samples = min(256, n) rows have depth ceil(log2 n); 32 rows give depth-5
+#   trees (path lengths 0-5 + c(size)), a usable score spread; fewer and most records tie.
+# - hbos: default_bins(n) is at least 10 equal-width bins per feature; 32 rows put ~3 rows in a
+#   bin on average: fewer and most bins are empty and every density is noise.
+# - robust_z: a median and a MAD per feature; 16 rows keep their sampling error below ~0.4 sigma.
+# - knn / lof: k = 20 neighbours must exist besides the record itself (lof caps k at n - 1, knn
+#   at n; both silently become another detector below k + 1 rows).
+# - autoencoder: 10% of the rows are held out for early stopping, in batches of 128: 100 rows
+#   give 10 validation rows.
+# - stacked: fits iforest, robust_z, hbos and knn on the same rows: the largest of theirs.
+MIN_FIT_ROWS: dict[str, int] = {"iforest": 32, "hbos": 32, "robust_z": 16, "knn": DEFAULT_K + 1,
+                                "lof": DEFAULT_K + 1, "autoencoder": 100, "stacked": 32}
+
+
+def min_fit_rows(detector: str) -> int:
+    """The fewest rows ``detector`` (a detector, or a ``--select`` candidate such as
+    ``iforest_1024``) is fitted on; see :data:`MIN_FIT_ROWS`."""
+    if detector in MIN_FIT_ROWS:
+        return MIN_FIT_ROWS[detector]
+    base = detector.split("_")[0]
+    return MIN_FIT_ROWS.get(base, max(MIN_FIT_ROWS.values()))
+
+
+def check_fit_rows(detector: str, rows: int, where: object, what: str = "rows") -> None:
+    """Refuse (:class:`DataError`) to fit ``detector`` on fewer rows than :func:`min_fit_rows`."""
+    need = min_fit_rows(detector)
+    if rows < need:
+        raise DataError(f"{where}: {rows} {what} to fit {detector} on; {detector} needs at least {need}: "
+                        "train on more data (or choose a detector that needs fewer rows, e.g. robust_z needs "
+                        f"{MIN_FIT_ROWS['robust_z']})")
 
 
 def fit_iforest(X: np.ndarray, *, seed: int = 0, n_estimators: int = 100, max_samples: int = 256) -> Any:
@@ -67,7 +102,7 @@ def reference_sample(X: np.ndarray, *, seed: int = 0, max_rows: int = 4096) -> n
     return np.ascontiguousarray(X[rows])
 
 
-def fit_knn(X: np.ndarray, *, k: int = 20, seed: int = 0, max_reference: int = 4096) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def fit_knn(X: np.ndarray, *, k: int = DEFAULT_K, seed: int = 0, max_reference: int = 4096) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """kNN distance: score = Euclidean distance to the k-th nearest record of a stored reference
     sample (``min(n, max_reference)`` preprocessed training rows, seeded). ``k`` is capped at the
     sample size."""
@@ -86,7 +121,7 @@ def fit_knn(X: np.ndarray, *, k: int = 20, seed: int = 0, max_reference: int = 4
     return detector, nn.arrays()
 
 
-def fit_lof(X: np.ndarray, *, k: int = 20, seed: int = 0, max_reference: int = 4096) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def fit_lof(X: np.ndarray, *, k: int = DEFAULT_K, seed: int = 0, max_reference: int = 4096) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Local outlier factor (novelty) against a stored reference sample, with scikit-learn's
     definitions: the reference's k-distances and local reachability densities are computed here and
     stored. ``k`` is capped at the sample size - 1 (as scikit-learn does)."""

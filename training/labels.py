@@ -151,16 +151,20 @@ def labelled_data(
     feedback: LabelledRecords | None = None,
     model: str | None = None,
     registry: str | os.PathLike | None = None,
+    feature_names: Sequence[str] | None = None,
 ) -> LabelledData:
     """The training rows of ``table`` (read from ``data``) with their labels (``label_column``:
     partial labels allowed), plus the ``feedback`` records of ``model`` that reviewers labelled
-    (appended after the file's rows, features in the model's order)."""
-    labels, names = None, None
+    (appended after the file's rows, features in the model's order). ``feature_names``: the
+    feature columns, in order (default: every column but the label column)."""
+    labels = None
+    names = None if feature_names is None else list(feature_names)
     if label_column is not None:
         if label_column not in table.column_names:
             raise DataError(f"{data}: label column {label_column!r} not found; columns are {list(table.column_names)[:20]}")
         labels = parse_labels(table.column(label_column), label_column, str(data))
-        names = [c for c in table.column_names if c != label_column]
+        if names is None:
+            names = [c for c in table.column_names if c != label_column]
     ds = dataset_from_table(table, data, feature_names=names)
     n = ds.n_rows
     y = labels if labels is not None else np.full(n, -1, dtype=np.int8)

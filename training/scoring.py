@@ -19,6 +19,7 @@ from outlierd.core.model import load_model
 from outlierd.core.registry import CHAMPION, Registry, validate_name
 
 from .batch import DEFAULT_BATCH_ROWS, BatchScoring, Columns, RowProgress, check_output, open_source, stream_score
+from .input_check import InputCheck, calibrated_alert_rate, ignored_columns, input_warnings
 
 CHUNK_ROWS = DEFAULT_BATCH_ROWS
 DEFAULT_TOP_K = 3
@@ -41,6 +42,9 @@ class ScoreResult:
     setup_seconds: float = 0.0     # part of ``seconds`` spent starting/reaching a Dask cluster and loading the model there
     threshold: float = float("nan")  # the threshold ``anomalous`` was computed at
     threshold_version: int = 0     # its threshold version (0: the artifact's own threshold)
+    # the input checked against the model (``training.input_check``): ignored columns, values far
+    # outside the training range (local mode), an alert rate far from the calibrated one
+    warnings: list[str] = field(default_factory=list)
 
 
 def _check_name(model: str) -> None:
@@ -132,15 +136,27 @@ def run_score(spec: ScoreSpec) -> ScoreResult:
     how = BatchScoring(Columns(tuple(m.feature_names), spec.id_column, label_column), version,
                        top_k=spec.top_k if explain else None, flagged_only=spec.explain_flagged_only, threshold=threshold)
     progress = RowProgress(source.total_rows, stream=spec.progress_stream, quiet=spec.quiet)
+    check: InputCheck | None = InputCheck.from_reference(m.reference, m.feature_names)
     t0 = time.perf_counter()
     if dask is not None:
         from .dask_scoring import score_on_dask
 
+        # the batches are scored on the workers: no range check (columns and alert rate still are)
+        check = None
         stats = score_on_dask(source, path, how, address=dask, n_workers=spec.dask_workers, out=out, batch_rows=batch_rows,
                               keep_scores=keep_scores, progress=progress, backend=backend, device=device)
     else:
-        stats = stream_score(source, m, how, out=out, batch_rows=batch_rows, keep_scores=keep_scores, progress=progress)
+        stats = stream_score(source, m, how, out=out, batch_rows=batch_rows, keep_scores=keep_scores, progress=progress,
+                             observe=None if check is None else check.observe)
     seconds = time.perf_counter() - t0
+    record = reg.thresholds(model, version)[-1] if threshold_version else None
+    # the model's own training label column is expected beside its features: not "ignored"
+    params = (m.manifest.get("lineage") or {}).get("parameters") or {}
+    trained_label = params.get("label_column") if isinstance(params.get("label_column"), str) else None
+    warnings = input_warnings(ignored=ignored_columns(source.schema.names, m.feature_names, spec.id_column, label_column,
+                                                      trained_label),
+                              check=check, rows=stats.rows, anomalies=stats.anomalies,
+                              expected_rate=calibrated_alert_rate(m.metrics, record))
     scores = np.concatenate(stats.scores) if stats.scores else (np.empty(0) if keep_scores or label_column else None)
     metrics: dict[str, Any] = {}
     if label_column is not None:
@@ -154,4 +170,4 @@ def run_score(spec: ScoreSpec) -> ScoreResult:
     return ScoreResult(model, version, stats.rows, stats.anomalies, seconds, scores, metrics, m.backend, m.device,
                        explained=stats.explained, mode="dask" if dask is not None else "local",
                        output=None if out is None else str(out), setup_seconds=stats.setup_seconds,
-                       threshold=threshold, threshold_version=threshold_version)
+                       threshold=threshold, threshold_version=threshold_version, warnings=warnings)

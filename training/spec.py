@@ -35,6 +35,26 @@ def _int(name: str, value: object, lo: int) -> None:
         raise InvalidInputError(f"{name} must be an integer >= {lo}; got {value!r}")
 
 
+def _feature_columns(value: Sequence[str] | str | None, label_column: str | None) -> tuple[str, ...]:
+    if not value:
+        return ()
+    if isinstance(value, str):
+        names = [c.strip() for c in value.split(",")]
+    elif isinstance(value, Sequence) and all(isinstance(c, str) for c in value):
+        names = list(value)
+    else:
+        raise InvalidInputError(f"--feature-columns must be column names (a comma-separated list); got {value!r}")
+    if any(not c for c in names):
+        raise InvalidInputError(f"--feature-columns: empty column name in {','.join(names)!r}")
+    dupes = sorted({c for c in names if names.count(c) > 1})
+    if dupes:
+        raise InvalidInputError(f"--feature-columns names {dupes} more than once")
+    if label_column is not None and label_column in names:
+        raise InvalidInputError(f"--feature-columns includes the label column {label_column!r}; a column is a label "
+                                "or a feature, not both")
+    return tuple(names)
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """An ``outlierd train`` job.
@@ -58,9 +78,14 @@ class TrainSpec:
     feedback: LabelledRecords | None = None  # labelled captured records (``--labels-from-feedback``)
     min_labels: int = MIN_LABELS
     folds: int = DEFAULT_FOLDS
+    # the feature columns, in order (names or a comma-separated string; a tuple once built). Empty:
+    # every column but the label column, refused when one of them looks like a label (``label``,
+    # ``target``, ``class`` ...: ``training.data.LABEL_LIKE``); listing such a column keeps it
+    feature_columns: Sequence[str] | str | None = ()
 
     def __post_init__(self) -> None:
         _name(self.model, "model name")
+        object.__setattr__(self, "feature_columns", _feature_columns(self.feature_columns, self.label_column))
         if self.alias is not None:
             try:
                 validate_alias(self.alias)
@@ -88,6 +113,11 @@ class TrainSpec:
     def candidates(self) -> tuple[str, ...]:
         """``select`` as parsed on construction."""
         return tuple(self.select or ())
+
+    @property
+    def features(self) -> list[str] | None:
+        """``feature_columns`` as parsed on construction; None when not given (every other column)."""
+        return list(self.feature_columns or ()) or None
 
     @property
     def asks_for_labels(self) -> bool:

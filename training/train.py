@@ -34,7 +34,8 @@ from outlierd.core.preprocess import Preprocessing
 from outlierd.core.registry import Registry
 from outlierd.core.stacked import KIND as STACKED
 
-from .data import dataset_from_table, read_table
+from .data import check_no_label_like, dataset_from_table, read_table
+from .detectors import check_fit_rows
 from .evaluate import evaluate, threshold_for_alert_rate
 from .fit import fit_and_export
 from .labels import LabelledData, LabelledRecords, labelled_data, parse_labels
@@ -117,11 +118,13 @@ def load(spec: TrainSpec, table: pa.Table, label_aware: bool) -> Loaded:
     """Stage 1: the rows of ``table`` (``spec.data``, read once by the caller) with their labels:
     for training when ``label_aware`` (plus ``spec.feedback``), else a fully labelled 0/1 column
     for evaluation only."""
+    if spec.features is None:
+        check_no_label_like(spec.data, [c for c in table.column_names if c != spec.label_column])
     if label_aware:
         ld = labelled_data(table, spec.data, spec.label_column, feedback=spec.feedback, model=spec.model,
-                           registry=spec.registry)
+                           registry=spec.registry, feature_names=spec.features)
         return Loaded(ld.X, ld.feature_names, ld.warnings, ld.n_file_rows, labelled=ld)
-    ds = dataset_from_table(table, spec.data, label_column=spec.label_column)
+    ds = dataset_from_table(table, spec.data, label_column=spec.label_column, feature_names=spec.features)
     return Loaded(ds.X, ds.feature_names, ds.warnings, ds.n_rows, eval_labels=ds.labels)
 
 
@@ -136,6 +139,8 @@ def choose(spec: TrainSpec, loaded: Loaded, log: Callable[[str], None] | None) -
 def _lineage(spec: TrainSpec, loaded: Loaded) -> dict[str, Any]:
     params: dict[str, Any] = {"detector": spec.detector, "seed": spec.seed, "alert_rate": spec.alert_rate,
                               "label_column": spec.label_column}
+    if spec.features is not None:
+        params["feature_columns"] = spec.features
     lineage: dict[str, Any] = {"data": data_lineage(spec.data, loaded.n_file_rows, loaded.feature_names), "parameters": params}
     ld = loaded.labelled
     if ld is not None:
@@ -230,8 +235,10 @@ def run_train(spec: TrainSpec) -> TrainResult:
         fit_rows = int(np.sum(ld.y != 1))
         if fit_rows < 2:
             raise DataError(f"{spec.data}: fewer than 2 rows left once the known anomalies are removed")
+        check_fit_rows(p.chosen, fit_rows, spec.data, "rows left once the known anomalies are removed")
         progress(f"fitting {p.chosen} on {fit_rows} rows ({ld.provenance['anomalies']} known anomalies left out)")
     else:
+        check_fit_rows(p.chosen, int(loaded.X.shape[0]), spec.data)
         progress(f"fitting {spec.detector} on {loaded.n_file_rows} rows x {len(loaded.feature_names)} features")
     workdir = Path(tempfile.mkdtemp(prefix="outlierd-train-"))
     try:
@@ -256,5 +263,5 @@ def run_train(spec: TrainSpec) -> TrainResult:
 def train(data: str | os.PathLike, registry: str | os.PathLike, model: str, **options: Any) -> TrainResult:
     """:func:`run_train` of ``TrainSpec(data, registry, model, **options)``: the keyword form that
     library callers and the retrain policy use (``detector``, ``label_column``, ``alert_rate``,
-    ``alias``, ``seed``, ``quiet``, ``select``, ``feedback``, ``min_labels``, ``folds``)."""
+    ``alias``, ``seed``, ``quiet``, ``select``, ``feedback``, ``min_labels``, ``folds``, ``feature_columns``)."""
     return run_train(TrainSpec(data, registry, model, **options))
