@@ -245,13 +245,21 @@ def test_metrics_host_defaults():
 
 
 def _listening(port: int) -> set[str]:
-    """The IPv4 addresses listening on TCP ``port`` (from /proc/net/tcp)."""
+    """The addresses listening on TCP ``port`` (from /proc/net/tcp and tcp6; IPv4-mapped IPv6 as IPv4)."""
     out = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        addr, p = local.split(":")
-        if int(p, 16) == port and state == "0A":
-            out.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+    for table in ("tcp", "tcp6"):
+        path = Path("/proc/net") / table
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if int(p, 16) != port or state != "0A":
+                continue
+            raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, len(addr), 8))  # words in host order
+            if len(raw) == 16 and raw[:12] == b"\0" * 10 + b"\xff\xff":
+                raw = raw[12:]
+            out.add(socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw))
     return out
 
 
