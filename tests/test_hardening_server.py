@@ -397,3 +397,27 @@ def test_a_tls_key_that_does_not_match_its_certificate_is_named(loop_thread, reg
         with grpc.secure_channel(f"127.0.0.1:{worker.port}", creds) as ch:
             status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=TIMEOUT).status
             assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_replacement_worker_that_cannot_start_is_retried_while_the_others_serve(tmp_path, registry_dir):
+    """Item 3's boundary: only a server that never served exits on a startup error. Once serving, a
+    restarted worker that cannot start (here: the model's directory gone) is retried, one log line
+    each time, while the other worker serves; it serves again once it can."""
+    reg = tmp_path / "reg"
+    shutil.copytree(registry_dir, reg)
+    port = free_port()
+    with serve_process(tmp_path, reg, "--model", "cardio", "--workers", "2", "--port", str(port), "--metrics-port", "0",
+                       "--grace-s", "1", "--threads", "1") as proc:
+        _wait_for("two workers listening", proc, lambda: _log(proc).count("listening address=") == 2 or proc.poll() is not None)
+        first = _children(proc.pid)
+        assert len(first) == 2, (first, _log(proc))
+        (reg / "cardio").rename(tmp_path / "cardio-away")
+        os.kill(first[0], signal.SIGKILL)
+        _wait_for("a failed restart logged", proc, lambda: "worker failed to start" in _log(proc) or proc.poll() is not None)
+        assert proc.poll() is None, _log(proc)
+        assert "Traceback" not in _log(proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:  # the other worker still serves
+            assert pb_grpc.ScorerStub(ch).GetModelInfo(pb.ModelInfoRequest(), timeout=TIMEOUT).model == "cardio"
+        (tmp_path / "cardio-away").rename(reg / "cardio")
+        _wait_for("the replacement serving", proc, lambda: _log(proc).count("listening address=") == 3)
+        assert proc.poll() is None and len(_children(proc.pid)) == 2
