@@ -421,3 +421,25 @@ def test_a_replacement_worker_that_cannot_start_is_retried_while_the_others_serv
         (tmp_path / "cardio-away").rename(reg / "cardio")
         _wait_for("the replacement serving", proc, lambda: _log(proc).count("listening address=") == 3)
         assert proc.poll() is None and len(_children(proc.pid)) == 2
+
+
+_PDEATHSIG_PROBE = """
+import ctypes, os, sys
+from outlierd.server.workers import _die_with_parent
+_die_with_parent(int(sys.argv[1]))
+sig = ctypes.c_int(0)
+ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
+print(sig.value)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_asks_for_a_signal_when_its_parent_dies_and_exits_if_already_orphaned():
+    """Item 4, both halves of ``_die_with_parent``: the kernel is asked for SIGTERM on the parent's
+    death; and a worker whose parent is not the one that started it (it died before the prctl, which
+    races with the start) exits at once instead of serving as an orphan."""
+    ok = subprocess.run([sys.executable, "-c", _PDEATHSIG_PROBE, str(os.getpid())], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == str(int(signal.SIGTERM)), ok.stderr
+    orphan = subprocess.run([sys.executable, "-c", _PDEATHSIG_PROBE, "1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert orphan.returncode == 2 and orphan.stdout == "", (orphan.stdout, orphan.stderr)
