@@ -119,12 +119,12 @@ def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
 def _credentials(s: ServeSettings) -> grpc.ServerCredentials | None:
     if s.tls_cert is None or s.tls_key is None:
         return None
-    try:
-        _check_tls(s.tls_cert, s.tls_key, s.tls_client_ca)
-        key, cert = s.tls_key.read_bytes(), s.tls_cert.read_bytes()
-        ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
-    except FileNotFoundError as e:
-        raise InvalidInputError(f"TLS file not found: {e.filename}") from e
+    for flag, path in (("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key), ("--tls-client-ca", s.tls_client_ca)):
+        if path is not None and not path.is_file():
+            raise InvalidInputError(f"{flag} {path}: no such file")
+    _check_tls(s.tls_cert, s.tls_key, s.tls_client_ca)
+    key, cert = s.tls_key.read_bytes(), s.tls_cert.read_bytes()
+    ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 

@@ -391,6 +391,11 @@ def test_a_tls_key_that_does_not_match_its_certificate_is_named(loop_thread, reg
     with pytest.raises(InvalidInputError) as info:
         loop_thread.call(start_worker(settings, ServiceMetrics(CollectorRegistry())))
     assert "--tls-cert" in str(info.value) and str(garbage) in str(info.value)
+    settings = ServeSettings(registry=registry_dir, model="cardio", host="127.0.0.1", port=0,
+                             tls_cert=certs / "server.pem", tls_key=tmp_path / "missing.key")
+    with pytest.raises(InvalidInputError) as info:
+        loop_thread.call(start_worker(settings, ServiceMetrics(CollectorRegistry())))
+    assert str(info.value) == f"--tls-key {tmp_path / 'missing.key'}: no such file"
     # the matching pair serves
     with serving(loop_thread, registry_dir, tmp_path, tls_cert=certs / "server.pem", tls_key=certs / "server.key") as worker:
         creds = grpc.ssl_channel_credentials((certs / "server.pem").read_bytes())
