@@ -102,6 +102,11 @@ def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
     """Load the certificate, the key and the client CA as a TLS server would, before anything is
     bound, so that a key that does not match its certificate (or a file that is not PEM) is named
     as such (gRPC only says that it failed to bind). InvalidInputError otherwise."""
+    for flag, path, what, marker in (("--tls-cert", cert, "certificate", b"-----BEGIN CERTIFICATE-----"),
+                                     ("--tls-key", key, "private key", b"PRIVATE KEY-----"),
+                                     ("--tls-client-ca", client_ca, "certificate", b"-----BEGIN CERTIFICATE-----")):
+        if path is not None and marker not in path.read_bytes():
+            raise InvalidInputError(f"{flag} {path} holds no PEM {what}: expected a '{marker.decode()}' block")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(cert, key, password=_no_password)
