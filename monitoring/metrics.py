@@ -112,13 +112,20 @@ class FeedbackGauges:
         self.unknown.labels(model).set(q.unknown_records)
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0", extra_collectors: tuple = ()) -> None:
-    """Serve ``/metrics`` on ``port``; aggregates worker processes when multiprocess mode is on."""
+def start_metrics_server(port: int, addr: str = "127.0.0.1", extra_collectors: tuple = ()) -> None:
+    """Serve ``/metrics`` on ``addr:port`` (no auth: ``outlierd serve`` chooses ``addr`` by its
+    ``--metrics-host``); aggregates worker processes when multiprocess mode is on. An address that
+    cannot be bound is an OSError naming it."""
+    registry = None
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
         for c in extra_collectors:
             registry.register(c)
-        start_http_server(port, addr=addr, registry=registry)
-    else:
-        start_http_server(port, addr=addr)
+    try:
+        if registry is not None:
+            start_http_server(port, addr=addr, registry=registry)
+        else:
+            start_http_server(port, addr=addr)
+    except OSError as e:
+        raise OSError(f"cannot serve /metrics on {addr}:{port}: {e.strerror or e}") from e

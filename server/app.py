@@ -13,7 +13,9 @@ import importlib
 import logging
 import os
 import signal
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from outlierd.core.errors import InvalidInputError
 from outlierd.core.registry import Registry
 from outlierd.monitoring.capture import CaptureWriter
 from outlierd.monitoring.capture_proc import Retention
@@ -32,7 +35,7 @@ from outlierd.v1 import scoring_pb2
 
 from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
-from .feedback import FeedbackService
+from .feedback import FeedbackService, FieldLimits
 from .health import HealthServicer
 from .plane import DataPlane, ServedModel
 from .reload import DevicePolicy, ModelSlot
@@ -93,10 +96,41 @@ class Worker:
         log.info("stopped port=%d", self.port)
 
 
+def _no_password() -> bytes:
+    return b""  # an encrypted key fails to load (gRPC cannot use one) instead of prompting on a terminal
+
+
+def _check_tls(cert: Path, key: Path, client_ca: Path | None) -> None:
+    """Load the certificate, the key and the client CA as a TLS server would, before anything is
+    bound, so that a key that does not match its certificate (or a file that is not PEM) is named
+    as such (gRPC only says that it failed to bind). InvalidInputError otherwise."""
+    for flag, path, what, marker in (("--tls-cert", cert, "certificate", b"-----BEGIN CERTIFICATE-----"),
+                                     ("--tls-key", key, "private key", b"PRIVATE KEY-----"),
+                                     ("--tls-client-ca", client_ca, "certificate", b"-----BEGIN CERTIFICATE-----")):
+        if path is not None and marker not in path.read_bytes():
+            raise InvalidInputError(f"{flag} {path} holds no PEM {what}: expected a '{marker.decode()}' block")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as e:
+        if "KEY_VALUES_MISMATCH" in str(e) or "key values mismatch" in str(e):
+            raise InvalidInputError(f"--tls-key {key} does not match the certificate in --tls-cert {cert}") from e
+        raise InvalidInputError(f"cannot load --tls-cert {cert} with --tls-key {key}: {e.reason or e}") from e
+    if client_ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as e:
+            raise InvalidInputError(f"cannot load --tls-client-ca {client_ca}: {e.reason or e}") from e
+
+
 def _credentials(s: ServeSettings) -> grpc.ServerCredentials | None:
-    if s.tls_cert is None:
+    if s.tls_cert is None or s.tls_key is None:
         return None
-    key, cert = s.tls_key.read_bytes(), s.tls_cert.read_bytes()  # type: ignore[union-attr]
+    for flag, path in (("--tls-cert", s.tls_cert), ("--tls-key", s.tls_key), ("--tls-client-ca", s.tls_client_ca)):
+        if path is not None and not path.is_file():
+            raise InvalidInputError(f"{flag} {path}: no such file")
+    _check_tls(s.tls_cert, s.tls_key, s.tls_client_ca)
+    key, cert = s.tls_key.read_bytes(), s.tls_cert.read_bytes()
     ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
@@ -168,12 +202,13 @@ async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | Non
         capture = (CaptureWriter(opener, sample_rate=settings.capture_sample, metrics=metrics) if store is not None else
                    CaptureWriter.in_process(path, sample_rate=settings.capture_sample, metrics=metrics,
                                             retention=Retention(settings.capture_max_age_s, settings.capture_max_bytes))).start()
-    return capture, FeedbackService(opener, settings.model, metrics, capture=capture)
+    return capture, FeedbackService(opener, settings.model, metrics, capture=capture, limits=FieldLimits.from_settings(settings))
 
 
 async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None, store=None) -> Worker:
     """Load the model, then start serving; returns once the port accepts calls. ``store``: a
     monitoring.store.Store to use instead of opening ``settings.feedback_store`` (tests)."""
+    creds = _credentials(settings)  # first: a TLS file that cannot serve fails before the model loads
     registry = Registry(settings.registry)
     policy = DevicePolicy(settings.device, settings.gpu_backend, settings.gpu_min_rows)
     slot = ModelSlot(registry, settings.model, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics), policy=policy)
@@ -196,7 +231,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     plane = DataPlane([ServedModel(slot, rollout)], threads=settings.threads,
                       max_batch=settings.max_batch, max_delay_us=settings.max_delay_us,
                       max_queue_records=settings.max_queue_records, max_request_records=settings.max_request_records,
-                      metrics=metrics, capture=capture)
+                      max_id_bytes=settings.max_id_bytes, metrics=metrics, capture=capture)
     plane.start()
     servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback,
                               max_message_bytes=settings.max_message_bytes,
@@ -207,7 +242,6 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"{settings.host}:{settings.port}"
-    creds = _credentials(settings)
     try:
         port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     except RuntimeError as e:  # grpc says "Failed to bind": give the CLI a clear OSError
@@ -225,13 +259,17 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback)
 
 
-async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None) -> None:
-    """Serve until SIGTERM / SIGINT, then stop gracefully."""
+async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None,
+                     on_serving: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM / SIGINT, then stop gracefully. ``on_serving`` is called once the port
+    accepts calls (the worker processes tell their parent)."""
     worker = await start_worker(settings, metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_serving is not None:
+        on_serving()
     await stop.wait()
     log.info("shutting down grace=%.1fs", settings.grace_s)
     await worker.stop()

@@ -26,18 +26,23 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         if not token:
             raise InvalidInputError("the auth token must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._token = token.encode()
         self._deny_unary, self._deny_stream = _deny("missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+
+    def _authorized(self, value: str | bytes) -> bool:
+        """``authorization: Bearer <token>``; the scheme is case-insensitive (RFC 6750, RFC 9110 §11.1)."""
+        got = value.encode() if isinstance(value, str) else value
+        scheme, _, token = got.partition(b" ")
+        # compared in constant time whatever the scheme, so a wrong scheme takes as long as a wrong token
+        return hmac.compare_digest(token.lstrip(b" "), self._token) & (scheme.lower() == b"bearer")
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         if details.method.startswith(EXEMPT_PREFIXES):
             return await continuation(details)
         for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                got = value.encode() if isinstance(value, str) else value
-                if hmac.compare_digest(got, self._expected):
-                    return await continuation(details)
+            if key == "authorization" and self._authorized(value):
+                return await continuation(details)
         handler = await continuation(details)
         if handler is None:
             return None

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 from collections.abc import AsyncIterator, Sequence
 
@@ -28,6 +29,7 @@ from outlierd.monitoring.store import LabelRow, StoreOpener
 from outlierd.v1 import scoring_pb2 as pb
 
 from .errors import RequestError, message_error, stream_errors, unary_errors
+from .plane import utf8_size
 from .requests import refuse_undecodable
 from .streams import StreamGuard
 
@@ -37,14 +39,36 @@ CAPTURE_SETTLE_S = 1.0  # how long a label with an unknown record id waits for c
 _LABELS = {pb.ANOMALY: ANOMALY, pb.NORMAL: NORMAL}
 
 
+@dataclass(frozen=True)
+class FieldLimits:
+    """Longest feedback fields accepted, in UTF-8 bytes (``--max-id-bytes``, ``--max-reviewer-bytes``,
+    ``--max-note-bytes``): labels are stored for good, so a client cannot make them arbitrarily large."""
+
+    record_id: int = 256
+    reviewer: int = 256
+    note: int = 4096
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> FieldLimits:
+        return cls(settings.max_id_bytes, settings.max_reviewer_bytes, settings.max_note_bytes)
+
+    def check(self, name: str, text: str) -> None:
+        limit = getattr(self, name)
+        size = utf8_size(text, limit)
+        if size > limit:
+            flag = "--max-id-bytes" if name == "record_id" else f"--max-{name}-bytes"
+            raise RequestError(f"{name} is {size} bytes; the limit is {limit} bytes ({flag} on the server)", reason="feedback")
+
+
 class FeedbackService:
     """A worker's feedback side: the store (opened lazily), one writer thread for labels, and the
     quality gauges recomputed at most every ``quality_interval_s`` on their own thread."""
 
     def __init__(self, opener: StoreOpener, model: str, metrics: Any = None, quality_interval_s: float = 5.0,
-                 capture: Any = None):
+                 capture: Any = None, limits: FieldLimits = FieldLimits()):
         self.opener, self.model, self.metrics = opener, model, metrics
         self.capture = capture  # monitoring.capture.CaptureWriter: records scored a moment ago are still on their way
+        self.limits = limits
         self.quality_interval_s = quality_interval_s
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlierd-feedback")
         self._quality_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlierd-quality")
@@ -127,11 +151,14 @@ class FeedbackService:
         self._quality_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def label_row(req: pb.FeedbackRequest) -> LabelRow:
+def label_row(req: pb.FeedbackRequest, limits: FieldLimits = FieldLimits()) -> LabelRow:
     """The store row for a request, or RequestError naming what is wrong (the model name is the
     caller's to check)."""
     if not req.record_id:
         raise RequestError("record_id is empty: send the id the record was scored with", reason="feedback")
+    limits.check("record_id", req.record_id)
+    limits.check("reviewer", req.reviewer)
+    limits.check("note", req.note)
     label = _LABELS.get(req.label)
     if label is None:
         raise RequestError(f"label is {pb.Label.Name(req.label) if req.label in pb.Label.values() else req.label}: "
@@ -155,7 +182,7 @@ class FeedbackRpcs:
     def _label_row(self, req: pb.FeedbackRequest, where: str = "the request") -> LabelRow:
         refuse_undecodable(req, where)
         self.plane.resolve(req.model)  # NOT_FOUND for a model this server does not serve
-        return label_row(req)
+        return label_row(req, self.feedback.limits if self.feedback is not None else FieldLimits())
 
     @unary_errors("storing feedback")
     async def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackAck:  # noqa: N802 - gRPC name
@@ -197,6 +224,7 @@ class FeedbackRpcs:
                 task.cancel()
 
     async def _feedback_stream(self, pending: asyncio.Queue, timer: Any, committing: list[bool]) -> AsyncIterator[pb.FeedbackAck]:
+        limits = self.feedback.limits if self.feedback is not None else FieldLimits()
         position = 0  # messages taken so far (an undecodable one is named by its position)
         done = False
         while not done:
@@ -220,8 +248,9 @@ class FeedbackRpcs:
                     rows.append(self._label_row(req, f"message {position} of the stream"))
                     slots.append(len(acks))
                     acks.append(pb.FeedbackAck(record_id=record_id))
-                except RequestError as e:
-                    acks.append(pb.FeedbackAck(record_id=record_id, stored=False, error=message_error(e)))
+                except RequestError as e:  # a record id over the limit is not echoed back
+                    echo = record_id if len(record_id) <= limits.record_id else ""
+                    acks.append(pb.FeedbackAck(record_id=echo, stored=False, error=message_error(e)))
             if rows:
                 committing[0] = True  # a slow commit is not idleness
                 try:

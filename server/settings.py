@@ -35,6 +35,10 @@ class ServeSettings:
     """gRPC port (0: pick a free one; single worker only)."""
     metrics_port: int = field(default=9100, metadata={"metavar": "PORT"})
     """Prometheus /metrics port (0: no metrics server)."""
+    metrics_host: str | None = field(default=None, metadata={
+        "metavar": "ADDR", "cli_note": "default: 127.0.0.1 when --auth-token-file or TLS is on, else --host"})
+    """Address the /metrics server listens on. /metrics has no token or TLS of its own: with either on
+    the gRPC port it stays on loopback unless an address is given here."""
     workers: int = 1
     """Worker processes sharing the port with SO_REUSEPORT."""
     threads: int = 2
@@ -111,6 +115,13 @@ class ServeSettings:
     """Server private key (PEM) for TLS."""
     tls_client_ca: Path | None = field(default=None, metadata={"metavar": "PEM"})
     """CA bundle (PEM): when set, clients must present a certificate it signed (mutual TLS)."""
+    max_id_bytes: int = 256
+    """Longest record id in UTF-8 bytes (each of a ScoreRequest's ids, a FeedbackRequest's record_id);
+    a longer one is INVALID_ARGUMENT."""
+    max_reviewer_bytes: int = 256
+    """Longest FeedbackRequest reviewer in UTF-8 bytes; a longer one is INVALID_ARGUMENT."""
+    max_note_bytes: int = 4096
+    """Longest FeedbackRequest note in UTF-8 bytes; a longer one is INVALID_ARGUMENT."""
     auth_token: str | None = field(default=None, repr=False, metadata={
         "flag": "--auth-token-file", "dest": "auth_token_file", "metavar": "FILE",
         "cli_note": "the CLI reads it from FILE, or from OUTLIERD_AUTH_TOKEN"})
@@ -141,7 +152,8 @@ class ServeSettings:
 
     def validate(self) -> None:
         for name in ("workers", "threads", "max_batch", "max_queue_records", "max_request_records", "stream_inflight",
-                     "max_concurrent_rpcs", "drift_window_panes", "max_streams_per_peer", "max_streams_per_connection"):
+                     "max_concurrent_rpcs", "drift_window_panes", "max_streams_per_peer", "max_streams_per_connection",
+                     "max_id_bytes", "max_reviewer_bytes", "max_note_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.device not in ("cpu", "cuda", "auto"):
@@ -170,6 +182,13 @@ class ServeSettings:
             raise InvalidInputError("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidInputError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+    def metrics_bind_host(self) -> str:
+        """Where /metrics listens: ``metrics_host``; by default loopback when a token or TLS guards
+        the gRPC port (an open /metrics beside it would undo that), else ``host``."""
+        if self.metrics_host:
+            return self.metrics_host
+        return "127.0.0.1" if self.auth_token or self.tls_cert is not None else self.host
 
     def drift_config(self):
         from outlierd.monitoring.drift import DriftConfig

@@ -598,7 +598,7 @@ def test_token_auth(loop_thread, registry_dir, X, served_model):
         stub = pb_grpc.ScorerStub(ch)
         good = (("authorization", f"Bearer {token}"),)
         for metadata in (None, (("authorization", "Bearer wrong"),), (("authorization", token),),
-                         (("authorization", f"bearer {token}"),), (("x-token", token),)):
+                         (("authorization", f"bearer{token}"),), (("authorization", f"Basic {token}"),), (("x-token", token),)):
             for call, req in ((stub.Score, request(X[:1])), (stub.GetModelInfo, pb.ModelInfoRequest())):
                 err = rpc_error(call, req, metadata=metadata)
                 assert err.code() == grpc.StatusCode.UNAUTHENTICATED
