@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -77,3 +78,31 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(list(args))
     return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def small_server(root: Path, *, d: int, data_seed: int = 0, **settings):
+    """A worker on 127.0.0.1 (port 0, no metrics port, drift off) serving model ``m`` version 1: an
+    Isolation Forest of 10 trees fitted on 500 standard-normal rows of ``d`` features, published
+    under ``root``. ``settings``: ServeSettings fields. Yields ``(worker, metrics registry)``."""
+    from prometheus_client import CollectorRegistry
+    from sklearn.ensemble import IsolationForest
+
+    from outlierd.core.registry import Registry
+    from outlierd.monitoring.metrics import ServiceMetrics
+    from outlierd.server.app import start_worker
+    from outlierd.server.settings import ServeSettings
+    from outlierd.training.export import export_sklearn
+
+    X = np.random.default_rng(data_seed).standard_normal((500, d))
+    Registry(root / "reg").publish("m", export_sklearn(IsolationForest(n_estimators=10, random_state=0).fit(X), root / "a",
+                                                       X_train=X), aliases=("champion",))
+    loop = LoopThread()
+    metrics = CollectorRegistry()
+    kw = {"registry": root / "reg", "model": "m", "host": "127.0.0.1", "port": 0, "metrics_port": 0, "drift": 0, **settings}
+    worker = loop.call(start_worker(ServeSettings(**kw), ServiceMetrics(metrics)))
+    try:
+        yield worker, metrics
+    finally:
+        loop.call(worker.stop(1.0))
+        loop.close()

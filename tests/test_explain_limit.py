@@ -13,14 +13,10 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import LoopThread
-from prometheus_client import CollectorRegistry
+from conftest import small_server
 
 from outlierd.core.registry import Registry
-from outlierd.monitoring.metrics import ServiceMetrics
-from outlierd.server.app import start_worker
 from outlierd.server.client import request
-from outlierd.server.settings import ServeSettings
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 
 D = 8
@@ -29,22 +25,8 @@ LIMIT = 1 << 20  # 1 MiB: 20,000 records of 8 float32 (640 KB) fit; their full e
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    from sklearn.ensemble import IsolationForest
-
-    from outlierd.training.export import export_sklearn
-
-    root = tmp_path_factory.mktemp("explain-limit")
-    X = np.random.default_rng(6).standard_normal((2000, D))
-    Registry(root / "reg").publish("m", export_sklearn(IsolationForest(n_estimators=10, random_state=0).fit(X), root / "a",
-                                                       X_train=X), aliases=("champion",))
-    loop = LoopThread()
-    settings = ServeSettings(registry=root / "reg", model="m", host="127.0.0.1", port=0, metrics_port=0, drift=0, capture=0,
-                             max_message_bytes=LIMIT)
-    metrics = CollectorRegistry()
-    w = loop.call(start_worker(settings, ServiceMetrics(metrics)))
-    yield w, metrics
-    loop.call(w.stop(1.0))
-    loop.close()
+    with small_server(tmp_path_factory.mktemp("explain-limit"), d=D, data_seed=6, capture=0, max_message_bytes=LIMIT) as served:
+        yield served
 
 
 def _req(n, **kw):

@@ -9,35 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import LoopThread
-from prometheus_client import CollectorRegistry
+from conftest import small_server
 
-from outlierd.core.registry import Registry
-from outlierd.monitoring.metrics import ServiceMetrics
-from outlierd.server.app import start_worker
 from outlierd.server.client import ScorerClient
-from outlierd.server.settings import ServeSettings
 from outlierd.v1 import scoring_pb2 as pb
 
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    from sklearn.ensemble import IsolationForest
-
-    from outlierd.training.export import export_sklearn
-
     root = tmp_path_factory.mktemp("known")
-    X = np.random.default_rng(4).standard_normal((500, 4))
-    Registry(root / "reg").publish("m", export_sklearn(IsolationForest(n_estimators=10, random_state=0).fit(X), root / "a",
-                                                       X_train=X), aliases=("champion",))
-    loop = LoopThread()
     # every record captured (sample 1.0), so every scored id must be known
-    settings = ServeSettings(registry=root / "reg", model="m", host="127.0.0.1", port=0, metrics_port=0, drift=0,
-                             capture_sample=1.0, feedback_store=root / "fb.sqlite")
-    w = loop.call(start_worker(settings, ServiceMetrics(CollectorRegistry())))
-    yield w
-    loop.call(w.stop(1.0))
-    loop.close()
+    with small_server(root, d=4, data_seed=4, capture_sample=1.0, feedback_store=root / "fb.sqlite") as (w, _):
+        yield w
 
 
 def test_a_label_right_after_scoring_finds_its_record(worker):

@@ -794,6 +794,24 @@ def test_two_workers_end_to_end_metrics(tmp_path, registry_dir, X, served_model)
 SENTINEL = 12345.0  # a record with this first value makes the patched kernel raise
 
 
+def _stream_one_at_a_time(stub, reqs: list) -> list:
+    """ScoreStream responses to ``reqs``, each message sent only once the previous one is answered
+    (so no batch mixes them)."""
+    answered = threading.Event()
+
+    def one_at_a_time():
+        for r in reqs:
+            answered.clear()
+            yield r
+            answered.wait(TIMEOUT)
+
+    responses = []
+    for resp in stub.ScoreStream(one_at_a_time(), timeout=TIMEOUT):
+        responses.append(resp)
+        answered.set()
+    return responses
+
+
 def test_kernel_failure_is_internal_and_the_server_keeps_serving(loop_thread, registry_dir, X, served_model):
     with serving(loop_thread, registry_dir) as running:
         model = running.worker.slot.current.model
@@ -816,19 +834,8 @@ def test_kernel_failure_is_internal_and_the_server_keeps_serving(loop_thread, re
             assert_scored(stub.Score(request(X[:5]), timeout=TIMEOUT), X[:5], served_model)
 
             # on a stream, one message at a time (so no batch mixes the bad one with others)
-            answered = threading.Event()
-            reqs = [request(X[:4], request_id=1), request(bad, request_id=2), request(X[4:9], request_id=3)]
-
-            def one_at_a_time():
-                for r in reqs:
-                    answered.clear()
-                    yield r
-                    answered.wait(TIMEOUT)
-
-            responses = []
-            for resp in stub.ScoreStream(one_at_a_time(), timeout=TIMEOUT):
-                responses.append(resp)
-                answered.set()
+            responses = _stream_one_at_a_time(stub, [request(X[:4], request_id=1), request(bad, request_id=2),
+                                                     request(X[4:9], request_id=3)])
         assert [r.request_id for r in responses] == [1, 2, 3]
         assert responses[1].error == "INTERNAL: internal error: kernel exploded" and list(responses[1].scores) == []
         assert_scored(responses[0], X[:4], served_model)
@@ -862,19 +869,8 @@ def test_core_error_while_scoring_reaches_the_caller_with_its_code(loop_thread, 
             assert e.code() == code
             assert e.details() == str(error)
 
-            answered = threading.Event()
-            reqs = [request(X[:4], request_id=1), request(bad, request_id=2), request(X[4:9], request_id=3)]
-
-            def one_at_a_time():
-                for r in reqs:
-                    answered.clear()
-                    yield r
-                    answered.wait(TIMEOUT)
-
-            responses = []
-            for resp in stub.ScoreStream(one_at_a_time(), timeout=TIMEOUT):
-                responses.append(resp)
-                answered.set()
+            responses = _stream_one_at_a_time(stub, [request(X[:4], request_id=1), request(bad, request_id=2),
+                                                     request(X[4:9], request_id=3)])
         assert [r.request_id for r in responses] == [1, 2, 3]
         assert responses[1].error == f"{code.name}: {error}" and list(responses[1].scores) == []
         assert_scored(responses[0], X[:4], served_model)

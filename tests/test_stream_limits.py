@@ -14,14 +14,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import LoopThread
-from prometheus_client import CollectorRegistry
+from conftest import small_server
 
-from outlierd.core.registry import Registry
-from outlierd.monitoring.metrics import ServiceMetrics
-from outlierd.server.app import start_worker
 from outlierd.server.client import request
-from outlierd.server.settings import ServeSettings
 from outlierd.server.streams import peer_address
 from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
@@ -32,21 +27,9 @@ IDLE_S = 1.5
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    from sklearn.ensemble import IsolationForest
-
-    from outlierd.training.export import export_sklearn
-
-    root = tmp_path_factory.mktemp("streams")
-    X = np.random.default_rng(2).standard_normal((500, D))
-    Registry(root / "reg").publish("m", export_sklearn(IsolationForest(n_estimators=10, random_state=0).fit(X), root / "a",
-                                                       X_train=X), aliases=("champion",))
-    loop = LoopThread()
-    settings = ServeSettings(registry=root / "reg", model="m", host="127.0.0.1", port=0, metrics_port=0, drift=0, capture=0,
-                             max_streams_per_peer=6, max_streams_per_connection=4, stream_idle_s=IDLE_S)
-    w = loop.call(start_worker(settings, ServiceMetrics(CollectorRegistry())))
-    yield w
-    loop.call(w.stop(1.0))
-    loop.close()
+    with small_server(tmp_path_factory.mktemp("streams"), d=D, data_seed=2, capture=0, max_streams_per_peer=6,
+                      max_streams_per_connection=4, stream_idle_s=IDLE_S) as (w, _):
+        yield w
 
 
 def test_peer_address():

@@ -11,15 +11,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from conftest import LoopThread
-from prometheus_client import CollectorRegistry
+from conftest import small_server
 
-from outlierd.core.registry import Registry
-from outlierd.monitoring.metrics import ServiceMetrics
 from outlierd.monitoring.store import open_store
-from outlierd.server.app import start_worker
 from outlierd.server.client import request
-from outlierd.server.settings import ServeSettings
 from outlierd.v1 import scoring_pb2 as pb
 
 TRUNCATED = b"\x0a\x05ab"  # field 1 (a string) says 5 bytes, 2 follow
@@ -29,22 +24,10 @@ TIMEOUT = 30.0
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from sklearn.ensemble import IsolationForest
-
-    from outlierd.training.export import export_sklearn
-
     root = tmp_path_factory.mktemp("undecodable")
-    X = np.random.default_rng(3).standard_normal((500, 4))
-    Registry(root / "reg").publish("m", export_sklearn(IsolationForest(n_estimators=10, random_state=0).fit(X), root / "a",
-                                                       X_train=X), aliases=("champion",))
-    loop = LoopThread()
-    settings = ServeSettings(registry=root / "reg", model="m", host="127.0.0.1", port=0, metrics_port=0, drift=0,
-                             feedback_store=root / "fb.sqlite")
-    metrics = CollectorRegistry()
-    worker = loop.call(start_worker(settings, ServiceMetrics(metrics)))
-    yield worker, metrics, X.astype(np.float32), root / "fb.sqlite"
-    loop.call(worker.stop(1.0))
-    loop.close()
+    with small_server(root, d=4, data_seed=3, feedback_store=root / "fb.sqlite") as (worker, metrics):
+        X = np.random.default_rng(3).standard_normal((500, 4))
+        yield worker, metrics, X.astype(np.float32), root / "fb.sqlite"
 
 
 def _call(worker, kind: str, method: str):
