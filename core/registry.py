@@ -282,6 +282,8 @@ class Registry:
         # Full load: digest, checksums, shapes and probe scores. Only a servable model is published.
         manifest = load_model(src, verify_probe=reprobe).manifest
         files = [MANIFEST, *manifest["files"]]
+        if CHALLENGER in alias_list:
+            self._check_challenger(name, manifest)
 
         with self._locked(name) as mdir:
             self._remove_stale_tmp(mdir)
@@ -309,6 +311,22 @@ class Registry:
                 self._set_alias_locked(mdir, name, alias, version)
         return version
 
+    def _check_challenger(self, name: str, manifest: dict[str, Any]) -> None:
+        """Refuse a challenger whose features differ from the champion's: a server shadowing or
+        splitting traffic could not score requests with both, and would refuse it only then."""
+        try:
+            champion = self.resolve(name, CHAMPION)
+        except ModelNotFoundError:
+            return  # no champion yet: nothing to compare with
+        theirs = [f["name"] for f in read_manifest(self.path(name, champion))["features"]]
+        ours = [f["name"] for f in manifest["features"]]
+        if ours != theirs:
+            extra, missing = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+            what = ", ".join(p for p in (f"extra {extra[:5]}" if extra else "", f"missing {missing[:5]}" if missing else "") if p) \
+                or "the same names in another order"
+            raise ArtifactError(f"a challenger must have the champion's features (version {champion}: {len(theirs)} features); "
+                                f"this one has {len(ours)}: {what}. Train it with the champion's feature columns")
+
     def set_alias(self, name: str, alias: str, version: int | str, *, verify: bool = False, force: bool = False) -> int:
         """Point ``alias`` of model ``name`` at ``version`` (a number, a decimal string or another
         alias, resolved now). The alias file is replaced atomically and the move audited.
@@ -322,6 +340,8 @@ class Registry:
         validate_alias(alias)
         self._require_model(name)
         failure = None
+        if alias == CHALLENGER and verify and not force:
+            self._check_challenger(name, read_manifest(self.path(name, self.resolve(name, version))))
         if verify:
             target = self.resolve(name, version)
             try:

@@ -339,20 +339,43 @@ def _add_retrain_policy(sub: Any) -> None:
     p.add_argument("--now", action="store_true", help="retrain once now (on demand) and exit")
     p.add_argument("--max-triggers", type=int, metavar="N", help="exit after N triggers")
     p.add_argument("--max-seconds", type=float, metavar="S", help="exit after S seconds")
-    p.add_argument("--detector", default="iforest", choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder"),
-                   help="detector (default iforest)")
-    p.add_argument("--label-column", metavar="COL", help="column with 0/1 labels, passed to training (see outlierd train --help)")
-    p.add_argument("--alert-rate", type=float, default=0.01, metavar="R", help="share of records to flag (default 0.01)")
+    p.add_argument("--detector", choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder"),
+                   help="detector (default: the champion's, from its lineage; iforest without a champion)")
+    p.add_argument("--label-column", metavar="COL",
+                   help="column with 0/1 labels, passed to training (default: the champion's; see outlierd train --help)")
+    p.add_argument("--alert-rate", type=float, metavar="R",
+                   help="share of records to flag (default: the champion's; 0.01 without a champion)")
+    p.add_argument("--feature-columns", metavar="A,B,...",
+                   help="features to train on (default: the champion's features, so the challenger can serve beside it)")
     p.set_defaults(func=_run_retrain_policy)
+
+
+def champion_training_options(registry: str, model: str) -> dict[str, Any]:
+    """The training options the champion was published with (its lineage): detector, label
+    column, alert rate, and its feature names as the feature columns; {} without a champion."""
+    from outlierd.core.errors import ModelNotFoundError
+    from outlierd.core.registry import CHAMPION, Registry
+
+    try:
+        manifest = Registry(registry).get(model, CHAMPION)["manifest"]
+    except ModelNotFoundError:
+        return {}
+    params = (manifest.get("lineage") or {}).get("parameters") or {}
+    options = {k: params[k] for k in ("detector", "label_column", "alert_rate") if params.get(k) is not None}
+    options["feature_columns"] = [f["name"] for f in manifest["features"]]
+    return options
 
 
 def _run_retrain_policy(args: argparse.Namespace) -> int:
     from outlierd.monitoring.trigger import CHALLENGER, RetrainPolicy
     from outlierd.training.train import train
 
-    policy = RetrainPolicy(args.registry, args.model, args.data, train=train,
-                           train_kwargs={"detector": args.detector, "label_column": args.label_column,
-                                         "alert_rate": args.alert_rate},
+    # what is not given is the champion's: a challenger must serve beside it (same features, labels kept out)
+    inherited = champion_training_options(args.registry, args.model)
+    given = {"detector": args.detector, "label_column": args.label_column, "alert_rate": args.alert_rate,
+             "feature_columns": args.feature_columns}
+    kwargs = {**{"detector": "iforest", "alert_rate": 0.01}, **inherited, **{k: v for k, v in given.items() if v is not None}}
+    policy = RetrainPolicy(args.registry, args.model, args.data, train=train, train_kwargs=kwargs,
                            metrics_url=args.metrics_url, sustained=args.sustained, interval=args.interval, every=args.every,
                            max_triggers=args.max_triggers, max_seconds=args.max_seconds)
     if args.now:

@@ -243,9 +243,10 @@ def test_failed_training_is_audited_and_the_loop_goes_on(setup, tmp_path):
     assert [a["result"] for a in _triggers(reg)] == ["failed", "failed"]
     assert reg.aliases(MODEL) == {"champion": 1}
     # a capture arrives: the next trigger trains on the newest file of the directory
-    (bad / "old.csv").write_text("x0,x1\n" + "\n".join(f"{i},{i % 7}" for i in range(200)) + "\n")
+    # (with the champion's four features: a challenger with others is refused at publish)
+    (bad / "old.csv").write_text("x0,x1,x2,x3\n" + "\n".join(f"{i},{i % 7},{i % 3},{i % 11}" for i in range(200)) + "\n")
     newest = bad / "new.csv"
-    newest.write_text("x0,x1\n" + "\n".join(f"{i % 5},{i}" for i in range(200)) + "\n")
+    newest.write_text("x0,x1,x2,x3\n" + "\n".join(f"{i % 5},{i},{i % 13},{i % 2}" for i in range(200)) + "\n")
     os.utime(bad / "old.csv", (1, 1))
     t = _policy(reg, bad, lines, every=1).trigger_now()
     assert t.ok and t.data == str(newest.resolve()) and reg.aliases(MODEL)["challenger"] == t.version
