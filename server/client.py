@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -25,20 +25,36 @@ class Scored:
     ids: list[str]
     request_id: int
     error: str = ""
+    explanations: list[Explained] = field(default_factory=list)
 
 
-def request(X: np.ndarray, *, ids: Sequence[str] | None = None, model: str = "", request_id: int = 0, raw: bool = True) -> pb.ScoreRequest:
-    """Pack records ``X`` (n, d) into one ScoreRequest: little-endian float32 bytes, or ``values``."""
+@dataclass
+class Explained:
+    """The features that made one record's score, most contributing first."""
+
+    record: int                 # the record's position in its request
+    features: list[int]
+    feature_names: list[str]
+    contributions: list[float]
+
+
+def request(X: np.ndarray, *, ids: Sequence[str] | None = None, model: str = "", request_id: int = 0, raw: bool = True,
+            explain: bool = False, top_k: int = 0, explain_flagged_only: bool = False) -> pb.ScoreRequest:
+    """Pack records ``X`` (n, d) into one ScoreRequest: little-endian float32 bytes, or ``values``;
+    ``ids`` one per record (needed to label them later); ``explain``: ask for the ``top_k`` features
+    of each record (0: the server's default), or of the flagged ones only."""
     X = np.ascontiguousarray(X, dtype="<f4")
     if X.ndim != 2:
         raise InvalidInputError(f"X must be 2-D (n_records, n_features); got shape {X.shape}")
     kw = {"raw_values": X.tobytes()} if raw else {"values": X.ravel()}
-    return pb.ScoreRequest(model=model, n_features=X.shape[1], ids=list(ids or ()), request_id=request_id, **kw)
+    return pb.ScoreRequest(model=model, n_features=X.shape[1], ids=list(ids or ()), request_id=request_id, explain=explain,
+                           top_k=top_k, explain_flagged_only=explain_flagged_only, **kw)
 
 
 def scored(resp: pb.ScoreResponse) -> Scored:
     return Scored(np.asarray(resp.scores, dtype=np.float64), np.asarray(resp.anomalous, dtype=bool),
-                  int(resp.version) if resp.version else None, resp.model, list(resp.ids), resp.request_id, resp.error)
+                  int(resp.version) if resp.version else None, resp.model, list(resp.ids), resp.request_id, resp.error,
+                  [Explained(e.record, list(e.features), list(e.feature_names), list(e.contributions)) for e in resp.explanations])
 
 
 class ScorerClient:
@@ -66,15 +82,25 @@ class ScorerClient:
     def close(self) -> None:
         self.channel.close()
 
-    def score(self, X: np.ndarray, *, ids: Sequence[str] | None = None, model: str = "", request_id: int = 0, raw: bool = True) -> Scored:
-        resp = self.stub.Score(request(X, ids=ids, model=model, request_id=request_id, raw=raw),
+    def score(self, X: np.ndarray, *, ids: Sequence[str] | None = None, model: str = "", request_id: int = 0, raw: bool = True,
+              explain: bool = False, top_k: int = 0, explain_flagged_only: bool = False) -> Scored:
+        resp = self.stub.Score(request(X, ids=ids, model=model, request_id=request_id, raw=raw, explain=explain, top_k=top_k,
+                                       explain_flagged_only=explain_flagged_only),
                                timeout=self.timeout, metadata=self.metadata)
         return scored(resp)
 
-    def score_stream(self, batches: Iterable[np.ndarray], *, model: str = "", raw: bool = True, timeout: float | None = None) -> Iterator[Scored]:
-        """Stream batches; yields one result per batch, in order (``error`` set for a rejected one)."""
-        reqs = (request(X, model=model, request_id=i, raw=raw) for i, X in enumerate(batches))
-        for resp in self.stub.ScoreStream(reqs, timeout=timeout, metadata=self.metadata):
+    def score_stream(self, batches: Iterable[np.ndarray | tuple[np.ndarray, Sequence[str]]], *, model: str = "", raw: bool = True,
+                     timeout: float | None = None, explain: bool = False, top_k: int = 0,
+                     explain_flagged_only: bool = False) -> Iterator[Scored]:
+        """Stream batches; yields one result per batch, in order (``error`` set for a rejected one).
+        A batch is ``X``, or ``(X, ids)`` with one id per record (to label them later)."""
+        def requests() -> Iterator[pb.ScoreRequest]:
+            for i, batch in enumerate(batches):
+                X, ids = batch if isinstance(batch, tuple) else (batch, None)
+                yield request(X, ids=ids, model=model, request_id=i, raw=raw, explain=explain, top_k=top_k,
+                              explain_flagged_only=explain_flagged_only)
+
+        for resp in self.stub.ScoreStream(requests(), timeout=timeout, metadata=self.metadata):
             yield scored(resp)
 
     def model_info(self, model: str = "") -> pb.ModelInfo:
