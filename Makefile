@@ -3,21 +3,33 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The demo needs none of the extras (torch alone is hundreds of MB): its own, smallest environment.
+DEMO_VENV  := .venv-demo
+DEMO_STAMP := $(DEMO_VENV)/.installed
 
 .PHONY: demo test lint bench env clean deps-system
 
+# torch==2.13.0 (the torch extra, for the torch backend's tests): where pip finds it only on PyPI,
+# that is a CUDA build of several GB on Linux x86_64; a CPU-only wheel comes from pip's own
+# configuration (PIP_INDEX_URL / PIP_FIND_LINKS), as on the project's CI machines.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,onnx,torch,mlflow,dask]"  # torch==2.13.0: the CPU wheel
+	$(BIN)/pip install -q -e ".[dev,onnx,torch,mlflow,dask]"
 	touch $(STAMP)
+
+$(DEMO_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/pip install -q --upgrade pip
+	$(DEMO_VENV)/bin/pip install -q -e .
+	touch $(DEMO_STAMP)
 
 env: $(STAMP)
 
 # Train on synthetic payments, serve (outlierd serve on 127.0.0.1), stream with injected anomalies,
 # retrain and hot-swap mid-stream, summarise, stop with SIGTERM: bounded, about 30 s.
-demo: $(STAMP)
-	$(BIN)/outlierd demo --registry runs/demo-registry
+demo: $(DEMO_STAMP)
+	$(DEMO_VENV)/bin/outlierd demo --registry runs/demo-registry
 
 # promtool + prometheus for the deploy/ monitoring tests (Debian's prometheus package): installed
 # when missing, as root with apt-get; otherwise a note, and those tests skip saying why.
@@ -60,4 +72,4 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks --benchmark-only -p no:cacheprovider --benchmark-columns=median,min,max,rounds,iterations
 
 clean:
-	rm -rf $(VENV) runs .benchmarks build/installed-layout .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_VENV) runs .benchmarks build/installed-layout .mypy_cache .ruff_cache
