@@ -134,17 +134,21 @@ def summarize(labels: Sequence[LabelRow], captures: dict[str, tuple[bool, bool] 
                    disagreement=share, notes=notes)
 
 
-def from_store(store: Any, model: str, *, role: str = "champion") -> Quality:
+def from_store(store: Any, model: str, *, role: str = "champion", since: float | None = None) -> Quality:
     """Quality of what ``store`` holds for ``model``. A store with ``quality_inputs`` (SQLite) answers
     from running totals and one lookup per labelled record; any other :class:`Store` is read whole
-    (features left out) and goes through :func:`compute`."""
+    (features left out) and goes through :func:`compute`. ``since`` (epoch seconds): only captures
+    and labels from then on (the store is then read whole: running totals cover all time)."""
     labels = store.labels(model)
-    if hasattr(store, "quality_inputs"):
+    if since is not None:
+        labels = [r for r in labels if r.ts is None or r.ts >= since]
+    if hasattr(store, "quality_inputs") and since is None:
         q = store.quality_inputs(model, role)
         return summarize(labels, q["captures"], q["known"], captured_flagged=q["captured_flagged"], captured_sampled=q["captured_sampled"],
                          sampled_weight=q["sampled_weight"], sampled_no_rate=q["sampled_no_rate"])
     allp = store.predictions(model, features=False)
-    idx = np.flatnonzero(np.array([r == role for r in allp.role], dtype=bool))
+    in_window = np.ones(len(allp.record_id), dtype=bool) if since is None else np.asarray(allp.ts) >= since
+    idx = np.flatnonzero(np.array([r == role for r in allp.role], dtype=bool) & in_window)
     sub = Predictions(record_id=[allp.record_id[i] for i in idx], version=allp.version[idx], role=[role] * idx.size,
                       score=allp.score[idx], flagged=allp.flagged[idx], sampled=allp.sampled[idx], ts=allp.ts[idx],
                       latency_us=allp.latency_us[idx], X=allp.X[idx], sample_rate=allp.sample_rate[idx])

@@ -4,7 +4,7 @@ Public forms::
 
     outlierd feedback import --registry DIR --model NAME [--feedback-store PATH] FILE.csv
     outlierd feedback export --registry DIR --model NAME [--feedback-store PATH] --out FILE.csv
-    outlierd feedback stats  --registry DIR --model NAME [--feedback-store PATH] [--json]
+    outlierd feedback stats  --registry DIR --model NAME [--feedback-store PATH] [--since DURATION] [--json]
 
 CSV columns: ``record_id,label[,reviewer,note]`` with a header row; labels ``anomaly``/``normal``
 (also ``1``/``0``, ``true``/``false``). An import is one transaction, fsynced: every row or none.
@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,30 @@ def add_parser(subparsers: Any) -> None:
     p_st = sub.add_parser("stats", help="label counts, precision of alerts, estimated recall, reviewer disagreement")
     common(p_st)
     p_st.add_argument("--json", action="store_true", help="print JSON")
+    p_st.add_argument("--since", type=parse_duration, metavar="DURATION",
+                      help="only captures and labels of the last DURATION (e.g. 90s, 30m, 24h, 7d; a number: seconds)")
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of ``90s``, ``30m``, ``24h``, ``7d`` or a plain number of seconds (argparse type)."""
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: give e.g. 90s, 30m, 24h, 7d or seconds")
+    return value
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,17 +220,20 @@ def _fmt(v: float | None) -> str:
 def _stats(args: argparse.Namespace, path: Path) -> int:
     from outlierd.monitoring.quality import from_store
 
+    since = None if args.since is None else time.time() - args.since
     store = _open_existing(path)
     try:
-        q = from_store(store, args.model)
+        q = from_store(store, args.model, since=since)
         why = _anomaly_features(args, store)
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"model": args.model, "store": str(path), **q.as_dict(), "anomaly_features": why}, indent=2, sort_keys=True))
+        print(json.dumps({"model": args.model, "store": str(path), "since": since, **q.as_dict(), "anomaly_features": why},
+                         indent=2, sort_keys=True))
         return 0
     counts = ", ".join(f"{n} {lab}" for lab, n in q.by_label.items())
-    print(f"feedback for {args.model} ({path})")
+    window = "" if args.since is None else f", captures and labels of the last {_duration_text(args.since)}"
+    print(f"feedback for {args.model} ({path}{window})")
     print(f"  labels          {q.labels} ({counts}) on {q.labelled_records} records; {q.unknown_records} unknown record ids")
     print(f"  captured        {q.captured_flagged} flagged, {q.captured_sampled} sampled unflagged (champion)")
     print(f"  precision       {_fmt(q.precision)} ({q.reviewed_flagged_anomalies} anomalies of {q.reviewed_flagged} reviewed flagged)")
