@@ -454,9 +454,13 @@ def render_html(report: DriftReport) -> str:
         cls, text = "unjudged", (f"Not judged: {res.records:,} records is below the minimum of {cfg.min_records:,}; "
                                  "the statistics are shown but no state is set.")
     else:
-        bits = [f"{n_drift} of {d} features drifted" if n_drift else "no feature drifted"]
+        def named(state: str) -> str:  # the features in that state, most drifted first (as in the table)
+            names = [str(f["name"]) for f in summary["features"] if f["state"] == state]
+            return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+        bits = [f"{n_drift} of {d} features drifted ({named('drift')})" if n_drift else "no feature drifted"]
         if n_warn:
-            bits.append(f"{n_warn} in warn")
+            bits.append(f"{n_warn} in warn ({named('warn')})")
         bits.append("score distribution drifted" if res.score_drift else "score distribution stable")
         bits.append("alert rate shifted" if res.alert_rate_shift else "alert rate as calibrated")
         cls = "drift" if (n_drift or res.score_drift or res.alert_rate_shift) else "warn" if n_warn else "ok"

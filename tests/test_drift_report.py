@@ -107,6 +107,9 @@ def test_drifted_features_come_first(setup, capsys):
     assert figs == sorted(figs) and rows == sorted(rows)
     assert max(figs[:3]) < min(figs[3:]) and max(rows[:3]) < min(rows[3:])
     assert page.count('class="pill drift"') >= 3 + 1  # the three features and the score KS card
+    # the banner names them, most drifted first
+    banner = re.search(r'<div class="banner drift">([^<]*)</div>', page).group(1)
+    assert banner.startswith(f"3 of {len(feats)} features drifted (" + ", ".join(esc[f["name"]] for f in feats[:3]) + ")"), banner
 
 
 def test_bad_inputs_are_one_line_errors(setup, capsys, tmp_path):
