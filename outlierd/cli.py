@@ -416,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def terminal_safe(text: str) -> str:
+    """``text`` with control characters escaped as ``repr`` does (``\\x1b``): an error message may
+    quote a data file's bytes, and escape codes must not reach the terminal."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script: parse, run the command, and the CLI's one error boundary: an error
     becomes ``outlierd: error: <message>`` on stderr and its exit code (OUTLIERD_DEBUG=1 re-raises
@@ -428,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OutlierdError as e:
         if os.environ.get("OUTLIERD_DEBUG"):
             raise
-        print(f"outlierd: error: {e.message}", file=sys.stderr)
+        print(f"outlierd: error: {terminal_safe(e.message)}", file=sys.stderr)
         return e.exit_code
     except (OSError, ValueError) as e:
         # OSError: a file or socket the command needs (one line: str() of an OSError is one).
@@ -437,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # an OutlierdError, above.
         if os.environ.get("OUTLIERD_DEBUG"):
             raise
-        print(f"outlierd: error: {e}", file=sys.stderr)
+        print(f"outlierd: error: {terminal_safe(str(e))}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("outlierd: interrupted", file=sys.stderr)

@@ -85,3 +85,13 @@ def test_errors_that_replaced_builtins_still_are_them():
     assert issubclass(BackendUnavailableError, MissingDependencyError) and issubclass(BackendUnavailableError, ValueError)
     assert issubclass(ScrapeError, UnavailableError)
     assert str(StoreUnavailableError("store x unavailable")) == "store x unavailable"
+
+
+def test_error_messages_never_carry_escape_codes(tmp_path):
+    # any error message that quotes a file's bytes: the escape sequence is shown, not executed
+    from conftest import run_cli
+
+    bad = tmp_path / "evil\x1b[2J.csv"
+    res = run_cli("train", "--data", str(bad), "--registry", str(tmp_path / "reg"), "--model", "m")
+    (line,) = [line for line in res.stderr.splitlines() if line.startswith("outlierd: error:")]
+    assert res.returncode == 2 and "\x1b" not in line and "\\x1b[2J" in line, line
