@@ -24,7 +24,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
     p.add_argument("--detector", default=None,
                    choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder", "auto", "stacked"),
-                   help="detector (default iforest); knn/lof: k=20 neighbours in a reference sample of up to 4096 "
+                   help="detector (default: iforest, or auto when the labels used for training -- a partially labelled "
+                        "--label-column, --labels-from-feedback -- hold at least 2 anomalies and 2 normals; the lineage "
+                        "records what the default became and why; an explicit --detector iforest stays unsupervised); knn/lof: k=20 neighbours in a reference sample of up to 4096 "
                         "training rows; autoencoder needs the torch extra; auto: chosen on the labelled records out of fold "
                         "among --select's candidates: the stacked model when there are --min-labels labels of each kind "
                         "(unless the labels show with 90%% bootstrap confidence that it ranks them worse), else iforest "
@@ -64,8 +66,8 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.mlflow_uri:  # fail before training when the extra is missing
         from outlierd.training.tracking import require_mlflow
         require_mlflow()
-    if args.detector is None:  # --select implies auto; an explicit --detector X with --select is refused by the spec
-        args.detector = "auto" if args.select else "iforest"
+    # no --detector: the spec's default (auto with --select; with labels of both kinds for training, auto;
+    # else iforest); an explicit --detector X with --select is refused by the spec
     # training takes labelled records as data: the CLI reads them from the feedback store
     feedback = (feedback_cli.labelled_records(args.registry, args.model, args.feedback_store)
                 if args.labels_from_feedback else None)
@@ -80,7 +82,8 @@ def _run_train(args: argparse.Namespace) -> int:
                           "metrics": res.metrics, "warnings": res.warnings, **({"mlflow": mlflow} if mlflow else {})},
                          indent=2, sort_keys=True))
         return mlflow_rc
-    print(f"model {args.model} version {res.version} ({args.detector}): {res.rows} rows x {res.n_features} features")
+    detector = res.metrics.get("chosen") or args.detector or "iforest"
+    print(f"model {args.model} version {res.version} ({detector}): {res.rows} rows x {res.n_features} features")
     print(f"  artifact   {res.path}")
     print(f"  threshold  {res.threshold:.6g} (alert rate {args.alert_rate:g}; flags {res.metrics['train_alert_rate']:.4f} of the training rows)")
     for key in ("roc_auc", "pr_auc", "precision_at_k", "precision_at_alert_rate", "recall_at_alert_rate"):
@@ -89,6 +92,8 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"  {key:<24} {res.metrics[key]:.4f}{extra}")
     if "note" in res.metrics:
         print(f"  note: {res.metrics['note']}")
+    if "detector_default" in res.metrics:
+        print(f"  default    no --detector: {res.metrics['detector_default']} (see the lineage's detector_choice)")
     if "chosen" in res.metrics:
         sel = res.metrics.get("selection_pr_auc", {})
         print(f"  chosen     {res.metrics['chosen']}" + (" (out-of-fold PR-AUC: " + ", ".join(f"{k} {v:.3f}" for k, v in sel.items()) + ")" if sel else ""))

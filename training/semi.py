@@ -265,6 +265,8 @@ class Plan:
     oof_scores: np.ndarray | None = None  # the chosen model's out-of-fold scores of the labelled rows
     selection: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # when no detector was given: what the default resolved to and why (recorded in the lineage)
+    detector_choice: dict[str, Any] | None = None
 
 
 def plan(ld: LabelledData, *, detector: str, select: Sequence[str], min_labels: int = MIN_LABELS,

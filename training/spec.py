@@ -20,6 +20,9 @@ from .semi import DEFAULT_FOLDS, MIN_LABELS, parse_select
 
 DEFAULT_ALERT_RATE = 0.01
 AUTO = "auto"
+# what ``detector=None`` (no ``--detector``) fits without labels for training; with partially
+# labelled data (or feedback labels) of both kinds the default is ``auto`` (``training.train.resolve_detector``)
+DEFAULT_DETECTOR = "iforest"
 TRAIN_DETECTORS = (*DETECTORS, AUTO, STACKED)
 
 
@@ -63,12 +66,17 @@ class TrainSpec:
     labels (empty cells), ``feedback`` records, ``select`` or ``detector`` "auto" / "stacked"
     take the label-aware path: known anomalies are left out of the fit, detectors are compared out
     of fold, a semi-supervised model is fitted when there are ``min_labels`` labels of each kind.
+
+    ``detector`` None (not given): iforest, unless the label-aware path has labels of both kinds
+    (at least ``semi.MIN_SELECT_LABELS`` each), then ``auto``. An explicit ``detector`` is kept as
+    given (``"iforest"`` stays unsupervised, known anomalies aside). ``select`` without a detector
+    means ``auto``.
     """
 
     data: str | os.PathLike
     registry: str | os.PathLike
     model: str
-    detector: str = "iforest"
+    detector: str | None = None  # None: the default (see above); resolved by the pipeline
     label_column: str | None = None
     alert_rate: float = DEFAULT_ALERT_RATE
     alias: str | None = None
@@ -93,7 +101,9 @@ class TrainSpec:
                 raise InvalidInputError(f"--alias: {e}") from e
         select = parse_select(self.select or None)
         object.__setattr__(self, "select", select)
-        if self.detector not in TRAIN_DETECTORS:
+        if self.detector is None and select:
+            object.__setattr__(self, "detector", AUTO)
+        if self.detector is not None and self.detector not in TRAIN_DETECTORS:
             raise InvalidInputError(f"unknown detector {self.detector!r}; choose one of {', '.join(TRAIN_DETECTORS)}")
         if select and self.detector not in (AUTO, STACKED):
             raise InvalidInputError(f"--select chooses the detector; drop --detector {self.detector} (or use --detector auto)")
@@ -118,6 +128,11 @@ class TrainSpec:
     def features(self) -> list[str] | None:
         """``feature_columns`` as parsed on construction; None when not given (every other column)."""
         return list(self.feature_columns or ()) or None
+
+    @property
+    def detector_given(self) -> bool:
+        """False when the detector is the default one (resolved from the labels by the pipeline)."""
+        return self.detector is not None
 
     @property
     def asks_for_labels(self) -> bool:

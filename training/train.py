@@ -40,8 +40,8 @@ from .evaluate import evaluate, threshold_for_alert_rate
 from .fit import fit_and_export
 from .labels import LabelledData, LabelledRecords, labelled_data, parse_labels
 from .lineage import data_lineage
-from .semi import Plan, export_candidate, export_stacked, plan
-from .spec import DEFAULT_ALERT_RATE, TrainSpec
+from .semi import MIN_SELECT_LABELS, Plan, export_candidate, export_stacked, plan
+from .spec import AUTO, DEFAULT_ALERT_RATE, DEFAULT_DETECTOR, TrainSpec
 
 __all__ = ["DEFAULT_ALERT_RATE", "LabelledRecords", "Progress", "TrainResult", "TrainSpec", "run_train", "train"]
 
@@ -128,16 +128,56 @@ def load(spec: TrainSpec, table: pa.Table, label_aware: bool) -> Loaded:
     return Loaded(ds.X, ds.feature_names, ds.warnings, ds.n_rows, eval_labels=ds.labels)
 
 
+def resolve_detector(spec: TrainSpec, loaded: Loaded) -> tuple[str, dict[str, Any] | None]:
+    """The detector to plan for, and (when none was given) what the default resolved to and why.
+
+    An explicit ``spec.detector`` is kept. The default is iforest, unless labels are used for
+    training (a partially labelled column, feedback records) with at least
+    :data:`~outlierd.training.semi.MIN_SELECT_LABELS` anomalies and as many normals: then it is
+    ``auto`` (chosen out of fold; the stacked semi-supervised model once there are
+    ``spec.min_labels`` of each kind), since with labels of both kinds the unsupervised model
+    leaves most of what they say unused (issue 14, item 11)."""
+    if spec.detector is not None:
+        return spec.detector, None
+    ld = loaded.labelled
+    choice: dict[str, Any] = {"given": False, "default": DEFAULT_DETECTOR}
+    if ld is None:
+        reason = ("labels for evaluation only (every row labelled)" if loaded.eval_labels is not None
+                  else "no labels for training")
+        return DEFAULT_DETECTOR, {**choice, "resolved": DEFAULT_DETECTOR, "reason": reason}
+    na, nn = ld.anomalies, ld.normals
+    counts = f"{na} labelled anomalies and {nn} labelled normals"
+    if na >= MIN_SELECT_LABELS and nn >= MIN_SELECT_LABELS:
+        reason = (f"{counts} (at least {MIN_SELECT_LABELS} of each): chosen out of fold as --detector auto does "
+                  f"(the stacked semi-supervised model needs --min-labels {spec.min_labels} of each)")
+        return AUTO, {**choice, "resolved": AUTO, "reason": reason, "anomalies": na, "normals": nn}
+    reason = (f"{counts}: fewer than {MIN_SELECT_LABELS} of each kind to choose out of fold; {DEFAULT_DETECTOR} "
+              "fitted without the known anomalies")
+    return DEFAULT_DETECTOR, {**choice, "resolved": DEFAULT_DETECTOR, "reason": reason, "anomalies": na, "normals": nn}
+
+
 def choose(spec: TrainSpec, loaded: Loaded, log: Callable[[str], None] | None) -> Plan:
-    """Stage 2: the detector to fit (with labels: compared out of fold)."""
+    """Stage 2: the detector to fit (with labels: compared out of fold; the default resolved by
+    :func:`resolve_detector`)."""
+    detector, choice = resolve_detector(spec, loaded)
     if loaded.labelled is None:
-        return Plan(spec.detector)
-    return plan(loaded.labelled, detector=spec.detector, select=spec.candidates, min_labels=spec.min_labels,
-                folds=spec.folds, seed=spec.seed, log=log)
+        p = Plan(detector)
+    else:
+        if choice is not None and log:
+            log(f"  default detector: {choice['resolved']} ({choice['reason']})")
+        p = plan(loaded.labelled, detector=detector, select=spec.candidates, min_labels=spec.min_labels,
+                 folds=spec.folds, seed=spec.seed, log=log)
+    if choice is not None:
+        p.detector_choice = {**choice, "chosen": p.chosen}
+    return p
 
 
-def _lineage(spec: TrainSpec, loaded: Loaded) -> dict[str, Any]:
-    params: dict[str, Any] = {"detector": spec.detector, "seed": spec.seed, "alert_rate": spec.alert_rate,
+def _lineage(spec: TrainSpec, loaded: Loaded, p: Plan) -> dict[str, Any]:
+    """Data, parameters (``detector``: as given, or what the default resolved to) and labels; when
+    no detector was given, ``detector_choice`` says what the default resolved to, why, and what
+    was fitted."""
+    detector = spec.detector if p.detector_choice is None else p.detector_choice["resolved"]
+    params: dict[str, Any] = {"detector": detector, "seed": spec.seed, "alert_rate": spec.alert_rate,
                               "label_column": spec.label_column}
     if spec.features is not None:
         params["feature_columns"] = spec.features
@@ -148,12 +188,14 @@ def _lineage(spec: TrainSpec, loaded: Loaded) -> dict[str, Any]:
                       folds=spec.folds)
         prov = ld.provenance
         lineage["labels"] = {**prov, "fit_rows": int(np.sum(ld.y != 1)), "excluded_anomalies": prov["anomalies"]}
+    if p.detector_choice is not None:
+        lineage["detector_choice"] = p.detector_choice
     return lineage
 
 
 def fit_export(spec: TrainSpec, loaded: Loaded, p: Plan, dest: Path) -> Fitted:
     """Stage 3: fit the planned detector (without the known anomalies) and write its artifact."""
-    lineage = _lineage(spec, loaded)
+    lineage = _lineage(spec, loaded, p)
     ld = loaded.labelled
     if ld is None:
         path = fit_and_export(p.chosen, loaded.X, loaded.feature_names, _median_prep(loaded.X), spec.seed, dest, lineage)
@@ -179,6 +221,8 @@ def calibrate(spec: TrainSpec, loaded: Loaded, fitted: Fitted) -> tuple[Calibrat
             metrics["selection_pr_auc"] = p.selection
         if p.notes:
             metrics["label_notes"] = p.notes
+        if p.detector_choice is not None:
+            metrics["detector_default"] = p.detector_choice["resolved"]
     return Calibrated(threshold, metrics), scores
 
 
@@ -239,7 +283,7 @@ def run_train(spec: TrainSpec) -> TrainResult:
         progress(f"fitting {p.chosen} on {fit_rows} rows ({ld.provenance['anomalies']} known anomalies left out)")
     else:
         check_fit_rows(p.chosen, int(loaded.X.shape[0]), spec.data)
-        progress(f"fitting {spec.detector} on {loaded.n_file_rows} rows x {len(loaded.feature_names)} features")
+        progress(f"fitting {p.chosen} on {loaded.n_file_rows} rows x {len(loaded.feature_names)} features")
     workdir = Path(tempfile.mkdtemp(prefix="outlierd-train-"))
     try:
         fitted = fit_export(spec, loaded, p, workdir / "artifact")
