@@ -345,7 +345,7 @@ def _add_retrain_policy(sub: Any) -> None:
     p.add_argument("--max-triggers", type=int, metavar="N", help="exit after N triggers")
     p.add_argument("--max-seconds", type=float, metavar="S", help="exit after S seconds")
     p.add_argument("--detector", choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder"),
-                   help="detector (default: the champion's, from its lineage; iforest without a champion)")
+                   help="detector (default: the champion's, from its lineage; else train's default)")
     p.add_argument("--label-column", metavar="COL",
                    help="column with 0/1 labels, passed to training (default: the champion's; see outlierd train --help)")
     p.add_argument("--alert-rate", type=float, metavar="R",
@@ -365,8 +365,11 @@ def champion_training_options(registry: str, model: str) -> dict[str, Any]:
         manifest = Registry(registry).get(model, CHAMPION)["manifest"]
     except ModelNotFoundError:
         return {}
-    params = (manifest.get("lineage") or {}).get("parameters") or {}
+    lineage = manifest.get("lineage") or {}
+    params = lineage.get("parameters") or {}
     options = {k: params[k] for k in ("detector", "label_column", "alert_rate") if params.get(k) is not None}
+    if lineage.get("detector_choice") is not None:  # the champion took the default: so does its retraining
+        options.pop("detector", None)
     options["feature_columns"] = [f["name"] for f in manifest["features"]]
     return options
 
@@ -379,7 +382,7 @@ def _run_retrain_policy(args: argparse.Namespace) -> int:
     inherited = champion_training_options(args.registry, args.model)
     given = {"detector": args.detector, "label_column": args.label_column, "alert_rate": args.alert_rate,
              "feature_columns": args.feature_columns}
-    kwargs = {**{"detector": "iforest", "alert_rate": 0.01}, **inherited, **{k: v for k, v in given.items() if v is not None}}
+    kwargs = {**{"alert_rate": 0.01}, **inherited, **{k: v for k, v in given.items() if v is not None}}
     policy = RetrainPolicy(args.registry, args.model, args.data, train=train, train_kwargs=kwargs,
                            metrics_url=args.metrics_url, sustained=args.sustained, interval=args.interval, every=args.every,
                            max_triggers=args.max_triggers, max_seconds=args.max_seconds)
