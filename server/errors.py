@@ -73,10 +73,14 @@ def message_error(error: BaseException) -> str:
     return f"INTERNAL: internal error: {error}"
 
 
-def _count(servicer: Any, error: BaseException) -> None:
-    count = getattr(servicer, "count_error", None)
-    if count is not None:
-        count(error)
+async def _abort(servicer: Any, context: grpc.aio.ServicerContext, error: BaseException, what: str, count: bool) -> None:
+    """End the call with ``error``'s status (counted first by the servicer's ``count_error`` when
+    ``count``); raises, as ``context.abort`` does."""
+    counter = getattr(servicer, "count_error", None) if count else None
+    if counter is not None:
+        counter(error)
+    code, details = describe(error, what)
+    await context.abort(code, details)
 
 
 def unary_errors(what: str, *, count: bool = False) -> Callable[[Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]]],
@@ -93,10 +97,7 @@ def unary_errors(what: str, *, count: bool = False) -> Callable[[Callable[[S, Re
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:
-                if count:
-                    _count(self, e)
-                code, details = describe(e, what)
-            await context.abort(code, details)
+                await _abort(self, context, e, what, count)
             raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
         return wrapper
@@ -120,10 +121,7 @@ def stream_errors(what: str, *, count: bool = False) -> Callable[[Callable[[S, A
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:
-                if count:
-                    _count(self, e)
-                code, details = describe(e, what)
-                await context.abort(code, details)
+                await _abort(self, context, e, what, count)
 
         return wrapper
 
