@@ -231,7 +231,8 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     plane = DataPlane([ServedModel(slot, rollout)], threads=settings.threads,
                       max_batch=settings.max_batch, max_delay_us=settings.max_delay_us,
                       max_queue_records=settings.max_queue_records, max_request_records=settings.max_request_records,
-                      max_id_bytes=settings.max_id_bytes, metrics=metrics, capture=capture)
+                      max_id_bytes=settings.max_id_bytes, metrics=metrics, capture=capture,
+                      trim_after_bytes=settings.trim_after_mb << 20)
     plane.start()
     servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback,
                               max_message_bytes=settings.max_message_bytes,

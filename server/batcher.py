@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .errors import Overloaded
+from .memory import IdleTrim, malloc_trim
 from .reload import ModelHandle
 from .results import BatchOutput, CaptureTag, Explain, Pending, ScoredBatch, ScoreResult
 
@@ -52,7 +53,8 @@ class MicroBatcher:
     a capture tag in ``on_answered``; ``on_scored`` sees every batch."""
 
     def __init__(self, score: ScoreFn, *, threads: int, max_batch: int, max_delay_us: int, max_queue_records: int,
-                 metrics: Any = None, on_scored: Sequence[Observer] = (), on_answered: Sequence[Observer] = ()):
+                 metrics: Any = None, on_scored: Sequence[Observer] = (), on_answered: Sequence[Observer] = (),
+                 trim_after_bytes: int = 0):
         self._score = score
         self._on_scored = tuple(on_scored)
         self._on_answered = tuple(on_answered)
@@ -76,6 +78,11 @@ class MicroBatcher:
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task | None = None
+        # after a request of trim_after_bytes, free heap goes back to the OS once nothing is in flight
+        trim_fn = malloc_trim() if trim_after_bytes > 0 else None
+        self._trim_fn = trim_fn
+        self.trim = IdleTrim(trim_after_bytes) if trim_fn is not None else None
+        self._trim_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
@@ -87,6 +94,8 @@ class MicroBatcher:
             self._task = loop.create_task(self._run(), name="outlierd-batcher")
 
     async def close(self) -> None:
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -112,17 +121,29 @@ class MicroBatcher:
             job = jobs.get()
             if job is None:
                 return
-            fn, args, done, tagged = job
-            try:
-                result, exc = fn(*args), None
-            except BaseException as e:  # handed to the loop: the caller's future gets it
-                result, exc = None, e
-            try:
-                loop.call_soon_threadsafe(done, result, exc)
-            except RuntimeError:  # the loop is closed: nobody is waiting any more
+            running = self._execute(job, loop)
+            del job  # not held while this thread waits for the next one
+            if not running:
                 return
-            if tagged and exc is None:
-                self._answered(result)
+
+    def _execute(self, job: tuple, loop: asyncio.AbstractEventLoop) -> bool:
+        """Run one job on this scoring thread; False when the loop is closed.
+
+        NOTE: a method of its own so that the job's arguments and result (a large request's records,
+        its scores) are released when it returns, not held by the thread's variables until the next
+        job comes, which after a burst may be never."""
+        fn, args, done, tagged = job
+        try:
+            result, exc = fn(*args), None
+        except BaseException as e:  # handed to the loop: the caller's future gets it
+            result, exc = None, e
+        try:
+            loop.call_soon_threadsafe(done, result, exc)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            return False
+        if tagged and exc is None:
+            self._answered(result)
+        return True
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until every job handed to the scoring threads so far is done, its capture step
@@ -187,9 +208,30 @@ class MicroBatcher:
 
     def _release(self, n: int) -> None:
         self._inflight -= n
+        if self._inflight == 0 and self.trim is not None:
+            self._idle()
 
     def _release_done(self, n: int, _fut: asyncio.Future) -> None:
-        self._inflight -= n
+        self._release(n)
+
+    def _idle(self) -> None:
+        """Nothing in flight: if a large request came since the last trim, trim the heap on a scoring
+        thread once the worker has stayed idle ``trim.idle_s`` (the last answers are sent and their
+        buffers freed by then): every return to idle starts the wait again."""
+        assert self.trim is not None
+        wait = self.trim.retry_in()
+        if wait is None:
+            return
+        if self._trim_timer is not None:
+            self._trim_timer.cancel()
+        self._trim_timer = self._loop.call_later(wait, self._trim_now)  # type: ignore[union-attr]
+
+    def _trim_now(self) -> None:
+        self._trim_timer = None
+        if self._inflight == 0 and self.trim is not None and self.trim.due():
+            self.trim.started()
+            self._jobs.put((self._trim_fn, (), _ignore, False))
+            self._idle()  # the settling trim, if the worker stays idle
 
     def submit(self, X: np.ndarray, handle: ModelHandle, explain: Explain | None = None,
                tag: CaptureTag | None = None) -> asyncio.Future:
@@ -207,6 +249,11 @@ class MicroBatcher:
             raise Overloaded(f"server overloaded: {self._inflight} records waiting or being scored "
                              f"(limit {self.max_queue_records}); retry later")
         self._inflight += n
+        if self.trim is not None:
+            self.trim.large(X.nbytes)
+            if self._trim_timer is not None:  # busy again: the idle wait starts over when it ends
+                self._trim_timer.cancel()
+                self._trim_timer = None
         if n >= self.max_batch or n == 0 or explain is not None:
             return loop.create_task(self._score_direct(handle, X, explain, tag))
         fut = loop.create_future()

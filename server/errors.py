@@ -80,6 +80,9 @@ async def _abort(servicer: Any, context: grpc.aio.ServicerContext, error: BaseEx
     if counter is not None:
         counter(error)
     code, details = describe(error, what)
+    # NOTE: grpc's aborted-call objects form reference cycles that keep the AbortError, and through its
+    # context this error's traceback, until a gc pass: its frames hold the request (32 MB or more).
+    error.__traceback__ = None
     await context.abort(code, details)
 
 
@@ -97,7 +100,9 @@ def unary_errors(what: str, *, count: bool = False) -> Callable[[Callable[[S, Re
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as e:
-                await _abort(self, context, e, what, count)
+                error = e
+            del request  # this frame is in the abort's traceback (see _abort): it must not hold the request
+            await _abort(self, context, error, what, count)
             raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
         return wrapper

@@ -85,7 +85,7 @@ class ServedModel:
 class DataPlane:
     def __init__(self, models: Iterable[ServedModel], *, threads: int = 2, max_batch: int = 1024, max_delay_us: int = 0,
                  max_queue_records: int = 262144, max_request_records: int = 1048576, max_id_bytes: int = 256,
-                 metrics: Any = None, capture: Any = None) -> None:
+                 metrics: Any = None, capture: Any = None, trim_after_bytes: int = 0) -> None:
         self.models: dict[str, ServedModel] = {m.name: m for m in models}
         if not self.models:
             raise InvalidInputError("a data plane needs at least one model")
@@ -99,7 +99,7 @@ class DataPlane:
         self.batcher = MicroBatcher(
             self._score_batch, threads=threads, max_batch=max_batch, max_delay_us=max_delay_us,
             max_queue_records=max_queue_records, metrics=metrics, on_scored=(drift_observer,),
-            on_answered=(CaptureObserver(capture),) if self._tagging else ())
+            on_answered=(CaptureObserver(capture),) if self._tagging else (), trim_after_bytes=trim_after_bytes)
         # metric children per handle (labels() takes a lock): (handle, records, anomalies); written on
         # the scoring threads, a plain dict store; a new threshold or version comes as a new handle
         self._counters: dict[int, tuple[ModelHandle, Any, Any]] = {}

@@ -50,6 +50,10 @@ class ServeSettings:
     asyncio timers have ~1 ms granularity, so small values cost about 1 ms of latency."""
     max_queue_records: int = 262144
     """Records admitted and not yet answered (queued or being scored); beyond it, RESOURCE_EXHAUSTED."""
+    trim_after_mb: int = 8
+    """After a request of at least this many MB, the worker gives its free heap back to the OS once no
+    record is in flight (glibc malloc_trim, at most once a second), so memory falls back after bursts
+    of large requests (0: never)."""
     max_concurrent_rpcs: int = 4096
     """Concurrent RPCs per worker; gRPC answers RESOURCE_EXHAUSTED beyond it."""
     max_request_records: int = 1048576
@@ -172,6 +176,8 @@ class ServeSettings:
             raise InvalidInputError(f"--capture-sample must be in [0, 1]; got {self.capture_sample}")
         if not self.stream_idle_s >= 0:
             raise InvalidInputError(f"--stream-idle-s must be >= 0 (0: never); got {self.stream_idle_s}")
+        if self.trim_after_mb < 0:
+            raise InvalidInputError(f"--trim-after-mb must be >= 0 (0: never); got {self.trim_after_mb}")
         if self.capture_max_age_s < 0 or self.capture_max_bytes < 0:
             raise InvalidInputError("--capture-max-age-s and --capture-max-bytes must be >= 0 (0: no bound)")
         if self.max_delay_us < 0:
