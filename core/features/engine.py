@@ -151,7 +151,10 @@ class FeatureEngine:
 
     def replay(self, events: Any, offset: int = 0) -> np.ndarray:
         """Features of ``events`` computed in event-time order, returned in input order (offline)."""
-        batch = decode_events(events, self.spec, offset)
+        return self.replay_batch(decode_events(events, self.spec, offset))
+
+    def replay_batch(self, batch: EventBatch) -> np.ndarray:
+        """:meth:`replay` of a decoded batch."""
         order = np.argsort(batch.time, kind="stable")
         if np.all(order[1:] > order[:-1]):
             return self.transform_batch(batch)
