@@ -35,6 +35,7 @@ from outlierd.v1 import scoring_pb2
 
 from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
+from .events import EventFeatures
 from .feedback import FeedbackService, FieldLimits
 from .health import HealthServicer
 from .plane import DataPlane, ServedModel
@@ -58,6 +59,8 @@ class Worker:
     settings: ServeSettings
     capture: CaptureWriter | None = None
     feedback: FeedbackService | None = None
+    events: EventFeatures | None = None
+    checkpoints: asyncio.Task | None = None
 
     @property
     def slot(self) -> ModelSlot:
@@ -93,6 +96,10 @@ class Worker:
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
         if self.feedback is not None:
             self.feedback.close()
+        if self.events is not None:  # after the last request: the checkpoint holds every answered event
+            if self.checkpoints is not None:
+                self.checkpoints.cancel()
+            await self.events.checkpoint()
         log.info("stopped port=%d", self.port)
 
 
@@ -234,7 +241,11 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
                       max_id_bytes=settings.max_id_bytes, metrics=metrics, capture=capture,
                       trim_after_bytes=settings.trim_after_mb << 20)
     plane.start()
-    servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback,
+    events = EventFeatures(settings.feature_state_dir, settings.feature_checkpoint_s, metrics, settings.workers)
+    spec_fitted = events.spec_of(handle)
+    if spec_fitted is not None:  # load (or restore) the entity state before serving
+        await loop.run_in_executor(None, events.engine, handle, *spec_fitted)
+    servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback, events=events,
                               max_message_bytes=settings.max_message_bytes,
                               streams=StreamGuard(settings.max_streams_per_peer, settings.max_streams_per_connection,
                                                   settings.stream_idle_s))
@@ -257,7 +268,8 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     watcher = loop.create_task(_background(plane, settings, feedback), name="outlierd-reload")
     log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s", settings.host, port, handle.name,
              handle.version, settings.alias, creds is not None, bool(settings.auth_token))
-    return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback)
+    checkpoints = loop.create_task(events.run_checkpoints(), name="outlierd-feature-checkpoints")
+    return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback, events, checkpoints)
 
 
 async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None,

@@ -145,9 +145,10 @@ class FeatureEngine:
 
     # -- features ----------------------------------------------------------------------------------
 
-    def transform(self, events: Any, offset: int = 0) -> np.ndarray:
-        """Features of ``events`` in input order (the online path); updates the state."""
-        return self.transform_batch(decode_events(events, self.spec, offset))
+    def transform(self, events: Any, offset: int = 0, fitted: FittedCategories | None = None) -> np.ndarray:
+        """Features of ``events`` in input order (the online path); updates the state. ``fitted``:
+        another version's learned categories over this state (a reload with the same spec)."""
+        return self.transform_batch(decode_events(events, self.spec, offset), fitted)
 
     def replay(self, events: Any, offset: int = 0) -> np.ndarray:
         """Features of ``events`` computed in event-time order, returned in input order (offline)."""
@@ -162,7 +163,7 @@ class FeatureEngine:
         out[order] = self.transform_batch(_take(batch, order))
         return out
 
-    def transform_batch(self, b: EventBatch) -> np.ndarray:
+    def transform_batch(self, b: EventBatch, fitted: FittedCategories | None = None) -> np.ndarray:
         n = b.n
         W, V, C = len(self.windows), len(self.value_cols), len(self.hash_cols)
         vals = np.empty((n, V))
@@ -189,9 +190,9 @@ class FeatureEngine:
             if start >= n:
                 break
             self._allocate(min(self.spec.max_entities, max(_GROW, 2 * self.capacity)))
-        return self._assemble(b, count, agg, distinct, new, since, km)
+        return self._assemble(b, fitted or self.fitted, count, agg, distinct, new, since, km)
 
-    def _assemble(self, b: EventBatch, count: np.ndarray, agg: dict[str, np.ndarray], distinct: np.ndarray,
+    def _assemble(self, b: EventBatch, fitted: FittedCategories, count: np.ndarray, agg: dict[str, np.ndarray], distinct: np.ndarray,
                   new: np.ndarray, since: np.ndarray, km: np.ndarray) -> np.ndarray:
         spec = self.spec
         out = np.empty((b.n, len(spec.output_names)))
@@ -207,7 +208,7 @@ class FeatureEngine:
                     x = np.clip(x, f.clip[0], f.clip[1])
                 out[:, k] = x
             elif f.kind == "category":
-                out[:, k] = self.fitted.encode(f.column[0], f.encode, b.categories[f.column[0]], f.buckets)
+                out[:, k] = fitted.encode(f.column[0], f.encode, b.categories[f.column[0]], f.buckets)
             elif f.kind == "new_for_entity":
                 out[:, k] = new[:, self.hash_cols.index(f.column[0])]
             elif f.kind == "time_of_day":
