@@ -79,6 +79,7 @@ class FeatureEngine:
         self.hash_cols = spec.hashed_columns
         self.state: dict[str, np.ndarray] = {}
         self._allocate(0)
+        self._plan_cache = self._plan()
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -163,9 +164,36 @@ class FeatureEngine:
         out[order] = self.transform_batch(_take(batch, order))
         return out
 
-    def transform_batch(self, b: EventBatch, fitted: FittedCategories | None = None) -> np.ndarray:
-        n = b.n
+    def _plan(self) -> dict[str, Any]:
+        """Where the kernel writes each feature it computes (-1: not asked for)."""
+        spec = self.spec
         W, V, C = len(self.windows), len(self.value_cols), len(self.hash_cols)
+        wi = {w: j for j, w in enumerate(self.windows.tolist())}
+        plan: dict[str, Any] = {"count": np.full(W, -1, dtype=np.int64), "agg": np.full((W, V, 6), -1, dtype=np.int64),
+                                "distinct": np.full((W, C), -1, dtype=np.int64), "new": np.full(C, -1, dtype=np.int64),
+                                "since": -1, "km": -1, "speed": -1}
+        k = 0
+        for f in spec.features:
+            if f.kind == "window":
+                w = wi[f.window]
+                if f.agg == "count":
+                    plan["count"][w] = k
+                elif f.agg == "distinct":
+                    plan["distinct"][w, self.hash_cols.index(f.column[0])] = k
+                else:
+                    plan["agg"][w, self.value_cols.index(f.column[0]), K.AGG_INDEX[f.agg]] = k
+            elif f.kind == "new_for_entity":
+                plan["new"][self.hash_cols.index(f.column[0])] = k
+            elif f.kind in ("since_last", "distance_from_last", "speed_from_last"):
+                plan[{"since_last": "since", "distance_from_last": "km", "speed_from_last": "speed"}[f.kind]] = k
+            k += len(f.outputs)
+        return plan
+
+    def transform_batch(self, b: EventBatch, fitted: FittedCategories | None = None) -> np.ndarray:
+        """Features of a decoded batch in its order (``(n, n_features)`` float64; a column-major
+        array: each feature is written as one contiguous column)."""
+        n = b.n
+        V, C = len(self.value_cols), len(self.hash_cols)
         vals = np.empty((n, V))
         for j, c in enumerate(self.value_cols):
             vals[:, j] = b.numeric[c]
@@ -173,32 +201,26 @@ class FeatureEngine:
         for j, c in enumerate(self.hash_cols):
             hashes[:, j] = b.categories[c].hashes()
         lat, lon = b.geo if b.geo is not None else (np.empty(0), np.empty(0))
-        count = np.empty((n, W))
-        agg = {k: np.empty((n, W, V)) for k in ("sum", "mean", "min", "max", "std")}
-        distinct = np.empty((n, W, C))
-        new = np.empty((n, C))
-        since = np.empty(n)
-        km = np.empty(n if b.geo is not None else 0)
+        out = np.empty((len(self.spec.output_names), n))
+        plan = self._plan_cache
         start = 0
         while True:
             st = self.state
             start = K.run(start, b.entity, b.time, vals, hashes, lat, lon, self.windows, self.spec.max_entities,
                           st["meta"], st["tab_key"], st["tab_slot"], st["slot_key"], st["used"], st["free"], st["head"],
                           st["size"], st["ring_t"], st["ring_v"], st["ring_h"], st["last_t"], st["last_lat"], st["last_lon"],
-                          st["seen"], st["seen_n"], count, agg["sum"], agg["mean"], agg["min"], agg["max"], agg["std"],
-                          distinct, new, since, km)
+                          st["seen"], st["seen_n"], plan["count"], plan["agg"], plan["distinct"], plan["new"],
+                          plan["since"], plan["km"], plan["speed"], out)
             if start >= n:
                 break
             self._allocate(min(self.spec.max_entities, max(_GROW, 2 * self.capacity)))
-        return self._assemble(b, fitted or self.fitted, count, agg, distinct, new, since, km)
+        self._stateless(b, fitted or self.fitted, out)
+        return out.T
 
-    def _assemble(self, b: EventBatch, fitted: FittedCategories, count: np.ndarray, agg: dict[str, np.ndarray], distinct: np.ndarray,
-                  new: np.ndarray, since: np.ndarray, km: np.ndarray) -> np.ndarray:
-        spec = self.spec
-        out = np.empty((b.n, len(spec.output_names)))
-        wi = {w: j for j, w in enumerate(self.windows.tolist())}
+    def _stateless(self, b: EventBatch, fitted: FittedCategories, out: np.ndarray) -> None:
+        """The features that need no entity state, a column at a time."""
         k = 0
-        for f in spec.features:
+        for f in self.spec.features:
             if f.kind == "numeric":
                 x = b.numeric[f.column[0]]
                 if f.transform == "log1p":
@@ -206,41 +228,19 @@ class FeatureEngine:
                         x = np.log1p(x)
                 elif f.transform == "clip":
                     x = np.clip(x, f.clip[0], f.clip[1])
-                out[:, k] = x
+                out[k] = x
             elif f.kind == "category":
-                out[:, k] = fitted.encode(f.column[0], f.encode, b.categories[f.column[0]], f.buckets)
-            elif f.kind == "new_for_entity":
-                out[:, k] = new[:, self.hash_cols.index(f.column[0])]
+                out[k] = fitted.encode(f.column[0], f.encode, b.categories[f.column[0]], f.buckets)
             elif f.kind == "time_of_day":
-                angle = 2.0 * math.pi * np.mod(b.time, 86400.0) / 86400.0
-                out[:, k], out[:, k + 1] = np.sin(angle), np.cos(angle)
+                angle = (2.0 * math.pi / 86400.0) * np.mod(b.time, 86400.0)
+                np.sin(angle, out=out[k])
+                np.cos(angle, out=out[k + 1])
             elif f.kind == "day_of_week":
                 dow = np.mod(np.floor(b.time / 86400.0) + 3.0, 7.0)  # 1970-01-01 was a Thursday; Monday = 0
-                angle = 2.0 * math.pi * dow / 7.0
-                out[:, k], out[:, k + 1] = np.sin(angle), np.cos(angle)
-            elif f.kind == "since_last":
-                out[:, k] = since
-            elif f.kind == "distance_from_last":
-                out[:, k] = km
-            elif f.kind == "speed_from_last":
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    out[:, k] = np.where(since > 0, km / (since / 3600.0), np.nan)
-            else:  # window
-                w = wi[f.window]
-                if f.agg == "count":
-                    out[:, k] = count[:, w]
-                elif f.agg == "distinct":
-                    out[:, k] = distinct[:, w, self.hash_cols.index(f.column[0])]
-                else:
-                    v = self.value_cols.index(f.column[0])
-                    if f.agg == "relative":
-                        mean = agg["mean"][:, w, v]
-                        with np.errstate(invalid="ignore", divide="ignore"):
-                            out[:, k] = np.where(mean != 0, b.numeric[f.column[0]] / mean, np.nan)
-                    else:
-                        out[:, k] = agg[f.agg][:, w, v]
+                angle = (2.0 * math.pi / 7.0) * dow
+                np.sin(angle, out=out[k])
+                np.cos(angle, out=out[k + 1])
             k += len(f.outputs)
-        return out
 
 
 def _take(b: EventBatch, order: np.ndarray) -> EventBatch:

@@ -89,13 +89,18 @@ def haversine(lat1, lon1, lat2, lon2):
     return 2.0 * EARTH_KM * math.asin(min(1.0, math.sqrt(a)))
 
 
+AGG_INDEX = {"sum": 0, "mean": 1, "min": 2, "max": 3, "std": 4, "relative": 5}
+
+
 @nb.njit(cache=True, nogil=True)
 def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
         meta, tab_key, tab_slot, slot_key, used, free, head, size, ring_t, ring_v, ring_h,
         last_t, last_lat, last_lon, seen, seen_n,
-        out_count, out_sum, out_mean, out_min, out_max, out_std, out_distinct, out_new, out_since, out_km):
-    """Process events ``start..n-1`` in order; returns n, or the index of the first event that
-    needs more slots than the arrays hold (the caller grows them and calls again from there)."""
+        count_col, agg_col, distinct_col, new_col, since_col, km_col, speed_col, out):
+    """Process events ``start..n-1`` in order, writing each feature into ``out[column, event]`` where
+    the plan (``*_col``: a column, or -1 when the spec does not ask for it) says; returns n, or the
+    index of the first event that needs more slots than the arrays hold (the caller grows them and
+    calls again from there)."""
     n = keys.shape[0]
     cap = used.shape[0]
     K = ring_t.shape[1]
@@ -138,12 +143,14 @@ def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
             t = prev
             meta[LATE] += 1
         since = t - prev  # NaN on the first event
-        out_since[i] = since
+        if since_col >= 0:
+            out[since_col, i] = since
         if geo:
-            if math.isnan(prev):
-                out_km[i] = np.nan
-            else:
-                out_km[i] = haversine(last_lat[s], last_lon[s], lat[i], lon[i])
+            km = np.nan if math.isnan(prev) else haversine(last_lat[s], last_lon[s], lat[i], lon[i])
+            if km_col >= 0:
+                out[km_col, i] = km
+            if speed_col >= 0:
+                out[speed_col, i] = km / (since / 3600.0) if since > 0 else np.nan
             last_lat[s] = lat[i]
             last_lon[s] = lon[i]
         last_t[s] = t
@@ -173,7 +180,8 @@ def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
                 while cnt < sz and ring_t[s, (hd + sz - 1 - cnt) & KM] > lo:
                     cnt += 1
                 first = hd + sz - cnt
-                out_count[i, w] = cnt
+                if count_col[w] >= 0:
+                    out[count_col[w], i] = cnt
                 for v in range(V):
                     acc = 0.0
                     mn = np.inf
@@ -186,16 +194,26 @@ def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
                         if x > mx:
                             mx = x
                     mean = acc / cnt
-                    ss = 0.0
-                    for q in range(cnt):
-                        d = ring_v[s, (first + q) & KM, v] - mean
-                        ss += d * d
-                    out_sum[i, w, v] = acc
-                    out_mean[i, w, v] = mean
-                    out_min[i, w, v] = mn
-                    out_max[i, w, v] = mx
-                    out_std[i, w, v] = math.sqrt(ss / cnt)
+                    col = agg_col[w, v]
+                    if col[0] >= 0:
+                        out[col[0], i] = acc
+                    if col[1] >= 0:
+                        out[col[1], i] = mean
+                    if col[2] >= 0:
+                        out[col[2], i] = mn
+                    if col[3] >= 0:
+                        out[col[3], i] = mx
+                    if col[4] >= 0:
+                        ss = 0.0
+                        for q in range(cnt):
+                            d = ring_v[s, (first + q) & KM, v] - mean
+                            ss += d * d
+                        out[col[4], i] = math.sqrt(ss / cnt)
+                    if col[5] >= 0:
+                        out[col[5], i] = vals[i, v] / mean if mean != 0 else np.nan
                 for c in range(C):
+                    if distinct_col[w, c] < 0:
+                        continue
                     # distinct values: quadratic in the window's events, no allocation (windows are short)
                     nd = 0
                     for q in range(cnt):
@@ -207,7 +225,7 @@ def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
                                 break
                         if not dup:
                             nd += 1
-                    out_distinct[i, w, c] = nd
+                    out[distinct_col[w, c], i] = nd
         for c in range(C):
             hv = hashes[i, c]
             k = min(seen_n[s, c], M)
@@ -219,5 +237,6 @@ def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
             if new:
                 seen[s, c, seen_n[s, c] % M] = hv
                 seen_n[s, c] += 1
-            out_new[i, c] = 1.0 if new else 0.0
+            if new_col[c] >= 0:
+                out[new_col[c], i] = 1.0 if new else 0.0
     return n
