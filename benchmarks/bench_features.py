@@ -78,7 +78,7 @@ def river(events: pa.Table) -> dict:
     from river import stats, utils
 
     aggs = []
-    for w, seconds in WINDOWS.items():
+    for seconds in WINDOWS.values():
         period = dt.timedelta(seconds=seconds)
         aggs += [fx.Agg(on="one", by="card_id", how=utils.TimeRolling(stats.Sum, period)),
                  fx.Agg(on="amount", by="card_id", how=utils.TimeRolling(stats.Sum, period)),

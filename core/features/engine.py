@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import kernel as K
-from .events import Categories, EventBatch, decode_events
+from .events import Categories, EventBatch, decode_events, hash_text
 from .spec import FeatureSpec
 
 STATE_FORMAT = 1
@@ -29,36 +29,45 @@ class FittedCategories:
 
     def __init__(self, columns: dict[str, dict[str, float]] | None = None) -> None:
         self.columns = columns or {}
-        self._codes = {c: {v: i + 1 for i, v in enumerate(vals)} for c, vals in self.columns.items()}
+        # per column: the values' hashes sorted, with each one's frequency and ordinal code
+        self._tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for c, table in self.columns.items():
+            h = hash_text(list(table))
+            order = np.argsort(h)
+            freq = np.fromiter(table.values(), dtype=np.float64, count=len(table))
+            self._tables[c] = (h[order], freq[order], (np.arange(len(table), dtype=np.float64) + 1.0)[order])
+
+    def _lookup(self, column: str, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(known?, frequency, code) of every row."""
+        table = self._tables.get(column)
+        if table is None or table[0].size == 0:
+            z = np.zeros(hashes.shape[0])
+            return z.astype(bool), z, z
+        keys, freq, code = table
+        at = np.minimum(np.searchsorted(keys, hashes), keys.size - 1)
+        known = keys[at] == hashes
+        return known, np.where(known, freq[at], 0.0), np.where(known, code[at], 0.0)
 
     @classmethod
     def fit(cls, spec: FeatureSpec, batch: EventBatch) -> FittedCategories:
         out: dict[str, dict[str, float]] = {}
         for f in spec.features:
             if f.kind == "category" and f.encode in ("frequency", "ordinal") and f.column[0] not in out:
-                cats = batch.categories[f.column[0]]
-                counts = np.bincount(cats.codes, minlength=len(cats.values))
-                order = np.lexsort((np.asarray(cats.values, dtype=object).astype(str), -counts))
+                values, counts = batch.categories[f.column[0]].value_counts()
+                order = np.lexsort((np.asarray(values, dtype=object).astype(str), -counts))
                 n = max(batch.n, 1)
-                out[f.column[0]] = {cats.values[j]: float(counts[j]) / n for j in order if counts[j] > 0}
+                out[f.column[0]] = {values[j]: float(counts[j]) / n for j in order if counts[j] > 0}
         return cls(out)
 
     def encode(self, column: str, how: str, cats: Categories, buckets: int) -> np.ndarray:
         if how == "hash":
             return (cats.hashes().view(np.uint64) % np.uint64(buckets)).astype(np.float64)
-        table = self.columns.get(column, {})
-        if how == "frequency":
-            per_value = np.array([table.get(v, 0.0) for v in cats.values], dtype=np.float64)
-        else:
-            codes = self._codes.get(column, {})
-            per_value = np.array([codes.get(v, 0) for v in cats.values], dtype=np.float64)
-        return per_value[cats.codes] if len(cats.values) else np.zeros(cats.codes.shape[0])
+        _, freq, code = self._lookup(column, cats.hashes())
+        return freq if how == "frequency" else code
 
     def unseen(self, column: str, cats: Categories) -> np.ndarray:
-        """Per row: 1.0 when the value was not in training (for the categorical monitoring)."""
-        table = self.columns.get(column, {})
-        per_value = np.array([0.0 if v in table else 1.0 for v in cats.values], dtype=np.float64)
-        return per_value[cats.codes] if len(cats.values) else np.zeros(cats.codes.shape[0])
+        """Per row: True when the value was not in training (for the categorical monitoring)."""
+        return ~self._lookup(column, cats.hashes())[0]
 
     def to_json(self) -> dict[str, Any]:
         return {c: {"values": list(t), "frequency": list(t.values())} for c, t in self.columns.items()}
@@ -244,6 +253,6 @@ class FeatureEngine:
 
 
 def _take(b: EventBatch, order: np.ndarray) -> EventBatch:
-    cats = {c: Categories(v.values, v.codes[order]) for c, v in b.categories.items()}
+    cats = {c: Categories(v.row_hashes[order]) for c, v in b.categories.items()}
     geo = (b.geo[0][order], b.geo[1][order]) if b.geo is not None else None
     return EventBatch(b.n, b.entity[order], b.time[order], {c: v[order] for c, v in b.numeric.items()}, cats, geo)

@@ -2,7 +2,8 @@
 columns the kernel needs, with errors that name the column and the row.
 
 Entity keys and category values are read as text (an integer key 42 and the text "42" are the same
-entity) and identified by a 64-bit hash of that text; only each batch's distinct values are hashed.
+entity) and identified by a 64-bit hash of that text's UTF-8 bytes (FNV-1a with a SplitMix64
+finaliser, computed in Numba straight from the Arrow string buffers: the same in every process).
 """
 
 from __future__ import annotations
@@ -10,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import hashlib
-
+import numba as nb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,14 +28,21 @@ class EventError(InvalidInputError):
 
 @dataclass
 class Categories:
-    """One text column of a batch as (distinct values, index of each row's value)."""
+    """One text column of a batch: the 64-bit hash of every row's value, and (before any reordering)
+    the column itself, for training to learn the values."""
 
-    values: list[str]
-    codes: np.ndarray  # int32, one per row
+    row_hashes: np.ndarray  # int64, one per row
+    column: pa.ChunkedArray | None = None
 
     def hashes(self) -> np.ndarray:
-        """int64 hash of every row's value."""
-        return hash_text(self.values)[self.codes]
+        return self.row_hashes
+
+    def value_counts(self) -> tuple[list[str], np.ndarray]:
+        """Distinct values and how many rows hold each (training only)."""
+        assert self.column is not None
+        encoded = pc.dictionary_encode(self.column).combine_chunks()
+        values = encoded.dictionary.to_pylist()
+        return values, np.bincount(encoded.indices.to_numpy(zero_copy_only=False), minlength=len(values))
 
 
 @dataclass
@@ -48,10 +55,41 @@ class EventBatch:
     geo: tuple[np.ndarray, np.ndarray] | None
 
 
+@nb.njit(cache=True, nogil=True)
+def _fnv_rows(offsets, data, first, n, out):
+    for i in range(n):
+        h = np.uint64(14695981039346656037)
+        for j in range(offsets[first + i], offsets[first + i + 1]):
+            h ^= np.uint64(data[j])
+            h *= np.uint64(1099511628211)
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+        out[i] = h
+
+
+def row_hashes(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """int64 hash of every value of a string column without nulls."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    out = np.empty(len(col), dtype=np.uint64)
+    at = 0
+    for chunk in chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
+        _, offsets, data = chunk.buffers()
+        off = np.frombuffer(offsets, dtype=np.int32)
+        raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, dtype=np.uint8)
+        _fnv_rows(off, raw, chunk.offset, n, out[at:at + n])
+        at += n
+    return out.view(np.int64)
+
+
 def hash_text(values: list[str]) -> np.ndarray:
-    """Stable 64-bit hashes (BLAKE2b, 8 bytes: the same in every process and on every machine)."""
-    digest = b"".join(hashlib.blake2b(v.encode("utf-8", "surrogatepass"), digest_size=8).digest() for v in values)
-    return np.frombuffer(digest, dtype="<i8").astype(np.int64)
+    """int64 hashes of ``values`` (as :func:`row_hashes` gives them)."""
+    return row_hashes(pa.array(values, type=pa.string()))
 
 
 def as_table(events: Any) -> pa.Table:
@@ -69,9 +107,10 @@ def as_table(events: Any) -> pa.Table:
 
 
 def _get(table: pa.Table, name: str, offset: int) -> pa.ChunkedArray:
-    if name not in table.column_names:
-        raise EventError(f"column {name!r} is missing (the events have {', '.join(map(repr, table.column_names)) or 'no columns'})")
-    return table.column(name)
+    try:
+        return table.column(name)
+    except KeyError:
+        raise EventError(f"column {name!r} is missing (the events have {', '.join(map(repr, table.column_names)) or 'no columns'})") from None
 
 
 def _first(mask: np.ndarray) -> int:
@@ -100,12 +139,14 @@ def numeric_column(table: pa.Table, name: str, offset: int = 0, allow_null: bool
                 raise
         else:
             raise EventError(f"column {name!r} must be numeric; got Arrow type {t}")
+    elif pa.types.is_float64(t) and col.num_chunks == 1 and not col.null_count:
+        return col.chunk(0).to_numpy()  # zero-copy, read-only: the kernel only reads it
     else:
         values = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
     if not allow_null and col.null_count:
         row = _first(col.is_null().to_numpy(zero_copy_only=False))
         raise EventError(f"column {name!r} row {row + offset}: missing value (null)")
-    return np.ascontiguousarray(values, dtype=np.float64)
+    return np.asarray(values, dtype=np.float64)
 
 
 def time_column(table: pa.Table, name: str, offset: int = 0) -> np.ndarray:
@@ -150,11 +191,15 @@ def _iso_seconds(col: pa.ChunkedArray) -> np.ndarray:
 
 
 def _text(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    return col if pa.types.is_string(col.type) else col.cast(pa.string())
+    if pa.types.is_string(col.type):
+        return col
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    return col.cast(pa.string())
 
 
 def text_column(table: pa.Table, name: str, offset: int = 0, missing: str | None = None) -> Categories:
-    """A column read as text, dictionary-encoded. Nulls: refused (``missing`` None) or read as ``missing``."""
+    """A column read as text, hashed. Nulls: refused (``missing`` None) or read as ``missing``."""
     col = _get(table, name, offset)
     if col.null_count:
         if missing is None:
@@ -162,10 +207,10 @@ def text_column(table: pa.Table, name: str, offset: int = 0, missing: str | None
             raise EventError(f"column {name!r} row {row + offset}: missing value (null)")
         col = col.fill_null(missing) if pa.types.is_string(col.type) else _text(col).fill_null(missing)
     try:
-        encoded = pc.dictionary_encode(_text(col)).combine_chunks()
+        text = _text(col)
     except pa.ArrowException as e:
         raise EventError(f"column {name!r} cannot be read as text: {e}") from e
-    return Categories(encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32))
+    return Categories(row_hashes(text), text)
 
 
 def entity_column(table: pa.Table, spec: FeatureSpec, offset: int = 0) -> np.ndarray:

@@ -32,6 +32,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from ..errors import InvalidInputError
@@ -94,17 +95,17 @@ class FeatureSpec:
     seen_values: int = _STATE_DEFAULTS["seen_values"]
     source: dict[str, Any] = field(default_factory=dict, compare=False)
 
-    @property
+    @cached_property
     def output_names(self) -> list[str]:
         """The replay's columns, in spec order (a cyclic feature gives ``_sin`` then ``_cos``)."""
         return [n for f in self.features for n in f.outputs]
 
-    @property
+    @cached_property
     def windows(self) -> list[float]:
         """Distinct window lengths in seconds, ascending."""
         return sorted({f.window for f in self.features if f.kind == "window"})
 
-    @property
+    @cached_property
     def value_columns(self) -> list[str]:
         """Numeric columns the windows aggregate (kept per event in the state), in first-use order."""
         cols: list[str] = []
@@ -113,7 +114,7 @@ class FeatureSpec:
                 cols.append(f.column[0])
         return cols
 
-    @property
+    @cached_property
     def hashed_columns(self) -> list[str]:
         """Category columns kept per event (``distinct``) or per entity (``new_for_entity``) as hashes."""
         cols: list[str] = []
@@ -122,14 +123,14 @@ class FeatureSpec:
                 cols.append(f.column[0])
         return cols
 
-    @property
+    @cached_property
     def geo_columns(self) -> tuple[str, str] | None:
         for f in self.features:
             if f.kind in ("distance_from_last", "speed_from_last"):
                 return f.column[0], f.column[1]
         return None
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """sha256 of the canonical JSON: the state of one spec is only ever restored into the same spec."""
         return hashlib.sha256(json.dumps(self.source, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
