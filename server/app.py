@@ -99,6 +99,7 @@ class Worker:
         if self.events is not None:  # after the last request: the checkpoint holds every answered event
             if self.checkpoints is not None:
                 self.checkpoints.cancel()
+            await self.events.stop_routing()
             await self.events.checkpoint()
         log.info("stopped port=%d", self.port)
 
@@ -212,9 +213,10 @@ async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | Non
     return capture, FeedbackService(opener, settings.model, metrics, capture=capture, limits=FieldLimits.from_settings(settings))
 
 
-async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None, store=None) -> Worker:
+async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None, store=None, worker_index: int = 0) -> Worker:
     """Load the model, then start serving; returns once the port accepts calls. ``store``: a
-    monitoring.store.Store to use instead of opening ``settings.feedback_store`` (tests)."""
+    monitoring.store.Store to use instead of opening ``settings.feedback_store`` (tests).
+    ``worker_index``: this worker's number among ``settings.workers`` (raw events' entity owners)."""
     creds = _credentials(settings)  # first: a TLS file that cannot serve fails before the model loads
     registry = Registry(settings.registry)
     policy = DevicePolicy(settings.device, settings.gpu_backend, settings.gpu_min_rows)
@@ -241,7 +243,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
                       max_id_bytes=settings.max_id_bytes, metrics=metrics, capture=capture,
                       trim_after_bytes=settings.trim_after_mb << 20)
     plane.start()
-    events = EventFeatures(settings.feature_state_dir, settings.feature_checkpoint_s, metrics, settings.workers)
+    events = EventFeatures(settings.feature_state_dir, settings.feature_checkpoint_s, metrics, settings.workers, worker_index)
     spec_fitted = events.spec_of(handle)
     if spec_fitted is not None:  # load (or restore) the entity state before serving
         await loop.run_in_executor(None, events.engine, handle, *spec_fitted)
@@ -263,6 +265,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
         feedback.close()
         raise OSError(f"cannot listen on {address}: {e} (is another server using the port?)") from e
     await server.start()
+    await events.start_routing(port, lambda: plane.default.current)
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watcher = loop.create_task(_background(plane, settings, feedback), name="outlierd-reload")
@@ -273,10 +276,10 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
 
 
 async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None,
-                     on_serving: Callable[[], None] | None = None) -> None:
+                     on_serving: Callable[[], None] | None = None, worker_index: int = 0) -> None:
     """Serve until SIGTERM / SIGINT, then stop gracefully. ``on_serving`` is called once the port
     accepts calls (the worker processes tell their parent)."""
-    worker = await start_worker(settings, metrics)
+    worker = await start_worker(settings, metrics, worker_index=worker_index)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

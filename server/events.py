@@ -7,10 +7,10 @@ a different spec starts a fresh state. Features are computed on the event loop, 
 ``_start``: the messages of a stream reach the state in order (the kernel costs about a
 microsecond per event).
 
-State is per process. With ``--workers`` > 1 the kernel's SO_REUSEPORT spreads connections over
-the workers, so an entity's events would land in several states: raw events are then refused
-(FAILED_PRECONDITION, saying why); scale raw-event serving with replicas of one worker each, each
-fed the events of its own entities (a Kafka partition per replica, or a router hashing the entity key).
+State is per process. With ``--workers`` > 1 each entity has one owner worker (its key hash modulo
+the number of workers): a worker computes the rows it owns and forwards the rest to their owners
+(``event_routing``). Several replicas do not share state: feed each replica the events of its own
+entities (a Kafka partition per replica, or a load balancer hashing the entity key).
 
 Checkpoints (``--feature-state-dir``): every ``--feature-checkpoint-s`` and on a graceful stop the
 state is written to ``<dir>/<model>.features.npz`` (temporary file, fsync, rename) and restored at
@@ -23,13 +23,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from outlierd.core.features import EventError, FeatureEngine, FeatureSpec, FittedCategories, load_features
+from outlierd.core.features import EventError, FeatureEngine, FeatureSpec, FittedCategories, decode_events, load_features
+from outlierd.core.features.engine import take_batch
+
+from .event_routing import EventRouter
 
 from .errors import RequestError
 from .reload import ModelHandle
@@ -40,11 +44,13 @@ log = logging.getLogger("outlierd.events")
 class EventFeatures:
     """Raw events -> feature rows for the data plane's handles (one engine per model name)."""
 
-    def __init__(self, state_dir: Path | None = None, checkpoint_s: float = 30.0, metrics: Any = None, workers: int = 1) -> None:
+    def __init__(self, state_dir: Path | None = None, checkpoint_s: float = 30.0, metrics: Any = None, workers: int = 1,
+                 index: int = 0) -> None:
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.checkpoint_s = checkpoint_s
         self.metrics = metrics
-        self.workers = workers
+        self.workers, self.index = workers, index
+        self.router: EventRouter | None = None
         self._engines: dict[str, FeatureEngine] = {}
         self._specs: dict[int, tuple[ModelHandle, tuple[FeatureSpec, FittedCategories] | None]] = {}
         self._counted: dict[str, dict[str, int]] = {}
@@ -60,7 +66,21 @@ class EventFeatures:
         return cached[1]
 
     def _path(self, name: str) -> Path | None:
-        return None if self.state_dir is None else self.state_dir / f"{name}.features.npz"
+        if self.state_dir is None:
+            return None
+        # with several workers each holds its own entities: one file per worker of that many
+        return self.state_dir / (f"{name}.features.npz" if self.workers == 1 else f"{name}.features.w{self.index}of{self.workers}.npz")
+
+    async def start_routing(self, port: int, current: Callable[[], ModelHandle]) -> None:
+        """With several workers: serve this worker's entities to the others (``current``: the handle
+        whose spec the owned rows are computed with)."""
+        if self.workers > 1:
+            self.router = EventRouter(self.index, self.workers, port, lambda table: self.local(current(), table))
+            await self.router.start()
+
+    async def stop_routing(self) -> None:
+        if self.router is not None:
+            await self.router.stop()
 
     def engine(self, handle: ModelHandle, spec: FeatureSpec, fitted: FittedCategories) -> FeatureEngine:
         """The state for ``handle``'s model: kept across versions with the same spec."""
@@ -82,19 +102,19 @@ class EventFeatures:
         self._engines[handle.name] = engine
         return engine
 
-    def features(self, handle: ModelHandle, data: bytes, n_ids: int = 0) -> np.ndarray:
-        """float64 features of the events in ``data`` (Arrow IPC stream), in order; updates the state.
-        A RequestError names the column and the row of a bad event; the state is then unchanged."""
+    def _loaded(self, handle: ModelHandle) -> tuple[FeatureSpec, FittedCategories]:
         loaded = self.spec_of(handle)
         if loaded is None:
             raise RequestError(f"model {handle.name!r} version {handle.version} takes feature vectors (values or raw_values), "
                                "not arrow_events: it was trained without a feature spec (outlierd train --events --features)",
                                reason="events")
-        if self.workers > 1:
-            raise RequestError("arrow_events need the entity state of one process: this server runs several workers "
-                               "(--workers), which would split an entity's events between states; serve raw events with "
-                               "--workers 1 per replica and route each entity's events to one replica", code="FAILED_PRECONDITION",
-                               reason="events")
+        return loaded
+
+    def features(self, handle: ModelHandle, data: bytes, n_ids: int = 0) -> np.ndarray | asyncio.Future:
+        """float64 features of the events in ``data`` (Arrow IPC stream), in order; updates the state.
+        A RequestError names the column and the row of a bad event; the state is then unchanged.
+        With several workers, a future when some rows belong to other workers (sent now, in order)."""
+        spec, fitted = self._loaded(handle)
         try:
             with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
                 table = reader.read_all()
@@ -102,12 +122,46 @@ class EventFeatures:
             raise RequestError(f"arrow_events is not an Arrow IPC stream: {e}", reason="decode") from e
         if n_ids and n_ids != table.num_rows:
             raise RequestError(f"ids has {n_ids} entries for {table.num_rows} events: send one id per event or none", reason="ids")
-        spec, fitted = loaded
-        engine = self.engine(handle, spec, fitted)
         try:
-            X = engine.transform(table, fitted=fitted)
+            batch = decode_events(table, spec)  # the whole message checked here: errors name its rows
         except EventError as e:
             raise RequestError(f"arrow_events: {e.message}", reason="events") from None
+        engine = self.engine(handle, spec, fitted)
+        router = self.router
+        if router is None:
+            X = engine.transform_batch(batch, fitted)
+            self._count(handle.name, engine, batch.n)
+            return X
+        owners = router.owners(batch.entity)
+        mine = np.flatnonzero(owners == router.index)
+        if mine.size == batch.n:
+            X = engine.transform_batch(batch, fitted)
+            self._count(handle.name, engine, batch.n)
+            return X
+        local = engine.transform_batch(take_batch(batch, mine), fitted) if mine.size else None
+        self._count(handle.name, engine, int(mine.size))
+        sent = []
+        for owner in range(router.n):
+            if owner != router.index:
+                rows = np.flatnonzero(owners == owner)
+                if rows.size:
+                    sent.append((rows, router.send(owner, table.take(pa.array(rows)))))
+
+        async def assemble() -> np.ndarray:
+            out = np.empty((batch.n, len(spec.output_names)))
+            if local is not None:
+                out[mine] = local
+            for rows, fut in sent:
+                out[rows] = router.features(await fut, int(rows.size))
+            return out
+
+        return asyncio.ensure_future(assemble())
+
+    def local(self, handle: ModelHandle, table: pa.Table) -> np.ndarray:
+        """Features of rows this worker owns, sent by another worker (already checked there)."""
+        spec, fitted = self._loaded(handle)
+        engine = self.engine(handle, spec, fitted)
+        X = engine.transform(table, fitted=fitted)
         self._count(handle.name, engine, table.num_rows)
         return X
 

@@ -78,23 +78,37 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             raise req.refuse()
         plane = self.plane
         handle = plane.route(plane.resolve(req.model), req.ids, req.request_id)
-        features = None
         if req.arrow_events:
-            if req.values or req.raw_values:
-                raise RequestError("set either arrow_events or values / raw_values, not both", reason="both_values")
-            features = self.events.features(handle, req.arrow_events, len(req.ids))
-            X = features.astype(np.float32)
-        else:
-            X = decode(req, handle)
+            return self._start_events(req, handle)
+        X = decode(req, handle)
+        return plane.submit(handle, X, ids=req.ids, request_id=req.request_id, explain=self._explain(req, handle, X.shape[0]))
+
+    def _explain(self, req: pb.ScoreRequest, handle: Any, n: int) -> Explain | None:
         explain = None
         if req.explain:
             explain = Explain(req.top_k, req.explain_flagged_only)
             if not explain.flagged_only:  # every record explained: the answer's size is known now
-                self._check_answer_size(handle, X.shape[0], explain.top_k)
-        fut = plane.submit(handle, X, ids=req.ids, request_id=req.request_id, explain=explain)
-        if features is not None and req.return_features:
-            return asyncio.ensure_future(_with_features(fut, features))
-        return fut
+                self._check_answer_size(handle, n, explain.top_k)
+        return explain
+
+    def _start_events(self, req: pb.ScoreRequest, handle: Any) -> asyncio.Future:
+        """Raw events: features from the entity state (now, in message order), then the plane."""
+        if req.values or req.raw_values:
+            raise RequestError("set either arrow_events or values / raw_values, not both", reason="both_values")
+        features = self.events.features(handle, req.arrow_events, len(req.ids))
+        if isinstance(features, np.ndarray):
+            X = np.ascontiguousarray(features, dtype=np.float32)
+            fut = self.plane.submit(handle, X, ids=req.ids, request_id=req.request_id,
+                                    explain=self._explain(req, handle, X.shape[0]))
+            return asyncio.ensure_future(_with_features(fut, features)) if req.return_features else fut
+        return asyncio.ensure_future(self._score_routed(req, handle, features))
+
+    async def _score_routed(self, req: pb.ScoreRequest, handle: Any, pending: asyncio.Future) -> ScoreResult:
+        features = await pending  # rows other workers own came back
+        X = np.ascontiguousarray(features, dtype=np.float32)
+        fut = self.plane.submit(handle, X, ids=req.ids, request_id=req.request_id, explain=self._explain(req, handle, X.shape[0]))
+        result = await fut
+        return dataclasses.replace(result, features=features) if req.return_features else result
 
     def _check_answer_size(self, handle: Any, explained: int, top_k: int, n: int | None = None) -> None:
         """Refuse an explain request whose answer would not fit in one message (the transport's

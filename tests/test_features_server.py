@@ -149,25 +149,35 @@ def test_unary_score_events_and_refusals(loop_thread, registry_dir, events, tmp_
         loop_thread.call(worker.stop(1.0))
 
 
-def test_several_workers_refuse_raw_events_saying_why(loop_thread, registry_dir, events):
-    worker, _ = _start_two(loop_thread, registry_dir)
-    try:
-        with ScorerClient(f"127.0.0.1:{worker.port}") as client:
-            with pytest.raises(grpc.RpcError) as e:
-                client.score_events(events.slice(0, 10))
-            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "--workers 1 per replica" in e.value.details()
-    finally:
-        loop_thread.call(worker.stop(1.0))
-
-
-def _start_two(loop_thread, registry_dir):
+def test_two_workers_give_the_replay_s_features(loop_thread, registry_dir, events, tmp_path):
+    """Two workers on one port (SO_REUSEPORT): each message on a new connection lands on either; each
+    entity's events are applied by its owner, in order: the online features equal the replay."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = ServeSettings(registry=registry_dir / "reg", model="pay", host="127.0.0.1", port=port, workers=2, capture=0)
-    return loop_thread.call(start_worker(settings, ServiceMetrics(CollectorRegistry()))), None
+    workers = []
+    for index in range(2):
+        settings = ServeSettings(registry=registry_dir / "reg", model="pay", host="127.0.0.1", port=port, workers=2, capture=0,
+                                 feature_state_dir=tmp_path, feature_checkpoint_s=0.0)
+        metrics = CollectorRegistry()
+        workers.append((loop_thread.call(start_worker(settings, ServiceMetrics(metrics), worker_index=index)), metrics))
+    stream = events.slice(0, 6000)
+    got = []
+    try:
+        for chunk in _chunks(stream, [150] * 40):
+            with ScorerClient(f"127.0.0.1:{port}") as client:  # a new connection: either worker answers
+                r = client.score_events(chunk, return_features=True)
+                got.append(r.features)
+    finally:
+        for worker, _ in workers:
+            loop_thread.call(worker.stop(1.0))
+    offline = engine_for(Registry(registry_dir / "reg").path("pay", 1)).replay(stream)
+    assert np.array_equal(np.vstack(got), offline, equal_nan=True)
+    counted = [m.get_sample_value("outlierd_feature_events_total", {"model": "pay"}) or 0 for _, m in workers]
+    assert sum(counted) == stream.num_rows and min(counted) > 0  # both workers own entities
+    assert sorted(p.name for p in tmp_path.glob("pay.features.w*")) == ["pay.features.w0of2.npz", "pay.features.w1of2.npz"]
 
 
 def client_request(data: bytes):

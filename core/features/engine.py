@@ -170,7 +170,7 @@ class FeatureEngine:
         if np.all(order[1:] > order[:-1]):
             return self.transform_batch(batch)
         out = np.empty((batch.n, len(self.spec.output_names)))
-        out[order] = self.transform_batch(_take(batch, order))
+        out[order] = self.transform_batch(take_batch(batch, order))
         return out
 
     def _plan(self) -> dict[str, Any]:
@@ -252,7 +252,7 @@ class FeatureEngine:
             k += len(f.outputs)
 
 
-def _take(b: EventBatch, order: np.ndarray) -> EventBatch:
+def take_batch(b: EventBatch, order: np.ndarray) -> EventBatch:
     cats = {c: Categories(v.row_hashes[order]) for c, v in b.categories.items()}
     geo = (b.geo[0][order], b.geo[1][order]) if b.geo is not None else None
-    return EventBatch(b.n, b.entity[order], b.time[order], {c: v[order] for c, v in b.numeric.items()}, cats, geo)
+    return EventBatch(int(order.shape[0]), b.entity[order], b.time[order], {c: v[order] for c, v in b.numeric.items()}, cats, geo)
