@@ -108,10 +108,10 @@ def outlierd(*args: str) -> None:
 
 
 class Server:
-    def __init__(self, registry: Path, state_dir: Path | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, registry: Path, state_dir: Path | None = None, workers: int = 1, port: int | None = None) -> None:
+        self.port = port or free_port()
         cmd = [sys.executable, "-m", "outlierd", "serve", "--registry", str(registry), "--model", "pay", "--host", "127.0.0.1",
-               "--port", str(self.port), "--metrics-port", "0", "--no-capture", "--no-drift", "--reload-interval-s", "0.1"]
+               "--port", str(self.port), "--metrics-port", "0", "--no-capture", "--no-drift", "--reload-interval-s", "0.1", "--workers", str(workers)]
         if state_dir is not None:
             cmd += ["--feature-state-dir", str(state_dir), "--feature-checkpoint-s", "0"]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
@@ -179,7 +179,7 @@ def grpc_ratio(tmp: Path, events: pa.Table, spec_path: Path, messages: int, batc
     return {"batch": batch, "messages": messages, "events_records_per_s": ev, "vectors_records_per_s": vc, "ratio": ev / vc}
 
 
-def parity(tmp: Path, events: pa.Table, spec_path: Path, batch: int) -> dict:
+def parity(tmp: Path, events: pa.Table, spec_path: Path, batch: int, workers: int = 1) -> dict:
     from outlierd.core.registry import Registry
     from outlierd.server.client import ScorerClient, events_request
 
@@ -192,12 +192,12 @@ def parity(tmp: Path, events: pa.Table, spec_path: Path, batch: int) -> dict:
     cuts = [0, n // 3, 2 * n // 3, n]
     state = tmp / "state"
     got = []
-    server = Server(registry, state)
+    server = Server(registry, state, workers)
     t0 = time.perf_counter()
     for part in range(3):
         if part == 1:  # restart: SIGTERM checkpoints, a new process restores
             server.stop()
-            server = Server(registry, state)
+            server = Server(registry, state, workers, server.port)
         if part == 2:  # hot reload: a new version with the same spec
             v2 = Registry(registry).publish("pay", artifact, aliases=("champion",))
             with ScorerClient(f"127.0.0.1:{server.port}") as c:
@@ -205,18 +205,24 @@ def parity(tmp: Path, events: pa.Table, spec_path: Path, batch: int) -> dict:
                     time.sleep(0.05)
         reqs = (events_request(events.slice(s, min(batch, cuts[part + 1] - s)), request_id=s, return_features=True)
                 for s in range(cuts[part], cuts[part + 1], batch))
-        with ScorerClient(f"127.0.0.1:{server.port}", timeout=None) as client:
-            for resp in client.stub.ScoreStream(reqs):
-                if resp.error:
-                    raise RuntimeError(resp.error)
-                got.append(np.frombuffer(resp.features, dtype="<f8").reshape(len(resp.scores), -1))
+        if workers == 1:
+            with ScorerClient(f"127.0.0.1:{server.port}", timeout=None) as client:
+                for resp in client.stub.ScoreStream(reqs):
+                    if resp.error:
+                        raise RuntimeError(resp.error)
+                    got.append(np.frombuffer(resp.features, dtype="<f8").reshape(len(resp.scores), -1))
+        else:  # a connection per message, so that every worker receives messages (SO_REUSEPORT)
+            for req in reqs:
+                with ScorerClient(f"127.0.0.1:{server.port}", timeout=None) as client:
+                    resp = client.stub.Score(req)
+                    got.append(np.frombuffer(resp.features, dtype="<f8").reshape(len(resp.scores), -1))
     online_s = time.perf_counter() - t0
     server.stop()
     online_x = np.vstack(got)
     both = ~np.isnan(offline_x)
     same_nan = np.array_equal(np.isnan(offline_x), np.isnan(online_x))
     diff = float(np.max(np.abs(online_x[both] - offline_x[both]))) if both.any() else 0.0
-    return {"events": n, "bit_equal": bool(np.array_equal(online_x, offline_x, equal_nan=True)), "same_nan": same_nan,
+    return {"workers": workers, "events": n, "bit_equal": bool(np.array_equal(online_x, offline_x, equal_nan=True)), "same_nan": same_nan,
             "max_abs_diff": diff, "offline_s": offline_s, "online_s": online_s, "restart_at": cuts[1], "reload_at": cuts[2]}
 
 
@@ -228,16 +234,19 @@ def main() -> int:
     p.add_argument("--messages", type=int, default=400)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--parity", action="store_true", help="also run the online == offline check through the server")
+    p.add_argument("--parity-workers", type=int, default=1, help="worker processes of the parity server (default 1)")
     p.add_argument("--skip-grpc", action="store_true")
+    p.add_argument("--skip-river", action="store_true")
     args = p.parse_args()
     say(f"generating {args.events} events over {args.entities} entities")
     events = payments(args.events, args.entities, days=30)
     out: dict = {"machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}}
     say("offline replay")
     out["offline"] = offline(events)
-    say("River Agg + TimeRolling")
-    out["river"] = river(events.slice(0, args.river_events))
-    out["offline_vs_river"] = out["offline"]["events_per_s"] / out["river"]["events_per_s"]
+    if not args.skip_river:
+        say("River Agg + TimeRolling")
+        out["river"] = river(events.slice(0, args.river_events))
+        out["offline_vs_river"] = out["offline"]["events_per_s"] / out["river"]["events_per_s"]
     with tempfile.TemporaryDirectory(prefix="bench-features-") as d:
         tmp = Path(d)
         spec_path = ROOT / "data" / "payments.features.json"
@@ -248,19 +257,22 @@ def main() -> int:
         if args.parity:
             say("parity through the server (restart + reload)")
             (tmp / "p").mkdir()
-            out["parity"] = parity(tmp / "p", events, spec_path, max(args.batch, 4096))
+            out["parity"] = parity(tmp / "p", events, spec_path, max(args.batch, 4096), args.parity_workers)
     out["machine"]["loadavg_end"] = os.getloadavg()
     print(json.dumps(out, indent=2))
-    o, r = out["offline"], out["river"]
-    print(f"offline replay {o['events_per_s']:,.0f} events/s (1 thread) vs River {r['events_per_s']:,.0f} events/s: "
-          f"{out['offline_vs_river']:.0f}x; state {o['bytes_per_entity']:.0f} bytes per entity", file=sys.stderr)
+    o = out["offline"]
+    print(f"offline replay {o['events_per_s']:,.0f} events/s (1 thread); state {o['bytes_per_entity']:.0f} bytes per entity",
+          file=sys.stderr)
+    if "river" in out:
+        print(f"River Agg+TimeRolling {out['river']['events_per_s']:,.0f} events/s: ours {out['offline_vs_river']:.0f}x",
+              file=sys.stderr)
     if "grpc" in out:
         g = out["grpc"]
         print(f"gRPC stream, {g['batch']} records per message: raw events {g['events_records_per_s']:,.0f}/s vs vectors "
               f"{g['vectors_records_per_s']:,.0f}/s: {g['ratio']:.2f}x", file=sys.stderr)
     if "parity" in out:
         q = out["parity"]
-        print(f"parity over {q['events']} events (restart at {q['restart_at']}, reload at {q['reload_at']}): bit-equal "
+        print(f"parity over {q['events']} events, {q['workers']} worker(s) (restart at {q['restart_at']}, reload at {q['reload_at']}): bit-equal "
               f"{q['bit_equal']}, max |diff| {q['max_abs_diff']:.3g}", file=sys.stderr)
     return 0
 
