@@ -44,7 +44,7 @@ deps-system:
 # the top-level outlierd/__init__.py (-m outlierd: `-p outlierd` would take in every subpackage).
 MYPY_PATHS := outlierd.core outlierd.server outlierd.training outlierd.monitoring \
 	outlierd.cli outlierd.feedback_cli outlierd.health_cli outlierd.registry_cli outlierd.rollout_cli outlierd.demo \
-	outlierd.features_cli outlierd.payments
+	outlierd.features_cli outlierd.payments outlierd.demo_events
 
 # The installed layout (.ci/installed_layout.py) lets mypy and import-linter see core/ as outlierd.core.
 LAYOUT := $(BIN)/python .ci/installed_layout.py

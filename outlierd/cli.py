@@ -263,11 +263,26 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--alert-rate", type=float, default=demo.DEFAULT_ALERT_RATE, metavar="R",
                    help=f"share of training records flagged: sets the threshold (default {demo.DEFAULT_ALERT_RATE:g})")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    p.add_argument("--events", action="store_true",
+                   help="the demo on raw payment events: train through the feature spec data/payments.features.json, stream "
+                        "Arrow events (arrow_events) with injected frauds, print recall per fraud kind (docs/features.md)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+
+    if args.events:
+        from .demo_events import run_events_demo
+
+        from .demo import DEFAULT_RECORDS, DEFAULT_TRAIN_RECORDS
+
+        # the vector demo's defaults (10M records, 20k training) do not fit events: 100k each unless given
+        records = args.records if args.records != DEFAULT_RECORDS else 100_000
+        train = args.train_records if args.train_records != DEFAULT_TRAIN_RECORDS else 100_000
+        res = run_events_demo(args.registry, records=records, train_records=train, batch=args.batch,
+                              alert_rate=args.alert_rate, port=args.port, seed=args.seed)
+        return 0 if res.ok else 1
 
     summary = run_demo(args.registry, records=args.records, seconds=args.seconds, port=args.port, batch=args.batch,
                        train_records=args.train_records, anomaly_rate=args.anomaly_rate, alert_rate=args.alert_rate,
