@@ -62,6 +62,12 @@ class ServiceMetrics:
         self.feature_evicted = Counter("outlierd_feature_entities_evicted_total",
                                        "Entities evicted from the feature state (least recently seen, over state.max_entities).",
                                        ["model"], **kw)
+        self.category_unseen = Gauge("outlierd_category_unseen_ratio",
+                                     "Share of a window of raw events whose category value was not seen in training.",
+                                     ["model", "column"], multiprocess_mode="mostrecent", **kw)
+        self.category_psi = Gauge("outlierd_category_psi",
+                                  "PSI of a category column over a window of raw events (top training values + other).",
+                                  ["model", "column"], multiprocess_mode="mostrecent", **kw)
         self.feature_late = Counter("outlierd_feature_late_events_total",
                                     "Events older than their entity's previous event (processed at that event's time).", ["model"], **kw)
 

@@ -76,9 +76,19 @@ def run_replay(args: argparse.Namespace) -> int:
     rate = events.num_rows / r.seconds if r.seconds > 0 else float("inf")
     summary = {"events": events.num_rows, "features": spec.output_names, "seconds": r.seconds, "events_per_s": rate,
                "output": str(out), **{f"state_{k}": v for k, v in r.stats.items()}}
+    drift = []
+    if fitted is not None and fitted.columns:  # the events' categories against the model's training events
+        from outlierd.core.features import decode_events
+        from outlierd.monitoring.categorical import CategoryMonitor
+
+        batch = decode_events(events, spec)
+        drift = CategoryMonitor(fitted.columns).report({c: batch.categories[c].hashes() for c in fitted.columns})
+        summary["category_drift"] = [{"column": d.column, "unseen": d.unseen, "psi": d.psi} for d in drift]
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"replayed {events.num_rows} events into {len(spec.output_names)} features in {r.seconds:.2f} s "
               f"({rate:,.0f} events/s, {r.stats['entities']} entities); written to {out}")
+        for d in drift:
+            print(f"  category {d.column!r}: {d.unseen:.2%} of events unseen in training, PSI {d.psi:.4f} (top values + other)")
     return 0

@@ -33,6 +33,8 @@ import pyarrow as pa
 from outlierd.core.features import EventError, FeatureEngine, FeatureSpec, FittedCategories, decode_events, load_features
 from outlierd.core.features.engine import take_batch
 
+from outlierd.monitoring.categorical import CategoryMonitor
+
 from .event_routing import EventRouter
 
 from .errors import RequestError
@@ -54,6 +56,7 @@ class EventFeatures:
         self._engines: dict[str, FeatureEngine] = {}
         self._specs: dict[int, tuple[ModelHandle, tuple[FeatureSpec, FittedCategories] | None]] = {}
         self._counted: dict[str, dict[str, int]] = {}
+        self._monitors: dict[str, tuple[FittedCategories, CategoryMonitor]] = {}
 
     def spec_of(self, handle: ModelHandle) -> tuple[FeatureSpec, FittedCategories] | None:
         """The handle's feature spec and learned categories (None: it takes feature vectors)."""
@@ -127,6 +130,7 @@ class EventFeatures:
         except EventError as e:
             raise RequestError(f"arrow_events: {e.message}", reason="events") from None
         engine = self.engine(handle, spec, fitted)
+        self._monitor(handle.name, fitted, batch)
         router = self.router
         if router is None:
             X = engine.transform_batch(batch, fitted)
@@ -156,6 +160,17 @@ class EventFeatures:
             return out
 
         return asyncio.ensure_future(assemble())
+
+    def _monitor(self, name: str, fitted: FittedCategories, batch: Any) -> None:
+        """Categorical drift and unseen values of the served events, per window (gauges)."""
+        if self.metrics is None or not hasattr(self.metrics, "category_psi") or not fitted.columns:
+            return
+        current = self._monitors.get(name)
+        if current is None or (current[0] is not fitted and current[0].digest != fitted.digest):
+            current = self._monitors[name] = (fitted, CategoryMonitor(fitted.columns))  # new reference: new windows
+        for d in current[1].observe({c: batch.categories[c].hashes() for c in fitted.columns if c in batch.categories}):
+            self.metrics.category_unseen.labels(name, d.column).set(d.unseen)
+            self.metrics.category_psi.labels(name, d.column).set(d.psi)
 
     def local(self, handle: ModelHandle, table: pa.Table) -> np.ndarray:
         """Features of rows this worker owns, sent by another worker (already checked there)."""

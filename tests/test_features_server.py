@@ -106,6 +106,9 @@ def test_online_features_equal_the_replay_across_restart_and_reload(loop_thread,
             assert versions == {v2}
     finally:
         loop_thread.call(worker.stop(1.0))
+    # categorical monitoring: a window of served events against the training shares (same generator: no drift)
+    assert metrics.get_sample_value("outlierd_category_psi", {"model": "pay", "column": "mcc"}) < 0.05
+    assert metrics.get_sample_value("outlierd_category_unseen_ratio", {"model": "pay", "column": "mcc"}) == 0.0
     online = np.vstack(got)
     assert online.shape == offline.shape
     assert np.array_equal(online, offline, equal_nan=True)  # bit-equal, every feature, every event

@@ -10,6 +10,9 @@ so a stream sent in event-time order gets bit-equal features online and offline.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 from typing import Any
 
@@ -71,6 +74,11 @@ class FittedCategories:
 
     def to_json(self) -> dict[str, Any]:
         return {c: {"values": list(t), "frequency": list(t.values())} for c, t in self.columns.items()}
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """sha256 of the learned values and shares (two versions trained on the same events agree)."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> FittedCategories:
