@@ -58,6 +58,7 @@ class _Link:
         self._out: deque[bytes] = deque()
         self._pending: deque[asyncio.Future] = deque()
         self._wake = asyncio.Event()
+        self._call: grpc.aio.StreamStreamCall | None = None
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def send(self, data: bytes) -> asyncio.Future:
@@ -75,9 +76,10 @@ class _Link:
             await self._wake.wait()
 
     async def _run(self) -> None:
-        call = self.channel.stream_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)
+        stub = self.channel.stream_stream(METHOD, request_serializer=_identity, response_deserializer=_identity)
+        self._call = call = stub(self._requests())
         try:
-            async for answer in call(self._requests()):
+            async for answer in call:
                 self._pending.popleft().set_result(answer)
         except Exception as e:  # the owner went away: every unanswered message fails, the next send reconnects
             while self._pending:
@@ -92,6 +94,8 @@ class _Link:
         return self._task.done()
 
     async def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
         self._task.cancel()
         with contextlib.suppress(BaseException):
             await self._task

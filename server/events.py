@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from outlierd.core.features import EventError, FeatureEngine, FeatureSpec, FittedCategories, decode_events, load_features
+from outlierd.core.features import kernel as K
 from outlierd.core.features.engine import take_batch
 
 from outlierd.monitoring.categorical import CategoryMonitor
@@ -56,6 +57,7 @@ class EventFeatures:
         self._engines: dict[str, FeatureEngine] = {}
         self._specs: dict[int, tuple[ModelHandle, tuple[FeatureSpec, FittedCategories] | None]] = {}
         self._counted: dict[str, dict[str, int]] = {}
+        self._children: dict[str, tuple[Any, ...]] = {}
         self._monitors: dict[str, tuple[FittedCategories, CategoryMonitor]] = {}
 
     def spec_of(self, handle: ModelHandle) -> tuple[FeatureSpec, FittedCategories] | None:
@@ -184,15 +186,20 @@ class EventFeatures:
         m = self.metrics
         if m is None or not hasattr(m, "feature_events"):
             return
-        stats = engine.stats()
+        children = self._children.get(name)
+        if children is None:  # labels() takes a lock: the children once per model
+            children = self._children[name] = tuple(metric.labels(name) for metric in (
+                m.feature_events, m.feature_entities, m.feature_state_bytes, m.feature_evicted, m.feature_late))
+        meta = engine.state["meta"]
         seen = self._counted.setdefault(name, {"evicted": 0, "late": 0})
-        m.feature_events.labels(name).inc(n)
-        m.feature_entities.labels(name).set(stats["entities"])
-        m.feature_state_bytes.labels(name).set(stats["bytes"])
-        for key, counter in (("evicted", m.feature_evicted), ("late", m.feature_late)):
-            if stats[key] > seen[key]:
-                counter.labels(name).inc(stats[key] - seen[key])
-                seen[key] = stats[key]
+        children[0].inc(n)
+        children[1].set(int(meta[K.LIVE]))
+        children[2].set(engine.state_bytes)
+        for key, at, child in (("evicted", K.EVICTED, children[3]), ("late", K.LATE, children[4])):
+            value = int(meta[at])
+            if value > seen[key]:
+                child.inc(value - seen[key])
+                seen[key] = value
 
     # -- checkpoints ---------------------------------------------------------------------------------
 

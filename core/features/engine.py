@@ -139,6 +139,10 @@ class FeatureEngine:
                 "overflow": int(m[K.OVERFLOW]), "capacity": self.capacity,
                 "bytes": int(sum(a.nbytes for a in self.state.values()))}
 
+    @property
+    def state_bytes(self) -> int:
+        return int(sum(a.nbytes for a in self.state.values()))
+
     def bytes_per_entity(self) -> float:
         per = sum(a.nbytes / max(a.shape[0], 1) for k, a in self.state.items() if k not in ("meta", "tab_key", "tab_slot"))
         return per + 2 * 16  # the hash table holds two slots per entity, 16 bytes each
