@@ -2,7 +2,7 @@
 
 1. generate a card-payments history as raw events (card, merchant, category code, amount, place,
    time), replay it through the feature spec shipped in the repository
-   (``data/payments.features.json``: the card's spend windows, new merchants, time of day, distance
+   (``data/payments.features.json``, shipped in the package as ``outlierd/payments.features.json``: the card's spend windows, new merchants, time of day, distance
    and speed from its previous payment), train the default detector on those features and publish it
    with the spec in its artifact;
 2. start ``outlierd serve`` on 127.0.0.1 (the feature state checkpointed in the registry directory);
@@ -35,7 +35,8 @@ from outlierd.core.errors import InvalidInputError
 from .demo import MODEL, ServerProcess, _Printer
 from .payments import FRAUD_KINDS, with_frauds
 
-SPEC = Path(__file__).resolve().parents[1] / "data" / "payments.features.json"
+# the repository's data/payments.features.json, shipped in the package so that an installed CLI has it
+SPEC = Path(__file__).resolve().parent / "payments.features.json"
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from outlierd.demo_events import run_events_demo
+from outlierd.demo_events import SPEC, run_events_demo
 from outlierd.payments import FRAUD_KINDS
 
 
@@ -19,3 +19,9 @@ def test_events_demo_catches_every_fraud_kind(tmp_path):
         assert total == 10 and caught >= 8, (kind, caught, text)
         assert kind in text
     assert s.flagged / s.events < 0.1  # alerts stay rare
+
+
+def test_the_packaged_spec_is_the_repository_s():
+    from conftest import ROOT
+
+    assert SPEC.read_bytes() == (ROOT / "data" / "payments.features.json").read_bytes()
