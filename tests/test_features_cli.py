@@ -67,3 +67,17 @@ def test_cli_errors_are_one_line(events, argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_replay_reads_a_directory_of_event_files_in_path_order(events, tmp_path, capsys):
+    table = pq.read_table(events)
+    d = tmp_path / "events"
+    d.mkdir()
+    pacsv.write_csv(table.slice(0, 1500), d / "part-0.csv")
+    pacsv.write_csv(table.slice(1500), d / "part-1.csv")
+    out_dir, out_file = tmp_path / "dir.parquet", tmp_path / "file.parquet"
+    assert main(["features", "replay", "--spec", SPEC, "--events", str(d), "--out", str(out_dir)]) == 0
+    assert main(["features", "replay", "--spec", SPEC, "--events", str(events), "--out", str(out_file)]) == 0
+    a, b = pq.read_table(out_dir), pq.read_table(out_file)
+    for name in ("n_1h", "amount_sum_24h", "merchant_new", "km_from_last"):
+        np.testing.assert_allclose(a.column(name).to_numpy(), b.column(name).to_numpy(), rtol=1e-12, equal_nan=True)
