@@ -111,10 +111,45 @@ def default_store_path(registry_dir: str | os.PathLike) -> Path:
     return Path(registry_dir) / DEFAULT_FILENAME
 
 
-def open_store(path: str | os.PathLike) -> SQLiteStore:
-    """The SQLite store at ``path``, created (with its schema) on first use. Raises ``OSError``
-    naming the path when the file cannot be opened or written."""
+def open_store(path: str | os.PathLike) -> Store:
+    """The store ``path`` names: a ``postgresql://`` URL opens :class:`~monitoring.store_pg.PostgresStore`
+    (schema migrated on open), anything else the SQLite file there, created (with its schema) on
+    first use. Raises ``OSError`` naming the path when it cannot be opened or written."""
+    if is_store_url(path):
+        from .store_pg import PostgresStore
+
+        return PostgresStore(str(path))
     return SQLiteStore(path)
+
+
+def is_store_url(location: object) -> bool:
+    """Whether a ``--feedback-store`` value is a database URL (PostgreSQL) rather than a file path."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def store_location(feedback_store: str | os.PathLike | None, registry_dir: str | os.PathLike) -> str | Path:
+    """What ``--feedback-store`` names: a database URL kept as given (a Path would fold its ``//``),
+    a file path, or by default ``<registry>/feedback.sqlite``."""
+    if feedback_store is None or feedback_store == "":
+        return default_store_path(registry_dir)
+    return feedback_store if is_store_url(feedback_store) else Path(feedback_store)  # type: ignore[return-value]
+
+
+def store_name(location: str | os.PathLike) -> str:
+    """``location`` for messages, logs and audit records: a URL without its password."""
+    text = str(location)
+    if not is_store_url(text):
+        return text
+    head, sep, tail = text.partition("://")
+    cred, at, rest = tail.partition("@")
+    if not at or ":" not in cred or "/" in cred:
+        return text
+    return f"{head}{sep}{cred.split(':', 1)[0]}:***@{rest}"
+
+
+def store_exists(location: str | os.PathLike) -> bool:
+    """Whether there is a store to read at ``location`` (a database URL always counts: it is opened to find out)."""
+    return is_store_url(location) or Path(location).is_file()
 
 
 class StoreOpener:

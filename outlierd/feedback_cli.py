@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from outlierd.core.errors import DataError, InvalidInputError, OutlierdError, StoreUnavailableError
 from outlierd.core.labels import label_of
 from outlierd.core.registry import CHAMPION, Registry
-from outlierd.monitoring.store import LabelRow, default_store_path, open_store
+from outlierd.monitoring.store import LabelRow, open_store, store_exists, store_location, store_name
 
 if TYPE_CHECKING:
     from outlierd.training.labels import LabelledRecords
@@ -48,7 +48,7 @@ def add_parser(subparsers: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
         p.add_argument("--model", required=True, metavar="NAME", help="model name")
-        p.add_argument("--feedback-store", metavar="PATH", help="feedback store file (default: DIR/feedback.sqlite)")
+        p.add_argument("--feedback-store", metavar="PATH", help="feedback store: a SQLite file or a postgresql:// URL (default: DIR/feedback.sqlite)")
 
     p_imp = sub.add_parser("import", help="store labels from a CSV file (record_id,label[,reviewer,note]); all or nothing")
     common(p_imp)
@@ -88,7 +88,7 @@ def _duration_text(seconds: float) -> str:
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed ``outlierd feedback ...`` command; returns the exit code."""
     Registry(args.registry).aliases(args.model)  # the model must exist: catches typos before touching the store
-    path = Path(args.feedback_store) if args.feedback_store else default_store_path(args.registry)
+    path = store_location(args.feedback_store, args.registry)
     if args.feedback_command == "import":
         return _import(args, path)
     if args.feedback_command == "export":
@@ -146,8 +146,8 @@ def read_labels(file: str | os.PathLike) -> list[LabelRow]:
     return rows
 
 
-def _open_existing(path: Path):
-    if not path.is_file():
+def _open_existing(path: Path | str):
+    if not store_exists(path):
         raise StoreUnavailableError(f"no feedback store at {path} (nothing captured or imported yet; or pass --feedback-store)")
     return open_store(path)
 
@@ -159,18 +159,18 @@ def labelled_records(registry: str | os.PathLike, model: str,
     (``outlierd train --labels-from-feedback``)."""
     from outlierd.training.labels import LabelledRecords
 
-    store = Path(feedback_store) if feedback_store else default_store_path(registry)
-    if not store.is_file():
+    store = store_location(feedback_store, registry)
+    if not store_exists(store):
         raise DataError(f"--labels-from-feedback: no feedback store at {store} (submit labels first, or pass --feedback-store)")
     st = open_store(store)
     try:
         X, y, ids = st.labelled(model)
     finally:
         st.close()
-    return LabelledRecords(X, y, tuple(ids), store)
+    return LabelledRecords(X, y, tuple(ids), store_name(store))
 
 
-def _import(args: argparse.Namespace, path: Path) -> int:
+def _import(args: argparse.Namespace, path: Path | str) -> int:
     rows = read_labels(args.file)  # every row validated before anything is written
     store = open_store(path)
     try:
@@ -178,12 +178,12 @@ def _import(args: argparse.Namespace, path: Path) -> int:
     finally:
         store.close()
     k = sum(known)
-    print(f"imported {len(rows)} labels for {args.model} into {path} ({k} for captured predictions, "
+    print(f"imported {len(rows)} labels for {args.model} into {store_name(path)} ({k} for captured predictions, "
           f"{len(rows) - k} for unknown record ids)")
     return 0
 
 
-def _export(args: argparse.Namespace, path: Path) -> int:
+def _export(args: argparse.Namespace, path: Path | str) -> int:
     store = _open_existing(path)
     try:
         labels = store.labels(args.model)
@@ -217,7 +217,7 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _stats(args: argparse.Namespace, path: Path) -> int:
+def _stats(args: argparse.Namespace, path: Path | str) -> int:
     from outlierd.monitoring.quality import from_store
 
     since = None if args.since is None else time.time() - args.since
@@ -228,12 +228,12 @@ def _stats(args: argparse.Namespace, path: Path) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"model": args.model, "store": str(path), "since": since, **q.as_dict(), "anomaly_features": why},
+        print(json.dumps({"model": args.model, "store": store_name(path), "since": since, **q.as_dict(), "anomaly_features": why},
                          indent=2, sort_keys=True))
         return 0
     counts = ", ".join(f"{n} {lab}" for lab, n in q.by_label.items())
     window = "" if args.since is None else f", captures and labels of the last {_duration_text(args.since)}"
-    print(f"feedback for {args.model} ({path}{window})")
+    print(f"feedback for {args.model} ({store_name(path)}{window})")
     print(f"  labels          {q.labels} ({counts}) on {q.labelled_records} records; {q.unknown_records} unknown record ids")
     print(f"  captured        {q.captured_flagged} flagged, {q.captured_sampled} sampled unflagged (champion)")
     print(f"  precision       {_fmt(q.precision)} ({q.reviewed_flagged_anomalies} anomalies of {q.reviewed_flagged} reviewed flagged)")

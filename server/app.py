@@ -29,7 +29,7 @@ from outlierd.monitoring.capture import CaptureWriter
 from outlierd.monitoring.capture_proc import Retention
 from outlierd.monitoring.drift import reference_for
 from outlierd.monitoring.metrics import ServiceMetrics
-from outlierd.monitoring.store import StoreOpener, default_store_path, open_store
+from outlierd.monitoring.store import StoreOpener, open_store, store_location
 from outlierd.monitoring.stream import ServingMonitor
 from outlierd.v1 import scoring_pb2
 
@@ -189,7 +189,7 @@ async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | Non
     """The capture writer (None with capture off) and the feedback service, sharing one store. A
     store that cannot be opened does not stop the server: captures are dropped (counted) and
     feedback answers UNAVAILABLE until it can be opened."""
-    path = settings.feedback_store or default_store_path(settings.registry)
+    path = store_location(settings.feedback_store, settings.registry)
     opener = StoreOpener(path, opener=(lambda _p: store) if store is not None else open_store)
     try:
         await asyncio.get_running_loop().run_in_executor(None, opener.get)

@@ -111,8 +111,9 @@ class ServeSettings:
     """Captured predictions older than this are deleted, labelled ones kept (0: kept forever)."""
     capture_max_bytes: int = 4 * 1024**3
     """The capture store's size bound: beyond it the oldest unlabelled predictions are deleted (0: none)."""
-    feedback_store: Path | None = None
-    """Feedback store (SQLite file) for captures and labels; default: feedback.sqlite in the registry directory."""
+    feedback_store: Path | str | None = None
+    """Feedback store for captures and labels: a SQLite file, or a ``postgresql://`` URL (one store for
+    many replicas); default: feedback.sqlite in the registry directory."""
     tls_cert: Path | None = field(default=None, metadata={"metavar": "PEM"})
     """Server certificate (PEM) for TLS."""
     tls_key: Path | None = field(default=None, metadata={"metavar": "PEM"})
@@ -149,7 +150,7 @@ class ServeSettings:
                 elif t.startswith("float"):
                     values[f.name] = float(raw)
                 elif "Path" in t:
-                    values[f.name] = Path(raw)
+                    values[f.name] = raw if raw.startswith(("postgresql://", "postgres://")) else Path(raw)  # a URL stays a URL
         s = cls(**values)
         s.validate()
         return s
