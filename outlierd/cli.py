@@ -352,6 +352,13 @@ def _add_retrain_policy(sub: Any) -> None:
                    help="share of records to flag (default: the champion's; 0.01 without a champion)")
     p.add_argument("--feature-columns", metavar="A,B,...",
                    help="features to train on (default: the champion's features, so the challenger can serve beside it)")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="also receive Alertmanager webhooks (payload version 4) here: a firing drift alert for --model "
+                        "retrains (POST any path; GET /healthz)")
+    p.add_argument("--alert-cooldown", type=float, default=3600.0, metavar="S",
+                   help="with --listen: an alert group (its groupKey) retrains at most once per S seconds (default 3600)")
+    p.add_argument("--alertname", action="append", metavar="NAME",
+                   help="with --listen: alert names that retrain (repeatable; default OutlierdFeatureDrift, OutlierdAlertRateShift)")
     p.set_defaults(func=_run_retrain_policy)
 
 
@@ -388,6 +395,8 @@ def _run_retrain_policy(args: argparse.Namespace) -> int:
                            max_triggers=args.max_triggers, max_seconds=args.max_seconds)
     if args.now:
         triggers = [policy.trigger_now()]
+    elif args.listen:
+        triggers = _listen(args, policy)
     else:
         with policy.handle_signals():
             triggers = policy.run()
@@ -395,6 +404,28 @@ def _run_retrain_policy(args: argparse.Namespace) -> int:
         print(f"{CHALLENGER}: {args.model} version {t.version} ({t.kind}: {t.reason})" if t.ok
               else f"failed: {args.model} ({t.kind}: {t.reason}): {t.error}")
     return 0 if all(t.ok for t in triggers) else 1
+
+
+def _listen(args: argparse.Namespace, policy: Any) -> list:
+    """``retrain-policy --listen``: the Alertmanager webhook, beside the drift / schedule loop when
+    one is asked for, until SIGTERM / SIGINT or --max-seconds."""
+    from outlierd.monitoring.alerts import DRIFT_ALERTS, AlertReceiver, parse_listen, serve
+
+    host, port = parse_listen(args.listen)
+    receiver = AlertReceiver(policy, cooldown_s=args.alert_cooldown, alertnames=args.alertname or DRIFT_ALERTS)
+    httpd = serve(receiver, host, port)
+    policy.log("listening", address=f"{host}:{httpd.server_address[1]}", cooldown=args.alert_cooldown)
+    looped: list = []
+    try:
+        with policy.handle_signals():
+            if args.metrics_url or args.every > 0:
+                looped = policy.run()
+            else:
+                policy.wait_stopped(args.max_seconds)
+    finally:
+        httpd.shutdown()
+        receiver.close()  # a retraining in progress finishes
+    return looped + receiver.triggers
 
 
 def build_parser() -> argparse.ArgumentParser:
