@@ -161,3 +161,19 @@ def test_cli_listen_publishes_then_deduplicates(setup, tmp_path):
     assert "challenger: pay version 2 (alert: alertmanager OutlierdFeatureDrift on x2)" in stdout
     assert "event=deduplicated" in stderr and "event=listening" in stderr
     assert [r["result"] for r in _alert_audit(reg)] == ["published", "deduplicated"]
+
+
+def test_prefect_flow_wraps_the_same_retraining(setup):
+    import importlib.util
+
+    from outlierd import prefect_flow
+
+    reg, data = setup
+    out = prefect_flow.retrain(str(reg.root), MODEL, str(data), detector="robust_z")
+    assert out["version"] == 2 and reg.resolve(MODEL, CHALLENGER) == 2 and out["kind"] == "on_demand"
+    assert [r["result"] for r in reg.audit(MODEL) if r["action"] == AUDIT_ACTION] == ["published"]
+    if importlib.util.find_spec("prefect") is None:
+        with pytest.raises(NotImplementedError, match=r"pip install 'outlierd\[prefect\]'"):
+            prefect_flow.retrain_flow  # noqa: B018 - the attribute access is the test
+    else:
+        assert prefect_flow.retrain_flow.name == "outlierd-retrain"
