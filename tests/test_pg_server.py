@@ -203,3 +203,107 @@ def test_postgres_stopped_under_load(registry_dir, tmp_path, pg_cluster):
     finally:
         s.close()
     assert {"before", "after"} <= ids and not any(i.startswith("during") for i in ids)  # refused means not stored
+
+
+@pytest.fixture(scope="module")
+def shadow_registry(tmp_path_factory) -> Path:
+    """cardio: champion version 1 and a challenger (version 2, another seed) for shadow scoring."""
+    from conftest import dataset_path
+
+    from outlierd.training.train import train
+
+    reg = tmp_path_factory.mktemp("pgshadow") / "reg"
+    train(dataset_path("cardio"), reg, MODEL, alias="champion", label_column="label", alert_rate=0.05, quiet=True)
+    train(dataset_path("cardio"), reg, MODEL, alias="challenger", label_column="label", alert_rate=0.05, quiet=True, seed=7)
+    return reg
+
+
+def _cli_json(*argv: str) -> dict:
+    import contextlib
+    import io
+    import json
+
+    from outlierd.cli import main as cli_main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli_main(list(argv))
+    assert rc == 0, buf.getvalue()
+    return json.loads(buf.getvalue())
+
+
+def _strip(d, drop=("store", "feedback_store", "since", "latency", "time", "created", "by", "window")):
+    """``d`` without what depends on the store's name, the clock or the machine's speed."""
+    if isinstance(d, dict):
+        return {k: _strip(v, drop) for k, v in d.items() if not any(x in k for x in drop)}
+    if isinstance(d, list):
+        return [_strip(v, drop) for v in d]
+    return d
+
+
+def test_two_replicas_capture_into_one_store_like_one_sqlite_store(shadow_registry, tmp_path, pg_url):
+    """The same traffic (every record captured, shadow scoring on) and the same labels, sent half to
+    each of two replicas on one PostgreSQL store, and all to one server on a SQLite store: feedback
+    stats, threshold calibrate and compare give the same answers from both stores."""
+    X = cardio_X()
+    n = len(X)
+    sqlite_path = tmp_path / "one.sqlite"
+    extra = ["--capture-sample", "1.0", "--rollout", "shadow"]
+    servers = []
+    for k, store in enumerate((pg_url, pg_url, sqlite_path)):
+        (tmp_path / f"s{k}").mkdir()
+        srv = Server(tmp_path / f"s{k}", shadow_registry, store, free_port())  # type: ignore[arg-type]
+        srv.cmd += extra
+        servers.append(srv)
+    rnd = np.random.default_rng(3)
+    labelled = rnd.choice(n, 400, replace=False)
+    y = np.loadtxt(__import__("conftest").dataset_path("cardio"), delimiter=",", skiprows=1)[:, -1]
+    try:
+        for srv in servers:
+            srv.start()
+        for k, srv in enumerate(servers):
+            with grpc.insecure_channel(srv.target) as ch:
+                stub = pb_grpc.ScorerStub(ch)
+                # the SQLite server: every 64-record message; the replicas: every other one each
+                for s in (range(0, n, 64) if k == 2 else range(k * 64, n, 128)):
+                    part = X[s:s + 64]
+                    stub.Score(score_request(part, [f"c{s + j}" for j in range(len(part))], request_id=s), timeout=10)
+        # captures are written within ~100 ms of scoring; shadow scores a moment later
+        for store in (pg_url, sqlite_path):
+            deadline = time.monotonic() + 30
+            while True:
+                s = open_store(store)
+                try:
+                    got = len(s.predictions(MODEL, features=False))
+                finally:
+                    s.close()
+                if got >= 2 * n:
+                    break
+                assert time.monotonic() < deadline, f"{store}: {got} of {2 * n} captures"
+                time.sleep(0.2)
+        for k, srv in enumerate(servers):
+            with grpc.insecure_channel(srv.target) as ch:
+                stub = pb_grpc.ScorerStub(ch)
+                mine = labelled if k == 2 else labelled[k::2]
+                reqs = [pb.FeedbackRequest(model=MODEL, record_id=f"c{i}", label=pb.ANOMALY if y[i] else pb.NORMAL, reviewer="r")
+                        for i in sorted(mine)]
+                assert all(a.stored and a.known_record for a in stub.SubmitFeedbackStream(iter(reqs), timeout=30))
+    finally:
+        for srv in servers:
+            srv.kill()
+    common = ["--registry", str(shadow_registry), "--model", MODEL]
+    answers = []
+    for store in (pg_url, str(sqlite_path)):
+        fs = ["--feedback-store", store]
+        answers.append({
+            "stats": _cli_json("feedback", "stats", *common, *fs, "--json"),
+            "calibrate_rate": _cli_json("threshold", "calibrate", *common, *fs, "--alert-rate", "0.02", "--dry-run", "--json"),
+            "calibrate_precision": _cli_json("threshold", "calibrate", *common, *fs, "--precision", "0.5", "--dry-run", "--json"),
+            "compare": _cli_json("compare", *common, *fs, "--json"),
+        })
+    pg, lite = (_strip(a) for a in answers)
+    assert pg["stats"]["labels"] == 400 and pg["stats"]["captured_flagged"] > 0
+    print({k: v for k, v in pg["compare"].items() if not isinstance(v, dict)}, pg["calibrate_rate"].get("threshold"),
+          pg["calibrate_precision"].get("threshold"), pg["stats"]["precision"])
+    for key in pg:
+        assert pg[key] == lite[key], key
