@@ -519,6 +519,13 @@ class SQLiteStore:
         return {"captured_flagged": int(row[0]), "captured_sampled": int(row[1]), "sampled_weight": float(row[2]),
                 "sampled_no_rate": int(row[3]), "captures": captures, "known": known}
 
+    def unlabelled_alerts(self, model: str, *, since: float | None = None, limit: int = 100) -> Predictions:
+        """The review queue: flagged champion captures of ``model`` whose record id carries no label
+        yet, newest first, at most ``limit`` (one per record id: its latest capture), captured at or
+        after ``since`` (epoch s) when given."""
+        rows = self._conn().execute(_UNLABELLED.replace("%s", "?"), (model, -math.inf if since is None else since, int(limit))).fetchall()
+        return _columns(rows, True)
+
     def counts(self, model: str) -> dict[str, int]:
         """Rows stored for ``model``: ``predictions``, ``labels``."""
         c = self._conn()
@@ -560,3 +567,16 @@ def _insert_rows(m: int) -> str:
 
 
 _KNOWN = "SELECT 1 FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch WHERE p.record_id = ? AND b.model = ? LIMIT 1"
+
+
+# the review queue (both stores; %s placeholders, SQLite's replaced by ?): flagged champion captures
+# without a label, each record id once (its latest capture), newest first
+_UNLABELLED = """
+SELECT p.record_id, b.version, b.role, p.score, p.flags, b.ts, p.latency_us, b.sample_rate, b.n_features, p.x
+FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch
+WHERE b.model = %s AND b.role = 'champion' AND (p.flags & 1) = 1 AND b.ts >= %s
+  AND NOT EXISTS (SELECT 1 FROM labels AS l WHERE l.model = b.model AND l.record_id = p.record_id)
+  AND NOT EXISTS (SELECT 1 FROM predictions AS p2 JOIN capture_batches AS b2 ON b2.id = p2.batch
+                  WHERE p2.record_id = p.record_id AND b2.model = b.model AND b2.role = 'champion' AND p2.id > p.id)
+ORDER BY p.id DESC LIMIT %s
+"""

@@ -25,6 +25,7 @@ in ``retries`` / ``failures`` (and passed to ``on_retry``).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ import numpy as np
 from outlierd.core.errors import InvalidInputError, StoreUnavailableError
 from outlierd.core.labels import ANOMALY
 
-from .store import ROLES, LabelRow, Predictions, _columns, _stack, store_name, validate_label
+from .store import _UNLABELLED, ROLES, LabelRow, Predictions, _columns, _stack, store_name, validate_label
 
 CONNECT_TIMEOUT_S = 3
 RETRIES = 3
@@ -385,6 +386,12 @@ class PostgresStore:
                 known.add(rid)
         return {"captured_flagged": int(row[0]), "captured_sampled": int(row[1]), "sampled_weight": float(row[2]),
                 "sampled_no_rate": int(row[3]), "captures": captures, "known": known}
+
+    def unlabelled_alerts(self, model: str, *, since: float | None = None, limit: int = 100) -> Predictions:
+        """As :meth:`SQLiteStore.unlabelled_alerts` (the review queue)."""
+        rows = self._call(lambda c: c.execute(_UNLABELLED, (model, -math.inf if since is None else since, int(limit))).fetchall(),
+                          retry=True)
+        return _columns([(*r[:9], bytes(r[9])) for r in rows], True)
 
     def counts(self, model: str) -> dict[str, int]:
         """Rows stored for ``model``: ``predictions``, ``labels``."""

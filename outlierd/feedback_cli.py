@@ -5,6 +5,9 @@ Public forms::
     outlierd feedback import --registry DIR --model NAME [--feedback-store PATH] FILE.csv
     outlierd feedback export --registry DIR --model NAME [--feedback-store PATH] --out FILE.csv
     outlierd feedback stats  --registry DIR --model NAME [--feedback-store PATH] [--since DURATION] [--json]
+    outlierd feedback queue  --registry DIR --model NAME [--feedback-store PATH] [--since DURATION] [--limit N] [--top-k K] [--json]
+
+``--feedback-store`` is a SQLite file or a ``postgresql://`` URL (one store for many replicas).
 
 CSV columns: ``record_id,label[,reviewer,note]`` with a header row; labels ``anomaly``/``normal``
 (also ``1``/``0``, ``true``/``false``). An import is one transaction, fsynced: every row or none.
@@ -25,6 +28,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from outlierd.core.errors import DataError, InvalidInputError, OutlierdError, StoreUnavailableError
 from outlierd.core.labels import label_of
 from outlierd.core.registry import CHAMPION, Registry
@@ -43,7 +48,7 @@ def add_parser(subparsers: Any) -> None:
                                description="Labels from reviewers, joined to the predictions the server captured, "
                                            "in the feedback store (default: feedback.sqlite in the registry directory).")
     fb.set_defaults(func=run)
-    sub = fb.add_subparsers(dest="feedback_command", metavar="{import,export,stats}", required=True)
+    sub = fb.add_subparsers(dest="feedback_command", metavar="{import,export,stats,queue}", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
@@ -61,6 +66,12 @@ def add_parser(subparsers: Any) -> None:
     p_st.add_argument("--json", action="store_true", help="print JSON")
     p_st.add_argument("--since", type=parse_duration, metavar="DURATION",
                       help="only captures and labels of the last DURATION (e.g. 90s, 30m, 24h, 7d; a number: seconds)")
+    p_q = sub.add_parser("queue", help="the review queue: captured alerts not labelled yet, newest first")
+    common(p_q)
+    p_q.add_argument("--since", type=parse_duration, metavar="DURATION", help="only alerts captured in the last DURATION (e.g. 24h)")
+    p_q.add_argument("--limit", type=int, default=50, metavar="N", help="at most N alerts (default 50)")
+    p_q.add_argument("--top-k", type=int, default=3, metavar="K", help="features explaining each alert (default 3; 0: none)")
+    p_q.add_argument("--json", action="store_true", help="print JSON")
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -95,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         return _export(args, path)
     if args.feedback_command == "stats":
         return _stats(args, path)
+    if args.feedback_command == "queue":
+        return _queue(args, path)
     raise InvalidInputError(f"unknown feedback command {args.feedback_command!r}")
 
 
@@ -263,3 +276,44 @@ def _anomaly_features(args: argparse.Namespace, store: Any) -> dict[str, Any]:
         return {**anomaly_features(reg.load(args.model, version), X, y), "note": None}
     except (OutlierdError, ValueError, NotImplementedError) as e:
         return {**out, "note": f"labelled anomalies not explained: {e}"}
+
+
+def review_queue(registry: Registry, store: Any, model: str, *, since: float | None = None, limit: int = 50,
+                 top_k: int = 3) -> list[dict[str, Any]]:
+    """Captured alerts of ``model`` without a label, newest first: ``{"record_id", "time", "score",
+    "version", "top_features": [{"name", "contribution"}]}`` (features from the version that scored
+    it; none when that version cannot explain, e.g. deleted)."""
+    if limit < 1 or top_k < 0:
+        raise InvalidInputError(f"--limit must be >= 1 and --top-k >= 0; got {limit} and {top_k}")
+    p = store.unlabelled_alerts(model, since=since, limit=limit)
+    out = [{"record_id": rid, "time": float(t), "score": float(sc), "version": int(v), "top_features": []}
+           for rid, t, sc, v in zip(p.record_id, p.ts, p.score, p.version)]
+    if top_k:
+        for v in sorted(set(p.version.tolist())):
+            idx = np.flatnonzero(p.version == v)
+            try:
+                m = registry.load(model, int(v))
+                feat, contrib = m.explain(p.X[idx].astype(np.float64), min(top_k, m.n_features))
+            except (OutlierdError, ValueError, NotImplementedError, OSError):
+                continue  # listed without features: the queue stands alone
+            for row, i in enumerate(idx):
+                out[i]["top_features"] = [{"name": m.feature_names[j], "contribution": float(c)} for j, c in zip(feat[row], contrib[row])]
+    return out
+
+
+def _queue(args: argparse.Namespace, path: Path | str) -> int:
+    since = None if args.since is None else time.time() - args.since
+    store = _open_existing(path)
+    try:
+        rows = review_queue(Registry(args.registry), store, args.model, since=since, limit=args.limit, top_k=args.top_k)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"model": args.model, "store": store_name(path), "alerts": rows}, indent=2))
+        return 0
+    print(f"{len(rows)} unlabelled alerts for {args.model} ({store_name(path)}), newest first")
+    for r in rows:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["time"]))
+        feats = ", ".join(f["name"] for f in r["top_features"])
+        print(f"  {r['record_id']}  {when}  score {r['score']:.4f}  v{r['version']}" + (f"  {feats}" if feats else ""))
+    return 0

@@ -300,10 +300,16 @@ def test_two_replicas_capture_into_one_store_like_one_sqlite_store(shadow_regist
             "calibrate_rate": _cli_json("threshold", "calibrate", *common, *fs, "--alert-rate", "0.02", "--dry-run", "--json"),
             "calibrate_precision": _cli_json("threshold", "calibrate", *common, *fs, "--precision", "0.5", "--dry-run", "--json"),
             "compare": _cli_json("compare", *common, *fs, "--json"),
+            "queue": _cli_json("feedback", "queue", *common, *fs, "--limit", "5000", "--top-k", "2", "--json"),
         })
     pg, lite = (_strip(a) for a in answers)
     assert pg["stats"]["labels"] == 400 and pg["stats"]["captured_flagged"] > 0
     print({k: v for k, v in pg["compare"].items() if not isinstance(v, dict)}, pg["calibrate_rate"].get("threshold"),
           pg["calibrate_precision"].get("threshold"), pg["stats"]["precision"])
+    # the review queue: every flagged record without a label, explained (order: capture order, which the replicas interleave)
+    flagged = {r["record_id"] for r in pg["queue"]["alerts"]}
+    assert flagged and not flagged & {f"c{i}" for i in labelled} and all(len(r["top_features"]) == 2 for r in pg["queue"]["alerts"])
+    pg["queue"]["alerts"].sort(key=lambda r: r["record_id"])
+    lite["queue"]["alerts"].sort(key=lambda r: r["record_id"])
     for key in pg:
         assert pg[key] == lite[key], key

@@ -159,3 +159,23 @@ def test_server_stopped_and_started_again(pg_cluster):
         assert [r.record_id for r in s.labels("m")] == ["before", "after"]  # the refused label was not stored
     finally:
         s.close()
+
+
+def test_review_queue_against_an_oracle(tmp_path, pg_url, rng):
+    seed = int(rng.integers(1 << 31))
+    for store in (open_store(tmp_path / "fb.sqlite"), open_store(pg_url)):
+        try:
+            _fill(store, np.random.default_rng(seed))
+            p = store.predictions("m", role="champion", features=False)
+            labelled = {r.record_id for r in store.labels("m")}
+            for since, limit in ((None, 10_000), (1002.0, 10_000), (None, 7)):
+                latest: dict[str, int] = {}
+                for i, rid in enumerate(p.record_id):
+                    latest[rid] = i  # the latest champion capture of each record id
+                want = [p.record_id[i] for i in sorted(latest.values(), reverse=True)
+                        if p.flagged[i] and p.record_id[i] not in labelled and (since is None or p.ts[i] >= since)][:limit]
+                got = store.unlabelled_alerts("m", since=since, limit=limit)
+                assert got.record_id == want and len(want) > 0, (store, since, limit)
+                assert got.X.shape == (len(want), 5) and np.all(got.flagged)
+        finally:
+            store.close()
