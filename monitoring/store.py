@@ -111,14 +111,15 @@ def default_store_path(registry_dir: str | os.PathLike) -> Path:
     return Path(registry_dir) / DEFAULT_FILENAME
 
 
-def open_store(path: str | os.PathLike) -> Store:
+def open_store(path: str | os.PathLike, *, on_retry: Callable[[str], None] | None = None) -> Store:
     """The store ``path`` names: a ``postgresql://`` URL opens :class:`~monitoring.store_pg.PostgresStore`
     (schema migrated on open), anything else the SQLite file there, created (with its schema) on
-    first use. Raises ``OSError`` naming the path when it cannot be opened or written."""
+    first use. Raises ``OSError`` naming the path when it cannot be opened or written. ``on_retry``
+    (PostgreSQL): called with "retry" or "failed" after each lost connection (counted in metrics)."""
     if is_store_url(path):
         from .store_pg import PostgresStore
 
-        return PostgresStore(str(path))
+        return PostgresStore(str(path), on_retry=on_retry)
     return SQLiteStore(path)
 
 

@@ -190,7 +190,8 @@ async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | Non
     store that cannot be opened does not stop the server: captures are dropped (counted) and
     feedback answers UNAVAILABLE until it can be opened."""
     path = store_location(settings.feedback_store, settings.registry)
-    opener = StoreOpener(path, opener=(lambda _p: store) if store is not None else open_store)
+    on_retry = None if metrics is None else (lambda result: metrics.store_retries.labels(result).inc())
+    opener = StoreOpener(path, opener=(lambda _p: store) if store is not None else (lambda p: open_store(p, on_retry=on_retry)))
     try:
         await asyncio.get_running_loop().run_in_executor(None, opener.get)
     except OSError as e:

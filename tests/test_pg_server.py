@@ -181,6 +181,7 @@ def test_postgres_stopped_under_load(registry_dir, tmp_path, pg_cluster):
         while _total(_metrics(metrics_port), "outlierd_captured_total") <= _total(during, "outlierd_captured_total"):
             assert time.monotonic() < deadline, "captures not written 20 s after PostgreSQL came back"
             time.sleep(0.2)
+        after = _metrics(metrics_port)
     finally:
         done.set()
         loader.join(15)
@@ -194,6 +195,8 @@ def test_postgres_stopped_under_load(registry_dir, tmp_path, pg_cluster):
     dropped = _total(during, "outlierd_capture_dropped_total", reason="write_error") - _total(before, "outlierd_capture_dropped_total",
                                                                                               reason="write_error")
     assert dropped > 0, "captures during the outage were neither written nor counted as dropped"
+    assert _total(after, "outlierd_feedback_store_retries_total", result="failed") >= len(refused)  # the label side's lost connections, counted
+    assert _total(after, "outlierd_feedback_store_retries_total", result="retry") > 0
     assert len(refused) >= 5  # each refusal waits out the store's connection retries (about 1.3 s)
     print(f"outage: {len(in_outage)} calls answered, max gap {gaps.max():.3f}s, max call {max(dt for _, dt in in_outage):.3f}s, "
           f"{dropped:.0f} captures dropped, {len(refused)} labels refused")
