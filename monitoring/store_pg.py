@@ -15,12 +15,13 @@ Captures commit with ``synchronous_commit = off`` (best-effort, like SQLite's ``
 with ``COPY``, one statement per batch.
 
 Connection loss: every thread has its own connection; a failed one is dropped and the next call
-opens a new one. Calls that cannot have changed anything (reads, and any call whose connection
-could not be opened) are retried with backoff, :data:`RETRIES` times; a write that lost its
-connection mid-transaction is not (it may or may not have committed): it raises
-:class:`~core.errors.StoreUnavailableError`, which the server answers with UNAVAILABLE (the
-client retries; a label is never acknowledged unless committed). Retries and failures are counted
-in ``retries`` / ``failures`` (and passed to ``on_retry``).
+opens a new one. Calls that cannot have changed anything (reads, and writes whose connection was
+lost before their COMMIT was sent: after a PostgreSQL restart, the first statement on an old
+connection) are retried with backoff, :data:`RETRIES` times; a write that lost its connection during
+the COMMIT is not (it may or may not have committed), and captures never are (the capture process
+moves on). Then :class:`~core.errors.StoreUnavailableError`, which the server answers with
+UNAVAILABLE (the client retries; a label is never acknowledged unless committed). Retries and
+failures are counted in ``retries`` / ``failures`` (and passed to ``on_retry``).
 """
 
 from __future__ import annotations
@@ -155,22 +156,24 @@ class PostgresStore:
 
     def _call(self, fn: Callable[[Any], T], *, retry: bool, retry_connect: bool = True) -> T:
         """``fn(connection)``, in a transaction committed when it returns. A lost connection is
-        dropped; the call is retried (with backoff) when ``retry``, or when ``retry_connect`` and the
-        connection could not even be opened (nothing was sent)."""
+        dropped, and the call retried (with backoff) when ``retry`` (reads), or when
+        ``retry_connect`` and it was lost before the COMMIT was sent: the transaction cannot have
+        committed then, so running it again stores nothing twice. A connection lost during the
+        COMMIT leaves its outcome unknown: never retried (the caller is told UNAVAILABLE)."""
         pg = self._pg
         for attempt in range(RETRIES + 1):
-            sent = False
+            committing = False
             try:
                 conn = self._conn()
-                sent = True
                 with conn.transaction():
                     out = fn(conn)
+                    committing = True  # leaving the block sends the COMMIT
                 return out
             except pg.errors.CheckViolation as e:
                 raise InvalidInputError(f"feedback store {self.name} refused the rows: {e}") from e
             except (pg.OperationalError, pg.InterfaceError) as e:
                 self._drop()
-                if attempt < RETRIES and (retry or (retry_connect and not sent)) and not self._closed:
+                if attempt < RETRIES and (retry or (retry_connect and not committing)) and not self._closed:
                     self.retries += 1
                     if self.on_retry is not None:
                         self.on_retry("retry")

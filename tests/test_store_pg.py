@@ -179,3 +179,28 @@ def test_review_queue_against_an_oracle(tmp_path, pg_url, rng):
                 assert got.X.shape == (len(want), 5) and np.all(got.flagged)
         finally:
             store.close()
+
+
+def test_restart_between_calls_is_invisible_to_labels(pg_cluster):
+    """A PostgreSQL restart between two calls: the next label's statement fails on the old
+    connection before any COMMIT, so it is retried on a new one and stored once; a capture is not
+    retried (dropped, the caller counts it), and the one after it is written."""
+    s = open_store(pg_cluster.url)
+    try:
+        s.add_labels("r", [LabelRow("one", "anomaly")])
+        s.add_predictions("r", 1, "champion", ["c0"], np.zeros((1, 2), np.float32), np.array([0.9]), np.array([True]), np.array([False]), 1.0)
+        pg_cluster.stop("fast")  # a clean restart: captures commit asynchronously, and a crash may lose the last ones
+        pg_cluster.start()
+        retries = s.retries
+        assert s.add_labels("r", [LabelRow("two", "normal")]) == [False]
+        assert s.retries > retries
+        assert [r.record_id for r in s.labels("r")] == ["one", "two"]  # once each
+        args = (np.zeros((1, 2), np.float32), np.array([0.9]), np.array([True]), np.array([False]), 1.0)
+        pg_cluster.stop("fast")  # a clean restart: captures commit asynchronously, and a crash may lose the last ones
+        pg_cluster.start()
+        with pytest.raises(StoreUnavailableError):
+            s.add_predictions("r", 1, "champion", ["c1"], *args)
+        s.add_predictions("r", 1, "champion", ["c2"], *args)
+        assert s.predictions("r", features=False).record_id == ["c0", "c2"]
+    finally:
+        s.close()
