@@ -132,8 +132,9 @@ def _tree_pass(t, Xs, Xl, same, pos0, window, height, size_limit, feat, thr, mas
     if do_learn:
         _leaves(t, Xl, height, feat, thr, leaf_l)
     top = height
+    step = 1 if do_learn else 0  # scoring alone does not move the stream
     for i in range(n):
-        w = (pos0 + i) // window
+        w = (pos0 + i * step) // window
         if do_score:
             ls = leaf_l[i] if do_learn and same[i] else -1  # else walk it: scoring stops early anyway
             k = 0
@@ -188,11 +189,11 @@ def _run_serial(Xs, Xl, same, pos0, window, height, size_limit, feat, thr, mass,
 
 
 @nb.njit(nogil=True, cache=True)
-def _finish(tree_scores, pos0, window, max_score, out):
+def _finish(tree_scores, pos0, step, window, max_score, out):
     # Sum trees in order (River's order) so the float result is the same to the last bit.
     T, n = tree_scores.shape
     for i in range(n):
-        if pos0 + i < window:
+        if pos0 + i * step < window:
             out[i] = 0.0
             continue
         s = 0.0
@@ -308,7 +309,7 @@ class HalfSpaceTrees:
             run(Xs, Xl, same, self.position - self.epoch_base * self.window_size, self.window_size, h, 0.1 * self.window_size,
                 self.feat, self.thr, self.mass, do_score, do_learn, ts)
             if do_score:
-                _finish(ts, self.position, self.window_size, self.max_score, out[c0:c0 + CHUNK])
+                _finish(ts, self.position, int(do_learn), self.window_size, self.max_score, out[c0:c0 + CHUNK])
             if do_learn:
                 self.position += Xc.shape[0]
         return out

@@ -72,6 +72,9 @@ def test_score_leaves_state_alone_and_update_then_score_is_prequential(rng):
         one_by_one.append(s1[0])
         b.update(X[i:i + 1])
     assert np.array_equal(preq, np.array(one_by_one))
+    # a batch scored without learning: every record against the same state
+    batch = b.score(X[:700])
+    assert np.array_equal(batch, np.concatenate([b.score(X[i:i + 1]) for i in range(700)]))
 
 
 def test_state_round_trip_gives_identical_later_scores(rng, tmp_path):
