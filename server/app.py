@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -58,6 +59,8 @@ class Worker:
     settings: ServeSettings
     capture: CaptureWriter | None = None
     feedback: FeedbackService | None = None
+    checkpointer: Any = None  # server.checkpoint.Checkpointer with --checkpoint-dir
+    checkpoint_task: asyncio.Task | None = None
 
     @property
     def slot(self) -> ModelSlot:
@@ -89,6 +92,11 @@ class Worker:
         self.watcher.cancel()
         await self.server.stop(grace)
         await self.plane.close()  # the batcher's running batches, then the rollout's shadow
+        if self.checkpointer is not None:  # after the last batch: the final state of streaming models
+            if self.checkpoint_task is not None:
+                self.checkpoint_task.cancel()
+            for served in self.plane.models.values():
+                await asyncio.get_running_loop().run_in_executor(None, self.checkpointer.save, served.current)
         if self.capture is not None:  # after the batcher and the shadow: their last offers get written
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
         if self.feedback is not None:
@@ -152,12 +160,15 @@ def _monitor_factory(settings: ServeSettings, metrics: ServiceMetrics | None):
     return factory
 
 
-async def _background(plane: DataPlane, settings: ServeSettings, feedback: FeedbackService | None = None) -> None:
+async def _background(plane: DataPlane, settings: ServeSettings, feedback: FeedbackService | None = None,
+                      checkpointer: Any = None) -> None:
     """Watch the aliases; close time-based drift panes even when no traffic comes."""
     while True:
         await asyncio.sleep(settings.reload_interval_s)
         for served in plane.models.values():
             await served.slot.check()
+            if checkpointer is not None and served.slot.current is not None:  # a reloaded streaming version: its checkpoint
+                checkpointer.restore(served.slot.current)
             if served.rollout is not None:  # the challenger alias, and the thresholds in force as metrics
                 await served.rollout.tick()
             handle = served.slot.current
@@ -215,6 +226,12 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     slot = ModelSlot(registry, settings.model, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics), policy=policy)
     loop = asyncio.get_running_loop()
     handle = await loop.run_in_executor(None, slot.load_initial)
+    checkpointer = None
+    if settings.checkpoint_dir is not None:  # before the port opens: a restart resumes at the checkpoint
+        from .checkpoint import Checkpointer
+
+        checkpointer = Checkpointer(settings.checkpoint_dir, settings.checkpoint_interval_s)
+        await loop.run_in_executor(None, checkpointer.restore, handle)
     if settings.drift:  # the drift tick's binomial test imports scipy.stats: now, not on the event loop mid-traffic
         await loop.run_in_executor(None, importlib.import_module, "scipy.stats")
     interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []
@@ -255,10 +272,14 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    watcher = loop.create_task(_background(plane, settings, feedback), name="outlierd-reload")
+    watcher = loop.create_task(_background(plane, settings, feedback, checkpointer), name="outlierd-reload")
+    checkpoint_task = None
+    if checkpointer is not None:
+        checkpoint_task = loop.create_task(checkpointer.run(lambda: [m.current for m in plane.models.values()]),
+                                           name="outlierd-checkpoint")
     log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s", settings.host, port, handle.name,
              handle.version, settings.alias, creds is not None, bool(settings.auth_token))
-    return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback)
+    return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback, checkpointer, checkpoint_task)
 
 
 async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None,

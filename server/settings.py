@@ -131,6 +131,11 @@ class ServeSettings:
         "flag": "--auth-token-file", "dest": "auth_token_file", "metavar": "FILE",
         "cli_note": "the CLI reads it from FILE, or from OUTLIERD_AUTH_TOKEN"})
     """Bearer token clients must send (``authorization: Bearer …``); health checks are exempt."""
+    checkpoint_dir: Path | None = field(default=None, metadata={"metavar": "DIR"})
+    """Streaming models (hst): where their learned state is checkpointed (DIR/<model>/v<version>) and
+    restored from when the version starts serving; default: none (a restart starts from the artifact)."""
+    checkpoint_interval_s: float = 5.0
+    """Streaming models: seconds between checkpoints of the learned state (with --checkpoint-dir)."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServeSettings:
@@ -181,6 +186,8 @@ class ServeSettings:
             raise InvalidInputError(f"--trim-after-mb must be >= 0 (0: never); got {self.trim_after_mb}")
         if self.capture_max_age_s < 0 or self.capture_max_bytes < 0:
             raise InvalidInputError("--capture-max-age-s and --capture-max-bytes must be >= 0 (0: no bound)")
+        if not self.checkpoint_interval_s > 0:
+            raise InvalidInputError(f"--checkpoint-interval-s must be > 0; got {self.checkpoint_interval_s}")
         if self.max_delay_us < 0:
             raise InvalidInputError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
         if self.workers > 1 and self.port == 0:

@@ -190,6 +190,9 @@ def serve(settings: ServeSettings) -> int:
     """Run the service until SIGTERM / SIGINT; returns the exit code. A worker that cannot start
     raises its error (:class:`WorkerStartError` with several workers)."""
     configure_logging()
+    from .checkpoint import refuse_several_workers
+
+    refuse_several_workers(settings)  # a streaming model's state has one owner
     if settings.workers == 1:
         from outlierd.monitoring.metrics import ServiceMetrics, start_metrics_server
 
