@@ -112,7 +112,7 @@ def test_replicas_opening_at_once_migrate_once_and_write_together(pg_url, rng):
     try:
         assert not errors, errors
         with psycopg.connect(pg_url) as c:
-            assert c.execute("SELECT version FROM outlierd_schema").fetchall() == [(1,)]
+            assert c.execute("SELECT version FROM outlierd_schema ORDER BY version").fetchall() == [(1,), (2,)]
         s = stores[0]
         assert s.counts("m") == {"predictions": n_threads * per, "labels": n_threads * per}
         assert sorted(r.record_id for r in s.labels("m")) == sorted(f"w{k}-{j}" for k in range(n_threads) for j in range(per))
