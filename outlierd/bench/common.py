@@ -56,7 +56,7 @@ def latency_percentiles(fn: Callable[[], Any], *, calls: int, budget_s: float) -
     ``calls`` calls or ``budget_s`` seconds after a warm-up."""
     for _ in range(10):
         fn()
-    lat = []
+    lat: list[int] = []
     deadline = time.perf_counter() + budget_s
     while len(lat) < calls and time.perf_counter() < deadline:
         t = time.perf_counter_ns()

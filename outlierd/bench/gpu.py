@@ -7,6 +7,7 @@ the CPU as usual. Scores on the device are checked against the Numba kernel befo
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,9 @@ def run(forest_artifact: Path, cpu_model: Any, X: np.ndarray, budget_s: float, p
     for n in [b for b in BATCHES if b <= X.shape[0]]:
         Xn = X[:n]
         progress.say(f"gpu: batch {n:,}")
-        p: dict[str, Any] = {"batch": n, "cpu": time_call(lambda Xn=Xn: cpu_model.score(Xn), budget_s=budget_s).records_per_s(n)}
+        p: dict[str, Any] = {"batch": n, "cpu": time_call(partial(cpu_model.score, Xn), budget_s=budget_s).records_per_s(n)}
         for b, m in backends.items():
-            p[b] = time_call(lambda Xn=Xn, m=m: m.score(Xn), budget_s=budget_s).records_per_s(n)
+            p[b] = time_call(partial(m.score, Xn), budget_s=budget_s).records_per_s(n)
         p["gpu"] = max(p[b] for b in backends)
         points.append(p)
     return {"available": True, "backends": list(backends), "max_abs_diff_vs_cpu": diffs, "points": points,

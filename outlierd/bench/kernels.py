@@ -13,6 +13,7 @@ Every implementation's scores are checked against the reference before it is tim
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ class Detector:
 def _n_threads() -> int:
     import numba
 
-    return int(numba.config.NUMBA_NUM_THREADS)
+    return int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]  # the pool size, whatever set_num_threads says now
 
 
 def robust_z_numpy(X: np.ndarray, median: np.ndarray, scale_inv: np.ndarray) -> np.ndarray:
@@ -76,7 +77,7 @@ def hbos_numpy(X: np.ndarray, lo: np.ndarray, hi: np.ndarray, inv_width: np.ndar
 
 
 def _sklearn_peer(forest: Any, threads: int) -> Peer:
-    from joblib import parallel_backend
+    from joblib import parallel_backend  # type: ignore[import-untyped]
 
     def call(X: np.ndarray, t: int = threads) -> np.ndarray:
         if X.shape[0] >= SKLEARN_THREADED_FROM:
@@ -181,13 +182,13 @@ def throughput(models: Models, batches: list[int], budget_s: float, progress: Pr
         for b in batches:
             X = models.X[:b]
             progress.say(f"kernels: {det.name}, batch {b:,}")
-            t = time_call(lambda X=X: det.ours.score(X), budget_s=budget_s)
+            t = time_call(partial(det.ours.score, X), budget_s=budget_s)
             row: dict[str, Any] = {"batch": b, "ours": t.records_per_s(b), "ours_median_s": t.median_s, "ours_min_s": t.min_s,
                                    "rounds": t.rounds, "peers": {}}
             for p in det.peers:
                 if p.max_batch is not None and b > p.max_batch:
                     continue
-                tp = time_call(lambda X=X, p=p: p.timed(X), budget_s=budget_s)
+                tp = time_call(partial(p.timed, X), budget_s=budget_s)
                 row["peers"][p.name] = {"records_per_s": tp.records_per_s(b), "median_s": tp.median_s, "min_s": tp.min_s,
                                         "rounds": tp.rounds, "ratio": t.records_per_s(b) / tp.records_per_s(b)}
             rows.append(row)
@@ -209,9 +210,9 @@ def threads_sweep(models: Models, rows: int, budget_s: float, progress: Progress
         for t in range(1, n + 1):
             progress.say(f"kernels: iforest, {rows:,} rows, {t} thread(s)")
             numba.set_num_threads(t)
-            to = time_call(lambda: det.ours.score(X, parallel=True), budget_s=budget_s)
+            to = time_call(partial(det.ours.score, X, parallel=True), budget_s=budget_s)
             call = sk.threads(t)
-            ts = time_call(lambda call=call: call(X), budget_s=budget_s)
+            ts = time_call(partial(call, X), budget_s=budget_s)
             points.append({"threads": t, "ours": to.records_per_s(rows), "sklearn": ts.records_per_s(rows),
                            "ratio": to.records_per_s(rows) / ts.records_per_s(rows)})
     finally:
@@ -228,9 +229,7 @@ def latency(models: Models, sizes: tuple[int, ...], calls: int, budget_s: float,
             X = models.X[:k]
             _check(det, X)
             progress.say(f"latency: {det.name}, {k} record(s) per call")
-            res = {"ours": latency_percentiles(lambda X=X: det.ours.score(X), calls=calls, budget_s=budget_s), "peers": {}}
-            for p in det.peers:
-                res["peers"][p.name] = latency_percentiles(lambda X=X, p=p: p.timed(X), calls=calls, budget_s=budget_s)
-            per[str(k)] = res
+            peers = {p.name: latency_percentiles(partial(p.timed, X), calls=calls, budget_s=budget_s) for p in det.peers}
+            per[str(k)] = {"ours": latency_percentiles(partial(det.ours.score, X), calls=calls, budget_s=budget_s), "peers": peers}
         out[det.name] = per
     return out

@@ -72,8 +72,9 @@ class Phase:
         self.t_start = now + warmup
         self.t_end = self.t_start + duration
         self.stop = False
-        self.cpu_start = self.cpu_end = None
-        self.last_counted = None
+        self.cpu_start: float | None = None
+        self.cpu_end: float | None = None
+        self.last_counted: float | None = None
 
     def arm(self, loop: asyncio.AbstractEventLoop) -> None:
         now = time.perf_counter()

@@ -19,6 +19,7 @@ import numpy as np
 from .common import Progress
 
 DETECTORS = ("iforest", "robust_z", "hbos", "knn", "lof")
+QUICK_DETECTORS = ("iforest", "robust_z", "hbos")
 MAX_EVAL_ROWS = 20_000     # per dataset half: k-NN / LOF scoring is O(rows x reference)
 
 

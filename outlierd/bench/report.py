@@ -78,7 +78,8 @@ def plots(results: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
     lat = results.get("latency")
     if lat and "iforest" in lat:
         per = lat["iforest"]
-        labels, series = [], {}
+        labels: list[str] = []
+        series: dict[str, list[list[float]]] = {}
         for size, r in per.items():
             labels.append(f"{size} record{'s' if size != '1' else ''}")
             for name, v in [("outlierd", r["ours"]), *[(p.split(" (")[0].split(",")[0], v) for p, v in r["peers"].items()]]:
@@ -93,13 +94,13 @@ def plots(results: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
             ax.set_ylabel("microseconds per call")
             ax.set_title(f"iforest latency, {label} per call")
             ax.grid(True, axis="y", which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(series))
         save(fig, "latency.png", "Per-call latency percentiles (each call timed on its own)")
     srv = results.get("server")
     if srv and srv.get("scenarios"):
         sc = srv["scenarios"]
         fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(sc)), 4.2))
-        xs = range(len(sc))
+        xs = list(range(len(sc)))
         ax.bar([x - 0.2 for x in xs], [s["echo"]["records_per_s"] for s in sc], 0.4, label="gRPC echo (no scoring)", color="#bbbbbb")
         ax.bar([x + 0.2 for x in xs], [s["ours"]["records_per_s"] for s in sc], 0.4, label="outlierd serve")
         for x, s in zip(xs, sc):
@@ -107,7 +108,7 @@ def plots(results: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
         ax.set_xticks(list(xs), [s["scenario"] for s in sc], rotation=20, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("records/s")
-        ax.set_title("gRPC end to end: outlierd against the bare transport (label: ours / echo)")
+        ax.set_title("gRPC end to end vs a bare echo\n(label: ours / echo records/s)", fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, "server.png", "Server: records/s through gRPC against a bare echo of the same messages")
@@ -123,6 +124,10 @@ def plots(results: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
                     vals = [d["results"].get(t, {}).get(metric, 0.0) for t in dets]
                     ax.bar([i + j * w for i in range(len(dets))], vals, w, label=d["name"])
                 ax.set_xticks([i + w * (len(ds) - 1) / 2 for i in range(len(q["detectors"]))], q["detectors"])
+                if metric == "pr_auc":  # a random ranking's PR-AUC is the anomaly rate
+                    ax.axhline(ds[0]["anomaly_rate"], color="grey", ls=":", label="random ranking")
+                else:
+                    ax.axhline(0.5, color="grey", ls=":", label="random ranking")
                 ax.set_ylim(0, 1)
                 ax.set_title(metric.replace("_", "-").upper().replace("AUC", "AUC"))
                 ax.grid(True, axis="y", alpha=0.3)

@@ -43,8 +43,7 @@ class Scenario:
                 "--streams", str(self.streams), "--concurrency", str(self.concurrency)]
 
 
-SCENARIOS_QUICK = [Scenario("stream-256x1", "stream", 256), Scenario("unary-1row-c1", "unary", 1),
-                   Scenario("stream-4096-raw", "stream", 4096)]
+SCENARIOS_QUICK = [Scenario("stream-256x1", "stream", 256), Scenario("unary-1row-c1", "unary", 1)]
 SCENARIOS_FULL = [Scenario("stream-256x1", "stream", 256), Scenario("stream-256x4", "stream", 256, streams=4),
                   Scenario("unary-1row-c1", "unary", 1), Scenario("unary-64rows-c1", "unary", 64),
                   Scenario("unary-1row-c16", "unary", 1, concurrency=16),
