@@ -108,7 +108,12 @@ def run_bench(out: Path, suites: list[str], quick: bool, json_only: bool = False
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_bench(args.out, _suites(args.suite), args.quick, args.json_only, args.data, args.label, args.quiet)
+    suites = _suites(args.suite)
+    if "quality" in suites and args.data is not None:
+        from . import quality
+
+        quality.datasets(args.data, args.label)  # a bad --data fails now, not after the speed suites
+    run_bench(args.out, suites, args.quick, args.json_only, args.data, args.label, args.quiet)
     return 0
 
 
