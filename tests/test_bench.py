@@ -67,8 +67,11 @@ def test_quick_kernel_numbers_are_same_run_ratios(quick):
     assert sk and all(sk[0] in p["peers"] for p in tp["detectors"]["iforest"]["points"])
     th = r["kernels"]["threads"]["points"]
     assert [p["threads"] for p in th] == list(range(1, len(th) + 1))
+    visits = r["kernels"]["threads"]["node_visits_per_record"]
+    assert 100 * 6 <= visits <= 100 * 12   # 100 trees of max_samples=256 grow 8-9 levels deep
     for p in th:
         assert math.isclose(p["ratio"], p["ours"] / p["sklearn"], rel_tol=1e-9)
+        assert math.isclose(p["ns_per_node_visit"], 1e9 * p["threads"] / (p["ours"] * visits), rel_tol=1e-9)
 
 
 def test_quick_latency_and_server(quick):

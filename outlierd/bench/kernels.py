@@ -217,7 +217,12 @@ def threads_sweep(models: Models, rows: int, budget_s: float, progress: Progress
                            "ratio": to.records_per_s(rows) / ts.records_per_s(rows)})
     finally:
         numba.set_num_threads(n)
-    return {"rows": rows, "detector": "iforest", "peer": sk.name, "points": points}
+    # the complete-tree layout walks every tree to the forest's depth: node visits per record = trees x depth
+    depth = max(int(e.tree_.max_depth) for e in models.forest.estimators_)
+    visits = len(models.forest.estimators_) * depth
+    for p in points:
+        p["ns_per_node_visit"] = 1e9 / (p["ours"] * visits) * p["threads"]  # per thread
+    return {"rows": rows, "detector": "iforest", "peer": sk.name, "node_visits_per_record": visits, "points": points}
 
 
 def latency(models: Models, sizes: tuple[int, ...], calls: int, budget_s: float, progress: Progress) -> dict[str, Any]:

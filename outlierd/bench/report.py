@@ -158,7 +158,8 @@ def table(results: dict[str, Any]) -> str:
         th = k.get("threads")
         if th:
             lines.append(f"\niforest threads at {th['rows']:,} rows: " + ", ".join(
-                f"{p['threads']}: {_fmt_rate(p['ours'])} ({p['ratio']:.1f}x sklearn)" for p in th["points"]))
+                f"{p['threads']}: {_fmt_rate(p['ours'])} ({p['ratio']:.1f}x sklearn, {p['ns_per_node_visit']:.2f} ns per node visit per thread)"
+                for p in th["points"]))
     lat = results.get("latency")
     if lat:
         lines.append("\nlatency per call, microseconds (p50 / p99 / p99.9)")
