@@ -206,3 +206,17 @@ def test_gpu_suite_on_device(tmp_path):
     r = json.loads((tmp_path / "results.json").read_text())["gpu"]
     assert r["available"] and all(d <= gpu.GPU_ATOL for d in r["max_abs_diff_vs_cpu"].values())
     assert r["points"] and r["points"][-1]["batch"] >= 65_536
+
+
+def test_json_only_quality_on_the_cardio_dataset(tmp_path):
+    """`--suite quality --quick --data data/ --json-only`: the ODDS cardio set (data/cardio.csv) graded per
+    detector, results.json alone written. Isolation Forest on cardio is known to reach ~0.9 ROC-AUC."""
+    out = tmp_path / "r"
+    assert main(["bench", "--suite", "quality", "--quick", "--data", str(ROOT / "data"), "--json-only", "--quiet", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+    r = json.loads((out / "results.json").read_text())
+    d = next(d for d in r["quality"]["datasets"] if d["name"] == "cardio.csv")
+    assert d["rows"] == 1831 and d["features"] == 21 and d["train_rows"] + d["test_rows"] == 1831
+    assert set(d["results"]) == set(quality.QUICK_DETECTORS)
+    assert d["results"]["iforest"]["roc_auc"] > 0.85
+    assert all(0.0 <= v["pr_auc"] <= 1.0 for v in d["results"].values())
