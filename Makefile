@@ -15,7 +15,7 @@ DEMO_STAMP := $(DEMO_VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,onnx,torch,mlflow,dask]"
+	$(BIN)/pip install -q -e ".[dev,onnx,torch,mlflow,dask,bench]"
 	touch $(STAMP)
 
 $(DEMO_STAMP): pyproject.toml Makefile
@@ -44,7 +44,8 @@ deps-system:
 # the top-level outlierd/__init__.py (-m outlierd: `-p outlierd` would take in every subpackage).
 MYPY_PATHS := outlierd.core outlierd.server outlierd.training outlierd.monitoring \
 	outlierd.cli outlierd.feedback_cli outlierd.health_cli outlierd.registry_cli outlierd.rollout_cli outlierd.demo \
-	outlierd.prefect_flow
+	outlierd.prefect_flow \
+	outlierd.bench
 
 # The installed layout (.ci/installed_layout.py) lets mypy and import-linter see core/ as outlierd.core.
 LAYOUT := $(BIN)/python .ci/installed_layout.py

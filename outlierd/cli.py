@@ -453,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("outlierd.rollout_cli").rollout_cli.add_parser(sub)  # threshold, compare, promote, rollback
     feedback_cli.add_parser(sub)
     health_cli.add_parser(sub)
+    __import__("outlierd.bench.cli").bench.cli.add_parser(sub)  # bench, bench compare
     return parser
 
 
