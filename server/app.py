@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -58,6 +59,11 @@ class Worker:
     settings: ServeSettings
     capture: CaptureWriter | None = None
     feedback: FeedbackService | None = None
+    http: Any = None  # http_app.HttpServer with --http-port, else None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
 
     @property
     def slot(self) -> ModelSlot:
@@ -87,6 +93,8 @@ class Worker:
         grace = self.settings.grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         self.watcher.cancel()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         await self.plane.close()  # the batcher's running batches, then the rollout's shadow
         if self.capture is not None:  # after the batcher and the shadow: their last offers get written
@@ -264,13 +272,19 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
             capture.close()
         feedback.close()
         raise OSError(f"cannot listen on {address}: {e} (is another server using the port?)") from e
+    http = None
+    if settings.http_port is not None:
+        from .http_app import HttpServer, build_app
+
+        http = HttpServer(build_app(plane, token=settings.auth_token, feedback=feedback, metrics=metrics), settings)
+        await http.start()
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watcher = loop.create_task(_background(plane, settings, feedback), name="outlierd-reload")
     log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s", settings.host, port, handle.name,
              handle.version, settings.alias, creds is not None, bool(settings.auth_token))
-    return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback)
+    return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback, http)
 
 
 async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None,

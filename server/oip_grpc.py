@@ -68,7 +68,9 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             values = np.asarray(getattr(tensor.contents, field), dtype=oip.DTYPES[tensor.datatype])
         X = oip.records(handle, tensor.datatype, tensor.shape, values)
         explain = oip.explain_of({k: _param(v) for k, v in req.parameters.items()})
-        return plane.submit(handle, np.asarray(X, dtype=np.float32), explain=explain)
+        with np.errstate(over="ignore"):  # FP64 beyond float32: inf, then the model's non-finite policy
+            X = np.asarray(X, dtype=np.float32)
+        return plane.submit(handle, X, explain=explain)
 
     @staticmethod
     def _response(req: pb.ModelInferRequest, result: Any) -> pb.ModelInferResponse:

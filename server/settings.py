@@ -130,6 +130,9 @@ class ServeSettings:
         "flag": "--auth-token-file", "dest": "auth_token_file", "metavar": "FILE",
         "cli_note": "the CLI reads it from FILE, or from OUTLIERD_AUTH_TOKEN"})
     """Bearer token clients must send (``authorization: Bearer …``); health checks are exempt."""
+    http_port: int | None = field(default=None, metadata={"metavar": "PORT", "cli_note": "default: no HTTP port"})
+    """HTTP port in the same workers: the Open Inference Protocol's REST routes (/v2/...), JSON routes
+    (/v1/models/NAME/score, /feedback), the OpenAPI page at /docs; same token and TLS as gRPC (0: a free one, single worker)."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServeSettings:
@@ -182,6 +185,8 @@ class ServeSettings:
             raise InvalidInputError("--capture-max-age-s and --capture-max-bytes must be >= 0 (0: no bound)")
         if self.max_delay_us < 0:
             raise InvalidInputError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
+        if self.http_port is not None and (self.http_port < 0 or (self.workers > 1 and self.http_port == 0)):
+            raise InvalidInputError(f"--http-port must be a port number (0: a free one, single worker only); got {self.http_port}")
         if self.workers > 1 and self.port == 0:
             raise InvalidInputError("--port 0 cannot be shared by several workers; choose a port")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -26,23 +26,31 @@ from test_server import serving  # noqa: E402
 CLIENTS = Path(__file__).with_name("oip_clients.py")
 
 
-@pytest.fixture(scope="module")
-def X() -> np.ndarray:
+def cardio() -> np.ndarray:
     return np.loadtxt(dataset_path("cardio"), delimiter=",", skiprows=1)[:, :-1]
 
 
-@pytest.fixture(scope="module")
-def registry_dir(tmp_path_factory, X) -> Path:
+def make_registry(root: Path, X: np.ndarray, names: tuple[str, ...] = ("cardio", "other")) -> Path:
+    """A registry with one small IsolationForest per name (version 1, champion)."""
     from sklearn.ensemble import IsolationForest
 
     from outlierd.training.export import export_sklearn
 
-    root = tmp_path_factory.mktemp("oip")
     reg = Registry(root / "reg")
-    for name, seed in (("cardio", 0), ("other", 1)):
+    for seed, name in enumerate(names):
         forest = IsolationForest(n_estimators=30, random_state=seed).fit(X)
         reg.publish(name, export_sklearn(forest, root / f"{name}-artifact", X_train=X), aliases=("champion",))
     return root / "reg"
+
+
+@pytest.fixture(scope="module")
+def X() -> np.ndarray:
+    return cardio()
+
+
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory, X) -> Path:
+    return make_registry(tmp_path_factory.mktemp("oip"), X)
 
 
 @pytest.fixture(scope="module")
