@@ -206,6 +206,8 @@ def serve_argument(f: Field, doc: str) -> tuple[str, dict[str, Any]]:
             kwargs.update(type=float, metavar="S" if f.name.endswith(("_s", "_seconds")) else "R")
         elif "Path" in ftype:
             kwargs.update(metavar="PATH")  # kept a string here: from_env makes it a Path, as for OUTLIERD_*
+        if meta.get("append"):  # --model A --model B
+            kwargs["action"] = "append"
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         if "metavar" in meta:
@@ -221,6 +223,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from outlierd.server.settings import ServeSettings
     from outlierd.server.workers import serve
 
+    if isinstance(args.model, list):  # --model A --model B: A is the default, B joins --models
+        extra = args.model[1:] + ([args.models or os.environ.get("OUTLIERD_MODELS", "")] if args.models != "all" else [])
+        args.models = "all" if args.models == "all" else ",".join(m for m in extra if m) or None
+        args.model = args.model[0]
+    if args.model is None and (args.models or os.environ.get("OUTLIERD_MODELS")) == "all":
+        args.model = ""  # every model with the alias; the first in name order is the default
     for name in ("registry", "model"):  # like every flag, these two may come from the environment
         if getattr(args, name) is None and not os.environ.get(f"OUTLIERD_{name.upper()}"):
             print(f"outlierd serve: error: --{name} is required (or set OUTLIERD_{name.upper()})", file=sys.stderr)

@@ -36,6 +36,7 @@ from outlierd.v1 import scoring_pb2
 
 from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
+from .discovery import ALL, Discovery, served_names
 from .feedback import FeedbackService, FieldLimits
 from .health import HealthServicer
 from .plane import DataPlane, ServedModel
@@ -160,11 +161,15 @@ def _monitor_factory(settings: ServeSettings, metrics: ServiceMetrics | None):
     return factory
 
 
-async def _background(plane: DataPlane, settings: ServeSettings, feedback: FeedbackService | None = None) -> None:
-    """Watch the aliases; close time-based drift panes even when no traffic comes."""
+async def _background(plane: DataPlane, settings: ServeSettings, feedback: FeedbackService | None = None,
+                      discovery: Discovery | None = None) -> None:
+    """Watch the aliases (and, with ``--models all``, the registry for new models); close
+    time-based drift panes even when no traffic comes."""
     while True:
         await asyncio.sleep(settings.reload_interval_s)
-        for served in plane.models.values():
+        if discovery is not None:
+            await discovery.tick()
+        for served in list(plane.models.values()):
             await served.slot.check()
             if served.rollout is not None:  # the challenger alias, and the thresholds in force as metrics
                 await served.rollout.tick()
@@ -176,12 +181,12 @@ async def _background(plane: DataPlane, settings: ServeSettings, feedback: Feedb
 
 
 async def _start_rollout(settings: ServeSettings, registry: Registry, slot: ModelSlot, metrics: ServiceMetrics | None,
-                         policy: DevicePolicy, capture=None) -> Rollout:
+                         policy: DevicePolicy, capture=None, name: str | None = None) -> Rollout:
     """The challenger slot (rollout shadow / split) and the rollout metrics; ``capture`` receives shadow scores."""
     challenger = shadow = None
     rmetrics = RolloutMetrics.for_service(metrics)
     if settings.rollout != "off":
-        challenger = ChallengerSlot(registry, settings.model, slot, metrics, policy)
+        challenger = ChallengerSlot(registry, name or settings.model, slot, metrics, policy)
         await asyncio.get_running_loop().run_in_executor(None, challenger.load_initial)
         if settings.rollout == "shadow":
             if capture is None:
@@ -193,7 +198,7 @@ async def _start_rollout(settings: ServeSettings, registry: Registry, slot: Mode
 
 
 async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | None,
-                          store=None) -> tuple[CaptureWriter | None, FeedbackService]:
+                          store=None, model: str | None = None) -> tuple[CaptureWriter | None, FeedbackService]:
     """The capture writer (None with capture off) and the feedback service, sharing one store. A
     store that cannot be opened does not stop the server: captures are dropped (counted) and
     feedback answers UNAVAILABLE until it can be opened."""
@@ -210,7 +215,7 @@ async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | Non
         capture = (CaptureWriter(opener, sample_rate=settings.capture_sample, metrics=metrics) if store is not None else
                    CaptureWriter.in_process(path, sample_rate=settings.capture_sample, metrics=metrics,
                                             retention=Retention(settings.capture_max_age_s, settings.capture_max_bytes))).start()
-    return capture, FeedbackService(opener, settings.model, metrics, capture=capture, limits=FieldLimits.from_settings(settings))
+    return capture, FeedbackService(opener, model or settings.model, metrics, capture=capture, limits=FieldLimits.from_settings(settings))
 
 
 def _add_oip(plane: DataPlane, settings: ServeSettings, metrics: ServiceMetrics | None, server: grpc.aio.Server) -> tuple[str, ...]:
@@ -231,9 +236,26 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     creds = _credentials(settings)  # first: a TLS file that cannot serve fails before the model loads
     registry = Registry(settings.registry)
     policy = DevicePolicy(settings.device, settings.gpu_backend, settings.gpu_min_rows)
-    slot = ModelSlot(registry, settings.model, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics), policy=policy)
+    names = served_names(registry, settings.model, settings.models, settings.alias)
     loop = asyncio.get_running_loop()
-    handle = await loop.run_in_executor(None, slot.load_initial)
+    capture, feedback = await _start_feedback(settings, metrics, store, names[0])
+
+    async def start_model(name: str) -> ServedModel:
+        """One model's slot (loaded and warmed up) and rollout."""
+        slot = ModelSlot(registry, name, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics), policy=policy)
+        handle = await loop.run_in_executor(None, slot.load_initial)
+        if capture is not None:
+            await loop.run_in_executor(None, capture.prepare, handle.model.n_features)
+        return ServedModel(slot, await _start_rollout(settings, registry, slot, metrics, policy, capture, name))
+
+    try:
+        served = [await start_model(name) for name in names]
+    except BaseException:
+        if capture is not None:
+            capture.close()
+        feedback.close()
+        raise
+    handle = served[0].current
     if settings.drift:  # the drift tick's binomial test imports scipy.stats: now, not on the event loop mid-traffic
         await loop.run_in_executor(None, importlib.import_module, "scipy.stats")
     interceptors = [TokenAuthInterceptor(settings.auth_token)] if settings.auth_token else []
@@ -244,11 +266,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options, maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-    capture, feedback = await _start_feedback(settings, metrics, store)
-    if capture is not None:
-        await loop.run_in_executor(None, capture.prepare, handle.model.n_features)
-    rollout = await _start_rollout(settings, registry, slot, metrics, policy, capture)
-    plane = DataPlane([ServedModel(slot, rollout)], threads=settings.threads,
+    plane = DataPlane(served, threads=settings.threads,
                       max_batch=settings.max_batch, max_delay_us=settings.max_delay_us,
                       max_queue_records=settings.max_queue_records, max_request_records=settings.max_request_records,
                       max_id_bytes=settings.max_id_bytes, metrics=metrics, capture=capture,
@@ -276,14 +294,23 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     if settings.http_port is not None:
         from .http_app import HttpServer, build_app
 
-        http = HttpServer(build_app(plane, token=settings.auth_token, feedback=feedback, metrics=metrics), settings)
-        await http.start()
+        try:
+            http = HttpServer(build_app(plane, token=settings.auth_token, feedback=feedback, metrics=metrics), settings)
+            await http.start()
+        except BaseException:
+            await plane.close()
+            if capture is not None:
+                capture.close()
+            feedback.close()
+            raise
     await server.start()
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    watcher = loop.create_task(_background(plane, settings, feedback), name="outlierd-reload")
-    log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s", settings.host, port, handle.name,
-             handle.version, settings.alias, creds is not None, bool(settings.auth_token))
+    discovery = Discovery(registry, settings.alias, plane, start_model) if settings.models == ALL else None
+    watcher = loop.create_task(_background(plane, settings, feedback, discovery), name="outlierd-reload")
+    log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s models=%s http_port=%s", settings.host, port,
+             handle.name, handle.version, settings.alias, creds is not None, bool(settings.auth_token), ",".join(plane.models),
+             http.port if http is not None else None)
     return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback, http)
 
 

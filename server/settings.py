@@ -25,7 +25,8 @@ from outlierd.core.registry import CHAMPION
 class ServeSettings:
     registry: Path = field(metadata={"metavar": "DIR", "cli_note": "required here or as OUTLIERD_REGISTRY"})
     """Registry root directory (a shared volume for many replicas)."""
-    model: str = field(metadata={"metavar": "NAME", "cli_note": "required here or as OUTLIERD_MODEL"})
+    model: str = field(metadata={"metavar": "NAME", "append": True,
+                                 "cli_note": "required here or as OUTLIERD_MODEL, unless --models all; give it again for more models"})
     """Registry model name this server serves (requests with an empty ``model`` get it)."""
     alias: str = field(default=CHAMPION, metadata={"metavar": "ALIAS"})
     """Alias whose version is served; watched for changes (hot reload)."""
@@ -130,6 +131,10 @@ class ServeSettings:
         "flag": "--auth-token-file", "dest": "auth_token_file", "metavar": "FILE",
         "cli_note": "the CLI reads it from FILE, or from OUTLIERD_AUTH_TOKEN"})
     """Bearer token clients must send (``authorization: Bearer …``); health checks are exempt."""
+    models: str | None = field(default=None, metadata={"metavar": "NAMES|all", "cli_note": "default: --model only"})
+    """More models in this server: comma-separated names (as --model given again), or 'all': every registry model
+    with the alias, one added later picked up without a restart. Each has its own slot, hot reload, threshold and
+    metrics labels; --model is the default for requests without a model name."""
     http_port: int | None = field(default=None, metadata={"metavar": "PORT", "cli_note": "default: no HTTP port"})
     """HTTP port in the same workers: the Open Inference Protocol's REST routes (/v2/...), JSON routes
     (/v1/models/NAME/score, /feedback), the OpenAPI page at /docs; same token and TLS as gRPC (0: a free one, single worker)."""
