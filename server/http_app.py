@@ -366,7 +366,7 @@ def build_app(plane: DataPlane, *, token: str | None = None, feedback: FeedbackS
             plane.resolve(name)
             req = spb.FeedbackRequest(model=name, record_id=body.record_id, label=_LABELS[body.label], reviewer=body.reviewer,
                                       note=body.note)
-            known = (await feedback.store([label_row(req, feedback.limits or FieldLimits())]))[0]
+            known = (await feedback.store([label_row(req, feedback.limits or FieldLimits())], [name]))[0]
         except Exception as e:
             return _error_response(plane, e)
         return {"record_id": body.record_id, "stored": True, "known_record": known}

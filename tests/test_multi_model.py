@@ -144,3 +144,22 @@ def test_cli_forms(captured, tmp_path):
     captured.clear()
     main(["serve", "--registry", str(tmp_path), "--model", "a"])
     assert (captured["settings"].model, captured["settings"].models) == ("a", None)
+
+
+def test_feedback_is_stored_under_each_requests_model(loop_thread, registry_dir, tmp_path):
+    from outlierd.monitoring.store import open_store
+
+    fb = tmp_path / "fb.sqlite"
+    with serving(loop_thread, registry_dir, model="alpha", models="beta", feedback_store=fb) as running:
+        stub = pb_grpc.ScorerStub(grpc.insecure_channel(running.target))
+        stub.SubmitFeedback(pb.FeedbackRequest(model="beta", record_id="b-1", label=pb.ANOMALY))
+        stub.SubmitFeedback(pb.FeedbackRequest(record_id="a-1", label=pb.NORMAL))  # the default model
+        acks = list(stub.SubmitFeedbackStream(iter([pb.FeedbackRequest(model="beta", record_id="b-2", label=pb.NORMAL),
+                                                    pb.FeedbackRequest(model="alpha", record_id="a-2", label=pb.ANOMALY)])))
+        assert all(a.stored for a in acks)
+    store = open_store(fb)
+    try:
+        assert sorted(r.record_id for r in store.labels("alpha")) == ["a-1", "a-2"]
+        assert sorted(r.record_id for r in store.labels("beta")) == ["b-1", "b-2"]
+    finally:
+        store.close()
