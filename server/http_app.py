@@ -30,7 +30,8 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import to_json
 
 from outlierd.core.errors import OutlierdError
 from outlierd.v1 import scoring_pb2 as spb
@@ -339,9 +340,20 @@ def build_app(plane: DataPlane, *, token: str | None = None, feedback: FeedbackS
         return {"models": [{"name": m.name, "version": str(m.current.version), "alias": m.current.alias}
                            for m in plane.models.values() if m.slot.current is not None]}
 
-    @app.post("/v1/models/{name}/score", tags=["json"], dependencies=auth, response_model=ScoreAnswer, responses=responses)
-    async def score(name: str, body: ScoreBody) -> Any:
+    # NOTE: the body is parsed and validated by pydantic-core straight from the bytes (one pass in
+    # Rust), not by FastAPI (json.loads, then validation of the Python objects): measured ~1.4x the
+    # records/s at 256 records per request. The schema in the OpenAPI document is ScoreBody's all the same.
+    score_schema = {"requestBody": {"required": True, "content": {"application/json": {"schema": ScoreBody.model_json_schema()}}}}
+
+    @app.post("/v1/models/{name}/score", tags=["json"], dependencies=auth, response_model=ScoreAnswer, responses={
+        **responses, 422: {"description": "the body does not fit the schema: detail names the field"}}, openapi_extra=score_schema)
+    async def score(name: str, request: Request) -> Any:
         t0 = time.perf_counter()
+        try:
+            body = ScoreBody.model_validate_json(await request.body())
+        except ValidationError as e:
+            plane.count_error(RequestError(str(e), reason="decode"))
+            return JSONResponse({"detail": e.errors(include_url=False, include_input=False)}, status_code=422)
         try:
             if not body.records:
                 X = np.empty((0, plane.resolve(name).current.model.n_features), dtype=np.float32)
@@ -356,7 +368,7 @@ def build_app(plane: DataPlane, *, token: str | None = None, feedback: FeedbackS
             return _error_response(plane, e)
         if latency is not None:
             latency.observe(time.perf_counter() - t0)
-        return JSONResponse(_score_answer(result, body.ids))
+        return Response(to_json(_score_answer(result, body.ids)), media_type="application/json")
 
     @app.post("/v1/models/{name}/feedback", tags=["json"], dependencies=auth, response_model=FeedbackAnswer, responses=responses)
     async def submit_feedback(name: str, body: FeedbackBody) -> Any:
