@@ -170,3 +170,13 @@ def test_stream_answers_a_bad_message_and_goes_on(stub, X, registry_dir):
     assert [bool(a.error_message) for a in answers] == [False, True, False]
     assert "INVALID_ARGUMENT" in answers[1].error_message
     np.testing.assert_allclose(np.frombuffer(answers[2].infer_response.raw_output_contents[0], "<f8"), model.score(x), rtol=1e-6)
+
+
+def test_undecodable_bytes_are_invalid_argument(server):
+    with grpc.insecure_channel(server.target) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\x0a\xff\xff")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid inference.ModelInferRequest" in e.value.details()
+        answers = list(ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                        response_deserializer=pb.ModelStreamInferResponse.FromString)(iter([b"\x0a\xff\xff"])))
+        assert len(answers) == 1 and "INVALID_ARGUMENT" in answers[0].error_message
