@@ -180,7 +180,7 @@ def main() -> int:
             mlserver, ml_port = start_mlserver(args.mlserver, tmp, forest)
         channel = grpc.insecure_channel(server.target)
         bodies = {n: messages(X, n) for n in (1, 256)}
-        rows = [X[i * 256:(i + 1) * 256] for i in range(args.http_requests)]
+        rows = [X[k:k + 256] for k in (i * 256 % (X.shape[0] - 256) for i in range(args.http_requests))]
         ours = [json.dumps({"records": r.tolist()}).encode() for r in rows]
         theirs = [json.dumps({"inputs": [{"name": "X", "shape": list(r.shape), "datatype": "FP32", "data": r.ravel().tolist()}]}).encode()
                   for r in rows]
