@@ -144,7 +144,7 @@ def _credentials(s: ServeSettings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def _monitor_factory(settings: ServeSettings, metrics: ServiceMetrics | None):
+def _monitor_factory(settings: ServeSettings, metrics: ServiceMetrics | None, default: str = ""):
     if not settings.drift:
         return None
     share = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -153,12 +153,21 @@ def _monitor_factory(settings: ServeSettings, metrics: ServiceMetrics | None):
         share_dir.mkdir(exist_ok=True)
 
     def factory(handle):
-        ref = reference_for(handle.model, settings.drift_config())
-        return ServingMonitor(handle.name, ref, metrics, config=settings.drift_config(),
-                              pane_records=settings.drift_pane_records or None, pane_seconds=settings.drift_pane_seconds,
-                              window_panes=settings.drift_window_panes, share_dir=share_dir, version=handle.version)
+        if share_dir is not None and default and handle.name != default:
+            # several models: each model's panes apart (the parent's collector reads the default model's)
+            own = share_dir.with_name(f"drift-{handle.name}")
+            own.mkdir(exist_ok=True)
+            return _monitor(settings, metrics, handle, own)
+        return _monitor(settings, metrics, handle, share_dir)
 
     return factory
+
+
+def _monitor(settings: ServeSettings, metrics: ServiceMetrics | None, handle: Any, share_dir: Path | None) -> ServingMonitor:
+    ref = reference_for(handle.model, settings.drift_config())
+    return ServingMonitor(handle.name, ref, metrics, config=settings.drift_config(),
+                          pane_records=settings.drift_pane_records or None, pane_seconds=settings.drift_pane_seconds,
+                          window_panes=settings.drift_window_panes, share_dir=share_dir, version=handle.version)
 
 
 async def _background(plane: DataPlane, settings: ServeSettings, feedback: FeedbackService | None = None,
@@ -242,7 +251,8 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
 
     async def start_model(name: str) -> ServedModel:
         """One model's slot (loaded and warmed up) and rollout."""
-        slot = ModelSlot(registry, name, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics), policy=policy)
+        slot = ModelSlot(registry, name, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics, names[0]),
+                         policy=policy)
         handle = await loop.run_in_executor(None, slot.load_initial)
         if capture is not None:
             await loop.run_in_executor(None, capture.prepare, handle.model.n_features)

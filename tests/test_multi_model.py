@@ -163,3 +163,50 @@ def test_feedback_is_stored_under_each_requests_model(loop_thread, registry_dir,
         assert sorted(r.record_id for r in store.labels("beta")) == ["b-1", "b-2"]
     finally:
         store.close()
+
+
+def test_serve_two_workers_two_models_grpc_and_http(registry_dir, X, tmp_path):
+    """`outlierd serve --model alpha --model beta --workers 2 --http-port`: real processes; both
+    models answer on both ports, the HTTP port shared by the workers as the gRPC one is."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from test_server import free_port
+
+    port, http_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTLIERD_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+    proc = subprocess.Popen([sys.executable, "-m", "outlierd", "serve", "--registry", str(registry_dir), "--model", "alpha",
+                             "--model", "beta", "--workers", "2", "--host", "127.0.0.1", "--port", str(port), "--http-port",
+                             str(http_port), "--metrics-port", str(free_port()), "--feedback-store", str(tmp_path / "fb.sqlite")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        reg = Registry(registry_dir)
+        x = X[:4].astype(np.float32)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=2) as r:
+                    listed = json.loads(r.read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+                time.sleep(0.2)
+        assert [m["name"] for m in listed["models"]] == ["alpha", "beta"]
+        stub = pb_grpc.ScorerStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        for name in ("alpha", "beta"):
+            version = Registry(registry_dir).resolve(name, "champion")
+            want = load_model(reg.path(name, version)).score(x)
+            resp = stub.Score(pb.ScoreRequest(model=name, n_features=x.shape[1], raw_values=x.tobytes()), timeout=10)
+            np.testing.assert_allclose(resp.scores, want, rtol=1e-6)
+            for _ in range(4):  # new connections: either worker answers
+                req = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/models/{name}/score", data=json.dumps(
+                    {"records": x.tolist()}).encode(), headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    np.testing.assert_allclose(json.loads(r.read())["scores"], want, rtol=1e-6)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
