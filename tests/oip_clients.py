@@ -1,5 +1,5 @@
 """Open Inference Protocol clients run in their own process by tests/test_oip.py:
-``python tests/oip_clients.py grpc|http TARGET MODEL IN.npz OUT.npz``.
+``python tests/oip_clients.py grpc|http|kserve TARGET MODEL IN.npz OUT.npz``.
 
 Each calls health, metadata and infer (typed and raw contents, FP32 and FP64, the records of
 IN.npz's ``one`` and ``many``) and stream infer (grpc), and writes every answer's scores and flags
@@ -91,11 +91,49 @@ def http_client(target: str, model: str, data: dict[str, np.ndarray]) -> dict[st
     return out
 
 
+def kserve_client(target: str, model: str, data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """KServe's own clients (``kserve`` package): gRPC on TARGET, REST on the URL in KSERVE_REST_URL."""
+    import asyncio
+    import os
+
+    from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest
+    from kserve.inference_client import RESTConfig
+
+    async def run() -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        grpc_client = InferenceGRPCClient(target)
+        rest = InferenceRESTClient(RESTConfig(protocol="v2"))
+        base = os.environ["KSERVE_REST_URL"]
+        summary = {"live": await grpc_client.is_server_live(), "ready": await grpc_client.is_server_ready(),
+                   "model_ready": await grpc_client.is_model_ready(model), "rest_ready": await rest.is_server_ready(base)}
+        for key, X in data.items():
+            for dtype, datatype in ((np.float32, "FP32"), (np.float64, "FP64")):
+                x = X.astype(dtype)
+                for kind, binary in (("raw", True), ("typed", False)):
+                    inp = InferInput("X", list(x.shape), datatype)
+                    inp.set_data_from_numpy(x, binary_data=binary)
+                    res = await grpc_client.infer(InferRequest(model, [inp]))
+                    by_name = {o.name: o for o in res.outputs}
+                    out[f"{kind}-{key}-{datatype}"] = by_name["score"].as_numpy()
+                    out[f"{kind}-{key}-{datatype}-flags"] = by_name["anomalous"].as_numpy()
+                    summary[f"version-{key}-{datatype}"] = res.model_version
+                inp = InferInput("X", list(x.shape), datatype)
+                inp.set_data_from_numpy(x, binary_data=False)
+                res = await rest.infer(base, InferRequest(model, [inp]), model_name=model)
+                out[f"rest-{key}-{datatype}"] = {o.name: o for o in res.outputs}["score"].as_numpy()
+        await grpc_client.close()
+        await rest.close()
+        out["meta"] = np.array(json.dumps(summary))
+        return out
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     kind, target, model, src, dst = sys.argv[1:6]
     with np.load(src) as f:
         data = {k: f[k] for k in f.files}
-    out = (grpc_client if kind == "grpc" else http_client)(target, model, data)
+    out = {"grpc": grpc_client, "http": http_client, "kserve": kserve_client}[kind](target, model, data)
     np.savez(dst, **out)
 
 

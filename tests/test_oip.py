@@ -77,11 +77,12 @@ def records(X: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"one": X[rng.integers(0, X.shape[0], 1)], "many": many}
 
 
-def run_client(kind: str, target: str, model: str, data: dict[str, np.ndarray], tmp_path: Path) -> dict:
+def run_client(kind: str, target: str, model: str, data: dict[str, np.ndarray], tmp_path: Path, python: str = sys.executable,
+               env: dict[str, str] | None = None) -> dict:
     src, dst = tmp_path / f"{kind}-in.npz", tmp_path / f"{kind}-out.npz"
     np.savez(src, **data)
-    proc = subprocess.run([sys.executable, str(CLIENTS), kind, target, model, str(src), str(dst)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([python, str(CLIENTS), kind, target, model, str(src), str(dst)],
+                          capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(dst) as f:
         return {k: f[k] for k in f.files}
@@ -180,3 +181,31 @@ def test_undecodable_bytes_are_invalid_argument(server):
         answers = list(ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
                                         response_deserializer=pb.ModelStreamInferResponse.FromString)(iter([b"\x0a\xff\xff"])))
         assert len(answers) == 1 and "INVALID_ARGUMENT" in answers[0].error_message
+
+
+def kserve_python() -> str:
+    """An interpreter with KServe's client: this one, or OUTLIERD_KSERVE_PYTHON (kserve pins protobuf 6
+    and grpcio-tools 1.81, so it lives in a virtualenv of its own: python -m venv v && v/bin/pip install kserve)."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("kserve") is not None:
+        return sys.executable
+    python = os.environ.get("OUTLIERD_KSERVE_PYTHON")
+    if not python:
+        pytest.skip("KServe client not installed here and OUTLIERD_KSERVE_PYTHON not set (a python with `pip install kserve`)")
+    return python
+
+
+def test_kserve_client_conformance(loop_thread, registry_dir, X, rng, tmp_path):
+    import os
+
+    python = kserve_python()
+    model = load_model(Registry(registry_dir).path("cardio", 1))
+    data = records(X, rng)
+    with serving(loop_thread, registry_dir, http_port=0, max_request_records=1 << 20) as running:
+        env = {**os.environ, "KSERVE_REST_URL": f"http://127.0.0.1:{running.worker.http_port}"}
+        out = run_client("kserve", running.target, "cardio", data, tmp_path, python=python, env=env)
+    meta = assert_conformant(out, data, model, ("raw", "typed", "rest"))
+    assert meta["live"] and meta["ready"] and meta["model_ready"] and meta["rest_ready"]
+    assert meta["version-many-FP64"] == "1"
