@@ -209,3 +209,21 @@ def test_kserve_client_conformance(loop_thread, registry_dir, X, rng, tmp_path):
     meta = assert_conformant(out, data, model, ("raw", "typed", "rest"))
     assert meta["live"] and meta["ready"] and meta["model_ready"] and meta["rest_ready"]
     assert meta["version-many-FP64"] == "1"
+
+
+def test_token_guards_inference_but_not_liveness(loop_thread, registry_dir, X):
+    with serving(loop_thread, registry_dir, auth_token="t0ken") as running, grpc.insecure_channel(running.target) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        assert stub.ServerLive(pb.ServerLiveRequest()).live and stub.ServerReady(pb.ServerReadyRequest()).ready
+        x = X[:2].astype(np.float32)
+        req = pb.ModelInferRequest(model_name="cardio")
+        req.inputs.add(name="X", datatype="FP32", shape=list(x.shape))
+        req.raw_input_contents.append(x.tobytes())
+        for metadata in ((), (("authorization", "Bearer wrong"),)):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(req, metadata=metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelMetadata(pb.ModelMetadataRequest(name="cardio"))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.ModelInfer(req, metadata=(("authorization", "Bearer t0ken"),)).outputs[0].name == "score"
