@@ -4,9 +4,12 @@ up a model published later; the CLI forms ``--model A --model B`` and ``--models
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -57,6 +60,31 @@ def loop_thread():
     lt.close()
 
 
+def score_grpc(ch: grpc.Channel, conn: Any, name: str, x: np.ndarray) -> tuple[str, int, np.ndarray]:
+    resp = pb_grpc.ScorerStub(ch).Score(pb.ScoreRequest(model=name, n_features=x.shape[1], raw_values=x.tobytes()), timeout=10)
+    return resp.model, int(resp.version), np.asarray(resp.scores)
+
+
+def score_oip(ch: grpc.Channel, conn: Any, name: str, x: np.ndarray) -> tuple[str, int, np.ndarray]:
+    from tritonclient.grpc import service_pb2 as ipb
+
+    req = ipb.ModelInferRequest(model_name=name)
+    req.inputs.add(name="X", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+    resp = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=ipb.ModelInferRequest.SerializeToString,
+                          response_deserializer=ipb.ModelInferResponse.FromString)(req, timeout=10)
+    return resp.model_name, int(resp.model_version), np.frombuffer(resp.raw_output_contents[0], "<f8")
+
+
+def score_http(ch: grpc.Channel, conn: Any, name: str, x: np.ndarray) -> tuple[str, int, np.ndarray]:
+    conn.request("POST", f"/v1/models/{name}/score", json.dumps({"records": x.tolist()}), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {body}")
+    return body["model"], int(body["version"]), np.asarray(body["scores"])
+
+
 def test_three_models_hot_reloaded_independently_under_load(loop_thread, registry_dir, X, rng):
     reg = Registry(registry_dir)
     models = {(n, v): load_model(reg.path(n, v)) for n in NAMES for v in (1, 2)}
@@ -65,21 +93,22 @@ def test_three_models_hot_reloaded_independently_under_load(loop_thread, registr
     stop = threading.Event()
     seen: dict[str, dict[int, int]] = {n: {} for n in NAMES}
     failures: list[str] = []
-    with serving(loop_thread, registry_dir, model="alpha", models="beta,gamma", reload_interval_s=0.05) as running:
+    with serving(loop_thread, registry_dir, model="alpha", models="beta,gamma", reload_interval_s=0.05, http_port=0) as running:
         def load(name: str) -> None:
+            # each model through another door: alpha the Scorer, beta the Open Inference Protocol, gamma HTTP JSON
+            door = {"alpha": score_grpc, "beta": score_oip, "gamma": score_http}[name]
             with grpc.insecure_channel(running.target) as ch:
-                stub = pb_grpc.ScorerStub(ch)
+                conn = http.client.HTTPConnection("127.0.0.1", running.worker.http_port, timeout=10)
                 while not stop.is_set():
-                    req = pb.ScoreRequest(model=name, n_features=sample.shape[1], raw_values=sample.tobytes())
                     try:
-                        resp = stub.Score(req, timeout=10)
-                    except grpc.RpcError as e:
-                        failures.append(f"{name}: {e.code().name} {e.details()}")
+                        model, v, scores = door(ch, conn, name, sample)
+                    except Exception as e:
+                        failures.append(f"{name}: {e!r}")
                         continue
-                    v = int(resp.version)
-                    if resp.model != name or not np.allclose(resp.scores, want[(name, v)], rtol=1e-6, atol=1e-9):
-                        failures.append(f"{name}: answer of {resp.model} v{v} differs from its own scores")
+                    if model != name or not np.allclose(scores, want[(name, v)], rtol=1e-6, atol=1e-9):
+                        failures.append(f"{name}: answer of {model} v{v} differs from its own scores")
                     seen[name][v] = seen[name].get(v, 0) + 1
+                conn.close()
 
         threads = [threading.Thread(target=load, args=(n,)) for n in NAMES for _ in range(2)]
         for t in threads:
