@@ -176,3 +176,17 @@ def test_feedback_route(server):
     assert status == 200 and answer["stored"] is True
     status, answer = call(f"{server.url}/v1/models/cardio/feedback", json.dumps({"record_id": "r-1", "label": "maybe"}).encode())
     assert status == 422 and "label" in json.dumps(answer)
+
+
+def test_http_and_oip_requests_count_in_the_same_metrics(loop_thread, registry_dir, X):
+    with serving(loop_thread, registry_dir, http_port=0) as running:
+        url = f"http://127.0.0.1:{running.worker.http_port}"
+        labels = {"model": "cardio", "version": "1"}
+        before = running.sample("outlierd_records_scored_total", labels)
+        assert call(f"{url}/v1/models/cardio/score", json.dumps({"records": X[:7].tolist()}).encode())[0] == 200
+        assert call(f"{url}/v2/models/cardio/infer", json.dumps({"inputs": [
+            {"name": "X", "shape": [3, X.shape[1]], "datatype": "FP32", "data": X[:3].ravel().tolist()}]}).encode())[0] == 200
+        assert call(f"{url}/v1/models/cardio/score", b'{"records": [[1, 2]]}')[0] == 400
+        assert running.sample("outlierd_records_scored_total", labels) == before + 10
+        assert running.sample("outlierd_request_duration_seconds_count", {"method": "http"}) == 2
+        assert running.sample("outlierd_invalid_inputs_total", {"reason": "n_features"}) == 1
