@@ -189,6 +189,18 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(func=_run_serve)
 
 
+class _FirstAndMore(argparse.Action):
+    """A flag given several times: the first value in ``dest``, the others in ``more_<dest>s``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is None:
+            setattr(namespace, self.dest, values)
+        else:
+            more = f"more_{self.dest}s"
+            setattr(namespace, more, [*(getattr(namespace, more, None) or []), values])
+
+
 def serve_argument(f: Field, doc: str) -> tuple[str, dict[str, Any]]:
     """``(flag, add_argument keyword arguments)`` for the ServeSettings field ``f`` with docstring ``doc``."""
     meta = f.metadata
@@ -207,6 +219,8 @@ def serve_argument(f: Field, doc: str) -> tuple[str, dict[str, Any]]:
             kwargs.update(type=float, metavar="S" if f.name.endswith(("_s", "_seconds")) else "R")
         elif "Path" in ftype:
             kwargs.update(metavar="PATH")  # kept a string here: from_env makes it a Path, as for OUTLIERD_*
+        if meta.get("append"):  # --model A --model B: A in args.model (a string, as before), B in args.more_models
+            kwargs["action"] = _FirstAndMore
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         if "metavar" in meta:
@@ -222,6 +236,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from outlierd.server.settings import ServeSettings
     from outlierd.server.workers import serve
 
+    more = getattr(args, "more_models", None)
+    if more:  # --model A --model B: A is the default, B joins --models
+        extra = more + ([args.models or os.environ.get("OUTLIERD_MODELS", "")] if args.models != "all" else [])
+        args.models = "all" if args.models == "all" else ",".join(m for m in extra if m) or None
+    if args.model is None and (args.models or os.environ.get("OUTLIERD_MODELS")) == "all":
+        args.model = ""  # every model with the alias; the first in name order is the default
     for name in ("registry", "model"):  # like every flag, these two may come from the environment
         if getattr(args, name) is None and not os.environ.get(f"OUTLIERD_{name.upper()}"):
             print(f"outlierd serve: error: --{name} is required (or set OUTLIERD_{name.upper()})", file=sys.stderr)

@@ -107,6 +107,10 @@ class DataPlane:
             for reason in INVALID_REASONS:
                 metrics.invalid_inputs.labels(reason)
 
+    def add(self, served: ServedModel) -> None:
+        """Serve one more model (``--models all`` found it); requests name it from now on."""
+        self.models[served.name] = served
+
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
