@@ -37,6 +37,7 @@ from outlierd.v1 import scoring_pb2
 from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
 from .discovery import ALL, Discovery, served_names
+from .events import EventFeatures
 from .feedback import FeedbackService, FieldLimits
 from .health import HealthServicer
 from .plane import DataPlane, ServedModel
@@ -67,6 +68,8 @@ class Worker:
     @property
     def http_port(self) -> int | None:
         return self.http.port if self.http is not None else None
+    events: EventFeatures | None = None
+    feature_checkpoints: asyncio.Task | None = None
 
     @property
     def slot(self) -> ModelSlot:
@@ -109,6 +112,11 @@ class Worker:
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
         if self.feedback is not None:
             self.feedback.close()
+        if self.events is not None:  # after the last request: the checkpoint holds every answered event
+            if self.feature_checkpoints is not None:
+                self.feature_checkpoints.cancel()
+            await self.events.stop_routing()
+            await self.events.checkpoint()
         log.info("stopped port=%d", self.port)
 
 
@@ -249,9 +257,10 @@ def _add_oip(plane: DataPlane, settings: ServeSettings, metrics: ServiceMetrics 
     return (oip_grpc.SERVICE,)
 
 
-async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None, store=None) -> Worker:
+async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None, store=None, worker_index: int = 0) -> Worker:
     """Load the model, then start serving; returns once the port accepts calls. ``store``: a
-    monitoring.store.Store to use instead of opening ``settings.feedback_store`` (tests)."""
+    monitoring.store.Store to use instead of opening ``settings.feedback_store`` (tests).
+    ``worker_index``: this worker's number among ``settings.workers`` (raw events' entity owners)."""
     creds = _credentials(settings)  # first: a TLS file that cannot serve fails before the model loads
     registry = Registry(settings.registry)
     policy = DevicePolicy(settings.device, settings.gpu_backend, settings.gpu_min_rows)
@@ -299,7 +308,11 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
                       max_id_bytes=settings.max_id_bytes, metrics=metrics, capture=capture,
                       trim_after_bytes=settings.trim_after_mb << 20)
     plane.start()
-    servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback,
+    events = EventFeatures(settings.feature_state_dir, settings.feature_checkpoint_s, metrics, settings.workers, worker_index)
+    spec_fitted = events.spec_of(handle)
+    if spec_fitted is not None:  # load (or restore) the entity state before serving
+        await loop.run_in_executor(None, events.engine, handle, *spec_fitted)
+    servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback, events=events,
                               max_message_bytes=settings.max_message_bytes,
                               streams=StreamGuard(settings.max_streams_per_peer, settings.max_streams_per_connection,
                                                   settings.stream_idle_s))
@@ -331,6 +344,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
             feedback.close()
             raise
     await server.start()
+    await events.start_routing(port, lambda: plane.default.current)
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     discovery = Discovery(registry, settings.alias, plane, start_model) if settings.models == ALL else None
@@ -342,15 +356,17 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
     log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s models=%s http_port=%s", settings.host, port,
              handle.name, handle.version, settings.alias, creds is not None, bool(settings.auth_token), ",".join(plane.models),
              http.port if http is not None else None)
+    feature_checkpoints = loop.create_task(events.run_checkpoints(), name="outlierd-feature-checkpoints")
     return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback,
-                  checkpointer=checkpointer, checkpoint_task=checkpoint_task, http=http)
+                  checkpointer=checkpointer, checkpoint_task=checkpoint_task, http=http, events=events,
+                  feature_checkpoints=feature_checkpoints)
 
 
 async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None,
-                     on_serving: Callable[[], None] | None = None) -> None:
+                     on_serving: Callable[[], None] | None = None, worker_index: int = 0) -> None:
     """Serve until SIGTERM / SIGINT, then stop gracefully. ``on_serving`` is called once the port
     accepts calls (the worker processes tell their parent)."""
-    worker = await start_worker(settings, metrics)
+    worker = await start_worker(settings, metrics, worker_index=worker_index)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

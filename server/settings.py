@@ -128,6 +128,11 @@ class ServeSettings:
     """Longest FeedbackRequest reviewer in UTF-8 bytes; a longer one is INVALID_ARGUMENT."""
     max_note_bytes: int = 4096
     """Longest FeedbackRequest note in UTF-8 bytes; a longer one is INVALID_ARGUMENT."""
+    feature_state_dir: Path | None = field(default=None, metadata={"metavar": "DIR"})
+    """Raw events (models with a feature spec): checkpoint the per-entity feature state here, restored at
+    start when the spec is the same (default: no checkpoints; the state starts empty at each start)."""
+    feature_checkpoint_s: float = 30.0
+    """Seconds between feature state checkpoints (also written on a graceful stop; 0: only then)."""
     auth_token: str | None = field(default=None, repr=False, metadata={
         "flag": "--auth-token-file", "dest": "auth_token_file", "metavar": "FILE",
         "cli_note": "the CLI reads it from FILE, or from OUTLIERD_AUTH_TOKEN"})

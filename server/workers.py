@@ -136,7 +136,7 @@ def _worker_main(settings: ServeSettings, index: int, report: Connection, parent
             report.send(("serving",))
 
     try:
-        asyncio.run(run_worker(settings, ServiceMetrics(), on_serving=on_serving))
+        asyncio.run(run_worker(settings, ServiceMetrics(), on_serving=on_serving, worker_index=index))
     except (Exception, KeyboardInterrupt) as e:
         if serving:
             raise  # a failure after serving: its traceback, and the parent restarts the worker
