@@ -43,7 +43,8 @@ deps-system:
 # mypy checks these packages and modules by import name (outlierd.core is core/), each with -p, plus
 # the top-level outlierd/__init__.py (-m outlierd: `-p outlierd` would take in every subpackage).
 MYPY_PATHS := outlierd.core outlierd.server outlierd.training outlierd.monitoring \
-	outlierd.cli outlierd.feedback_cli outlierd.health_cli outlierd.registry_cli outlierd.rollout_cli outlierd.demo
+	outlierd.cli outlierd.feedback_cli outlierd.health_cli outlierd.registry_cli outlierd.rollout_cli outlierd.demo \
+	outlierd.consume_cli
 
 # The installed layout (.ci/installed_layout.py) lets mypy and import-linter see core/ as outlierd.core.
 LAYOUT := $(BIN)/python .ci/installed_layout.py

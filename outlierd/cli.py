@@ -421,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("outlierd.rollout_cli").rollout_cli.add_parser(sub)  # threshold, compare, promote, rollback
     feedback_cli.add_parser(sub)
     health_cli.add_parser(sub)
+    __import__("outlierd.consume_cli").consume_cli.add_parser(sub)  # Kafka / MQTT consumers
     return parser
 
 
