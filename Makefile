@@ -55,7 +55,8 @@ MYPY_PATHS := outlierd.core outlierd.server outlierd.training outlierd.monitorin
 	outlierd.cli outlierd.feedback_cli outlierd.health_cli outlierd.registry_cli outlierd.rollout_cli outlierd.demo \
 	outlierd.prefect_flow \
 	outlierd.bench \
-	outlierd.features_cli outlierd.payments outlierd.demo_events
+	outlierd.features_cli outlierd.payments outlierd.demo_events \
+	outlierd.consume_cli
 
 # The installed layout (.ci/installed_layout.py) lets mypy and import-linter see core/ as outlierd.core.
 LAYOUT := $(BIN)/python .ci/installed_layout.py

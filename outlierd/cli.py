@@ -496,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("outlierd.rollout_cli").rollout_cli.add_parser(sub)  # threshold, compare, promote, rollback
     feedback_cli.add_parser(sub)
     health_cli.add_parser(sub)
-    __import__("outlierd.bench.cli").bench.cli.add_parser(sub)  # bench, bench compare __import__("outlierd.features_cli").features_cli.add_parser(sub)  # features replay
+    __import__("outlierd.bench.cli").bench.cli.add_parser(sub)  # bench, bench compare
+    __import__("outlierd.features_cli").features_cli.add_parser(sub)  # features replay
+    __import__("outlierd.consume_cli").consume_cli.add_parser(sub)  # Kafka / MQTT consumers
     return parser
 
 
