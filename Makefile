@@ -15,7 +15,7 @@ DEMO_STAMP := $(DEMO_VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,onnx,torch,mlflow,dask,bench]"
+	$(BIN)/pip install -q -e ".[dev,onnx,torch,mlflow,dask,bench,postgres,kafka,mqtt]"
 	touch $(STAMP)
 
 $(DEMO_STAMP): pyproject.toml Makefile
