@@ -19,7 +19,11 @@ def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a detector on a CSV/Parquet file and publish it to a registry",
                        description="Validate the data, fit a detector, calibrate its threshold to an alert rate, "
                                    "evaluate it when labels are given, and publish it with full lineage.")
-    p.add_argument("--data", required=True, metavar="FILE", help="training data: .csv, .csv.gz, .tsv, .parquet")
+    p.add_argument("--data", metavar="FILE", help="training data: .csv, .csv.gz, .tsv, .parquet")
+    p.add_argument("--events", metavar="FILE|DIR",
+                   help="raw events instead of --data (with --features): replayed into features by the engine the server "
+                        "runs; the model then serves raw events (ScoreRequest.arrow_events)")
+    p.add_argument("--features", metavar="SPEC", help="feature spec (JSON, docs/features.md) for --events; stored in the artifact")
     p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
     p.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
     p.add_argument("--detector", default=None,
@@ -72,10 +76,14 @@ def _run_train(args: argparse.Namespace) -> int:
     # training takes labelled records as data: the CLI reads them from the feedback store
     feedback = (feedback_cli.labelled_records(args.registry, args.model, args.feedback_store)
                 if args.labels_from_feedback else None)
-    res = run_train(TrainSpec(args.data, args.registry, args.model, detector=args.detector, label_column=args.label_column,
+    if (args.events is None) == (args.data is None) or (args.events is None) != (args.features is None):
+        from outlierd.core.errors import InvalidInputError
+
+        raise InvalidInputError("give --data FILE (feature vectors), or --events FILE|DIR with --features SPEC (raw events)")
+    res = run_train(TrainSpec(args.events or args.data, args.registry, args.model, detector=args.detector, label_column=args.label_column,
                               alert_rate=args.alert_rate, alias=args.alias, seed=args.seed, quiet=args.quiet,
                               select=args.select, feedback=feedback, min_labels=args.min_labels, folds=args.folds,
-                              feature_columns=args.feature_columns))
+                              feature_columns=args.feature_columns, events_spec=args.features))
     mlflow, mlflow_rc = registry_cli.train_to_mlflow(
         args, res, None if args.quiet else (lambda msg: print(f"[mlflow] {msg}", file=sys.stderr, flush=True)))
     if args.json:
@@ -189,6 +197,18 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(func=_run_serve)
 
 
+class _FirstAndMore(argparse.Action):
+    """A flag given several times: the first value in ``dest``, the others in ``more_<dest>s``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is None:
+            setattr(namespace, self.dest, values)
+        else:
+            more = f"more_{self.dest}s"
+            setattr(namespace, more, [*(getattr(namespace, more, None) or []), values])
+
+
 def serve_argument(f: Field, doc: str) -> tuple[str, dict[str, Any]]:
     """``(flag, add_argument keyword arguments)`` for the ServeSettings field ``f`` with docstring ``doc``."""
     meta = f.metadata
@@ -207,6 +227,8 @@ def serve_argument(f: Field, doc: str) -> tuple[str, dict[str, Any]]:
             kwargs.update(type=float, metavar="S" if f.name.endswith(("_s", "_seconds")) else "R")
         elif "Path" in ftype:
             kwargs.update(metavar="PATH")  # kept a string here: from_env makes it a Path, as for OUTLIERD_*
+        if meta.get("append"):  # --model A --model B: A in args.model (a string, as before), B in args.more_models
+            kwargs["action"] = _FirstAndMore
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         if "metavar" in meta:
@@ -222,6 +244,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from outlierd.server.settings import ServeSettings
     from outlierd.server.workers import serve
 
+    more = getattr(args, "more_models", None)
+    if more:  # --model A --model B: A is the default, B joins --models
+        extra = more + ([args.models or os.environ.get("OUTLIERD_MODELS", "")] if args.models != "all" else [])
+        args.models = "all" if args.models == "all" else ",".join(m for m in extra if m) or None
+    if args.model is None and (args.models or os.environ.get("OUTLIERD_MODELS")) == "all":
+        args.model = ""  # every model with the alias; the first in name order is the default
     for name in ("registry", "model"):  # like every flag, these two may come from the environment
         if getattr(args, name) is None and not os.environ.get(f"OUTLIERD_{name.upper()}"):
             print(f"outlierd serve: error: --{name} is required (or set OUTLIERD_{name.upper()})", file=sys.stderr)
@@ -256,11 +284,26 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--alert-rate", type=float, default=demo.DEFAULT_ALERT_RATE, metavar="R",
                    help=f"share of training records flagged: sets the threshold (default {demo.DEFAULT_ALERT_RATE:g})")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    p.add_argument("--events", action="store_true",
+                   help="the demo on raw payment events: train through the feature spec data/payments.features.json, stream "
+                        "Arrow events (arrow_events) with injected frauds, print recall per fraud kind (docs/features.md)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+
+    if args.events:
+        from .demo_events import run_events_demo
+
+        from .demo import DEFAULT_RECORDS, DEFAULT_TRAIN_RECORDS
+
+        # the vector demo's defaults (10M records, 20k training) do not fit events: 100k each unless given
+        records = args.records if args.records != DEFAULT_RECORDS else 100_000
+        train = args.train_records if args.train_records != DEFAULT_TRAIN_RECORDS else 100_000
+        res = run_events_demo(args.registry, records=records, train_records=train, batch=args.batch,
+                              alert_rate=args.alert_rate, port=args.port, seed=args.seed)
+        return 0 if res.ok else 1
 
     summary = run_demo(args.registry, records=args.records, seconds=args.seconds, port=args.port, batch=args.batch,
                        train_records=args.train_records, anomaly_rate=args.anomaly_rate, alert_rate=args.alert_rate,
@@ -453,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("outlierd.rollout_cli").rollout_cli.add_parser(sub)  # threshold, compare, promote, rollback
     feedback_cli.add_parser(sub)
     health_cli.add_parser(sub)
+    __import__("outlierd.bench.cli").bench.cli.add_parser(sub)  # bench, bench compare
+    __import__("outlierd.features_cli").features_cli.add_parser(sub)  # features replay
+    __import__("outlierd.consume_cli").consume_cli.add_parser(sub)  # Kafka / MQTT consumers
     return parser
 
 

@@ -43,7 +43,7 @@ log = logging.getLogger("outlierd.plane")
 DEFAULT_TOP_K = 3  # Explain.top_k = 0: features per explained record
 # reasons of outlierd_invalid_inputs_total; every series exists at 0 from the start
 INVALID_REASONS = ("n_features", "shape", "both_values", "ids", "too_large", "non_finite", "unknown_model", "explain", "internal",
-                   "decode")
+                   "decode", "events")
 
 
 ECHO_CHARS = 64  # a client's string quoted in an error message is cut to this many characters
@@ -106,6 +106,10 @@ class DataPlane:
         if metrics is not None:
             for reason in INVALID_REASONS:
                 metrics.invalid_inputs.labels(reason)
+
+    def add(self, served: ServedModel) -> None:
+        """Serve one more model (``--models all`` found it); requests name it from now on."""
+        self.models[served.name] = served
 
     # -- lifecycle ----------------------------------------------------------------------------------
 

@@ -90,6 +90,9 @@ class TrainSpec:
     # every column but the label column, refused when one of them looks like a label (``label``,
     # ``target``, ``class`` ...: ``training.data.LABEL_LIKE``); listing such a column keeps it
     feature_columns: Sequence[str] | str | None = ()
+    # a feature spec (JSON file): ``data`` holds raw events, replayed into features by the engine the
+    # server runs; the spec and what it learned go into the artifact (docs/features.md)
+    events_spec: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         _name(self.model, "model name")
