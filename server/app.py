@@ -335,7 +335,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
         from .http_app import HttpServer, build_app
 
         try:
-            http = HttpServer(build_app(plane, token=settings.auth_token, feedback=feedback, metrics=metrics), settings)
+            http = HttpServer(build_app(plane, token=settings.auth_token, feedback=feedback, metrics=metrics, registry=registry), settings)
             await http.start()
         except BaseException:
             await plane.close()

@@ -15,6 +15,7 @@ of a JSON body that does not fit its schema.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import to_json
 
 from outlierd.core.errors import OutlierdError
+from outlierd.monitoring.review import review_queue
 from outlierd.v1 import scoring_pb2 as spb
 
 from . import oip
@@ -273,8 +275,9 @@ def _score_answer(result: ScoreResult, ids: list[str]) -> dict[str, Any]:
 
 
 def build_app(plane: DataPlane, *, token: str | None = None, feedback: FeedbackService | None = None,
-              metrics: Any = None) -> FastAPI:
-    """The FastAPI app on ``plane`` (routes above)."""
+              metrics: Any = None, registry: Any = None) -> FastAPI:
+    """The FastAPI app on ``plane`` (routes above). ``registry`` (a core.registry.Registry): the
+    review queue explains each alert with the version that scored it."""
     app = FastAPI(title="outlierd", version="0.1.0", description="Anomaly scores over the Open Inference Protocol (REST v2) and JSON.")
     auth = [Depends(TokenCheck(token))]
     latency = metrics.request_latency.labels("http") if metrics is not None else None
@@ -382,6 +385,26 @@ def build_app(plane: DataPlane, *, token: str | None = None, feedback: FeedbackS
         except Exception as e:
             return _error_response(plane, e)
         return {"record_id": body.record_id, "stored": True, "known_record": known}
+
+    @app.get("/v1/models/{name}/review-queue", tags=["json"], dependencies=auth)
+    async def review(name: str, since_s: float | None = None, limit: int = 50, top_k: int = 3) -> Any:
+        """Captured alerts not labelled yet, newest first (``outlierd feedback queue``): ``since_s``
+        seconds back (default: all), at most ``limit``, ``top_k`` explaining features each."""
+        try:
+            if feedback is None or registry is None:
+                raise RequestError("feedback is not enabled on this server", code="UNAVAILABLE", reason="feedback")
+            plane.resolve(name)
+            if since_s is not None and not since_s > 0:
+                raise RequestError(f"since_s must be > 0 seconds; got {since_s}", reason="feedback")
+            since = None if since_s is None else time.time() - since_s
+
+            def read() -> list[dict[str, Any]]:
+                return review_queue(registry, feedback.opener.get(), name, since=since, limit=limit, top_k=top_k)
+
+            rows = await asyncio.get_running_loop().run_in_executor(None, read)  # the store is never read on the event loop
+        except Exception as e:
+            return _error_response(plane, e)
+        return {"model": name, "alerts": rows}
 
     return app
 

@@ -8,6 +8,8 @@ import os
 import random
 import threading
 import time
+import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -224,7 +226,6 @@ def shadow_registry(tmp_path_factory) -> Path:
 def _cli_json(*argv: str) -> dict:
     import contextlib
     import io
-    import json
 
     from outlierd.cli import main as cli_main
 
@@ -258,6 +259,8 @@ def test_two_replicas_capture_into_one_store_like_one_sqlite_store(shadow_regist
         srv = Server(tmp_path / f"s{k}", shadow_registry, store, free_port())  # type: ignore[arg-type]
         srv.cmd += extra
         servers.append(srv)
+    http_port = free_port()
+    servers[0].cmd += ["--http-port", str(http_port)]  # the review queue over HTTP too
     rnd = np.random.default_rng(3)
     labelled = rnd.choice(n, 400, replace=False)
     y = np.loadtxt(__import__("conftest").dataset_path("cardio"), delimiter=",", skiprows=1)[:, -1]
@@ -291,6 +294,14 @@ def test_two_replicas_capture_into_one_store_like_one_sqlite_store(shadow_regist
                 reqs = [pb.FeedbackRequest(model=MODEL, record_id=f"c{i}", label=pb.ANOMALY if y[i] else pb.NORMAL, reviewer="r")
                         for i in sorted(mine)]
                 assert all(a.stored and a.known_record for a in stub.SubmitFeedbackStream(iter(reqs), timeout=30))
+        base = f"http://127.0.0.1:{http_port}/v1/models"
+        with urllib.request.urlopen(f"{base}/{MODEL}/review-queue?limit=5000&top_k=2", timeout=30) as r:
+            over_http = json.loads(r.read())["alerts"]
+        for query, code, words in (("cardio/review-queue?since_s=-1", 400, "since_s must be > 0"),
+                                   ("nope/review-queue", 404, "nope")):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(f"{base}/{query}", timeout=30)
+            assert err.value.code == code and words in json.loads(err.value.read())["error"]
     finally:
         for srv in servers:
             srv.kill()
@@ -312,6 +323,7 @@ def test_two_replicas_capture_into_one_store_like_one_sqlite_store(shadow_regist
     # the review queue: every flagged record without a label, explained (order: capture order, which the replicas interleave)
     flagged = {r["record_id"] for r in pg["queue"]["alerts"]}
     assert flagged and not flagged & {f"c{i}" for i in labelled} and all(len(r["top_features"]) == 2 for r in pg["queue"]["alerts"])
+    assert sorted(over_http, key=lambda r: r["record_id"]) == sorted(answers[0]["queue"]["alerts"], key=lambda r: r["record_id"])
     pg["queue"]["alerts"].sort(key=lambda r: r["record_id"])
     lite["queue"]["alerts"].sort(key=lambda r: r["record_id"])
     for key in pg:
