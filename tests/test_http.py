@@ -25,6 +25,7 @@ from test_oip import assert_conformant, cardio, make_registry, records, run_clie
 from test_server import serving  # noqa: E402
 
 TOKEN = "s3cret-token"
+ONE = {"name": "X", "shape": [1, 21], "datatype": "FP32", "data": [0.0] * 21}  # one cardio record
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,11 @@ def test_curl_json_score(server, model, X):
     ("/v2/models/cardio/infer", b'{"inputs": [{"name": "X", "shape": [2, 21], "datatype": "FP32", "data": [1]}]}', 400, "values"),
     ("/v2/models/cardio/infer", b'{"inputs": [{"name": "X", "shape": [1, 21], "datatype": "FP32", "data": ["a"]}]}', 400, "data"),
     ("/v2/models/cardio/versions/7/infer", b'{"inputs": []}', 404, "version"),
+    ("/v2/models/cardio/infer", json.dumps({"inputs": [ONE], "outputs": [{"name": "score", "parameters": [1]}]}).encode(), 400,
+     "outputs"),
+    ("/v2/models/cardio/infer", json.dumps({"inputs": [ONE], "parameters": {"explain": "yes"}}).encode(), 400, "explain"),
+    ("/v2/models/cardio/infer", json.dumps({"inputs": [ONE], "outputs": [{"name": "explain_features"}]}).encode(), 400,
+     "parameters.explain"),
 ])
 def test_bad_bodies_are_named(server, path, body, status, words):
     got, answer = call(server.url + path, body)
