@@ -15,7 +15,7 @@ DEMO_STAMP := $(DEMO_VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,onnx,torch,mlflow,dask]"
+	$(BIN)/pip install -q -e ".[dev,onnx,torch,mlflow,dask,bench,postgres,kafka,mqtt]"
 	touch $(STAMP)
 
 $(DEMO_STAMP): pyproject.toml Makefile
@@ -52,7 +52,11 @@ deps-system:
 # mypy checks these packages and modules by import name (outlierd.core is core/), each with -p, plus
 # the top-level outlierd/__init__.py (-m outlierd: `-p outlierd` would take in every subpackage).
 MYPY_PATHS := outlierd.core outlierd.server outlierd.training outlierd.monitoring \
-	outlierd.cli outlierd.feedback_cli outlierd.health_cli outlierd.registry_cli outlierd.rollout_cli outlierd.demo
+	outlierd.cli outlierd.feedback_cli outlierd.health_cli outlierd.registry_cli outlierd.rollout_cli outlierd.demo \
+	outlierd.prefect_flow \
+	outlierd.bench \
+	outlierd.features_cli outlierd.payments outlierd.demo_events \
+	outlierd.consume_cli
 
 # The installed layout (.ci/installed_layout.py) lets mypy and import-linter see core/ as outlierd.core.
 LAYOUT := $(BIN)/python .ci/installed_layout.py

@@ -30,13 +30,14 @@ from outlierd.monitoring.capture import CaptureWriter
 from outlierd.monitoring.capture_proc import Retention
 from outlierd.monitoring.drift import reference_for
 from outlierd.monitoring.metrics import ServiceMetrics
-from outlierd.monitoring.store import StoreOpener, default_store_path, open_store
+from outlierd.monitoring.store import StoreOpener, open_store, store_location
 from outlierd.monitoring.stream import ServingMonitor
 from outlierd.v1 import scoring_pb2
 
 from .auth import TokenAuthInterceptor
 from .batcher import MicroBatcher
 from .discovery import ALL, Discovery, served_names
+from .events import EventFeatures
 from .feedback import FeedbackService, FieldLimits
 from .health import HealthServicer
 from .plane import DataPlane, ServedModel
@@ -60,11 +61,15 @@ class Worker:
     settings: ServeSettings
     capture: CaptureWriter | None = None
     feedback: FeedbackService | None = None
+    checkpointer: Any = None  # server.checkpoint.Checkpointer with --checkpoint-dir
+    checkpoint_task: asyncio.Task | None = None
     http: Any = None  # http_app.HttpServer with --http-port, else None
 
     @property
     def http_port(self) -> int | None:
         return self.http.port if self.http is not None else None
+    events: EventFeatures | None = None
+    feature_checkpoints: asyncio.Task | None = None
 
     @property
     def slot(self) -> ModelSlot:
@@ -98,10 +103,20 @@ class Worker:
             await self.http.stop()
         await self.server.stop(grace)
         await self.plane.close()  # the batcher's running batches, then the rollout's shadow
+        if self.checkpointer is not None:  # after the last batch: the final state of streaming models
+            if self.checkpoint_task is not None:
+                self.checkpoint_task.cancel()
+            for served in self.plane.models.values():
+                await asyncio.get_running_loop().run_in_executor(None, self.checkpointer.save, served.current)
         if self.capture is not None:  # after the batcher and the shadow: their last offers get written
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
         if self.feedback is not None:
             self.feedback.close()
+        if self.events is not None:  # after the last request: the checkpoint holds every answered event
+            if self.feature_checkpoints is not None:
+                self.feature_checkpoints.cancel()
+            await self.events.stop_routing()
+            await self.events.checkpoint()
         log.info("stopped port=%d", self.port)
 
 
@@ -171,7 +186,7 @@ def _monitor(settings: ServeSettings, metrics: ServiceMetrics | None, handle: An
 
 
 async def _background(plane: DataPlane, settings: ServeSettings, feedback: FeedbackService | None = None,
-                      discovery: Discovery | None = None) -> None:
+                      discovery: Discovery | None = None, checkpointer: Any = None) -> None:
     """Watch the aliases (and, with ``--models all``, the registry for new models); close
     time-based drift panes even when no traffic comes."""
     while True:
@@ -180,6 +195,8 @@ async def _background(plane: DataPlane, settings: ServeSettings, feedback: Feedb
             await discovery.tick()
         for served in list(plane.models.values()):
             await served.slot.check()
+            if checkpointer is not None and served.slot.current is not None:  # a reloaded streaming version: its checkpoint
+                checkpointer.restore(served.slot.current)
             if served.rollout is not None:  # the challenger alias, and the thresholds in force as metrics
                 await served.rollout.tick()
             handle = served.slot.current
@@ -211,8 +228,9 @@ async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | Non
     """The capture writer (None with capture off) and the feedback service, sharing one store. A
     store that cannot be opened does not stop the server: captures are dropped (counted) and
     feedback answers UNAVAILABLE until it can be opened."""
-    path = settings.feedback_store or default_store_path(settings.registry)
-    opener = StoreOpener(path, opener=(lambda _p: store) if store is not None else open_store)
+    path = store_location(settings.feedback_store, settings.registry)
+    on_retry = None if metrics is None else (lambda result: metrics.store_retries.labels(result).inc())
+    opener = StoreOpener(path, opener=(lambda _p: store) if store is not None else (lambda p: open_store(p, on_retry=on_retry)))
     try:
         await asyncio.get_running_loop().run_in_executor(None, opener.get)
     except OSError as e:
@@ -239,14 +257,20 @@ def _add_oip(plane: DataPlane, settings: ServeSettings, metrics: ServiceMetrics 
     return (oip_grpc.SERVICE,)
 
 
-async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None, store=None) -> Worker:
+async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None, store=None, worker_index: int = 0) -> Worker:
     """Load the model, then start serving; returns once the port accepts calls. ``store``: a
-    monitoring.store.Store to use instead of opening ``settings.feedback_store`` (tests)."""
+    monitoring.store.Store to use instead of opening ``settings.feedback_store`` (tests).
+    ``worker_index``: this worker's number among ``settings.workers`` (raw events' entity owners)."""
     creds = _credentials(settings)  # first: a TLS file that cannot serve fails before the model loads
     registry = Registry(settings.registry)
     policy = DevicePolicy(settings.device, settings.gpu_backend, settings.gpu_min_rows)
     names = served_names(registry, settings.model, settings.models, settings.alias)
     loop = asyncio.get_running_loop()
+    checkpointer = None
+    if settings.checkpoint_dir is not None:  # each model restores before the port opens: a restart resumes at the checkpoint
+        from .checkpoint import Checkpointer
+
+        checkpointer = Checkpointer(settings.checkpoint_dir, settings.checkpoint_interval_s)
     capture, feedback = await _start_feedback(settings, metrics, store, names[0])
 
     async def start_model(name: str) -> ServedModel:
@@ -254,6 +278,8 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
         slot = ModelSlot(registry, name, settings.alias, metrics, monitor_factory=_monitor_factory(settings, metrics, names[0]),
                          policy=policy)
         handle = await loop.run_in_executor(None, slot.load_initial)
+        if checkpointer is not None:
+            await loop.run_in_executor(None, checkpointer.restore, handle)
         if capture is not None:
             await loop.run_in_executor(None, capture.prepare, handle.model.n_features)
         return ServedModel(slot, await _start_rollout(settings, registry, slot, metrics, policy, capture, name))
@@ -282,7 +308,11 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
                       max_id_bytes=settings.max_id_bytes, metrics=metrics, capture=capture,
                       trim_after_bytes=settings.trim_after_mb << 20)
     plane.start()
-    servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback,
+    events = EventFeatures(settings.feature_state_dir, settings.feature_checkpoint_s, metrics, settings.workers, worker_index)
+    spec_fitted = events.spec_of(handle)
+    if spec_fitted is not None:  # load (or restore) the entity state before serving
+        await loop.run_in_executor(None, events.engine, handle, *spec_fitted)
+    servicer = ScorerServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, feedback=feedback, events=events,
                               max_message_bytes=settings.max_message_bytes,
                               streams=StreamGuard(settings.max_streams_per_peer, settings.max_streams_per_connection,
                                                   settings.stream_idle_s))
@@ -314,21 +344,29 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
             feedback.close()
             raise
     await server.start()
+    await events.start_routing(port, lambda: plane.default.current)
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     discovery = Discovery(registry, settings.alias, plane, start_model) if settings.models == ALL else None
-    watcher = loop.create_task(_background(plane, settings, feedback, discovery), name="outlierd-reload")
+    watcher = loop.create_task(_background(plane, settings, feedback, discovery, checkpointer), name="outlierd-reload")
+    checkpoint_task = None
+    if checkpointer is not None:
+        checkpoint_task = loop.create_task(checkpointer.run(lambda: [m.current for m in plane.models.values()]),
+                                           name="outlierd-checkpoint")
     log.info("listening address=%s:%d model=%s version=%d alias=%s tls=%s auth=%s models=%s http_port=%s", settings.host, port,
              handle.name, handle.version, settings.alias, creds is not None, bool(settings.auth_token), ",".join(plane.models),
              http.port if http is not None else None)
-    return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback, http)
+    feature_checkpoints = loop.create_task(events.run_checkpoints(), name="outlierd-feature-checkpoints")
+    return Worker(server, port, plane, health_servicer, watcher, settings, capture, feedback,
+                  checkpointer=checkpointer, checkpoint_task=checkpoint_task, http=http, events=events,
+                  feature_checkpoints=feature_checkpoints)
 
 
 async def run_worker(settings: ServeSettings, metrics: ServiceMetrics | None = None,
-                     on_serving: Callable[[], None] | None = None) -> None:
+                     on_serving: Callable[[], None] | None = None, worker_index: int = 0) -> None:
     """Serve until SIGTERM / SIGINT, then stop gracefully. ``on_serving`` is called once the port
     accepts calls (the worker processes tell their parent)."""
-    worker = await start_worker(settings, metrics)
+    worker = await start_worker(settings, metrics, worker_index=worker_index)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -136,7 +136,7 @@ def _worker_main(settings: ServeSettings, index: int, report: Connection, parent
             report.send(("serving",))
 
     try:
-        asyncio.run(run_worker(settings, ServiceMetrics(), on_serving=on_serving))
+        asyncio.run(run_worker(settings, ServiceMetrics(), on_serving=on_serving, worker_index=index))
     except (Exception, KeyboardInterrupt) as e:
         if serving:
             raise  # a failure after serving: its traceback, and the parent restarts the worker
@@ -190,6 +190,9 @@ def serve(settings: ServeSettings) -> int:
     """Run the service until SIGTERM / SIGINT; returns the exit code. A worker that cannot start
     raises its error (:class:`WorkerStartError` with several workers)."""
     configure_logging()
+    from .checkpoint import refuse_several_workers
+
+    refuse_several_workers(settings)  # a streaming model's state has one owner
     if settings.workers == 1:
         from outlierd.monitoring.metrics import ServiceMetrics, start_metrics_server
 
