@@ -245,15 +245,17 @@ async def _start_feedback(settings: ServeSettings, metrics: ServiceMetrics | Non
     return capture, FeedbackService(opener, model or settings.model, metrics, capture=capture, limits=FieldLimits.from_settings(settings))
 
 
-def _add_oip(plane: DataPlane, settings: ServeSettings, metrics: ServiceMetrics | None, server: grpc.aio.Server) -> tuple[str, ...]:
+def _add_oip(plane: DataPlane, settings: ServeSettings, metrics: ServiceMetrics | None, server: grpc.aio.Server,
+             streams: StreamGuard) -> tuple[str, ...]:
     """The Open Inference Protocol on the gRPC port, when ``tritonclient`` (its protobuf modules) is
-    installed (the ``oip`` extra); the service names added."""
+    installed (the ``oip`` extra); the service names added. ``streams``: the Scorer's bounds, shared."""
     try:
         from . import oip_grpc
     except ImportError as e:
         log.warning("Open Inference Protocol off: %s (install outlierd[oip])", e)
         return ()
-    oip_grpc.add_to_server(oip_grpc.OipServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics), server)
+    oip_grpc.add_to_server(oip_grpc.OipServicer(plane, stream_inflight=settings.stream_inflight, metrics=metrics, streams=streams),
+                           server)
     return (oip_grpc.SERVICE,)
 
 
@@ -317,7 +319,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
                               streams=StreamGuard(settings.max_streams_per_peer, settings.max_streams_per_connection,
                                                   settings.stream_idle_s))
     add_to_server(servicer, server)
-    services = (SERVICE, *_add_oip(plane, settings, metrics, server))
+    services = (SERVICE, *_add_oip(plane, settings, metrics, server, servicer.streams))
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -226,8 +226,9 @@ def _decode_infer(plane: DataPlane, name: str, version: str, doc: dict[str, Any]
     if not isinstance(params, dict):
         raise RequestError("parameters must be an object", reason="decode")
     outputs = doc.get("outputs", [])
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
-        raise RequestError("outputs must be an array of objects with a 'name'", reason="shape")
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                and isinstance(o.get("parameters", {}), dict) for o in outputs):
+        raise RequestError("outputs must be an array of objects with a 'name' (and optional 'parameters' object)", reason="shape")
     explain = oip.explain_of(params)
     with np.errstate(over="ignore"):  # beyond float32: inf, then the model's non-finite policy
         X = np.asarray(X, dtype=np.float32)

@@ -26,6 +26,7 @@ from . import oip
 from .errors import RequestError, message_error, stream_errors, unary_errors
 from .plane import DataPlane
 from .requests import Undecodable, lenient
+from .streams import StreamGuard
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_VERSION = "0.1.0"
@@ -75,8 +76,9 @@ def _param(p: pb.InferParameter) -> Any:
 
 
 class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane, *, stream_inflight: int = 8, metrics: Any = None) -> None:
+    def __init__(self, plane: DataPlane, *, stream_inflight: int = 8, metrics: Any = None, streams: StreamGuard | None = None) -> None:
         self.plane, self.metrics = plane, metrics
+        self.streams = streams or StreamGuard()
         self.stream_inflight = stream_inflight
         self._latency = {m: metrics.request_latency.labels(m) for m in ("ModelInfer", "ModelStreamInfer")} if metrics else {}
 
@@ -197,6 +199,13 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
     @stream_errors("scoring", count=True)
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],  # noqa: N802
                                context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        # the same bounds as ScoreStream: open streams per connection and per client address, and
+        # an idle stream (no message, nothing unanswered for --stream-idle-s) closed with UNAVAILABLE
+        with self.streams.admit(context):
+            async for response in self._stream(request_iterator):
+                yield response
+
+    async def _stream(self, request_iterator: AsyncIterator[pb.ModelInferRequest]) -> AsyncIterator[Any]:
         # A reader queues messages as they arrive (up to stream_inflight ahead); this generator
         # answers them in order. A bad message gets an error_message and the stream goes on.
         pending: asyncio.Queue = asyncio.Queue(self.stream_inflight)
@@ -205,6 +214,8 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async for req in request_iterator:
                     t0 = time.perf_counter()
+                    if timer is not None:
+                        timer.touch()
                     entry: tuple[Any, float, asyncio.Future | None, Exception | None]
                     try:
                         entry = (req, t0, self._start(req), None)
@@ -216,9 +227,12 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await pending.put(None)
 
         task = asyncio.get_running_loop().create_task(reader())
+        timer = self.streams.timer(task.cancel, busy=lambda: not pending.empty())
         try:
             while (entry := await pending.get()) is not None:
                 req, t0, fut, err = entry
+                if timer is not None:
+                    timer.touch()
                 if err is None:
                     try:
                         response = self._response(req, await fut)
@@ -233,7 +247,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                     continue
                 yield _field(2, response)  # ModelStreamInferResponse.infer_response
                 self._observe("ModelStreamInfer", t0)
+            if timer is not None and timer.fired:
+                raise timer.closed_error()
         finally:
+            if timer is not None:
+                timer.cancel()
             task.cancel()
 
 

@@ -25,6 +25,7 @@ from test_oip import assert_conformant, cardio, make_registry, records, run_clie
 from test_server import serving  # noqa: E402
 
 TOKEN = "s3cret-token"
+ONE = {"name": "X", "shape": [1, 21], "datatype": "FP32", "data": [0.0] * 21}  # one cardio record
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,11 @@ def test_curl_json_score(server, model, X):
     ("/v2/models/cardio/infer", b'{"inputs": [{"name": "X", "shape": [2, 21], "datatype": "FP32", "data": [1]}]}', 400, "values"),
     ("/v2/models/cardio/infer", b'{"inputs": [{"name": "X", "shape": [1, 21], "datatype": "FP32", "data": ["a"]}]}', 400, "data"),
     ("/v2/models/cardio/versions/7/infer", b'{"inputs": []}', 404, "version"),
+    ("/v2/models/cardio/infer", json.dumps({"inputs": [ONE], "outputs": [{"name": "score", "parameters": [1]}]}).encode(), 400,
+     "outputs"),
+    ("/v2/models/cardio/infer", json.dumps({"inputs": [ONE], "parameters": {"explain": "yes"}}).encode(), 400, "explain"),
+    ("/v2/models/cardio/infer", json.dumps({"inputs": [ONE], "outputs": [{"name": "explain_features"}]}).encode(), 400,
+     "parameters.explain"),
 ])
 def test_bad_bodies_are_named(server, path, body, status, words):
     got, answer = call(server.url + path, body)
@@ -130,20 +136,25 @@ def test_openapi_lists_routes(server):
 def test_schemathesis_fuzz_finds_no_500(server):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
 
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     failures: list = []
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10
-    for operation in operations:
-        @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        @given(case=operation.as_strategy())
+    modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)  # fitting bodies, and not
+    for operation, mode in ((op, m) for op in operations for m in modes):
+        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=operation.as_strategy(mode))
         def check(case) -> None:
             response = case.call(base_url=server.url)
             if response.status_code >= 500:
                 failures.append((case.method, case.formatted_path, case.body, response.status_code, response.text[:300]))
 
-        check()
+        try:
+            check()
+        except Unsatisfiable:  # nothing to make invalid (a route without parameters or body)
+            assert mode is schemathesis.GenerationMode.NEGATIVE
     assert not failures, failures[:3]
     assert call(f"{server.url}/v2/health/ready")[0] == 200
 

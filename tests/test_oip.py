@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -227,3 +228,26 @@ def test_token_guards_inference_but_not_liveness(loop_thread, registry_dir, X):
             stub.ModelMetadata(pb.ModelMetadataRequest(name="cardio"))
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert stub.ModelInfer(req, metadata=(("authorization", "Bearer t0ken"),)).outputs[0].name == "score"
+
+
+def test_idle_stream_is_closed_and_streams_are_bounded(loop_thread, registry_dir, X):
+    x = X[:2].astype(np.float32)
+    req = pb.ModelInferRequest(model_name="cardio")
+    req.inputs.add(name="X", datatype="FP32", shape=list(x.shape))
+    req.raw_input_contents.append(x.tobytes())
+
+    def one_then_wait(wait: float):
+        yield req
+        time.sleep(wait)
+
+    with serving(loop_thread, registry_dir, stream_idle_s=0.3, max_streams_per_connection=1) as running, \
+            grpc.insecure_channel(running.target) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        answers = stub.ModelStreamInfer(one_then_wait(3.0))
+        assert next(answers).infer_response.outputs[0].name == "score"
+        with pytest.raises(grpc.RpcError) as e:  # a second stream on the same connection, beyond the bound
+            next(stub.ModelStreamInfer(iter([req])))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams-per-connection" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            next(answers)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "idle" in e.value.details()
