@@ -52,6 +52,9 @@ class ServiceMetrics:
         self.capture_dropped = Counter("outlierd_capture_dropped_total",
                                        "Records that should have been captured and were not, by reason (queue_full, write_error).",
                                        ["model", "reason"], **kw)
+        self.store_retries = Counter("outlierd_feedback_store_retries_total",
+                                     "Feedback store calls after a lost connection (PostgreSQL): retried (result=retry) or given up (result=failed).",
+                                     ["result"], **kw)
         self.feedback = FeedbackGauges(registry)
         # Raw events through the feature engine (server.events): per-entity state
         self.feature_events = Counter("outlierd_feature_events_total", "Raw events turned into features.", ["model"], **kw)

@@ -276,7 +276,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
         refuse_undecodable(request)
         handle = self.plane.info(request.model)
         return pb.ModelInfo(model=handle.name, version=str(handle.version), feature_names=handle.model.feature_names,
-                            threshold=handle.threshold, alias=handle.alias)
+                            threshold=handle.threshold, alias=handle.alias, served_models=list(self.plane.models))
 
 
 def add_to_server(servicer: ScorerServicer, server: grpc.aio.Server) -> None:

@@ -87,18 +87,20 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "version", "feature_names", "threshold", "alias")
+    __slots__ = ("model", "version", "feature_names", "threshold", "alias", "served_models")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     feature_names: _containers.RepeatedScalarFieldContainer[str]
     threshold: float
     alias: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., alias: _Optional[str] = ...) -> None: ...
+    served_models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., alias: _Optional[str] = ..., served_models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("model", "record_id", "label", "reviewer", "note")
