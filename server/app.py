@@ -346,7 +346,7 @@ async def start_worker(settings: ServeSettings, metrics: ServiceMetrics | None =
             feedback.close()
             raise
     await server.start()
-    await events.start_routing(port, lambda: plane.default.current)
+    await events.start_routing(port, lambda model: plane.resolve(model).current)
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     discovery = Discovery(registry, settings.alias, plane, start_model) if settings.models == ALL else None

@@ -105,9 +105,9 @@ class _Link:
 class EventRouter:
     """Owner routing of raw events between ``n`` workers of one server (this one is ``index``)."""
 
-    def __init__(self, index: int, n: int, port: int, compute: Callable[[pa.Table], np.ndarray]) -> None:
+    def __init__(self, index: int, n: int, port: int, compute: Callable[[str, pa.Table], np.ndarray]) -> None:
         self.index, self.n, self.port = index, n, port
-        self.compute = compute  # this worker's rows: features from its own state
+        self.compute = compute  # (model name, this worker's rows) -> features from its own state
         self._links: dict[int, _Link] = {}
         self._server: grpc.aio.Server | None = None
 
@@ -135,9 +135,11 @@ class EventRouter:
         # in order: each message's rows are applied to this worker's state before the next one's
         async for data in requests:
             try:
-                with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
+                size = int.from_bytes(data[:2], "little")  # the model name, then the Arrow IPC stream
+                model = data[2:2 + size].decode()
+                with pa.ipc.open_stream(pa.py_buffer(data[2 + size:])) as reader:
                     table = reader.read_all()
-                yield _OK + np.ascontiguousarray(self.compute(table), dtype="<f8").tobytes()
+                yield _OK + np.ascontiguousarray(self.compute(model, table), dtype="<f8").tobytes()
             except Exception as e:
                 yield _ERROR + str(getattr(e, "message", e)).encode()
 
@@ -150,9 +152,10 @@ class EventRouter:
     def owners(self, entity_hashes: np.ndarray) -> np.ndarray:
         return (entity_hashes.view(np.uint64) % np.uint64(self.n)).astype(np.int64)
 
-    def send(self, owner: int, table: pa.Table) -> asyncio.Future:
-        """Queue ``table``'s rows for ``owner`` (synchronously: order is kept); the future gives bytes."""
-        return self._link(owner).send(ipc_bytes(table))
+    def send(self, owner: int, model: str, table: pa.Table) -> asyncio.Future:
+        """Queue ``table``'s rows of ``model`` for ``owner`` (synchronously: order is kept); the future gives bytes."""
+        name = model.encode()
+        return self._link(owner).send(len(name).to_bytes(2, "little") + name + ipc_bytes(table))
 
     @staticmethod
     def features(answer: bytes, rows: int) -> np.ndarray:

@@ -76,11 +76,11 @@ class EventFeatures:
         # with several workers each holds its own entities: one file per worker of that many
         return self.state_dir / (f"{name}.features.npz" if self.workers == 1 else f"{name}.features.w{self.index}of{self.workers}.npz")
 
-    async def start_routing(self, port: int, current: Callable[[], ModelHandle]) -> None:
-        """With several workers: serve this worker's entities to the others (``current``: the handle
-        whose spec the owned rows are computed with)."""
+    async def start_routing(self, port: int, current: Callable[[str], ModelHandle]) -> None:
+        """With several workers: serve this worker's entities to the others (``current(model)``: the
+        handle whose spec the owned rows of that model are computed with)."""
         if self.workers > 1:
-            self.router = EventRouter(self.index, self.workers, port, lambda table: self.local(current(), table))
+            self.router = EventRouter(self.index, self.workers, port, lambda model, table: self.local(current(model), table))
             await self.router.start()
 
     async def stop_routing(self) -> None:
@@ -151,7 +151,7 @@ class EventFeatures:
             if owner != router.index:
                 rows = np.flatnonzero(owners == owner)
                 if rows.size:
-                    sent.append((rows, router.send(owner, table.take(pa.array(rows)))))
+                    sent.append((rows, router.send(owner, handle.name, table.take(pa.array(rows)))))
 
         async def assemble() -> np.ndarray:
             out = np.empty((batch.n, len(spec.output_names)))
