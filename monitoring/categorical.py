@@ -82,8 +82,10 @@ class CategoryMonitor:
     def __init__(self, references: dict[str, dict[str, float]], top: int = DEFAULT_TOP, window: int = 10_000) -> None:
         self.refs = {c: CategoryReference(c, shares, top) for c, shares in references.items()}
         self.window = window
-        self._counts = {c: np.zeros(len(r.top_values) + 1, dtype=np.int64) for c, r in self.refs.items()}
-        self._unseen = dict.fromkeys(self.refs, 0)
+        # a window's hashes are kept (8 bytes an event) and counted once, when it closes: per message
+        # only an append, which matters for small messages
+        self._pending: dict[str, list[np.ndarray]] = {c: [] for c in self.refs}
+        self._n = dict.fromkeys(self.refs, 0)
 
     def observe(self, hashes_by_column: dict[str, np.ndarray]) -> list[CategoryDrift]:
         closed = []
@@ -91,13 +93,12 @@ class CategoryMonitor:
             ref = self.refs.get(column)
             if ref is None:
                 continue
-            counts, unseen = ref.bucket_counts(hashes)
-            self._counts[column] += counts
-            self._unseen[column] += unseen
-            if self._counts[column].sum() >= self.window:
-                closed.append(ref.drift(self._counts[column], self._unseen[column]))
-                self._counts[column][:] = 0
-                self._unseen[column] = 0
+            self._pending[column].append(hashes)
+            self._n[column] += hashes.shape[0]
+            if self._n[column] >= self.window:
+                closed.append(ref.drift(*ref.bucket_counts(np.concatenate(self._pending[column]))))
+                self._pending[column] = []
+                self._n[column] = 0
         return closed
 
     def report(self, hashes_by_column: dict[str, np.ndarray]) -> list[CategoryDrift]:
