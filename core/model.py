@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from . import hbos, iforest, robust_z
+from . import hbos, hst, iforest, robust_z
 from .artifact import ARRAYS, PROBE, REFERENCE, load_json, load_npz, read_manifest, verify_files
 from .backends import BACKENDS, BUILDERS, NATIVE_BACKEND, SERIAL_MAX_ROWS, NumbaScorer, register, resolve_device
-from .errors import ArtifactError, InvalidInputError
+from .errors import ArtifactError, InvalidInputError, UnsupportedError
 from .explain import check_top_k
 from .preprocess import Preprocessing
+from .streaming import StreamingScorer
 
 _FLOAT_KINDS = "fiub"
 
@@ -96,6 +97,27 @@ class Model:
         _, feat, contrib = self.score_explain(X, top_k, parallel=parallel)
         return feat, contrib
 
+    @property
+    def streaming(self) -> bool:
+        """True for a detector that learns as it scores (Half-Space Trees, ...): see ``score_update``."""
+        return isinstance(self._scorer, StreamingScorer)
+
+    @property
+    def stream(self) -> StreamingScorer:
+        """The streaming detector's scorer (its state, ``snapshot`` / ``restore``); UnsupportedError otherwise."""
+        if not isinstance(self._scorer, StreamingScorer):
+            raise UnsupportedError(f"detector {self.kind!r} does not learn while it scores")
+        return self._scorer
+
+    def score_update(self, X: Any, *, parallel: bool | None = None) -> np.ndarray:
+        """Prequential scoring for a streaming detector: each record of ``X`` is scored against the
+        state before it (higher = more anomalous), then learned. Same input rules as :meth:`score`."""
+        return self.stream.score_update(self._check(X), parallel)
+
+    def update(self, X: Any, *, parallel: bool | None = None) -> None:
+        """Learn ``X`` (in order) without scoring it; streaming detectors only."""
+        self.stream.update(self._check(X), parallel)
+
     def score_explain(self, X: Any, top_k: int = 3, flagged_only: bool = False, *, threshold: float | None = None,
                       parallel: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Scores and explanations in one pass over ``X``: ``(scores, features, contributions)``;
@@ -127,6 +149,16 @@ def _hbos_numba(detector, arrays, d, prep, device, files):
     h = hbos.Hbos.from_arrays(arrays, d)
     return NumbaScorer(hbos.score_serial, hbos.score_parallel, prep, (h.lo, h.hi, h.inv_width, h.table),
                        explain=(hbos.explain_serial, hbos.explain_parallel, ()))
+
+
+@register("hst", "numba")
+def _hst_numba(detector, arrays, d, prep, device, files):
+    params = detector.get("params", {})
+
+    def rebuild(a: dict[str, np.ndarray]) -> hst.HalfSpaceTrees:
+        return hst.HalfSpaceTrees.from_arrays(a, d, params)
+
+    return StreamingScorer(rebuild(arrays), prep, rebuild)
 
 
 def _load_plugins() -> None:

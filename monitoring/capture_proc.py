@@ -36,6 +36,8 @@ import numpy as np
 
 from outlierd.core.errors import InvalidInputError, StoreUnavailableError
 
+from .store import is_store_url
+
 log = logging.getLogger("outlierd.capture")
 
 _PREFIX = struct.Struct("<II")
@@ -43,6 +45,7 @@ _PREFIX = struct.Struct("<II")
 _ARRAYS = (("X", "<f4"), ("scores", "<f8"), ("flagged", "u1"), ("latency_us", "<f8"), ("local", "<i8"))
 RESTART_BACKOFF_S = 1.0
 PIPE_BYTES = 1 << 20  # the frames' pipe to the child (see _widen_pipe)
+URL_ENV = "OUTLIERD_CAPTURE_STORE_URL"  # the store's URL for the child, when it is a database (STORE_PATH "-")
 CHILD_NICE = 10  # the capture process's niceness where SCHED_IDLE is not available (see _lower_priority)
 
 
@@ -129,7 +132,7 @@ class ProcessStore:
 
     def __init__(self, path: str | os.PathLike, on_result: Callable[[str, str, int, str | None], None], *,
                  retention: Retention | None = None, on_pruned: Callable[[int], None] | None = None):
-        self.path = Path(path)
+        self.path = path if is_store_url(path) else Path(path)
         self.on_result = on_result
         self.retention = retention or Retention()
         self.on_pruned = on_pruned
@@ -205,8 +208,11 @@ class ProcessStore:
             self._child_lost(proc)
         env = dict(os.environ)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child keeps no metrics; the parent counts its answers
+        where = str(self.path)
+        if is_store_url(where):  # a database URL may hold a password: the environment, not the command line
+            env[URL_ENV], where = where, "-"
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "outlierd.monitoring.capture_proc", str(self.path), *self.retention.argv()],
+            proc = subprocess.Popen([sys.executable, "-m", "outlierd.monitoring.capture_proc", where, *self.retention.argv()],
                                     stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, env=env, bufsize=1 << 20)
         except OSError as e:
@@ -313,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _lower_priority()
-    opener = StoreOpener(args[0])
+    opener = StoreOpener(os.environ.get(URL_ENV, "") if args[0] == "-" else args[0])
     retention = Retention.from_argv(args[1:])
     pruned_at = -float("inf")
     src, out = sys.stdin.buffer, sys.stdout

@@ -52,7 +52,21 @@ class ServiceMetrics:
         self.capture_dropped = Counter("outlierd_capture_dropped_total",
                                        "Records that should have been captured and were not, by reason (queue_full, write_error).",
                                        ["model", "reason"], **kw)
+        self.store_retries = Counter("outlierd_feedback_store_retries_total",
+                                     "Feedback store calls after a lost connection (PostgreSQL): retried (result=retry) or given up (result=failed).",
+                                     ["result"], **kw)
         self.feedback = FeedbackGauges(registry)
+        # Raw events through the feature engine (server.events): per-entity state
+        self.feature_events = Counter("outlierd_feature_events_total", "Raw events turned into features.", ["model"], **kw)
+        self.feature_entities = Gauge("outlierd_feature_entities", "Entities held in the feature state.", ["model"],
+                                      multiprocess_mode="livesum", **kw)
+        self.feature_state_bytes = Gauge("outlierd_feature_state_bytes", "Bytes of the feature state's arrays.", ["model"],
+                                         multiprocess_mode="livesum", **kw)
+        self.feature_evicted = Counter("outlierd_feature_entities_evicted_total",
+                                       "Entities evicted from the feature state (least recently seen, over state.max_entities).",
+                                       ["model"], **kw)
+        self.feature_late = Counter("outlierd_feature_late_events_total",
+                                    "Events older than their entity's previous event (processed at that event's time).", ["model"], **kw)
 
 
 class DriftGauges:

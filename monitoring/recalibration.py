@@ -31,7 +31,6 @@ import math
 import os
 import socket
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +38,8 @@ import numpy as np
 from outlierd.core.errors import InvalidInputError
 from outlierd.core.labels import ANOMALY
 from outlierd.core.registry import CHAMPION, Registry
+
+from .store import store_name
 
 MIN_ALERTS = 10       # alert rate: the weighted sample must hold at least this many expected alerts
 MIN_RECORDS = 100     # alert rate: captured records (flagged + sampled) at least
@@ -294,7 +295,7 @@ def publish(registry: Registry, cal: Calibration, store_path: str | os.PathLike 
     """Publish ``cal`` as the next threshold version of its model version; returns its number."""
     info = cal.info()
     if store_path is not None:
-        info["feedback_store"] = str(Path(store_path))
+        info["feedback_store"] = store_name(store_path)  # a URL kept whole, its password left out
     try:
         info["by"] = f"{getpass.getuser()}@{socket.gethostname()}"
     except Exception:  # no login name in a container

@@ -111,10 +111,46 @@ def default_store_path(registry_dir: str | os.PathLike) -> Path:
     return Path(registry_dir) / DEFAULT_FILENAME
 
 
-def open_store(path: str | os.PathLike) -> SQLiteStore:
-    """The SQLite store at ``path``, created (with its schema) on first use. Raises ``OSError``
-    naming the path when the file cannot be opened or written."""
+def open_store(path: str | os.PathLike, *, on_retry: Callable[[str], None] | None = None) -> Store:
+    """The store ``path`` names: a ``postgresql://`` URL opens :class:`~monitoring.store_pg.PostgresStore`
+    (schema migrated on open), anything else the SQLite file there, created (with its schema) on
+    first use. Raises ``OSError`` naming the path when it cannot be opened or written. ``on_retry``
+    (PostgreSQL): called with "retry" or "failed" after each lost connection (counted in metrics)."""
+    if is_store_url(path):
+        from .store_pg import PostgresStore
+
+        return PostgresStore(str(path), on_retry=on_retry)
     return SQLiteStore(path)
+
+
+def is_store_url(location: object) -> bool:
+    """Whether a ``--feedback-store`` value is a database URL (PostgreSQL) rather than a file path."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def store_location(feedback_store: str | os.PathLike | None, registry_dir: str | os.PathLike) -> str | Path:
+    """What ``--feedback-store`` names: a database URL kept as given (a Path would fold its ``//``),
+    a file path, or by default ``<registry>/feedback.sqlite``."""
+    if feedback_store is None or feedback_store == "":
+        return default_store_path(registry_dir)
+    return feedback_store if is_store_url(feedback_store) else Path(feedback_store)  # type: ignore[return-value]
+
+
+def store_name(location: str | os.PathLike) -> str:
+    """``location`` for messages, logs and audit records: a URL without its password."""
+    text = str(location)
+    if not is_store_url(text):
+        return text
+    head, sep, tail = text.partition("://")
+    cred, at, rest = tail.partition("@")
+    if not at or ":" not in cred or "/" in cred:
+        return text
+    return f"{head}{sep}{cred.split(':', 1)[0]}:***@{rest}"
+
+
+def store_exists(location: str | os.PathLike) -> bool:
+    """Whether there is a store to read at ``location`` (a database URL always counts: it is opened to find out)."""
+    return is_store_url(location) or Path(location).is_file()
 
 
 class StoreOpener:
@@ -484,6 +520,13 @@ class SQLiteStore:
         return {"captured_flagged": int(row[0]), "captured_sampled": int(row[1]), "sampled_weight": float(row[2]),
                 "sampled_no_rate": int(row[3]), "captures": captures, "known": known}
 
+    def unlabelled_alerts(self, model: str, *, since: float | None = None, limit: int = 100) -> Predictions:
+        """The review queue: flagged champion captures of ``model`` whose record id carries no label
+        yet, newest first, at most ``limit`` (one per record id: its latest capture), captured at or
+        after ``since`` (epoch s) when given."""
+        rows = self._conn().execute(_UNLABELLED.replace("%s", "?"), (model, -math.inf if since is None else since, int(limit))).fetchall()
+        return _columns(rows, True)
+
     def counts(self, model: str) -> dict[str, int]:
         """Rows stored for ``model``: ``predictions``, ``labels``."""
         c = self._conn()
@@ -525,3 +568,16 @@ def _insert_rows(m: int) -> str:
 
 
 _KNOWN = "SELECT 1 FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch WHERE p.record_id = ? AND b.model = ? LIMIT 1"
+
+
+# the review queue (both stores; %s placeholders, SQLite's replaced by ?): flagged champion captures
+# without a label, each record id once (its latest capture), newest first
+_UNLABELLED = """
+SELECT p.record_id, b.version, b.role, p.score, p.flags, b.ts, p.latency_us, b.sample_rate, b.n_features, p.x
+FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch
+WHERE b.model = %s AND b.role = 'champion' AND (p.flags & 1) = 1 AND b.ts >= %s
+  AND NOT EXISTS (SELECT 1 FROM labels AS l WHERE l.model = b.model AND l.record_id = p.record_id)
+  AND NOT EXISTS (SELECT 1 FROM predictions AS p2 JOIN capture_batches AS b2 ON b2.id = p2.batch
+                  WHERE p2.record_id = p.record_id AND b2.model = b.model AND b2.role = 'champion' AND p2.id > p.id)
+ORDER BY p.id DESC LIMIT %s
+"""

@@ -268,6 +268,10 @@ class RetrainPolicy:
         self._stop_reason = reason
         self._stop.set()
 
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Block until :meth:`stop` (or a signal under :meth:`handle_signals`); False on timeout."""
+        return self._stop.wait(timeout)
+
     @contextmanager
     def handle_signals(self) -> Iterator[None]:
         """Within the block, SIGTERM and SIGINT stop the loop instead of killing it mid-training (a
@@ -294,10 +298,10 @@ class RetrainPolicy:
 
     # ------------------------------------------------------------------ triggering
 
-    def trigger(self, kind: str, reason: str, *, raise_errors: bool = False) -> Trigger:
-        """Train on the (latest) data, publish as ``challenger``, audit the trigger. A failed training
-        is logged, audited and kept in the returned :class:`Trigger`; with ``raise_errors`` it is
-        then raised again."""
+    def trigger(self, kind: str, reason: str, *, raise_errors: bool = False, audit: Mapping[str, Any] | None = None) -> Trigger:
+        """Train on the (latest) data, publish as ``challenger``, audit the trigger (with the extra
+        fields ``audit``, e.g. an alert's group key). A failed training is logged, audited and kept
+        in the returned :class:`Trigger`; with ``raise_errors`` it is then raised again."""
         t0 = time.perf_counter()
         self.log("trigger", kind=kind, reason=reason)
         data = str(self.data)
@@ -317,7 +321,7 @@ class RetrainPolicy:
         self.tracker.reset()
         self.registry.record(self.model, AUDIT_ACTION, kind=kind, reason=reason, data=data, alias=CHALLENGER,
                              version=version, result="published" if error is None else "failed",
-                             **({"error": error} if error is not None else {}))
+                             **({"error": error} if error is not None else {}), **dict(audit or {}))
         if error is None:
             self.log("published", kind=kind, version=version, alias=CHALLENGER, data=data, seconds=round(seconds, 3))
         else:

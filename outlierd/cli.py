@@ -19,11 +19,15 @@ def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train a detector on a CSV/Parquet file and publish it to a registry",
                        description="Validate the data, fit a detector, calibrate its threshold to an alert rate, "
                                    "evaluate it when labels are given, and publish it with full lineage.")
-    p.add_argument("--data", required=True, metavar="FILE", help="training data: .csv, .csv.gz, .tsv, .parquet")
+    p.add_argument("--data", metavar="FILE", help="training data: .csv, .csv.gz, .tsv, .parquet")
+    p.add_argument("--events", metavar="FILE|DIR",
+                   help="raw events instead of --data (with --features): replayed into features by the engine the server "
+                        "runs; the model then serves raw events (ScoreRequest.arrow_events)")
+    p.add_argument("--features", metavar="SPEC", help="feature spec (JSON, docs/features.md) for --events; stored in the artifact")
     p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
     p.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
     p.add_argument("--detector", default=None,
-                   choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder", "auto", "stacked"),
+                   choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder", "auto", "stacked", "hst"),
                    help="detector (default: iforest, or auto when the labels used for training -- a partially labelled "
                         "--label-column, --labels-from-feedback -- hold at least 2 anomalies and 2 normals; the lineage "
                         "records what the default became and why; an explicit --detector iforest stays unsupervised); knn/lof: k=20 neighbours in a reference sample of up to 4096 "
@@ -31,7 +35,8 @@ def _add_train(sub: Any) -> None:
                         "among --select's candidates: the stacked model when there are --min-labels labels of each kind "
                         "(unless the labels show with 90%% bootstrap confidence that it ranks them worse), else iforest "
                         "unless another candidate beats it with that confidence; stacked: the semi-supervised model "
-                        "over the unsupervised detectors (needs --min-labels of each kind)")
+                        "over the unsupervised detectors (needs --min-labels of each kind); hst: Half-Space Trees that learn while they "
+                        "score (25 trees of height 15, window 250): the artifact holds the state after learning the training rows")
     p.add_argument("--label-column", metavar="COL",
                    help="column of labels: 0/1, true/false or anomaly/normal; an empty cell = unlabelled. Every row "
                         "labelled (and no --select/--detector auto): evaluation only. Partially labelled: reviewers' "
@@ -71,10 +76,14 @@ def _run_train(args: argparse.Namespace) -> int:
     # training takes labelled records as data: the CLI reads them from the feedback store
     feedback = (feedback_cli.labelled_records(args.registry, args.model, args.feedback_store)
                 if args.labels_from_feedback else None)
-    res = run_train(TrainSpec(args.data, args.registry, args.model, detector=args.detector, label_column=args.label_column,
+    if (args.events is None) == (args.data is None) or (args.events is None) != (args.features is None):
+        from outlierd.core.errors import InvalidInputError
+
+        raise InvalidInputError("give --data FILE (feature vectors), or --events FILE|DIR with --features SPEC (raw events)")
+    res = run_train(TrainSpec(args.events or args.data, args.registry, args.model, detector=args.detector, label_column=args.label_column,
                               alert_rate=args.alert_rate, alias=args.alias, seed=args.seed, quiet=args.quiet,
                               select=args.select, feedback=feedback, min_labels=args.min_labels, folds=args.folds,
-                              feature_columns=args.feature_columns))
+                              feature_columns=args.feature_columns, events_spec=args.features))
     mlflow, mlflow_rc = registry_cli.train_to_mlflow(
         args, res, None if args.quiet else (lambda msg: print(f"[mlflow] {msg}", file=sys.stderr, flush=True)))
     if args.json:
@@ -188,6 +197,18 @@ def _add_serve(sub: Any) -> None:
     p.set_defaults(func=_run_serve)
 
 
+class _FirstAndMore(argparse.Action):
+    """A flag given several times: the first value in ``dest``, the others in ``more_<dest>s``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is None:
+            setattr(namespace, self.dest, values)
+        else:
+            more = f"more_{self.dest}s"
+            setattr(namespace, more, [*(getattr(namespace, more, None) or []), values])
+
+
 def serve_argument(f: Field, doc: str) -> tuple[str, dict[str, Any]]:
     """``(flag, add_argument keyword arguments)`` for the ServeSettings field ``f`` with docstring ``doc``."""
     meta = f.metadata
@@ -206,6 +227,8 @@ def serve_argument(f: Field, doc: str) -> tuple[str, dict[str, Any]]:
             kwargs.update(type=float, metavar="S" if f.name.endswith(("_s", "_seconds")) else "R")
         elif "Path" in ftype:
             kwargs.update(metavar="PATH")  # kept a string here: from_env makes it a Path, as for OUTLIERD_*
+        if meta.get("append"):  # --model A --model B: A in args.model (a string, as before), B in args.more_models
+            kwargs["action"] = _FirstAndMore
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
         if "metavar" in meta:
@@ -221,6 +244,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from outlierd.server.settings import ServeSettings
     from outlierd.server.workers import serve
 
+    more = getattr(args, "more_models", None)
+    if more:  # --model A --model B: A is the default, B joins --models
+        extra = more + ([args.models or os.environ.get("OUTLIERD_MODELS", "")] if args.models != "all" else [])
+        args.models = "all" if args.models == "all" else ",".join(m for m in extra if m) or None
+    if args.model is None and (args.models or os.environ.get("OUTLIERD_MODELS")) == "all":
+        args.model = ""  # every model with the alias; the first in name order is the default
     for name in ("registry", "model"):  # like every flag, these two may come from the environment
         if getattr(args, name) is None and not os.environ.get(f"OUTLIERD_{name.upper()}"):
             print(f"outlierd serve: error: --{name} is required (or set OUTLIERD_{name.upper()})", file=sys.stderr)
@@ -255,11 +284,26 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--alert-rate", type=float, default=demo.DEFAULT_ALERT_RATE, metavar="R",
                    help=f"share of training records flagged: sets the threshold (default {demo.DEFAULT_ALERT_RATE:g})")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    p.add_argument("--events", action="store_true",
+                   help="the demo on raw payment events: train through the feature spec data/payments.features.json, stream "
+                        "Arrow events (arrow_events) with injected frauds, print recall per fraud kind (docs/features.md)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+
+    if args.events:
+        from .demo_events import run_events_demo
+
+        from .demo import DEFAULT_RECORDS, DEFAULT_TRAIN_RECORDS
+
+        # the vector demo's defaults (10M records, 20k training) do not fit events: 100k each unless given
+        records = args.records if args.records != DEFAULT_RECORDS else 100_000
+        train = args.train_records if args.train_records != DEFAULT_TRAIN_RECORDS else 100_000
+        res = run_events_demo(args.registry, records=records, train_records=train, batch=args.batch,
+                              alert_rate=args.alert_rate, port=args.port, seed=args.seed)
+        return 0 if res.ok else 1
 
     summary = run_demo(args.registry, records=args.records, seconds=args.seconds, port=args.port, batch=args.batch,
                        train_records=args.train_records, anomaly_rate=args.anomaly_rate, alert_rate=args.alert_rate,
@@ -352,6 +396,13 @@ def _add_retrain_policy(sub: Any) -> None:
                    help="share of records to flag (default: the champion's; 0.01 without a champion)")
     p.add_argument("--feature-columns", metavar="A,B,...",
                    help="features to train on (default: the champion's features, so the challenger can serve beside it)")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="also receive Alertmanager webhooks (payload version 4) here: a firing drift alert for --model "
+                        "retrains (POST any path; GET /healthz)")
+    p.add_argument("--alert-cooldown", type=float, default=3600.0, metavar="S",
+                   help="with --listen: an alert group (its groupKey) retrains at most once per S seconds (default 3600)")
+    p.add_argument("--alertname", action="append", metavar="NAME",
+                   help="with --listen: alert names that retrain (repeatable; default OutlierdFeatureDrift, OutlierdAlertRateShift)")
     p.set_defaults(func=_run_retrain_policy)
 
 
@@ -388,6 +439,8 @@ def _run_retrain_policy(args: argparse.Namespace) -> int:
                            max_triggers=args.max_triggers, max_seconds=args.max_seconds)
     if args.now:
         triggers = [policy.trigger_now()]
+    elif args.listen:
+        triggers = _listen(args, policy)
     else:
         with policy.handle_signals():
             triggers = policy.run()
@@ -395,6 +448,28 @@ def _run_retrain_policy(args: argparse.Namespace) -> int:
         print(f"{CHALLENGER}: {args.model} version {t.version} ({t.kind}: {t.reason})" if t.ok
               else f"failed: {args.model} ({t.kind}: {t.reason}): {t.error}")
     return 0 if all(t.ok for t in triggers) else 1
+
+
+def _listen(args: argparse.Namespace, policy: Any) -> list:
+    """``retrain-policy --listen``: the Alertmanager webhook, beside the drift / schedule loop when
+    one is asked for, until SIGTERM / SIGINT or --max-seconds."""
+    from outlierd.monitoring.alerts import DRIFT_ALERTS, AlertReceiver, parse_listen, serve
+
+    host, port = parse_listen(args.listen)
+    receiver = AlertReceiver(policy, cooldown_s=args.alert_cooldown, alertnames=args.alertname or DRIFT_ALERTS)
+    httpd = serve(receiver, host, port)
+    policy.log("listening", address=f"{host}:{httpd.server_address[1]}", cooldown=args.alert_cooldown)
+    looped: list = []
+    try:
+        with policy.handle_signals():
+            if args.metrics_url or args.every > 0:
+                looped = policy.run()
+            else:
+                policy.wait_stopped(args.max_seconds)
+    finally:
+        httpd.shutdown()
+        receiver.close()  # a retraining in progress finishes
+    return looped + receiver.triggers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     feedback_cli.add_parser(sub)
     health_cli.add_parser(sub)
     __import__("outlierd.bench.cli").bench.cli.add_parser(sub)  # bench, bench compare
+    __import__("outlierd.features_cli").features_cli.add_parser(sub)  # features replay
+    __import__("outlierd.consume_cli").consume_cli.add_parser(sub)  # Kafka / MQTT consumers
     return parser
 
 

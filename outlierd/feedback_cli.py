@@ -5,6 +5,9 @@ Public forms::
     outlierd feedback import --registry DIR --model NAME [--feedback-store PATH] FILE.csv
     outlierd feedback export --registry DIR --model NAME [--feedback-store PATH] --out FILE.csv
     outlierd feedback stats  --registry DIR --model NAME [--feedback-store PATH] [--since DURATION] [--json]
+    outlierd feedback queue  --registry DIR --model NAME [--feedback-store PATH] [--since DURATION] [--limit N] [--top-k K] [--json]
+
+``--feedback-store`` is a SQLite file or a ``postgresql://`` URL (one store for many replicas).
 
 CSV columns: ``record_id,label[,reviewer,note]`` with a header row; labels ``anomaly``/``normal``
 (also ``1``/``0``, ``true``/``false``). An import is one transaction, fsynced: every row or none.
@@ -25,10 +28,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from outlierd.core.errors import DataError, InvalidInputError, OutlierdError, StoreUnavailableError
 from outlierd.core.labels import label_of
 from outlierd.core.registry import CHAMPION, Registry
-from outlierd.monitoring.store import LabelRow, default_store_path, open_store
+from outlierd.monitoring.store import LabelRow, open_store, store_exists, store_location, store_name
 
 if TYPE_CHECKING:
     from outlierd.training.labels import LabelledRecords
@@ -43,12 +48,12 @@ def add_parser(subparsers: Any) -> None:
                                description="Labels from reviewers, joined to the predictions the server captured, "
                                            "in the feedback store (default: feedback.sqlite in the registry directory).")
     fb.set_defaults(func=run)
-    sub = fb.add_subparsers(dest="feedback_command", metavar="{import,export,stats}", required=True)
+    sub = fb.add_subparsers(dest="feedback_command", metavar="{import,export,stats,queue}", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
         p.add_argument("--model", required=True, metavar="NAME", help="model name")
-        p.add_argument("--feedback-store", metavar="PATH", help="feedback store file (default: DIR/feedback.sqlite)")
+        p.add_argument("--feedback-store", metavar="PATH", help="feedback store: a SQLite file or a postgresql:// URL (default: DIR/feedback.sqlite)")
 
     p_imp = sub.add_parser("import", help="store labels from a CSV file (record_id,label[,reviewer,note]); all or nothing")
     common(p_imp)
@@ -61,6 +66,12 @@ def add_parser(subparsers: Any) -> None:
     p_st.add_argument("--json", action="store_true", help="print JSON")
     p_st.add_argument("--since", type=parse_duration, metavar="DURATION",
                       help="only captures and labels of the last DURATION (e.g. 90s, 30m, 24h, 7d; a number: seconds)")
+    p_q = sub.add_parser("queue", help="the review queue: captured alerts not labelled yet, newest first")
+    common(p_q)
+    p_q.add_argument("--since", type=parse_duration, metavar="DURATION", help="only alerts captured in the last DURATION (e.g. 24h)")
+    p_q.add_argument("--limit", type=int, default=50, metavar="N", help="at most N alerts (default 50)")
+    p_q.add_argument("--top-k", type=int, default=3, metavar="K", help="features explaining each alert (default 3; 0: none)")
+    p_q.add_argument("--json", action="store_true", help="print JSON")
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -88,13 +99,15 @@ def _duration_text(seconds: float) -> str:
 def run(args: argparse.Namespace) -> int:
     """Execute a parsed ``outlierd feedback ...`` command; returns the exit code."""
     Registry(args.registry).aliases(args.model)  # the model must exist: catches typos before touching the store
-    path = Path(args.feedback_store) if args.feedback_store else default_store_path(args.registry)
+    path = store_location(args.feedback_store, args.registry)
     if args.feedback_command == "import":
         return _import(args, path)
     if args.feedback_command == "export":
         return _export(args, path)
     if args.feedback_command == "stats":
         return _stats(args, path)
+    if args.feedback_command == "queue":
+        return _queue(args, path)
     raise InvalidInputError(f"unknown feedback command {args.feedback_command!r}")
 
 
@@ -146,8 +159,8 @@ def read_labels(file: str | os.PathLike) -> list[LabelRow]:
     return rows
 
 
-def _open_existing(path: Path):
-    if not path.is_file():
+def _open_existing(path: Path | str):
+    if not store_exists(path):
         raise StoreUnavailableError(f"no feedback store at {path} (nothing captured or imported yet; or pass --feedback-store)")
     return open_store(path)
 
@@ -159,18 +172,18 @@ def labelled_records(registry: str | os.PathLike, model: str,
     (``outlierd train --labels-from-feedback``)."""
     from outlierd.training.labels import LabelledRecords
 
-    store = Path(feedback_store) if feedback_store else default_store_path(registry)
-    if not store.is_file():
+    store = store_location(feedback_store, registry)
+    if not store_exists(store):
         raise DataError(f"--labels-from-feedback: no feedback store at {store} (submit labels first, or pass --feedback-store)")
     st = open_store(store)
     try:
         X, y, ids = st.labelled(model)
     finally:
         st.close()
-    return LabelledRecords(X, y, tuple(ids), store)
+    return LabelledRecords(X, y, tuple(ids), store_name(store))
 
 
-def _import(args: argparse.Namespace, path: Path) -> int:
+def _import(args: argparse.Namespace, path: Path | str) -> int:
     rows = read_labels(args.file)  # every row validated before anything is written
     store = open_store(path)
     try:
@@ -178,12 +191,12 @@ def _import(args: argparse.Namespace, path: Path) -> int:
     finally:
         store.close()
     k = sum(known)
-    print(f"imported {len(rows)} labels for {args.model} into {path} ({k} for captured predictions, "
+    print(f"imported {len(rows)} labels for {args.model} into {store_name(path)} ({k} for captured predictions, "
           f"{len(rows) - k} for unknown record ids)")
     return 0
 
 
-def _export(args: argparse.Namespace, path: Path) -> int:
+def _export(args: argparse.Namespace, path: Path | str) -> int:
     store = _open_existing(path)
     try:
         labels = store.labels(args.model)
@@ -217,7 +230,7 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _stats(args: argparse.Namespace, path: Path) -> int:
+def _stats(args: argparse.Namespace, path: Path | str) -> int:
     from outlierd.monitoring.quality import from_store
 
     since = None if args.since is None else time.time() - args.since
@@ -228,12 +241,12 @@ def _stats(args: argparse.Namespace, path: Path) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps({"model": args.model, "store": str(path), "since": since, **q.as_dict(), "anomaly_features": why},
+        print(json.dumps({"model": args.model, "store": store_name(path), "since": since, **q.as_dict(), "anomaly_features": why},
                          indent=2, sort_keys=True))
         return 0
     counts = ", ".join(f"{n} {lab}" for lab, n in q.by_label.items())
     window = "" if args.since is None else f", captures and labels of the last {_duration_text(args.since)}"
-    print(f"feedback for {args.model} ({path}{window})")
+    print(f"feedback for {args.model} ({store_name(path)}{window})")
     print(f"  labels          {q.labels} ({counts}) on {q.labelled_records} records; {q.unknown_records} unknown record ids")
     print(f"  captured        {q.captured_flagged} flagged, {q.captured_sampled} sampled unflagged (champion)")
     print(f"  precision       {_fmt(q.precision)} ({q.reviewed_flagged_anomalies} anomalies of {q.reviewed_flagged} reviewed flagged)")
@@ -263,3 +276,44 @@ def _anomaly_features(args: argparse.Namespace, store: Any) -> dict[str, Any]:
         return {**anomaly_features(reg.load(args.model, version), X, y), "note": None}
     except (OutlierdError, ValueError, NotImplementedError) as e:
         return {**out, "note": f"labelled anomalies not explained: {e}"}
+
+
+def review_queue(registry: Registry, store: Any, model: str, *, since: float | None = None, limit: int = 50,
+                 top_k: int = 3) -> list[dict[str, Any]]:
+    """Captured alerts of ``model`` without a label, newest first: ``{"record_id", "time", "score",
+    "version", "top_features": [{"name", "contribution"}]}`` (features from the version that scored
+    it; none when that version cannot explain, e.g. deleted)."""
+    if limit < 1 or top_k < 0:
+        raise InvalidInputError(f"--limit must be >= 1 and --top-k >= 0; got {limit} and {top_k}")
+    p = store.unlabelled_alerts(model, since=since, limit=limit)
+    out = [{"record_id": rid, "time": float(t), "score": float(sc), "version": int(v), "top_features": []}
+           for rid, t, sc, v in zip(p.record_id, p.ts, p.score, p.version)]
+    if top_k:
+        for v in sorted(set(p.version.tolist())):
+            idx = np.flatnonzero(p.version == v)
+            try:
+                m = registry.load(model, int(v))
+                feat, contrib = m.explain(p.X[idx].astype(np.float64), min(top_k, m.n_features))
+            except (OutlierdError, ValueError, NotImplementedError, OSError):
+                continue  # listed without features: the queue stands alone
+            for row, i in enumerate(idx):
+                out[i]["top_features"] = [{"name": m.feature_names[j], "contribution": float(c)} for j, c in zip(feat[row], contrib[row])]
+    return out
+
+
+def _queue(args: argparse.Namespace, path: Path | str) -> int:
+    since = None if args.since is None else time.time() - args.since
+    store = _open_existing(path)
+    try:
+        rows = review_queue(Registry(args.registry), store, args.model, since=since, limit=args.limit, top_k=args.top_k)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps({"model": args.model, "store": store_name(path), "alerts": rows}, indent=2))
+        return 0
+    print(f"{len(rows)} unlabelled alerts for {args.model} ({store_name(path)}), newest first")
+    for r in rows:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["time"]))
+        feats = ", ".join(f["name"] for f in r["top_features"])
+        print(f"  {r['record_id']}  {when}  score {r['score']:.4f}  v{r['version']}" + (f"  {feats}" if feats else ""))
+    return 0

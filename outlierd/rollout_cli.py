@@ -135,10 +135,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _open_store(args: argparse.Namespace):
-    from outlierd.monitoring.store import default_store_path, open_store
+    from outlierd.monitoring.store import open_store, store_exists, store_location
 
-    path = Path(args.feedback_store) if args.feedback_store else default_store_path(args.registry)
-    if not path.exists():
+    path = store_location(args.feedback_store, args.registry)
+    if not store_exists(path):
         raise InvalidInputError(f"no feedback store at {path}: nothing captured yet (serve with capture on, or pass --feedback-store)")
     return path, open_store(path)
 

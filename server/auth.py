@@ -9,7 +9,9 @@ import grpc
 
 from outlierd.core.errors import InvalidInputError
 
-EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+# probes carry no secret: gRPC health, and the Open Inference Protocol's server liveness and readiness
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/inference.GRPCInferenceService/ServerLive",
+                   "/inference.GRPCInferenceService/ServerReady")
 
 
 def _deny(message: str) -> grpc.RpcMethodHandler:

@@ -26,6 +26,7 @@ class Scored:
     request_id: int
     error: str = ""
     explanations: list[Explained] = field(default_factory=list)
+    features: np.ndarray | None = None  # score_events(return_features=True): the server's feature rows (float64)
 
 
 @dataclass
@@ -51,10 +52,33 @@ def request(X: np.ndarray, *, ids: Sequence[str] | None = None, model: str = "",
                            top_k=top_k, explain_flagged_only=explain_flagged_only, **kw)
 
 
+def events_request(table: Any, *, ids: Sequence[str] | None = None, id_column: str | None = None, model: str = "",
+                   request_id: int = 0, return_features: bool = False) -> pb.ScoreRequest:
+    """Pack raw events (an Arrow table or record batch, a pandas frame, a dict of columns) into one
+    ScoreRequest as an Arrow IPC stream; ids from ``ids`` or the ``id_column`` (sent as ids, and as a column)."""
+    import pyarrow as pa
+
+    if not isinstance(table, pa.Table):
+        table = pa.Table.from_batches([table]) if isinstance(table, pa.RecordBatch) else (
+            pa.Table.from_pandas(table, preserve_index=False) if hasattr(table, "columns") and hasattr(table, "to_dict") else pa.table(table))
+    if id_column is not None:
+        ids = [str(v) for v in table.column(id_column).to_pylist()]
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return pb.ScoreRequest(model=model, arrow_events=sink.getvalue().to_pybytes(), ids=list(ids or ()), request_id=request_id,
+                           return_features=return_features)
+
+
 def scored(resp: pb.ScoreResponse) -> Scored:
+    features = None
+    if resp.features:
+        n = len(resp.scores)
+        features = np.frombuffer(resp.features, dtype="<f8").reshape(n, -1) if n else np.empty((0, 0))
     return Scored(np.asarray(resp.scores, dtype=np.float64), np.asarray(resp.anomalous, dtype=bool),
                   int(resp.version) if resp.version else None, resp.model, list(resp.ids), resp.request_id, resp.error,
-                  [Explained(e.record, list(e.features), list(e.feature_names), list(e.contributions)) for e in resp.explanations])
+                  [Explained(e.record, list(e.features), list(e.feature_names), list(e.contributions)) for e in resp.explanations],
+                  features)
 
 
 class ScorerClient:
@@ -99,6 +123,24 @@ class ScorerClient:
                 X, ids = batch if isinstance(batch, tuple) else (batch, None)
                 yield request(X, ids=ids, model=model, request_id=i, raw=raw, explain=explain, top_k=top_k,
                               explain_flagged_only=explain_flagged_only)
+
+        for resp in self.stub.ScoreStream(requests(), timeout=timeout, metadata=self.metadata):
+            yield scored(resp)
+
+    def score_events(self, table: Any, *, ids: Sequence[str] | None = None, id_column: str | None = None, model: str = "",
+                     request_id: int = 0, return_features: bool = False) -> Scored:
+        """Score raw events (a model trained with a feature spec): the server computes each event's
+        features from its entity's state. ``return_features``: the features come back too."""
+        resp = self.stub.Score(events_request(table, ids=ids, id_column=id_column, model=model, request_id=request_id,
+                                              return_features=return_features), timeout=self.timeout, metadata=self.metadata)
+        return scored(resp)
+
+    def score_events_stream(self, tables: Iterable[Any], *, id_column: str | None = None, model: str = "",
+                            return_features: bool = False, timeout: float | None = None) -> Iterator[Scored]:
+        """Stream event tables; one result per table, in order (``error`` set for a rejected one)."""
+        def requests() -> Iterator[pb.ScoreRequest]:
+            for i, table in enumerate(tables):
+                yield events_request(table, id_column=id_column, model=model, request_id=i, return_features=return_features)
 
         for resp in self.stub.ScoreStream(requests(), timeout=timeout, metadata=self.metadata):
             yield scored(resp)

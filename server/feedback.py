@@ -75,28 +75,40 @@ class FeedbackService:
         self._quality_job: Future | None = None
         self._quality_at = -math.inf
         self._quality_failed_logged = -math.inf
-        self._pending: list[tuple[Sequence[LabelRow], asyncio.Future]] = []  # calls waiting for the next commit
+        # calls waiting for the next commit: their rows, their future, each row's model ("": this service's)
+        self._pending: list[tuple[Sequence[LabelRow], asyncio.Future, Sequence[str]]] = []
         self._committing = False
 
-    def _add(self, rows: Sequence[LabelRow]) -> list[bool]:
+    def _add(self, rows: Sequence[LabelRow], models: Sequence[str] = ()) -> list[bool]:
+        """Store ``rows`` (each under its model in ``models``; none given: this service's model)."""
+        names = set(models)
+        if len(names) > 1:  # several models served (--models): each model's labels under its own name
+            known = [False] * len(rows)
+            for name in names:
+                at = [i for i, m in enumerate(models) if m == name]
+                for i, k in zip(at, self._add([rows[i] for i in at], (name,) * len(at))):
+                    known[i] = k
+            return known
+        model = next(iter(names)) if names else self.model
         store = self.opener.get()
-        known = store.add_labels(self.model, rows)
+        known = store.add_labels(model, rows)
         if self.capture is not None and not all(known) and self.capture.flush(CAPTURE_SETTLE_S):
             # NOTE: capture writes every ~100 ms, so a record scored just before its label arrives
             # is usually still on its way to the store: flush, then look again (only for the
             # unknown ids: labels for records scored long ago pay nothing)
-            again = iter(store.known(self.model, [r.record_id for r, k in zip(rows, known) if not k]))
+            again = iter(store.known(model, [r.record_id for r, k in zip(rows, known) if not k]))
             known = [k or next(again) for k in known]
         return known
 
-    async def store(self, rows: Sequence[LabelRow]) -> list[bool]:
+    async def store(self, rows: Sequence[LabelRow], models: Sequence[str] = ()) -> list[bool]:
         """Store ``rows`` durably (off the event loop); known_record per row. Calls that arrive while
         a commit is running are committed together in the next transaction (group commit: one fsync
         for all of them), each answered only after it. A store that cannot be written raises
-        RequestError(UNAVAILABLE); nothing of that transaction is stored."""
+        RequestError(UNAVAILABLE); nothing of that transaction is stored. ``models``: each row's
+        model when the server serves several ("" or none given: this service's model)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._pending.append((rows, fut))
+        self._pending.append((rows, fut, [m or self.model for m in models] if models else [self.model] * len(rows)))
         if not self._committing:
             self._committing = True
             loop.create_task(self._commit_pending())
@@ -107,19 +119,20 @@ class FeedbackService:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                rows = [r for part, _ in batch for r in part]
+                rows = [r for part, _, _ in batch for r in part]
+                models = [m for _, _, ms in batch for m in ms]
                 try:
-                    known = await loop.run_in_executor(self._writer, self._add, rows)
+                    known = await loop.run_in_executor(self._writer, self._add, rows, models)
                 except Exception as e:  # sqlite3.Error, OSError (or ValueError from the store's own checks)
                     log.error("feedback write failed labels=%d error=%s", len(rows), e)
                     err = (RequestError(str(e), reason="feedback") if isinstance(e, ValueError) else
                            RequestError(f"feedback store unavailable, labels not stored: {e}", code="UNAVAILABLE", reason="feedback"))
-                    for _, fut in batch:
+                    for _, fut, _ in batch:
                         if not fut.done():  # a caller that went away (cancelled) needs no answer
                             fut.set_exception(err)
                     continue
                 start = 0
-                for part, fut in batch:
+                for part, fut, _ in batch:
                     if not fut.done():
                         fut.set_result(known[start:start + len(part)])
                     start += len(part)
@@ -188,7 +201,7 @@ class FeedbackRpcs:
     async def SubmitFeedback(self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext) -> pb.FeedbackAck:  # noqa: N802 - gRPC name
         service = self._feedback_service()
         row = self._label_row(request)
-        known = (await service.store([row]))[0]
+        known = (await service.store([row], [request.model]))[0]
         return pb.FeedbackAck(record_id=request.record_id, stored=True, known_record=known)
 
     @stream_errors("storing feedback")
@@ -240,12 +253,14 @@ class FeedbackRpcs:
                 group.append(nxt)
             acks: list[pb.FeedbackAck] = []
             rows: list[LabelRow] = []
+            models: list[str] = []
             slots: list[int] = []
             for req in group:
                 position += 1
                 record_id = getattr(req, "record_id", "")  # "" for a message that did not decode
                 try:
                     rows.append(self._label_row(req, f"message {position} of the stream"))
+                    models.append(req.model)
                     slots.append(len(acks))
                     acks.append(pb.FeedbackAck(record_id=record_id))
                 except RequestError as e:  # a record id over the limit is not echoed back
@@ -254,7 +269,7 @@ class FeedbackRpcs:
             if rows:
                 committing[0] = True  # a slow commit is not idleness
                 try:
-                    known = await self._feedback_service().store(rows)
+                    known = await self._feedback_service().store(rows, models)
                 except RequestError as e:
                     for i in slots:
                         acks[i].error = message_error(e)

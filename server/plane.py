@@ -43,7 +43,7 @@ log = logging.getLogger("outlierd.plane")
 DEFAULT_TOP_K = 3  # Explain.top_k = 0: features per explained record
 # reasons of outlierd_invalid_inputs_total; every series exists at 0 from the start
 INVALID_REASONS = ("n_features", "shape", "both_values", "ids", "too_large", "non_finite", "unknown_model", "explain", "internal",
-                   "decode")
+                   "decode", "events")
 
 
 ECHO_CHARS = 64  # a client's string quoted in an error message is cut to this many characters
@@ -106,6 +106,10 @@ class DataPlane:
         if metrics is not None:
             for reason in INVALID_REASONS:
                 metrics.invalid_inputs.labels(reason)
+
+    def add(self, served: ServedModel) -> None:
+        """Serve one more model (``--models all`` found it); requests name it from now on."""
+        self.models[served.name] = served
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -236,7 +240,12 @@ class DataPlane:
         n = X.shape[0]
         parallel = n > PARALLEL_MIN_ROWS  # the pool's threads already use the cores: one per batch unless huge
         t0 = time.perf_counter()
-        if explain is not None:  # flagged_only cuts at the threshold in force, as the flags do
+        if handle.model.streaming:  # learns as it scores: one batch at a time holds the model's lock
+            if explain is not None:
+                raise RequestError(f"explain: model {handle.name!r} ({handle.model.kind}) learns while it scores and has "
+                                   "no explanations; send the request without explain", reason="explain")
+            scores = handle.model.score_update(X, parallel=parallel)
+        elif explain is not None:  # flagged_only cuts at the threshold in force, as the flags do
             scores, features, contributions = handle.model.score_explain(
                 X, explain.top_k, explain.flagged_only, threshold=handle.threshold, parallel=parallel)
             explanation = (features, contributions)

@@ -35,6 +35,7 @@ class ScoreResult:
     flags: np.ndarray
     device: str
     explanation: tuple[np.ndarray, np.ndarray] | None = None
+    features: np.ndarray | None = None  # raw events with return_features: the engine's float64 rows
 
     @property
     def model(self) -> str:

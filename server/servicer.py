@@ -4,6 +4,7 @@ routing, validation, capture, shadow scoring and the scoring metrics are the pla
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -17,6 +18,7 @@ from outlierd.v1 import scoring_pb2 as pb
 from outlierd.v1 import scoring_pb2_grpc as pb_grpc
 
 from .errors import RequestError, message_error, stream_errors, unary_errors
+from .events import EventFeatures
 from .feedback import FeedbackRpcs, FeedbackService
 from .plane import DEFAULT_TOP_K, DataPlane
 from .requests import Undecodable, decode, lenient, refuse_undecodable
@@ -48,11 +50,16 @@ def _packed_scores(scores: np.ndarray, flagged: np.ndarray) -> bytes:
                      b"\x2a", _varint(n), flagged.view(np.uint8).tobytes()))
 
 
+async def _with_features(fut: asyncio.Future, features: np.ndarray) -> ScoreResult:
+    return dataclasses.replace(await fut, features=features)
+
+
 class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
     def __init__(self, plane: DataPlane, *, stream_inflight: int = 8, metrics: Any = None,
                  feedback: FeedbackService | None = None, max_message_bytes: int = 64 * 1024 * 1024,
-                 streams: StreamGuard | None = None):
+                 streams: StreamGuard | None = None, events: EventFeatures | None = None):
         self.plane, self.metrics, self.feedback = plane, metrics, feedback
+        self.events = events or EventFeatures(metrics=metrics)
         self.stream_inflight = stream_inflight
         self.streams = streams or StreamGuard()
         self.max_message_bytes = max_message_bytes
@@ -71,13 +78,37 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             raise req.refuse()
         plane = self.plane
         handle = plane.route(plane.resolve(req.model), req.ids, req.request_id)
+        if req.arrow_events:
+            return self._start_events(req, handle)
         X = decode(req, handle)
+        return plane.submit(handle, X, ids=req.ids, request_id=req.request_id, explain=self._explain(req, handle, X.shape[0]))
+
+    def _explain(self, req: pb.ScoreRequest, handle: Any, n: int) -> Explain | None:
         explain = None
         if req.explain:
             explain = Explain(req.top_k, req.explain_flagged_only)
             if not explain.flagged_only:  # every record explained: the answer's size is known now
-                self._check_answer_size(handle, X.shape[0], explain.top_k)
-        return plane.submit(handle, X, ids=req.ids, request_id=req.request_id, explain=explain)
+                self._check_answer_size(handle, n, explain.top_k)
+        return explain
+
+    def _start_events(self, req: pb.ScoreRequest, handle: Any) -> asyncio.Future:
+        """Raw events: features from the entity state (now, in message order), then the plane."""
+        if req.values or req.raw_values:
+            raise RequestError("set either arrow_events or values / raw_values, not both", reason="both_values")
+        features = self.events.features(handle, req.arrow_events, len(req.ids))
+        if isinstance(features, np.ndarray):
+            X = np.ascontiguousarray(features, dtype=np.float32)
+            fut = self.plane.submit(handle, X, ids=req.ids, request_id=req.request_id,
+                                    explain=self._explain(req, handle, X.shape[0]))
+            return asyncio.ensure_future(_with_features(fut, features)) if req.return_features else fut
+        return asyncio.ensure_future(self._score_routed(req, handle, features))
+
+    async def _score_routed(self, req: pb.ScoreRequest, handle: Any, pending: asyncio.Future) -> ScoreResult:
+        features = await pending  # rows other workers own came back
+        X = np.ascontiguousarray(features, dtype=np.float32)
+        fut = self.plane.submit(handle, X, ids=req.ids, request_id=req.request_id, explain=self._explain(req, handle, X.shape[0]))
+        result = await fut
+        return dataclasses.replace(result, features=features) if req.return_features else result
 
     def _check_answer_size(self, handle: Any, explained: int, top_k: int, n: int | None = None) -> None:
         """Refuse an explain request whose answer would not fit in one message (the transport's
@@ -113,6 +144,8 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
             resp.MergeFromString(_packed_scores(result.scores, result.flags))
         if result.explanation is not None:
             ScorerServicer._add_explanations(resp, handle.model.feature_names, result.explanation)
+        if result.features is not None:
+            resp.features = result.features.astype("<f8", copy=False).tobytes()
         return resp
 
     def _encode(self, req: pb.ScoreRequest, result: ScoreResult) -> pb.ScoreResponse:
@@ -243,7 +276,7 @@ class ScorerServicer(FeedbackRpcs, pb_grpc.ScorerServicer):
         refuse_undecodable(request)
         handle = self.plane.info(request.model)
         return pb.ModelInfo(model=handle.name, version=str(handle.version), feature_names=handle.model.feature_names,
-                            threshold=handle.threshold, alias=handle.alias)
+                            threshold=handle.threshold, alias=handle.alias, served_models=list(self.plane.models))
 
 
 def add_to_server(servicer: ScorerServicer, server: grpc.aio.Server) -> None:

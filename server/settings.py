@@ -25,7 +25,8 @@ from outlierd.core.registry import CHAMPION
 class ServeSettings:
     registry: Path = field(metadata={"metavar": "DIR", "cli_note": "required here or as OUTLIERD_REGISTRY"})
     """Registry root directory (a shared volume for many replicas)."""
-    model: str = field(metadata={"metavar": "NAME", "cli_note": "required here or as OUTLIERD_MODEL"})
+    model: str = field(metadata={"metavar": "NAME", "append": True,
+                                 "cli_note": "required here or as OUTLIERD_MODEL, unless --models all; give it again for more models"})
     """Registry model name this server serves (requests with an empty ``model`` get it)."""
     alias: str = field(default=CHAMPION, metadata={"metavar": "ALIAS"})
     """Alias whose version is served; watched for changes (hot reload)."""
@@ -111,8 +112,9 @@ class ServeSettings:
     """Captured predictions older than this are deleted, labelled ones kept (0: kept forever)."""
     capture_max_bytes: int = 4 * 1024**3
     """The capture store's size bound: beyond it the oldest unlabelled predictions are deleted (0: none)."""
-    feedback_store: Path | None = None
-    """Feedback store (SQLite file) for captures and labels; default: feedback.sqlite in the registry directory."""
+    feedback_store: Path | str | None = None
+    """Feedback store for captures and labels: a SQLite file, or a ``postgresql://`` URL (one store for
+    many replicas); default: feedback.sqlite in the registry directory."""
     tls_cert: Path | None = field(default=None, metadata={"metavar": "PEM"})
     """Server certificate (PEM) for TLS."""
     tls_key: Path | None = field(default=None, metadata={"metavar": "PEM"})
@@ -126,10 +128,27 @@ class ServeSettings:
     """Longest FeedbackRequest reviewer in UTF-8 bytes; a longer one is INVALID_ARGUMENT."""
     max_note_bytes: int = 4096
     """Longest FeedbackRequest note in UTF-8 bytes; a longer one is INVALID_ARGUMENT."""
+    feature_state_dir: Path | None = field(default=None, metadata={"metavar": "DIR"})
+    """Raw events (models with a feature spec): checkpoint the per-entity feature state here, restored at
+    start when the spec is the same (default: no checkpoints; the state starts empty at each start)."""
+    feature_checkpoint_s: float = 30.0
+    """Seconds between feature state checkpoints (also written on a graceful stop; 0: only then)."""
     auth_token: str | None = field(default=None, repr=False, metadata={
         "flag": "--auth-token-file", "dest": "auth_token_file", "metavar": "FILE",
         "cli_note": "the CLI reads it from FILE, or from OUTLIERD_AUTH_TOKEN"})
     """Bearer token clients must send (``authorization: Bearer …``); health checks are exempt."""
+    checkpoint_dir: Path | None = field(default=None, metadata={"metavar": "DIR"})
+    """Streaming models (hst): where their learned state is checkpointed (DIR/<model>/v<version>) and
+    restored from when the version starts serving; default: none (a restart starts from the artifact)."""
+    checkpoint_interval_s: float = 5.0
+    """Streaming models: seconds between checkpoints of the learned state (with --checkpoint-dir)."""
+    models: str | None = field(default=None, metadata={"metavar": "NAMES|all", "cli_note": "default: --model only"})
+    """More models in this server: comma-separated names (as --model given again), or 'all': every registry model
+    with the alias, one added later picked up without a restart. Each has its own slot, hot reload, threshold and
+    metrics labels; --model is the default for requests without a model name."""
+    http_port: int | None = field(default=None, metadata={"metavar": "PORT", "cli_note": "default: no HTTP port"})
+    """HTTP port in the same workers: the Open Inference Protocol's REST routes (/v2/...), JSON routes
+    (/v1/models/NAME/score, /feedback), the OpenAPI page at /docs; same token and TLS as gRPC (0: a free one, single worker)."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServeSettings:
@@ -149,7 +168,7 @@ class ServeSettings:
                 elif t.startswith("float"):
                     values[f.name] = float(raw)
                 elif "Path" in t:
-                    values[f.name] = Path(raw)
+                    values[f.name] = raw if raw.startswith(("postgresql://", "postgres://")) else Path(raw)  # a URL stays a URL
         s = cls(**values)
         s.validate()
         return s
@@ -180,8 +199,12 @@ class ServeSettings:
             raise InvalidInputError(f"--trim-after-mb must be >= 0 (0: never); got {self.trim_after_mb}")
         if self.capture_max_age_s < 0 or self.capture_max_bytes < 0:
             raise InvalidInputError("--capture-max-age-s and --capture-max-bytes must be >= 0 (0: no bound)")
+        if not self.checkpoint_interval_s > 0:
+            raise InvalidInputError(f"--checkpoint-interval-s must be > 0; got {self.checkpoint_interval_s}")
         if self.max_delay_us < 0:
             raise InvalidInputError(f"--max-delay-us must be >= 0; got {self.max_delay_us}")
+        if self.http_port is not None and (self.http_port < 0 or (self.workers > 1 and self.http_port == 0)):
+            raise InvalidInputError(f"--http-port must be a port number (0: a free one, single worker only); got {self.http_port}")
         if self.workers > 1 and self.port == 0:
             raise InvalidInputError("--port 0 cannot be shared by several workers; choose a port")
         if (self.tls_cert is None) != (self.tls_key is None):

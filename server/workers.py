@@ -136,7 +136,7 @@ def _worker_main(settings: ServeSettings, index: int, report: Connection, parent
             report.send(("serving",))
 
     try:
-        asyncio.run(run_worker(settings, ServiceMetrics(), on_serving=on_serving))
+        asyncio.run(run_worker(settings, ServiceMetrics(), on_serving=on_serving, worker_index=index))
     except (Exception, KeyboardInterrupt) as e:
         if serving:
             raise  # a failure after serving: its traceback, and the parent restarts the worker
@@ -190,6 +190,9 @@ def serve(settings: ServeSettings) -> int:
     """Run the service until SIGTERM / SIGINT; returns the exit code. A worker that cannot start
     raises its error (:class:`WorkerStartError` with several workers)."""
     configure_logging()
+    from .checkpoint import refuse_several_workers
+
+    refuse_several_workers(settings)  # a streaming model's state has one owner
     if settings.workers == 1:
         from outlierd.monitoring.metrics import ServiceMetrics, start_metrics_server
 
@@ -256,8 +259,18 @@ def serve(settings: ServeSettings) -> int:
             if settings.drift:
                 from outlierd.monitoring.collector import DriftCollector
 
-                extra = (DriftCollector(Path(mpdir) / "drift", settings.registry, settings.model, settings.drift_window_panes,
-                                        settings.drift_config()),)
+                from outlierd.core.registry import Registry
+
+                from .discovery import served_names
+
+                # several models (--models): the collector aggregates the default model's drift panes
+                try:
+                    default = settings.model or served_names(Registry(settings.registry), "", settings.models, settings.alias)[0]
+                except OutlierdError:  # no model yet: the workers say so and stop the server
+                    default = ""
+                if default:
+                    extra = (DriftCollector(Path(mpdir) / "drift", settings.registry, default, settings.drift_window_panes,
+                                            settings.drift_config()),)
             start_metrics_server(settings.metrics_port, settings.metrics_bind_host(), extra)
         all_serving = False
         while not stopping:

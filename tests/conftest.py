@@ -8,6 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytest_plugins = ("pgtest",)  # PostgreSQL fixtures: pg_url, pg_cluster
+
 DATASETS = (ROOT.parent / "shared" / "datasets")
 if not DATASETS.is_dir():
     DATASETS = Path(os.environ.get("OUTLIERD_DATASETS", ROOT / "data"))

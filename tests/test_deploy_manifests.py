@@ -249,7 +249,7 @@ def test_kustomization_lists_every_manifest():
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     listed = kust["resources"]
     assert all((K8S / r).is_file() for r in listed)
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "train-job.yaml"}
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "train-job.yaml", "retrain-cronjob.yaml", "postgres-secret.yaml"}
     assert set(listed) == on_disk and len(listed) == len(set(listed))
     image = _container(_one("Deployment"))["image"].split(":")[0]
     assert image in {i["name"] for i in kust.get("images", [])}
@@ -305,7 +305,7 @@ def test_deployment_agrees_with_the_settings_image_and_proto(monkeypatch):
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    env = {e["name"]: e["value"] for e in c.get("env", [])}
+    env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
     cache = env.get("NUMBA_CACHE_DIR", _env(runtime)["NUMBA_CACHE_DIR"])
     assert cache == _env(runtime)["NUMBA_CACHE_DIR"]
     assert "emptyDir" in volumes[mounts[cache]] and "emptyDir" in volumes[mounts["/tmp"]]
@@ -454,3 +454,54 @@ def test_health_cli_against_a_real_server(tmp_path, rng, capsys):
     assert health_cli.main(["--address", "nohost"]) == 2
     assert health_cli.main(["--timeout", "0"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 2
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL and retraining (issue 20)
+
+
+def test_retrain_cronjob_runs_a_valid_retrain_policy_command():
+    from outlierd.cli import build_parser
+
+    (cron,) = [d for p, d in _manifests() if p.name == "retrain-cronjob.yaml"]
+    assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert len(cron["spec"]["schedule"].split()) == 5
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    args = build_parser().parse_args(c["command"][1:] + c["args"])
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert args.command == "retrain-policy" and args.now and args.registry in mounts and args.data.startswith(args.registry + "/.")
+    assert args.model == _one("ConfigMap")["data"]["OUTLIERD_MODEL"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {_one("PersistentVolumeClaim")["metadata"]["name"]}
+    assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_deployment_takes_the_feedback_store_from_the_postgres_secret(monkeypatch):
+    secret = _one("Secret", "outlierd-postgres")
+    c = _container(_one("Deployment"))
+    (ref,) = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if e["name"] == "OUTLIERD_FEEDBACK_STORE"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"] and ref["optional"] is True
+    for key in list(os.environ):
+        if key.startswith("OUTLIERD_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("OUTLIERD_FEEDBACK_STORE", secret["stringData"][ref["key"]])
+    s = ServeSettings.from_env(registry="/models", model="default")
+    assert s.feedback_store == secret["stringData"]["url"]  # a URL stays a URL (not folded into a path)
+
+
+def test_compose_runs_postgres_for_the_feedback_store():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    svcs = compose["services"]
+    url = svcs["outlierd"]["environment"]["OUTLIERD_FEEDBACK_STORE"]
+    assert url.startswith("postgresql://") and "@postgres:5432/" in url
+    pg = svcs["postgres"]
+    assert pg["environment"]["POSTGRES_DB"] == url.rsplit("/", 1)[1].split("?")[0]
+    assert svcs["outlierd"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert compose["x-image"]["build"]["args"]["OUTLIERD_EXTRAS"] == "postgres"
+
+
+def test_import_outlierd_does_not_import_prefect_or_psycopg():
+    code = ("import sys, outlierd, outlierd.cli, outlierd.monitoring.store, outlierd.monitoring.alerts, outlierd.prefect_flow; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'psycopg')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -28,7 +28,9 @@ DEFAULT_K = 20  # knn / lof neighbours (fit_knn, fit_lof)
 #   give 10 validation rows.
 # - stacked: fits iforest, robust_z, hbos and knn on the same rows: the largest of theirs.
 MIN_FIT_ROWS: dict[str, int] = {"iforest": 32, "hbos": 32, "robust_z": 16, "knn": DEFAULT_K + 1,
-                                "lof": DEFAULT_K + 1, "autoencoder": 100, "stacked": 32}
+                                "lof": DEFAULT_K + 1, "autoencoder": 100, "stacked": 32, "hst": 1}
+# Detectors that learn while they score (core.streaming): training learns the rows in order.
+STREAMING_DETECTORS = ("hst",)
 
 
 def min_fit_rows(detector: str) -> int:
@@ -139,3 +141,14 @@ def fit_lof(X: np.ndarray, *, k: int = DEFAULT_K, seed: int = 0, max_reference: 
                                           "reference_rows": int(ref.shape[0]), "seed": int(seed),
                                           "score": "local outlier factor against the reference sample"}}
     return detector, nn.arrays()
+
+
+def fit_hst(X: np.ndarray, *, seed: int = 0, n_trees: int = 25, height: int = 15,
+            window_size: int = 250) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Half-Space Trees (running min-max scaling, River's semantics) that have learned ``X`` in order;
+    the arrays are its initial state when served. Defaults: 25 trees of height 15, window 250."""
+    from outlierd.core.hst import HalfSpaceTrees
+
+    m = HalfSpaceTrees.new(X.shape[1], n_trees=n_trees, height=height, window_size=window_size, minmax=True, seed=seed)
+    m.update(X)
+    return {"kind": "hst", "params": {**m.params(), "seed": seed}}, m.arrays()

@@ -30,7 +30,7 @@ class LabelledRecords:
     X: np.ndarray                 # (n, d) features
     y: np.ndarray                 # (n,) 1 anomaly, 0 normal
     ids: tuple[str, ...]
-    source: Path                  # the store they were read from (lineage and messages)
+    source: Path | str            # the store they were read from (lineage and messages): a file, or a database URL (no password)
 
     def __post_init__(self) -> None:
         X = np.asarray(self.X, dtype=np.float64)
@@ -46,7 +46,8 @@ class LabelledRecords:
         object.__setattr__(self, "X", X)
         object.__setattr__(self, "y", y)
         object.__setattr__(self, "ids", tuple(str(i) for i in self.ids))
-        object.__setattr__(self, "source", Path(self.source))
+        if "://" not in str(self.source):  # a database URL stays one (a Path would fold its //)
+            object.__setattr__(self, "source", Path(self.source))
 
 
 def parse_labels(column: pa.ChunkedArray | pa.Array, name: str, source: str = "data") -> np.ndarray:
@@ -123,7 +124,7 @@ class LabelledData:
         return int(np.sum(self.y == 0))
 
 
-def _check_feedback_schema(registry: str | os.PathLike | None, model: str | None, names: list[str], width: int, store: Path) -> None:
+def _check_feedback_schema(registry: str | os.PathLike | None, model: str | None, names: list[str], width: int, store: Path | str) -> None:
     if width != len(names):
         raise DataError(f"feedback store {store}: captured records of {model!r} have {width} features; "
                         f"the training data has {len(names)}")
@@ -182,7 +183,7 @@ def labelled_data(
             y = np.concatenate([y, yf])
         else:
             warnings.append(f"feedback store {store} holds no labelled captured records of {model!r}")
-        sources.append({"source": "feedback", "store": str(store.resolve()), "model": model, "records": len(ids),
+        sources.append({"source": "feedback", "store": store if isinstance(store, str) else str(store.resolve()), "model": model, "records": len(ids),
                         "anomalies": int(np.sum(yf == 1)), "normals": int(np.sum(yf == 0)), "sha256": fingerprint(ids, yf)})
     provenance = {"anomalies": int(np.sum(y == 1)), "normals": int(np.sum(y == 0)), "unlabelled": int(np.sum(y < 0)),
                   "label_column": label_column, "sources": sources,

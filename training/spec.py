@@ -14,7 +14,7 @@ from outlierd.core.errors import InvalidInputError
 from outlierd.core.registry import validate_alias, validate_name
 from outlierd.core.stacked import KIND as STACKED
 
-from .detectors import DETECTORS
+from .detectors import DETECTORS, STREAMING_DETECTORS
 from .labels import LabelledRecords
 from .semi import DEFAULT_FOLDS, MIN_LABELS, parse_select
 
@@ -23,7 +23,7 @@ AUTO = "auto"
 # what ``detector=None`` (no ``--detector``) fits without labels for training; with partially
 # labelled data (or feedback labels) of both kinds the default is ``auto`` (``training.train.resolve_detector``)
 DEFAULT_DETECTOR = "iforest"
-TRAIN_DETECTORS = (*DETECTORS, AUTO, STACKED)
+TRAIN_DETECTORS = (*DETECTORS, AUTO, STACKED, *STREAMING_DETECTORS)
 
 
 def _name(value: str, what: str) -> str:
@@ -90,6 +90,9 @@ class TrainSpec:
     # every column but the label column, refused when one of them looks like a label (``label``,
     # ``target``, ``class`` ...: ``training.data.LABEL_LIKE``); listing such a column keeps it
     feature_columns: Sequence[str] | str | None = ()
+    # a feature spec (JSON file): ``data`` holds raw events, replayed into features by the engine the
+    # server runs; the spec and what it learned go into the artifact (docs/features.md)
+    events_spec: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         _name(self.model, "model name")

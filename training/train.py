@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 from collections.abc import Callable
@@ -259,9 +259,19 @@ def run_train(spec: TrainSpec) -> TrainResult:
             print(line, file=sys.stderr, flush=True)
 
     table, label_aware = None, spec.asks_for_labels
+    replayed = None
+    if spec.events_spec is not None:  # raw events: the features come from the spec, as the server computes them
+        from .features import features_table, load_feature_spec, read_events, replay
+
+        fspec = load_feature_spec(spec.events_spec)
+        events = read_events(spec.data)
+        log(f"replaying {events.num_rows} events through feature spec {spec.events_spec}")
+        replayed = replay(fspec, events)
+        table = features_table(replayed, events, [spec.label_column] if spec.label_column else [])
+        spec = replace(spec, feature_columns=tuple(fspec.output_names))
     if spec.label_column is not None and not label_aware:
         # an empty cell in the label column makes it reviewers' labels, used for training
-        table = read_table(spec.data)
+        table = read_table(spec.data) if table is None else table
         label_aware = bool(np.any(column_labels(spec, table) < 0))
     progress = Progress(7 if label_aware else 6, quiet=quiet)
     progress(f"loading {spec.data}")
@@ -287,6 +297,10 @@ def run_train(spec: TrainSpec) -> TrainResult:
     workdir = Path(tempfile.mkdtemp(prefix="outlierd-train-"))
     try:
         fitted = fit_export(spec, loaded, p, workdir / "artifact")
+        if replayed is not None:
+            from .features import add_to_artifact
+
+            add_to_artifact(fitted.path, replayed.spec, replayed.fitted)
         progress("verifying the artifact and scoring the training data")
         cal, scores = calibrate(spec, loaded, fitted)
         if ld is not None:

@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19outlierd/v1/scoring.proto\x12\x0boutlierd.v1\"\xb4\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nn_features\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\x0b\n\x03ids\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\x04\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12\x12\n\nraw_values\x18\x07 \x01(\x0c\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x1c\n\x14\x65xplain_flagged_only\x18\t \x01(\x08\"]\n\x0b\x45xplanation\x12\x0e\n\x06record\x18\x01 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x03(\r\x12\x15\n\rcontributions\x18\x03 \x03(\x01\x12\x15\n\rfeature_names\x18\x04 \x03(\t\"\xd1\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06scores\x18\x04 \x03(\x01\x12\x11\n\tanomalous\x18\x05 \x03(\x08\x12\x0b\n\x03ids\x18\x06 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12.\n\x0c\x65xplanations\x18\t \x03(\x0b\x32\x18.outlierd.v1.Explanation\x12\r\n\x05\x61lias\x18\n \x01(\t\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"d\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rfeature_names\x18\x03 \x03(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\r\n\x05\x61lias\x18\x05 \x01(\t\"v\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\trecord_id\x18\x02 \x01(\t\x12!\n\x05label\x18\x03 \x01(\x0e\x32\x12.outlierd.v1.Label\x12\x10\n\x08reviewer\x18\x04 \x01(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\"U\n\x0b\x46\x65\x65\x64\x62\x61\x63kAck\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0cknown_record\x18\x04 \x01(\x08*7\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41NOMALY\x10\x01\x12\n\n\x06NORMAL\x10\x02\x32\xf7\x02\n\x06Scorer\x12>\n\x05Score\x12\x19.outlierd.v1.ScoreRequest\x1a\x1a.outlierd.v1.ScoreResponse\x12H\n\x0bScoreStream\x12\x19.outlierd.v1.ScoreRequest\x1a\x1a.outlierd.v1.ScoreResponse(\x01\x30\x01\x12\x45\n\x0cGetModelInfo\x12\x1d.outlierd.v1.ModelInfoRequest\x1a\x16.outlierd.v1.ModelInfo\x12H\n\x0eSubmitFeedback\x12\x1c.outlierd.v1.FeedbackRequest\x1a\x18.outlierd.v1.FeedbackAck\x12R\n\x14SubmitFeedbackStream\x12\x1c.outlierd.v1.FeedbackRequest\x1a\x18.outlierd.v1.FeedbackAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19outlierd/v1/scoring.proto\x12\x0boutlierd.v1\"\xe3\x01\n\x0cScoreRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nn_features\x18\x02 \x01(\r\x12\x0e\n\x06values\x18\x03 \x03(\x02\x12\x0b\n\x03ids\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\x04\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12\x12\n\nraw_values\x18\x07 \x01(\x0c\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x1c\n\x14\x65xplain_flagged_only\x18\t \x01(\x08\x12\x14\n\x0c\x61rrow_events\x18\n \x01(\x0c\x12\x17\n\x0freturn_features\x18\x0b \x01(\x08\"]\n\x0b\x45xplanation\x12\x0e\n\x06record\x18\x01 \x01(\r\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x03(\r\x12\x15\n\rcontributions\x18\x03 \x03(\x01\x12\x15\n\rfeature_names\x18\x04 \x03(\t\"\xe3\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06scores\x18\x04 \x03(\x01\x12\x11\n\tanomalous\x18\x05 \x03(\x08\x12\x0b\n\x03ids\x18\x06 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12.\n\x0c\x65xplanations\x18\t \x03(\x0b\x32\x18.outlierd.v1.Explanation\x12\r\n\x05\x61lias\x18\n \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x0b \x01(\x0c\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"{\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x15\n\rfeature_names\x18\x03 \x03(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\r\n\x05\x61lias\x18\x05 \x01(\t\x12\x15\n\rserved_models\x18\x06 \x03(\t\"v\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\trecord_id\x18\x02 \x01(\t\x12!\n\x05label\x18\x03 \x01(\x0e\x32\x12.outlierd.v1.Label\x12\x10\n\x08reviewer\x18\x04 \x01(\t\x12\x0c\n\x04note\x18\x05 \x01(\t\"U\n\x0b\x46\x65\x65\x64\x62\x61\x63kAck\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x14\n\x0cknown_record\x18\x04 \x01(\x08*7\n\x05Label\x12\x15\n\x11LABEL_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x41NOMALY\x10\x01\x12\n\n\x06NORMAL\x10\x02\x32\xf7\x02\n\x06Scorer\x12>\n\x05Score\x12\x19.outlierd.v1.ScoreRequest\x1a\x1a.outlierd.v1.ScoreResponse\x12H\n\x0bScoreStream\x12\x19.outlierd.v1.ScoreRequest\x1a\x1a.outlierd.v1.ScoreResponse(\x01\x30\x01\x12\x45\n\x0cGetModelInfo\x12\x1d.outlierd.v1.ModelInfoRequest\x1a\x16.outlierd.v1.ModelInfo\x12H\n\x0eSubmitFeedback\x12\x1c.outlierd.v1.FeedbackRequest\x1a\x18.outlierd.v1.FeedbackAck\x12R\n\x14SubmitFeedbackStream\x12\x1c.outlierd.v1.FeedbackRequest\x1a\x18.outlierd.v1.FeedbackAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'outlierd.v1.scoring_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LABEL']._serialized_start=876
-  _globals['_LABEL']._serialized_end=931
+  _globals['_LABEL']._serialized_start=964
+  _globals['_LABEL']._serialized_end=1019
   _globals['_SCOREREQUEST']._serialized_start=43
-  _globals['_SCOREREQUEST']._serialized_end=223
-  _globals['_EXPLANATION']._serialized_start=225
-  _globals['_EXPLANATION']._serialized_end=318
-  _globals['_SCORERESPONSE']._serialized_start=321
-  _globals['_SCORERESPONSE']._serialized_end=530
-  _globals['_MODELINFOREQUEST']._serialized_start=532
-  _globals['_MODELINFOREQUEST']._serialized_end=565
-  _globals['_MODELINFO']._serialized_start=567
-  _globals['_MODELINFO']._serialized_end=667
-  _globals['_FEEDBACKREQUEST']._serialized_start=669
-  _globals['_FEEDBACKREQUEST']._serialized_end=787
-  _globals['_FEEDBACKACK']._serialized_start=789
-  _globals['_FEEDBACKACK']._serialized_end=874
-  _globals['_SCORER']._serialized_start=934
-  _globals['_SCORER']._serialized_end=1309
+  _globals['_SCOREREQUEST']._serialized_end=270
+  _globals['_EXPLANATION']._serialized_start=272
+  _globals['_EXPLANATION']._serialized_end=365
+  _globals['_SCORERESPONSE']._serialized_start=368
+  _globals['_SCORERESPONSE']._serialized_end=595
+  _globals['_MODELINFOREQUEST']._serialized_start=597
+  _globals['_MODELINFOREQUEST']._serialized_end=630
+  _globals['_MODELINFO']._serialized_start=632
+  _globals['_MODELINFO']._serialized_end=755
+  _globals['_FEEDBACKREQUEST']._serialized_start=757
+  _globals['_FEEDBACKREQUEST']._serialized_end=875
+  _globals['_FEEDBACKACK']._serialized_start=877
+  _globals['_FEEDBACKACK']._serialized_end=962
+  _globals['_SCORER']._serialized_start=1022
+  _globals['_SCORER']._serialized_end=1397
 # @@protoc_insertion_point(module_scope)

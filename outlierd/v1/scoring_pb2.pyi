@@ -17,7 +17,7 @@ ANOMALY: Label
 NORMAL: Label
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("model", "n_features", "values", "ids", "request_id", "explain", "raw_values", "top_k", "explain_flagged_only")
+    __slots__ = ("model", "n_features", "values", "ids", "request_id", "explain", "raw_values", "top_k", "explain_flagged_only", "arrow_events", "return_features")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     N_FEATURES_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,8 @@ class ScoreRequest(_message.Message):
     RAW_VALUES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FLAGGED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    ARROW_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     model: str
     n_features: int
     values: _containers.RepeatedScalarFieldContainer[float]
@@ -36,7 +38,9 @@ class ScoreRequest(_message.Message):
     raw_values: bytes
     top_k: int
     explain_flagged_only: bool
-    def __init__(self, model: _Optional[str] = ..., n_features: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[int] = ..., explain: _Optional[bool] = ..., raw_values: _Optional[bytes] = ..., top_k: _Optional[int] = ..., explain_flagged_only: _Optional[bool] = ...) -> None: ...
+    arrow_events: bytes
+    return_features: bool
+    def __init__(self, model: _Optional[str] = ..., n_features: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[int] = ..., explain: _Optional[bool] = ..., raw_values: _Optional[bytes] = ..., top_k: _Optional[int] = ..., explain_flagged_only: _Optional[bool] = ..., arrow_events: _Optional[bytes] = ..., return_features: _Optional[bool] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("record", "features", "contributions", "feature_names")
@@ -51,7 +55,7 @@ class Explanation(_message.Message):
     def __init__(self, record: _Optional[int] = ..., features: _Optional[_Iterable[int]] = ..., contributions: _Optional[_Iterable[float]] = ..., feature_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "model", "version", "scores", "anomalous", "ids", "device", "error", "explanations", "alias")
+    __slots__ = ("request_id", "model", "version", "scores", "anomalous", "ids", "device", "error", "explanations", "alias", "features")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +66,7 @@ class ScoreResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     model: str
     version: str
@@ -72,7 +77,8 @@ class ScoreResponse(_message.Message):
     error: str
     explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
     alias: str
-    def __init__(self, request_id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., anomalous: _Optional[_Iterable[bool]] = ..., ids: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., error: _Optional[str] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., alias: _Optional[str] = ...) -> None: ...
+    features: bytes
+    def __init__(self, request_id: _Optional[int] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., scores: _Optional[_Iterable[float]] = ..., anomalous: _Optional[_Iterable[bool]] = ..., ids: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., error: _Optional[str] = ..., explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ..., alias: _Optional[str] = ..., features: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ("model",)
@@ -81,18 +87,20 @@ class ModelInfoRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "version", "feature_names", "threshold", "alias")
+    __slots__ = ("model", "version", "feature_names", "threshold", "alias", "served_models")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     feature_names: _containers.RepeatedScalarFieldContainer[str]
     threshold: float
     alias: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., alias: _Optional[str] = ...) -> None: ...
+    served_models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., threshold: _Optional[float] = ..., alias: _Optional[str] = ..., served_models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("model", "record_id", "label", "reviewer", "note")
