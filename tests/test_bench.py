@@ -220,3 +220,8 @@ def test_json_only_quality_on_the_cardio_dataset(tmp_path):
     assert set(d["results"]) == set(quality.QUICK_DETECTORS)
     assert d["results"]["iforest"]["roc_auc"] > 0.85
     assert all(0.0 <= v["pr_auc"] <= 1.0 for v in d["results"].values())
+    pq = d["prequential"]   # Half-Space Trees, score-then-learn over the file in order
+    assert pq["records"] == 1831 and 0.5 < pq["roc_auc"] <= 1.0 and pq["records_per_s"] > 0
+    if isinstance(pq["river"], dict):  # River's HalfSpaceTrees with the same seed: the same scores, checked before timing
+        assert pq["river"]["records"] == 1831 and pq["river"]["max_abs_diff"] <= 1e-9
+        assert math.isclose(pq["river"]["ratio"], pq["river"]["ours_records_per_s"] / pq["river"]["records_per_s"], rel_tol=1e-9)

@@ -188,6 +188,13 @@ def table(results: dict[str, Any]) -> str:
             cells = [f"{t} {r['roc_auc']:.3f}/{r['pr_auc']:.3f}" if "roc_auc" in r else f"{t} error: {r['error']}"
                      for t, r in d["results"].items()]
             lines.append(f"  {d['name']} (rate {d['anomaly_rate']:.3f}): " + "; ".join(cells))
+            pq = d.get("prequential")
+            if pq:
+                rv = pq.get("river")
+                peer = (f"; River {_fmt_rate(rv['records_per_s'])} on {rv['records']:,} records, ours {rv['ratio']:.0f}x faster, "
+                        f"same scores (max diff {rv['max_abs_diff']:.1g})") if isinstance(rv, dict) else f"; {rv}"
+                lines.append(f"    prequential {pq['detector']}: {pq['roc_auc']:.3f}/{pq['pr_auc']:.3f} over {pq['records']:,} records, "
+                             f"{_fmt_rate(pq['records_per_s'])}{peer}")
     g = results.get("gpu")
     if g is not None:
         if not g.get("available"):
