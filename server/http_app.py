@@ -425,6 +425,9 @@ def _socket(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:  # several workers share the port, as they do the gRPC one
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    # accepted connections inherit it: without it a kept-alive connection's answers wait on the
+    # client's delayed ACK (about 40 ms per call, measured by `outlierd bench`)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(1024)
     sock.setblocking(False)

@@ -85,12 +85,13 @@ def run_bench(out: Path, suites: list[str], quick: bool, json_only: bool = False
             scen = server.SCENARIOS_QUICK if quick else server.SCENARIOS_FULL
             results["server"] = server.run(work / "iforest", models.detectors[0].ours, models.X, work, scen,
                                            rounds=1 if quick else 3, warmup=0.2 if quick else 0.5, seconds=0.8 if quick else 2.0,
-                                           progress=progress)
+                                           progress=progress, http_records=server.HTTP_QUICK if quick else server.HTTP_FULL)
         if "quality" in suites:
             with progress.step("quality: ROC-AUC / PR-AUC"):
                 # k-NN / LOF cost ~10 s each at 10,000 rows: the full run grades them, quick does not
                 results["quality"] = quality.run(data, label, work, progress,
-                                                 detectors=quality.QUICK_DETECTORS if quick else quality.DETECTORS)
+                                                 detectors=quality.QUICK_DETECTORS if quick else quality.DETECTORS,
+                                                 river_rows=2000 if quick else 20_000)
         if "gpu" in suites and models is not None:
             with progress.step("gpu"):
                 results["gpu"] = gpu.run(work / "iforest", models.detectors[0].ours, models.X, 0.1 if quick else 0.5, progress)

@@ -64,6 +64,10 @@ def metrics(report: dict[str, Any]) -> dict[str, tuple[float, bool]]:
             if "roc_auc" in r:
                 out[f"quality {d['name']} {det} roc_auc"] = (r["roc_auc"], True)
                 out[f"quality {d['name']} {det} pr_auc"] = (r["pr_auc"], True)
+        pq = d.get("prequential")
+        if pq:
+            out[f"quality {d['name']} prequential hst roc_auc"] = (pq["roc_auc"], True)
+            out[f"quality {d['name']} prequential hst records/s"] = (pq["records_per_s"], True)
     g = report.get("gpu") or {}
     for p in g.get("points", []):
         out[f"gpu records/s @ {p['batch']}"] = (p["gpu"], True)

@@ -101,17 +101,17 @@ def plots(results: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
         sc = srv["scenarios"]
         fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(sc)), 4.2))
         xs = list(range(len(sc)))
-        ax.bar([x - 0.2 for x in xs], [s["echo"]["records_per_s"] for s in sc], 0.4, label="gRPC echo (no scoring)", color="#bbbbbb")
+        ax.bar([x - 0.2 for x in xs], [s["echo"]["records_per_s"] for s in sc], 0.4, label="echo (same messages, no scoring)", color="#bbbbbb")
         ax.bar([x + 0.2 for x in xs], [s["ours"]["records_per_s"] for s in sc], 0.4, label="outlierd serve")
         for x, s in zip(xs, sc):
             ax.annotate(f"{s['ratio']:.2f}x", (x + 0.2, s["ours"]["records_per_s"]), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(xs), [s["scenario"] for s in sc], rotation=20, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("records/s")
-        ax.set_title("gRPC end to end vs a bare echo\n(label: ours / echo records/s)", fontsize=10)
+        ax.set_title("end to end (gRPC; http-*: the HTTP door) vs a bare echo of the same messages\n(label: ours / echo records/s)", fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        save(fig, "server.png", "Server: records/s through gRPC against a bare echo of the same messages")
+        save(fig, "server.png", "Server: records/s through gRPC (and the HTTP door) against a bare echo of the same messages")
     q = results.get("quality")
     if q and q.get("datasets"):
         ds = [d for d in q["datasets"] if "results" in d]
@@ -188,6 +188,13 @@ def table(results: dict[str, Any]) -> str:
             cells = [f"{t} {r['roc_auc']:.3f}/{r['pr_auc']:.3f}" if "roc_auc" in r else f"{t} error: {r['error']}"
                      for t, r in d["results"].items()]
             lines.append(f"  {d['name']} (rate {d['anomaly_rate']:.3f}): " + "; ".join(cells))
+            pq = d.get("prequential")
+            if pq:
+                rv = pq.get("river")
+                peer = (f"; River {_fmt_rate(rv['records_per_s'])} on {rv['records']:,} records, ours {rv['ratio']:.0f}x faster, "
+                        f"same scores (max diff {rv['max_abs_diff']:.1g})") if isinstance(rv, dict) else f"; {rv}"
+                lines.append(f"    prequential {pq['detector']}: {pq['roc_auc']:.3f}/{pq['pr_auc']:.3f} over {pq['records']:,} records, "
+                             f"{_fmt_rate(pq['records_per_s'])}{peer}")
     g = results.get("gpu")
     if g is not None:
         if not g.get("available"):

@@ -51,6 +51,32 @@ SCENARIOS_FULL = [Scenario("stream-256x1", "stream", 256), Scenario("stream-256x
                   Scenario("stream-4096-raw", "stream", 4096)]
 
 
+HTTP_QUICK = [1]            # records per request through the HTTP door (JSON)
+HTTP_FULL = [1, 64, 256]
+
+
+def http_door() -> bool:
+    """Whether this version's ``outlierd serve`` has the HTTP door (``--http-port``)."""
+    from dataclasses import fields
+
+    from outlierd.server.settings import ServeSettings
+
+    return "http_port" in {f.name for f in fields(ServeSettings)}
+
+
+def http_ready(port: int) -> bool:
+    import http.client
+
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        conn.request("GET", "/v2/health/ready")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -69,13 +95,24 @@ class ServerProcess:
         self.target = f"127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 120.0) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+    def start(self, timeout: float = 120.0, http_port: int | None = None) -> None:
+        """Start and wait until gRPC health says SERVING (and, with ``http_port``, the HTTP door is ready)."""
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
+        if self.port > 0:
+            self._wait_grpc(deadline, timeout)
+        while http_port is not None and not http_ready(http_port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name}: HTTP door on port {http_port} not ready: {self.log_tail()}")
+            time.sleep(0.1)
+
+    def _wait_grpc(self, deadline: float, timeout: float) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        assert self.proc is not None
         with grpc.insecure_channel(self.target) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while True:
@@ -129,6 +166,32 @@ def run_loadgen(target: str, data: Path, sc: Scenario, warmup: float, seconds: f
     return dict(result)
 
 
+def run_httpload(port: int, data: Path, records: int, warmup: float, seconds: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "outlierd.bench.httpload", "--port", str(port), "--model", MODEL, "--data", str(data),
+           "--records", str(records), "--warmup", str(warmup), "--duration", str(seconds)]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=warmup + seconds + 60.0)
+    result = next((json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")), None)
+    if result is None or out.returncode != 0:
+        raise RuntimeError(f"httpload failed (exit {out.returncode}) against port {port}: {(result or {}).get('failures')} {out.stderr[-1500:]}")
+    return dict(result)
+
+
+def _check_http(port: int, model: Any, X: np.ndarray) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", f"/v1/models/{MODEL}/score", json.dumps({"records": X[:64].astype(np.float64).tolist()}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    if resp.status != 200:
+        raise AssertionError(f"outlierd's HTTP door answered {resp.status}: {body[:300]!r}")
+    diff = float(np.max(np.abs(np.asarray(json.loads(body)["scores"]) - model.score(X[:64]))))
+    if diff > 1e-6:
+        raise AssertionError(f"outlierd's HTTP scores differ from Model.score by {diff:.3g}")
+
+
 def _check_answers(target: str, model: Any, X: np.ndarray) -> None:
     from outlierd.server.client import ScorerClient
 
@@ -141,7 +204,7 @@ def _check_answers(target: str, model: Any, X: np.ndarray) -> None:
 
 
 def run(forest_artifact: Path, model: Any, X: np.ndarray, workdir: Path, scenarios: list[Scenario], rounds: int,
-        warmup: float, seconds: float, progress: Progress) -> dict[str, Any]:
+        warmup: float, seconds: float, progress: Progress, http_records: list[int] | None = None) -> dict[str, Any]:
     """Publish ``forest_artifact`` to a fresh registry, serve it and the echo, run the scenarios."""
     from outlierd.core.registry import Registry
 
@@ -150,17 +213,26 @@ def run(forest_artifact: Path, model: Any, X: np.ndarray, workdir: Path, scenari
     data = workdir / "load.npy"
     np.save(data, np.ascontiguousarray(X[:LOAD_ROWS]))
     p_ours, p_echo = free_port(), free_port()
+    http = http_door() and bool(http_records)
+    h_ours, h_echo = (free_port(), free_port()) if http else (None, None)
     ours = ServerProcess("outlierd serve", [sys.executable, "-m", "outlierd", "serve", "--registry", str(registry), "--model", MODEL,
-                                            "--host", "127.0.0.1", "--port", str(p_ours), "--metrics-port", "0"],
+                                            "--host", "127.0.0.1", "--port", str(p_ours), "--metrics-port", "0",
+                                            *(["--http-port", str(h_ours)] if http else [])],
                          p_ours, workdir / "serve.log")
+    http_echo = ServerProcess("http echo", [sys.executable, "-m", "outlierd.bench.http_echo", "--host", "127.0.0.1", "--port", str(h_echo)],
+                              0, workdir / "http_echo.log") if http else None
     echo = ServerProcess("echo", [sys.executable, "-m", "outlierd.bench.echo", "--host", "127.0.0.1", "--port", str(p_echo)],
                          p_echo, workdir / "echo.log")
     results: list[dict[str, Any]] = []
     try:
         with progress.step("server: starting `outlierd serve` and the gRPC echo server"):
             echo.start()
-            ours.start()
+            ours.start(http_port=h_ours)
+            if http_echo is not None:
+                http_echo.start(http_port=h_echo)
             _check_answers(ours.target, model, X)
+            if h_ours is not None:
+                _check_http(h_ours, model, X)
         for sc in scenarios:
             runs: dict[str, list[dict[str, Any]]] = {"echo": [], "ours": []}
             progress.say(f"server: {sc.key} ({rounds} round(s) of echo then ours, {seconds:g} s each)")
@@ -178,9 +250,25 @@ def run(forest_artifact: Path, model: Any, X: np.ndarray, workdir: Path, scenari
                              if all(r.get(k) is not None for r in rs)}
             row["ratio"] = row["ours"]["records_per_s"] / row["echo"]["records_per_s"]
             results.append(row)
+        if http and h_ours is not None and h_echo is not None:
+            for k in http_records or []:
+                progress.say(f"server: HTTP JSON, {k} record(s) per request ({rounds} round(s) of echo then ours)")
+                hruns: dict[str, list[dict[str, Any]]] = {"echo": [], "ours": []}
+                for _ in range(rounds):
+                    for role, port in (("echo", h_echo), ("ours", h_ours)):
+                        hruns[role].append(run_httpload(port, data, k, warmup, seconds))
+                hrow: dict[str, Any] = {"scenario": f"http-json-{k}", "mode": "http", "records_per_message": k, "encoding": "json",
+                                        "streams": 1, "concurrency": 1, "message_bytes": hruns["ours"][0]["body_bytes"], "rounds": rounds}
+                for role in ("ours", "echo"):
+                    hrow[role] = {q: float(np.median([r[q] for r in hruns[role]])) for q in ("records_per_s", "p50_us", "p99_us", "p99.9_us")}
+                hrow["ratio"] = hrow["ours"]["records_per_s"] / hrow["echo"]["records_per_s"]
+                results.append(hrow)
     finally:
         ours.stop()
         echo.stop()
+        if http_echo is not None:
+            http_echo.stop()
     return {"ours": "outlierd serve (default settings)", "floor": "grpc.aio echo server (same messages, no scoring)",
             "warmup_s": warmup, "seconds": seconds, "rounds": rounds, "scenarios": results,
-            "other_front_doors": "none in this version: only gRPC is measured"}
+            "other_front_doors": ("HTTP JSON (POST /v1/models/{name}/score, one keep-alive connection) against a FastAPI/uvicorn echo "
+                                  "parsing the same body" if http else "none measured: this version's outlierd serve has no HTTP door")}
