@@ -71,6 +71,8 @@ def _score_tree(t, Xs, lo, hi, height, feat, thr, psum, stop, out):
         k0 = k1 = k2 = k3 = 0
         for _ in range(height):  # height: the deepest node where a walk of this window stops
             s0, s1, s2, s3 = stop[t, k0], stop[t, k1], stop[t, k2], stop[t, k3]
+            if s0 and s1 and s2 and s3:  # duplicates can keep one path heavy down to the leaves
+                break
             j0, j1, j2, j3 = min(k0, last), min(k1, last), min(k2, last), min(k3, last)
             c0 = 2 * k0 + 1 + (Xs[i, feat[t, j0]] >= thr[t, j0])
             c1 = 2 * k1 + 1 + (Xs[i + 1, feat[t, j1]] >= thr[t, j1])
