@@ -95,7 +95,7 @@ def _score_tree(t, Xs, lo, hi, height, feat, thr, psum, stop, out):
 
 
 @nb.njit(nogil=True, cache=True)
-def _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, idx, tmp, stack):
+def _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, idx, stack):
     """Window ``Xw[a:a + window]`` becomes tree ``t``'s reference: for every node a score can reach,
     ``psum`` = sum of ``mass * 2**depth`` along its path (River's running score) and ``stop`` =
     River's walk ends there (mass below ``size_limit``, or a leaf). Records are partitioned top-down
@@ -136,7 +136,7 @@ def _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, i
 
 @nb.njit(nogil=True, cache=True)
 def _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out,
-                 idx, tmp, stack):
+                 idx, stack):
     """Tree ``t`` over one call, in stream order. ``Xw``: the window in progress (``nbuf`` rows)
     followed by this call's records (learning form); ``Xs``: this call's records (scoring form);
     ``scored0``: whether a window has closed before (else scores are left at 0)."""
@@ -154,7 +154,7 @@ def _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, s
         if do_score and closed and hi > lo:
             _score_tree(t, Xs, lo, hi, deep[t], feat, thr, psum, stop, out)
         if b - a == window:
-            deep[t] = _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, idx, tmp, stack)
+            deep[t] = _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, idx, stack)
             closed = True
         a = b
 
@@ -164,20 +164,18 @@ def _run_parallel(Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, siz
     # Trees are independent given the stream: one task per tree, no shared writes.
     for t in nb.prange(feat.shape[0]):
         idx = np.empty(window, np.int64)
-        tmp = np.empty(window, np.int64)
         stack = np.empty((2 * height + 2, 4), np.int64)
         _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out,
-                     idx, tmp, stack)
+                     idx, stack)
 
 
 @nb.njit(nogil=True, cache=True)
 def _run_serial(Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out):
     idx = np.empty(window, np.int64)
-    tmp = np.empty(window, np.int64)
     stack = np.empty((2 * height + 2, 4), np.int64)
     for t in range(feat.shape[0]):
         _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out,
-                     idx, tmp, stack)
+                     idx, stack)
 
 
 @nb.njit(nogil=True, cache=True)
