@@ -52,17 +52,20 @@ def river_run(X: np.ndarray, n_trees: int, height: int, seed: int) -> tuple[np.n
     return out, (len(rows) - 1) / (time.perf_counter() - t0)
 
 
-def ours_rate(m: HalfSpaceTrees, X: np.ndarray, repeat: int) -> float:
+def ours_rate(m: HalfSpaceTrees, X: np.ndarray, repeat: int) -> tuple[float, float]:
+    """Best of 3: records per wall-clock second, and per CPU-second of this process (all threads):
+    the second is what a loaded box cannot halve, times the thread count it is what free cores give."""
     Xr = np.ascontiguousarray(np.tile(X, (repeat, 1)))
     m.reset()
     m.score_update(Xr[:5000])  # compile / warm caches outside the timing
-    best = 0.0
+    best = best_cpu = 0.0
     for _ in range(3):
         m.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m.score_update(Xr)
         best = max(best, len(Xr) / (time.perf_counter() - t0))
-    return best
+        best_cpu = max(best_cpu, len(Xr) / (time.process_time() - c0))
+    return best, best_cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = []
     print(f"numba threads: {numba.get_num_threads()}, load average: {os.getloadavg()}")
-    print(f"{'data':8} {'trees x height':>14} {'ROC-AUC':>8} {'PR-AUC':>7} {'ours rec/s':>12} {'River rec/s':>12} {'ratio':>8}  same scores")
+    print(f"{'data':8} {'trees x height':>14} {'ROC-AUC':>8} {'PR-AUC':>7} {'ours rec/s':>12} {'rec/CPU-s':>10} {'River rec/s':>12} {'ratio':>8}  same scores")
     for name in ("shuttle", "cardio"):
         X, y = load(name)
         for n_trees, height in PARAMS:
@@ -83,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             n_r = min(args.river_records, len(X))
             r_scores, r_rate = river_run(X[:n_r], n_trees, height, args.seed)
             same = bool(np.array_equal(r_scores, s[:n_r]))
-            rate = ours_rate(m, X, args.repeat)
+            rate, cpu_rate = ours_rate(m, X, args.repeat)
             row = {"data": name, "n_trees": n_trees, "height": height, "roc_auc": roc_auc_score(y, s),
-                   "pr_auc": average_precision_score(y, s), "ours_records_per_s": rate, "river_records_per_s": r_rate,
+                   "pr_auc": average_precision_score(y, s), "ours_records_per_s": rate, "ours_records_per_cpu_s": cpu_rate, "river_records_per_s": r_rate,
                    "ratio": rate / r_rate, "river_records": n_r, "same_scores": same}
             rows.append(row)
-            print(f"{name:8} {f'{n_trees} x {height}':>14} {row['roc_auc']:8.3f} {row['pr_auc']:7.3f} {rate:12,.0f} "
+            print(f"{name:8} {f'{n_trees} x {height}':>14} {row['roc_auc']:8.3f} {row['pr_auc']:7.3f} {rate:12,.0f} {cpu_rate:10,.0f} "
                   f"{r_rate:12,.0f} {row['ratio']:7.0f}x  {same} (first {n_r})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

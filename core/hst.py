@@ -3,18 +3,19 @@
 Same algorithm and the same random structure as River's ``anomaly.HalfSpaceTrees`` (optionally behind
 its ``preprocessing.MinMaxScaler``): given the same seed, the trees are built by the same calls on a
 ``random.Random`` and every score equals River's. Score direction: **higher = more anomalous**, in
-``[0, 1]``; the first window scores 0 (no reference masses yet).
+``[0, 1]``; the first window scores 0 (no reference masses yet). Values must be finite (a served
+model imputes missing values before the detector).
 
-State is fixed-size arrays (memory set by ``n_trees`` and ``height``, not by the stream's length).
-Every tree is a complete binary tree in heap order (children of ``k``: ``2k+1``, ``2k+2``). The two
-mass profiles of the paper (reference window ``r``, latest window ``l``) are kept lazily per node:
-``cur``, ``prev`` and the window number ``epoch`` they belong to, so the end of a window costs
-nothing instead of a pass over every node:
-  - ``l_mass`` = ``cur`` if ``epoch == w`` else 0;
-  - ``r_mass`` = ``prev`` if ``epoch == w``, ``cur`` if ``epoch == w - 1``, else 0.
-A NaN feature goes down the child with the larger latest mass (River's rule for a missing feature).
+State is fixed-size arrays (memory set by ``n_trees``, ``height`` and ``window_size``, not by the
+stream's length). Every tree is a complete binary tree in heap order (children of ``k``: ``2k+1``,
+``2k+2``). What makes it fast: within a window, a score reads only the reference masses (the last
+complete window's), never the latest ones, so learning can wait for the window's end; and a score
+stops at the first node whose reference mass is below ``0.1 * window_size``, so only the masses of
+nodes whose parent reaches that limit are ever read. At a window's end each tree partitions the
+window's records top-down and counts them into such nodes only (about log2(10) + 2 levels a
+record, instead of ``height + 1``); masses elsewhere are stale and never read. The records of the
+window in progress are part of the state (``buf``).
 """
-
 from __future__ import annotations
 
 import random
@@ -27,8 +28,7 @@ import numpy as np
 from .errors import ArtifactError, InvalidInputError
 
 PADDING = 0.15  # River's make_padded_tree padding: no split closer than 15% to its cell's edge
-CHUNK = 4096
-_EPOCH_LIMIT = 1 << 30  # records per pass: bounds the per-tree score buffer
+CHUNK = 16384  # records per pass: bounds the per-tree score buffer
 
 
 def build_structure(limits: np.ndarray, n_trees: int, height: int, seed: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -60,132 +60,122 @@ def build_structure(limits: np.ndarray, n_trees: int, height: int, seed: int | N
     return feat, thr
 
 
-@nb.njit(nogil=True, cache=True, inline="always")
-def _r_mass(mass, t, k, w):
-    e = mass[t, k, 2]
-    if e == w:
-        return mass[t, k, 1]
-    if e == w - 1:
-        return mass[t, k, 0]
-    return 0
-
-
-@nb.njit(nogil=True, cache=True, inline="always")
-def _child(x, f, th, mass, t, k, w):
-    v = x[f]
-    if v < th:
-        return 2 * k + 1
-    if v >= th:
-        return 2 * k + 2
-    # NaN: the child with the larger latest mass (River's rule for a missing feature)
-    c0 = 2 * k + 1
-    l0 = mass[t, c0, 0] if mass[t, c0, 2] == w else 0
-    l1 = mass[t, c0 + 1, 0] if mass[t, c0 + 1, 2] == w else 0
-    return c0 + 1 if l0 < l1 else c0
-
-
 @nb.njit(nogil=True, cache=True)
-def _leaves(t, X, height, feat, thr, leaf):
-    """Leaf (heap index) each record reaches, or -1 for a record with NaN on its path (its path
-    depends on the masses). Branch-free, independent of the masses, and four records at a time, so
-    the four chains of dependent loads overlap in the CPU (about twice as fast as one at a time)."""
-    n = X.shape[0]
-    i = 0
-    while i + 4 <= n:
+def _score_tree(t, Xs, lo, hi, height, feat, thr, psum, stop, out):
+    """Tree ``t``'s partial scores of ``Xs[lo:hi]``: walk down to the first node where River's walk
+    stops and take that node's path sum. Branch-free and four records at a time, so that their
+    chains of dependent loads overlap; a stopped walk stays on its node."""
+    last = feat.shape[1] - 1  # clamp for a leaf's (unused) split lookup
+    i = lo
+    while i + 4 <= hi:
         k0 = k1 = k2 = k3 = 0
-        b0 = b1 = b2 = b3 = False
-        for _ in range(height):
-            v0 = X[i, feat[t, k0]]
-            v1 = X[i + 1, feat[t, k1]]
-            v2 = X[i + 2, feat[t, k2]]
-            v3 = X[i + 3, feat[t, k3]]
-            b0 |= v0 != v0
-            b1 |= v1 != v1
-            b2 |= v2 != v2
-            b3 |= v3 != v3
-            k0 = 2 * k0 + 1 + (v0 >= thr[t, k0])
-            k1 = 2 * k1 + 1 + (v1 >= thr[t, k1])
-            k2 = 2 * k2 + 1 + (v2 >= thr[t, k2])
-            k3 = 2 * k3 + 1 + (v3 >= thr[t, k3])
-        leaf[i] = -1 if b0 else k0
-        leaf[i + 1] = -1 if b1 else k1
-        leaf[i + 2] = -1 if b2 else k2
-        leaf[i + 3] = -1 if b3 else k3
+        for _ in range(height):  # height: the deepest node where a walk of this window stops
+            s0, s1, s2, s3 = stop[t, k0], stop[t, k1], stop[t, k2], stop[t, k3]
+            if s0 and s1 and s2 and s3:  # duplicates can keep one path heavy down to the leaves
+                break
+            j0, j1, j2, j3 = min(k0, last), min(k1, last), min(k2, last), min(k3, last)
+            c0 = 2 * k0 + 1 + (Xs[i, feat[t, j0]] >= thr[t, j0])
+            c1 = 2 * k1 + 1 + (Xs[i + 1, feat[t, j1]] >= thr[t, j1])
+            c2 = 2 * k2 + 1 + (Xs[i + 2, feat[t, j2]] >= thr[t, j2])
+            c3 = 2 * k3 + 1 + (Xs[i + 3, feat[t, j3]] >= thr[t, j3])
+            k0 = k0 if s0 else c0
+            k1 = k1 if s1 else c1
+            k2 = k2 if s2 else c2
+            k3 = k3 if s3 else c3
+        out[t, i] = psum[t, k0]
+        out[t, i + 1] = psum[t, k1]
+        out[t, i + 2] = psum[t, k2]
+        out[t, i + 3] = psum[t, k3]
         i += 4
-    while i < n:
+    for j in range(i, hi):
         k = 0
-        bad = False
-        for _ in range(height):
-            v = X[i, feat[t, k]]
-            bad |= v != v
-            k = 2 * k + 1 + (v >= thr[t, k])
-        leaf[i] = -1 if bad else k
-        i += 1
+        while not stop[t, k]:
+            k = 2 * k + 1 if Xs[j, feat[t, k]] < thr[t, k] else 2 * k + 2
+        out[t, j] = psum[t, k]
 
 
 @nb.njit(nogil=True, cache=True)
-def _tree_pass(t, Xs, Xl, same, pos0, window, height, size_limit, feat, thr, mass, do_score, do_learn, out, leaf_l):
-    """One tree over records ``Xs``/``Xl`` (scaled for scoring / learning), in stream order.
-    ``mass[t, k]`` = (cur, prev, epoch) of node ``k``: one cache line per node visit. A path is
-    the leaf's ancestors (``((leaf + 1) >> (height - level)) - 1``): known before any mass is read."""
+def _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, idx, stack):
+    """Window ``Xw[a:a + window]`` becomes tree ``t``'s reference: for every node a score can reach,
+    ``psum`` = sum of ``mass * 2**depth`` along its path (River's running score) and ``stop`` =
+    River's walk ends there (mass below ``size_limit``, or a leaf). Records are partitioned top-down
+    and only nodes under a parent that reaches ``size_limit`` are counted."""
+    for j in range(window):
+        idx[j] = a + j
+    psum[t, 0] = float(window)
+    stop[t, 0] = window < size_limit or height == 0
+    if stop[t, 0]:
+        return 0
+    deepest = 0
+    stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = 0, 0, window, 0
+    top = 1
+    while top > 0:
+        top -= 1
+        k, s0, s1, depth = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
+        f, th = feat[t, k], thr[t, k]
+        m = s0  # partition: records going left first (a branch-free two-sided one measured slower)
+        for j in range(s0, s1):
+            r = idx[j]
+            if Xw[r, f] < th:
+                idx[j], idx[m] = idx[m], r
+                m += 1
+        c0 = 2 * k + 1
+        pw = float(1 << (depth + 1))
+        leaf = depth + 1 == height
+        for c, cs0, cs1 in ((c0, s0, m), (c0 + 1, m, s1)):
+            cnt = cs1 - cs0
+            psum[t, c] = psum[t, k] + cnt * pw
+            stop[t, c] = leaf or cnt < size_limit
+            if stop[t, c]:
+                deepest = max(deepest, depth + 1)
+            else:
+                stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = c, cs0, cs1, depth + 1
+                top += 1
+    return deepest
+
+
+@nb.njit(nogil=True, cache=True)
+def _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out,
+                 idx, stack):
+    """Tree ``t`` over one call, in stream order. ``Xw``: the window in progress (``nbuf`` rows)
+    followed by this call's records (learning form); ``Xs``: this call's records (scoring form);
+    ``scored0``: whether a window has closed before (else scores are left at 0)."""
     n = Xs.shape[0]
-    if do_learn:
-        _leaves(t, Xl, height, feat, thr, leaf_l)
-    top = height
-    step = 1 if do_learn else 0  # scoring alone does not move the stream
-    for i in range(n):
-        w = (pos0 + i * step) // window
-        if do_score:
-            ls = leaf_l[i] if do_learn and same[i] else -1  # else walk it: scoring stops early anyway
-            k = 0
-            depth_pow = 1
-            s = 0.0
-            early = False
-            for level in range(height):
-                r = _r_mass(mass, t, k, w)
-                s += r * depth_pow
-                if r < size_limit:
-                    early = True
-                    break
-                if ls >= 0:
-                    k = ((ls + 1) >> (top - level - 1)) - 1
-                else:
-                    k = _child(Xs[i], feat[t, k], thr[t, k], mass, t, k, w)
-                depth_pow <<= 1
-            if not early:
-                s += _r_mass(mass, t, k, w) * depth_pow
-            out[t, i] = s
-        if do_learn:
-            ll = leaf_l[i]
-            k = 0
-            for level in range(height + 1):
-                if mass[t, k, 2] != w:
-                    mass[t, k, 1] = mass[t, k, 0] if mass[t, k, 2] == w - 1 else 0
-                    mass[t, k, 0] = 0
-                    mass[t, k, 2] = w
-                mass[t, k, 0] += 1
-                if level < height:
-                    if ll >= 0:
-                        k = ((ll + 1) >> (top - level - 1)) - 1
-                    else:
-                        k = _child(Xl[i], feat[t, k], thr[t, k], mass, t, k, w)
+    if not do_learn:
+        if scored0:
+            _score_tree(t, Xs, 0, n, deep[t], feat, thr, psum, stop, out)
+        return
+    total = nbuf + n
+    closed = scored0
+    a = 0
+    while a < total:
+        b = min(a + window, total)
+        lo, hi = max(a, nbuf) - nbuf, b - nbuf  # this call's records in window [a, b)
+        if do_score and closed and hi > lo:
+            _score_tree(t, Xs, lo, hi, deep[t], feat, thr, psum, stop, out)
+        if b - a == window:
+            deep[t] = _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, idx, stack)
+            closed = True
+        a = b
 
 
 @nb.njit(nogil=True, cache=True, parallel=True)
-def _run_parallel(Xs, Xl, same, pos0, window, height, size_limit, feat, thr, mass, do_score, do_learn, out):
+def _run_parallel(Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out):
     # Trees are independent given the stream: one task per tree, no shared writes.
-    n = Xs.shape[0]
     for t in nb.prange(feat.shape[0]):
-        leaf_l = np.empty(n, np.int64)
-        _tree_pass(t, Xs, Xl, same, pos0, window, height, size_limit, feat, thr, mass, do_score, do_learn, out, leaf_l)
+        idx = np.empty(window, np.int64)
+        stack = np.empty((2 * height + 2, 4), np.int64)
+        _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out,
+                     idx, stack)
 
 
 @nb.njit(nogil=True, cache=True)
-def _run_serial(Xs, Xl, same, pos0, window, height, size_limit, feat, thr, mass, do_score, do_learn, out):
-    n = Xs.shape[0]
-    leaf_l = np.empty(n, np.int64)
+def _run_serial(Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out):
+    idx = np.empty(window, np.int64)
+    stack = np.empty((2 * height + 2, 4), np.int64)
     for t in range(feat.shape[0]):
-        _tree_pass(t, Xs, Xl, same, pos0, window, height, size_limit, feat, thr, mass, do_score, do_learn, out, leaf_l)
+        _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out,
+                     idx, stack)
 
 
 @nb.njit(nogil=True, cache=True)
@@ -203,13 +193,11 @@ def _finish(tree_scores, pos0, step, window, max_score, out):
 
 
 @nb.njit(nogil=True, cache=True)
-def _minmax(X, lo, hi, do_score, do_learn, Xs, Xl, same):
+def _minmax(X, lo, hi, do_score, do_learn, Xs, Xl):
     """River's MinMaxScaler in stream order: a record is scored with the extremes seen before it
-    and learned with the extremes including it. NaN leaves the extremes alone and stays NaN.
-    ``same[i]``: the record moved no extreme, so its two scaled forms are equal."""
+    and learned with the extremes including it."""
     n, d = X.shape
     for i in range(n):
-        same[i] = True
         if do_score:
             for j in range(d):
                 g = hi[j] - lo[j]
@@ -219,10 +207,8 @@ def _minmax(X, lo, hi, do_score, do_learn, Xs, Xl, same):
                 v = X[i, j]
                 if v < lo[j]:
                     lo[j] = v
-                    same[i] = False
                 if v > hi[j]:
                     hi[j] = v
-                    same[i] = False
             for j in range(d):
                 g = hi[j] - lo[j]
                 Xl[i, j] = (X[i, j] - lo[j]) / g if g != 0.0 else (X[i, j] if np.isnan(X[i, j]) else 0.0)
@@ -238,12 +224,15 @@ class HalfSpaceTrees:
     thr: np.ndarray  # (T, 2**h - 1) float64 split threshold
     window_size: int
     minmax: bool
-    # (T, 2**(h+1) - 1, 4) int32: cur, prev, epoch (window number - epoch_base), padding to 16 bytes
-    mass: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 4), np.int32))
+    # (T, 2**(h+1) - 1): River's running score at each node a score can reach in the last complete
+    # window (float64), and whether its walk stops there (bool); other nodes hold stale values, never read
+    psum: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    stop: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.bool_))
+    deep: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (T,) deepest stopping node's depth
+    buf: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (window_size, d) the window in progress
     lo: np.ndarray = field(default_factory=lambda: np.zeros(0))  # running min (minmax)
     hi: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    position: int = 0  # records learned so far
-    epoch_base: int = 0  # windows subtracted from the stored epochs, so int32 never overflows
+    position: int = 0  # records learned so far; position % window_size of them are in buf
 
     @classmethod
     def new(cls, n_features: int, n_trees: int = 10, height: int = 8, window_size: int = 250,
@@ -262,9 +251,10 @@ class HalfSpaceTrees:
     def reset(self) -> None:
         """Forget everything learned; keep the random structure."""
         T, n_nodes = self.feat.shape[0], 2 * self.feat.shape[1] + 1
-        self.mass = np.zeros((T, n_nodes, 4), np.int32)
-        self.mass[:, :, 2] = -2
-        self.epoch_base = 0
+        self.psum = np.zeros((T, n_nodes))
+        self.stop = np.ones((T, n_nodes), np.bool_)
+        self.deep = np.zeros(T, np.int64)
+        self.buf = np.zeros((self.window_size, self.n_features))
         self.lo = np.full(self.n_features, np.inf)
         self.hi = np.full(self.n_features, -np.inf)
         self.position = 0
@@ -289,39 +279,35 @@ class HalfSpaceTrees:
         X = np.ascontiguousarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.lo.size:
             raise InvalidInputError(f"X must be (n_records, {self.lo.size}); got shape {X.shape}")
+        if not np.all(np.isfinite(X)):
+            bad = int(np.flatnonzero(~np.isfinite(X).all(axis=1))[0])
+            raise InvalidInputError(f"record {bad} has NaN or inf; Half-Space Trees need finite values (impute them first)")
         n = X.shape[0]
         out = np.zeros(n, dtype=np.float64)
         run = _run_parallel if (parallel if parallel is not None else n >= 256) else _run_serial
-        h = self.height
+        W = self.window_size
         for c0 in range(0, n, CHUNK):
             Xc = X[c0:c0 + CHUNK]
-            same = np.ones(Xc.shape[0], dtype=np.bool_)
             if self.minmax:
                 Xs, Xl = np.empty_like(Xc), np.empty_like(Xc)
-                _minmax(Xc, self.lo, self.hi, do_score, do_learn, Xs, Xl, same)
+                _minmax(Xc, self.lo, self.hi, do_score, do_learn, Xs, Xl)
             else:
                 Xs = Xl = Xc
-                if do_learn:  # kept for a later switch to minmax; costs one pass
-                    np.fmin(self.lo, np.nanmin(Xc, axis=0, initial=np.inf), out=self.lo)
-                    np.fmax(self.hi, np.nanmax(Xc, axis=0, initial=-np.inf), out=self.hi)
-            self._rebase(Xc.shape[0])
+                if do_learn:  # kept for a later switch to minmax
+                    np.fmin(self.lo, Xc.min(axis=0, initial=np.inf), out=self.lo)
+                    np.fmax(self.hi, Xc.max(axis=0, initial=-np.inf), out=self.hi)
+            nbuf = self.position % W
+            Xw = np.concatenate((self.buf[:nbuf], Xl)) if do_learn else self.buf[:0]
             ts = np.zeros((self.n_trees, Xc.shape[0]), dtype=np.float64)
-            run(Xs, Xl, same, self.position - self.epoch_base * self.window_size, self.window_size, h, 0.1 * self.window_size,
-                self.feat, self.thr, self.mass, do_score, do_learn, ts)
+            run(Xs, Xw, nbuf, self.position >= W, do_score, do_learn, W, self.height, 0.1 * W,
+                self.feat, self.thr, self.psum, self.stop, self.deep, ts)
             if do_score:
-                _finish(ts, self.position, int(do_learn), self.window_size, self.max_score, out[c0:c0 + CHUNK])
+                _finish(ts, self.position, int(do_learn), W, self.max_score, out[c0:c0 + CHUNK])
             if do_learn:
                 self.position += Xc.shape[0]
+                rest = self.position % W
+                self.buf[:rest] = Xw[Xw.shape[0] - rest:]
         return out
-
-    def _rebase(self, n: int) -> None:
-        # Only "this window" and "the one before" matter: older epochs can move down together.
-        if (self.position + n) // self.window_size - self.epoch_base < _EPOCH_LIMIT:
-            return
-        shift = _EPOCH_LIMIT // 2
-        ep = self.mass[:, :, 2]
-        np.copyto(ep, np.maximum(ep.astype(np.int64) - shift, -2).astype(np.int32))
-        self.epoch_base += shift
 
     def score(self, X: np.ndarray, parallel: bool | None = None) -> np.ndarray:
         """Scores of ``X`` ``(n, d)`` against the current state, which is left unchanged."""
@@ -343,8 +329,8 @@ class HalfSpaceTrees:
     # ------------------------------------------------------------------ state as arrays (no pickle)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"hst_feat": self.feat, "hst_thr": self.thr, "hst_mass": self.mass, "hst_lo": self.lo, "hst_hi": self.hi,
-                "hst_position": np.array([self.position, self.epoch_base], np.int64)}
+        return {"hst_feat": self.feat, "hst_thr": self.thr, "hst_psum": self.psum, "hst_stop": self.stop, "hst_deep": self.deep, "hst_buf": self.buf,
+                "hst_lo": self.lo, "hst_hi": self.hi, "hst_position": np.array([self.position], np.int64)}
 
     def params(self) -> dict[str, Any]:
         return {"n_trees": self.n_trees, "height": self.height, "window_size": self.window_size, "minmax": self.minmax}
@@ -355,13 +341,17 @@ class HalfSpaceTrees:
             feat = np.ascontiguousarray(arrays["hst_feat"], np.int32)
             thr = np.ascontiguousarray(arrays["hst_thr"], np.float64)
             m = cls(feat, thr, int(params["window_size"]), bool(params["minmax"]),
-                    np.array(arrays["hst_mass"], np.int32), np.array(arrays["hst_lo"], np.float64),
-                    np.array(arrays["hst_hi"], np.float64), int(arrays["hst_position"][0]), int(arrays["hst_position"][1]))
+                    np.array(arrays["hst_psum"], np.float64), np.array(arrays["hst_stop"], np.bool_),
+                    np.array(arrays["hst_deep"], np.int64),
+                    np.array(arrays["hst_buf"], np.float64),
+                    np.array(arrays["hst_lo"], np.float64), np.array(arrays["hst_hi"], np.float64),
+                    int(arrays["hst_position"][0]))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ArtifactError(f"HST state lacks or garbles {e}") from e
         T, n_inner = feat.shape if feat.ndim == 2 else (0, 0)
-        if (T < 1 or thr.shape != feat.shape or m.mass.shape != (T, 2 * n_inner + 1, 4)
-                or (n_inner + 1) & n_inner or m.lo.shape != (n_features,) or m.hi.shape != (n_features,)
+        if (T < 1 or thr.shape != feat.shape or m.psum.shape != (T, 2 * n_inner + 1) or m.stop.shape != m.psum.shape
+                or m.deep.shape != (T,) or m.deep.min() < 0 or m.deep.max() > m.height or (n_inner + 1) & n_inner
+                or m.buf.shape != (m.window_size, n_features) or m.lo.shape != (n_features,) or m.hi.shape != (n_features,)
                 or feat.min() < 0 or feat.max() >= n_features or m.window_size < 1 or m.position < 0):
             raise ArtifactError(f"HST state arrays are inconsistent with {n_features} features")
         return m

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from . import hbos, hst, iforest, robust_z
+from . import hbos, hst, iforest, robust_z, rshash
 from .artifact import ARRAYS, PROBE, REFERENCE, load_json, load_npz, read_manifest, verify_files
 from .backends import BACKENDS, BUILDERS, NATIVE_BACKEND, SERIAL_MAX_ROWS, NumbaScorer, register, resolve_device
 from .errors import ArtifactError, InvalidInputError, UnsupportedError
@@ -157,6 +157,16 @@ def _hst_numba(detector, arrays, d, prep, device, files):
 
     def rebuild(a: dict[str, np.ndarray]) -> hst.HalfSpaceTrees:
         return hst.HalfSpaceTrees.from_arrays(a, d, params)
+
+    return StreamingScorer(rebuild(arrays), prep, rebuild)
+
+
+@register("rshash", "numba")
+def _rshash_numba(detector, arrays, d, prep, device, files):
+    params = detector.get("params", {})
+
+    def rebuild(a: dict[str, np.ndarray]) -> rshash.RSHash:
+        return rshash.RSHash.from_arrays(a, d, params)
 
     return StreamingScorer(rebuild(arrays), prep, rebuild)
 

@@ -1,6 +1,6 @@
 """Detectors that learn while they score: one scorer interface and their checkpoints.
 
-A streaming detector (``core.hst.HalfSpaceTrees``, ``core.timeseries.StreamZ``) has ``score(X)``
+A streaming detector (``core.hst.HalfSpaceTrees``, ``core.rshash.RSHash``) has ``score(X)``
 (state unchanged), ``update(X)`` (learn, in order) and ``score_update(X)`` (prequential: score each
 record, then learn it), and keeps its state as fixed-size arrays plus a stream position.
 :class:`StreamingScorer` puts one behind :class:`core.model.Model` with the artifact's

@@ -27,7 +27,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
     p.add_argument("--model", required=True, metavar="NAME", help="model name in the registry")
     p.add_argument("--detector", default=None,
-                   choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder", "auto", "stacked", "hst"),
+                   choices=("iforest", "robust_z", "hbos", "knn", "lof", "autoencoder", "auto", "stacked", "hst", "rshash"),
                    help="detector (default: iforest, or auto when the labels used for training -- a partially labelled "
                         "--label-column, --labels-from-feedback -- hold at least 2 anomalies and 2 normals; the lineage "
                         "records what the default became and why; an explicit --detector iforest stays unsupervised); knn/lof: k=20 neighbours in a reference sample of up to 4096 "
@@ -36,7 +36,8 @@ def _add_train(sub: Any) -> None:
                         "(unless the labels show with 90%% bootstrap confidence that it ranks them worse), else iforest "
                         "unless another candidate beats it with that confidence; stacked: the semi-supervised model "
                         "over the unsupervised detectors (needs --min-labels of each kind); hst: Half-Space Trees that learn while they "
-                        "score (25 trees of height 15, window 250): the artifact holds the state after learning the training rows")
+                        "score (25 trees of height 15, window 250), rshash: streaming RS-Hash (100 components, window 256); both: "
+                        "the artifact holds the state after learning the training rows")
     p.add_argument("--label-column", metavar="COL",
                    help="column of labels: 0/1, true/false or anomaly/normal; an empty cell = unlabelled. Every row "
                         "labelled (and no --select/--detector auto): evaluation only. Partially labelled: reviewers' "

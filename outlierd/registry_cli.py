@@ -41,11 +41,21 @@ def add_parser(subparsers: Any) -> None:
         description="Inspect a directory registry and move its aliases.",
     )
     reg.set_defaults(func=run)
-    sub = reg.add_subparsers(dest="registry_command", metavar="{list,show,alias,mirror}", required=True)
+    sub = reg.add_subparsers(dest="registry_command", metavar="{list,show,alias,mirror,snapshot}", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--registry", required=True, metavar="DIR", help="registry root directory")
         p.add_argument("--model", required=True, metavar="NAME", help="model name")
+
+    p_snap = sub.add_parser("snapshot", help="publish a streaming model's checkpointed state as a new version",
+                            description="Take the checkpoint that a server wrote for a streaming model (serve "
+                                        "--checkpoint-dir) and publish that learned state as the next version, so a "
+                                        "drifting stream can be frozen, compared and rolled back.")
+    common(p_snap)
+    p_snap.add_argument("--checkpoint-dir", required=True, metavar="DIR", help="the server's --checkpoint-dir")
+    p_snap.add_argument("--version", default="champion", metavar="VERSION|ALIAS",
+                        help="the served version whose checkpoint to publish (default champion)")
+    p_snap.add_argument("--alias", metavar="ALIAS", help="alias to point at the new version")
 
     p_list = sub.add_parser("list", help="list a model's versions, oldest first")
     common(p_list)
@@ -97,7 +107,25 @@ def run(args: argparse.Namespace) -> int:
         return _alias(registry, args)
     if args.registry_command == "mirror":
         return _mirror(registry, args)
+    if args.registry_command == "snapshot":
+        return _snapshot(registry, args)
     raise InvalidInputError(f"unknown registry command {args.registry_command!r}")
+
+
+def _snapshot(registry: Registry, args: argparse.Namespace) -> int:
+    import shutil
+
+    from outlierd.core.snapshot import snapshot_artifact
+
+    version = registry.resolve(args.model, args.version)
+    art, meta = snapshot_artifact(registry.path(args.model, version), args.checkpoint_dir, args.model, version)
+    try:
+        new = registry.publish(args.model, art, aliases=(args.alias,) if args.alias else ())
+    finally:
+        shutil.rmtree(art.parent, ignore_errors=True)
+    print(f"published {args.model} version {new}: the state of version {version} at stream position {meta['position']}"
+          + (f" ({args.alias})" if args.alias else ""))
+    return 0
 
 
 def _message(e: BaseException) -> str:

@@ -26,7 +26,7 @@ from outlierd.core.streaming import read_checkpoint, write_checkpoint
 from .reload import ModelHandle
 
 log = logging.getLogger("outlierd.checkpoint")
-STREAMING_KINDS = ("hst",)
+STREAMING_KINDS = ("hst", "rshash")
 
 
 def refuse_several_workers(settings: Any) -> None:

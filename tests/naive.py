@@ -141,3 +141,43 @@ def hst_prequential(feat, thr, X, window, minmax=True):
             ref, latest = latest, [[0] * n_nodes for _ in range(T)]
             counter, first_window = 0, False
     return np.array(out)
+
+
+def rshash_prequential(dims, alpha, f, mult, window, n_buckets, n_rows, X):
+    """Streaming RS-Hash, score-then-learn per record, with Python integers for the hash (mod 2**64):
+    running min-max scaling, grid cells per component subspace, count-min over the last complete window."""
+    M64 = (1 << 64) - 1
+    m, d = alpha.shape
+    mult = [int(v) for v in mult]
+    ref = np.zeros((m, n_rows, n_buckets), dtype=np.int64)
+    cur = np.zeros_like(ref)
+    lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
+
+    def buckets(x, c):
+        cell = [-1] * d
+        for j in dims[c]:
+            if j < 0:
+                break
+            g = hi[j] - lo[j]
+            v = (x[j] - lo[j]) / g if g > 0 else 0.0
+            cell[j] = math.floor((v + alpha[c, j]) / f[c])
+        out = []
+        for r in range(n_rows):
+            h = c * 131 + r
+            for j in range(d):
+                h = ((h ^ ((cell[j] + 2) & M64)) * mult[r]) & M64
+                h ^= h >> 29
+            out.append(h % n_buckets)
+        return out
+
+    scores = np.zeros(len(X))
+    for i, x in enumerate(np.asarray(X, dtype=np.float64)):
+        if i >= window:
+            scores[i] = -np.mean([math.log2(min(ref[c, r, b] for r, b in enumerate(buckets(x, c))) + 1.0) for c in range(m)])
+        lo, hi = np.minimum(lo, x), np.maximum(hi, x)
+        for c in range(m):
+            for r, b in enumerate(buckets(x, c)):
+                cur[c, r, b] += 1
+        if (i + 1) % window == 0:
+            ref, cur = cur, np.zeros_like(cur)
+    return scores

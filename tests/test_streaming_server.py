@@ -135,3 +135,26 @@ def test_several_workers_refused_for_a_streaming_model(tmp_path, rng):
     assert r.returncode == 2
     assert "learns while it scores" in r.stderr and "--workers 1" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_registry_snapshot_publishes_the_checkpointed_state(tmp_path, rng):
+    from outlierd.core.streaming import write_checkpoint
+
+    art = _publish(tmp_path, rng.random((200, D)))
+    live = load_model(art)
+    X = rng.random((1500, D))
+    live.score_update(X[:900])
+    arrays, pos = live.stream.snapshot()
+    write_checkpoint(tmp_path / "ck", "s", 1, "hst", arrays, pos)
+    r = run_cli("registry", "snapshot", "--registry", str(tmp_path / "reg"), "--model", "s", "--checkpoint-dir",
+                str(tmp_path / "ck"), "--alias", "frozen")
+    assert r.returncode == 0, r.stderr
+    assert "version 2" in r.stdout and "position 1100" in r.stdout
+    reg = Registry(tmp_path / "reg")
+    assert reg.resolve("s", "frozen") == 2
+    frozen = reg.load("s", "frozen")  # probe verified against the snapshot's state
+    assert frozen.manifest["lineage"]["snapshot"] == {**frozen.manifest["lineage"]["snapshot"], "of_version": 1, "position": 1100}
+    assert np.array_equal(frozen.score_update(X[900:]), live.score_update(X[900:]))
+    r = run_cli("registry", "snapshot", "--registry", str(tmp_path / "reg"), "--model", "s", "--checkpoint-dir",
+                str(tmp_path / "nothing"))
+    assert r.returncode != 0 and "no checkpoint of model 's' version 1" in r.stderr and "Traceback" not in r.stderr

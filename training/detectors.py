@@ -28,9 +28,9 @@ DEFAULT_K = 20  # knn / lof neighbours (fit_knn, fit_lof)
 #   give 10 validation rows.
 # - stacked: fits iforest, robust_z, hbos and knn on the same rows: the largest of theirs.
 MIN_FIT_ROWS: dict[str, int] = {"iforest": 32, "hbos": 32, "robust_z": 16, "knn": DEFAULT_K + 1,
-                                "lof": DEFAULT_K + 1, "autoencoder": 100, "stacked": 32, "hst": 1}
+                                "lof": DEFAULT_K + 1, "autoencoder": 100, "stacked": 32, "hst": 1, "rshash": 1}
 # Detectors that learn while they score (core.streaming): training learns the rows in order.
-STREAMING_DETECTORS = ("hst",)
+STREAMING_DETECTORS = ("hst", "rshash")
 
 
 def min_fit_rows(detector: str) -> int:
@@ -152,3 +152,13 @@ def fit_hst(X: np.ndarray, *, seed: int = 0, n_trees: int = 25, height: int = 15
     m = HalfSpaceTrees.new(X.shape[1], n_trees=n_trees, height=height, window_size=window_size, minmax=True, seed=seed)
     m.update(X)
     return {"kind": "hst", "params": {**m.params(), "seed": seed}}, m.arrays()
+
+
+def fit_rshash(X: np.ndarray, *, seed: int = 0, n_components: int = 100,
+               window_size: int = 256) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Streaming RS-Hash that has learned ``X`` in order; the arrays are its initial state when served."""
+    from outlierd.core.rshash import RSHash
+
+    m = RSHash.new(X.shape[1], n_components=n_components, window_size=window_size, seed=seed)
+    m.update(X)
+    return {"kind": "rshash", "params": {**m.params(), "seed": seed}}, m.arrays()

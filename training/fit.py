@@ -11,7 +11,7 @@ import numpy as np
 
 from outlierd.core.preprocess import Preprocessing
 
-from .detectors import fit_hbos, fit_hst, fit_iforest, fit_knn, fit_lof, fit_robust_z
+from .detectors import fit_hbos, fit_hst, fit_iforest, fit_knn, fit_lof, fit_robust_z, fit_rshash
 from .export import export_detector, export_sklearn
 from .lineage import base_lineage
 
@@ -33,6 +33,8 @@ def fit_and_export(detector: str, X: np.ndarray, names: list[str], prep: Preproc
         spec, arrays = (fit_knn if detector == "knn" else fit_lof)(Xp, seed=seed)
     elif detector == "hst":
         spec, arrays = fit_hst(Xp, seed=seed)
+    elif detector == "rshash":
+        spec, arrays = fit_rshash(Xp, seed=seed)
     else:
         fit: Callable[..., tuple[dict[str, Any], dict[str, np.ndarray]]] = fit_robust_z if detector == "robust_z" else fit_hbos
         spec, arrays = fit(Xp)
