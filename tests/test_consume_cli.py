@@ -57,3 +57,13 @@ def test_consumer_manifest_args_parse_with_the_cli():
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert args.health_port == ports["health"] == c["startupProbe"]["grpc"]["port"]
     assert json.dumps(doc)  # plain data
+
+
+def test_compose_consumer_command_parses():
+    from outlierd.cli import build_parser
+
+    compose = yaml.safe_load((K8S.parent / "compose.yaml").read_text())
+    svc = compose["services"]["consumer"]
+    assert svc["profiles"] == ["kafka"] and svc["build"]["args"]["OUTLIERD_EXTRAS"] == "kafka"
+    args = build_parser().parse_args([*svc["entrypoint"][1:], *svc["command"]])
+    assert args.source.startswith("kafka://kafka:9092/") and args.group
