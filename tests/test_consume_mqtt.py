@@ -80,15 +80,7 @@ class Publisher:
         self.client.loop_stop()
 
 
-def test_mqtt_scores_every_acknowledged_message(tmp_path, registry):  # noqa: F811
-    run_stream(tmp_path, registry, restart=False)
-
-
-@pytest.mark.slow
 def test_mqtt_broker_restart_loses_nothing_acknowledged(tmp_path, registry):  # noqa: F811
-    # NOTE: known to fail here: ~100 messages acknowledged around a broker restart are not seen
-    # scored by the collector (whether the consumer or the collector's session lost them is not
-    # yet known); slow-marked so CI stays green while it is open
     run_stream(tmp_path, registry, restart=True)
 
 
