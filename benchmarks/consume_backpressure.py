@@ -40,6 +40,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--rate", type=int, default=50000, help="producer's records/s cap")
+    ap.add_argument("--trees", type=int, default=2000, help="Isolation Forest trees: a slow model, so the producer is faster")
     a = ap.parse_args()
     from confluent_kafka import Consumer, Producer, TopicPartition
     from sklearn.ensemble import IsolationForest
@@ -49,7 +50,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     Xt = np.random.default_rng(0).standard_normal((2000, D))
-    Registry(tmp / "reg").publish("m", export_sklearn(IsolationForest(n_estimators=100, random_state=0).fit(Xt), tmp / "a",
+    Registry(tmp / "reg").publish("m", export_sklearn(IsolationForest(n_estimators=a.trees, random_state=0).fit(Xt), tmp / "a",
                                                       X_train=Xt, feature_names=[f"f{j}" for j in range(D)]),
                                   aliases=("champion",))
     broker = Tansu()

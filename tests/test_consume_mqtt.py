@@ -59,7 +59,7 @@ class Publisher:
         self.infos: list = []
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="telemetry-pub", clean_session=False,
                         protocol=mqtt.MQTTv311)
-        c.max_inflight_messages_set(100)
+        c.max_inflight_messages_set(1000)
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(0.1, 2)
         c.connect("127.0.0.1", port, keepalive=10)
@@ -127,11 +127,13 @@ def run_stream(tmp_path, registry, restart: bool) -> None:  # noqa: F811
             pub.close()
         broker.stop()
     acked = {r for r in pub.acked() if r.startswith("m-")}
-    assert len(acked) >= M * 0.9, f"the broker acknowledged only {len(acked)} of {M}"
     outs = [json.loads(p) for p in collector.all("scores")]
     scored = {o["id"] for o in outs}
     missing = acked - scored
+    print(f"{M} published, {len(acked)} acknowledged by the broker, {len(missing)} of those not scored, "
+          f"{len(outs) - len(scored)} duplicate results")
     assert not missing, f"{len(missing)} acknowledged messages never scored, e.g. {sorted(missing)[:5]}"
+    assert len(acked) >= M * 0.9, f"the broker acknowledged only {len(acked)} of {M}"
     ref = reference_scores(registry, X)
     for o in outs:
         if o["id"].startswith("m-"):
