@@ -145,6 +145,7 @@ def test_at_least_once_survives_sigkill(broker, registry):
     counts = check_scores(outs, registry, X, "t-")
     assert set(counts) == {f"t-{i}" for i in range(N)}  # nothing lost
     dups = sum(c - 1 for c in counts.values())
+    print(f"at-least-once: {N} records, {len(outs)} results, {dups} duplicates (one batch: {INFLIGHT})")
     assert dups <= INFLIGHT, f"{dups} duplicates; at most one batch ({INFLIGHT}) was in flight at the kill"
     alerts = broker.read(f"{topic}-alerts", idle=2)
     assert alerts and all(json.loads(m.value())["anomalous"] and json.loads(m.value())["explanation"] for m in alerts)
@@ -163,6 +164,9 @@ def test_exactly_once_survives_sigkill(broker, registry):
     finally:
         stop(*procs)
     outs = broker.read(f"{topic}-out", committed=True, idle=3)
+    raw = broker.read(f"{topic}-out", idle=3)
+    print(f"exactly-once: {N} records; read_committed sees {len(outs)} results, read_uncommitted {len(raw)} "
+          "(the difference: the killed consumer's aborted transaction)")
     counts = check_scores(outs, registry, X, "e-")
     assert set(counts) == {f"e-{i}" for i in range(N)}
     assert max(counts.values()) == 1, f"{sum(c - 1 for c in counts.values())} duplicates seen by read_committed"
