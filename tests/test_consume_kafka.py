@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -112,8 +113,8 @@ def check_scores(outs: list, registry: Path, X: np.ndarray, prefix: str) -> dict
 
 
 def kill_and_restart(broker, registry, topic, group, X, prefix, extra=()):
-    """Half the stream in, two consumers, one SIGKILLed once a quarter of the results are out, the
-    other half of the stream in (so the kill is mid-stream whatever the speed), the killed one restarted."""
+    """Half the stream in, two consumers; once a quarter of the results are out, the other half flows
+    in and one consumer is SIGKILLed a second later (mid-stream whatever the speed), then restarted."""
     msgs = list(messages(X, prefix))
     broker.produce(topic, msgs[:N // 2])
     a = consumer(broker, registry, topic, group, "--instance", "a", *extra)
@@ -121,9 +122,13 @@ def kill_and_restart(broker, registry, topic, group, X, prefix, extra=()):
     procs = [a, b]
     try:
         wait_outputs(broker, f"{topic}-out", N // 4, 120, procs)
+        # the rest of the stream flows in while the consumers are busy, and one dies mid-batch
+        feeder = threading.Thread(target=broker.produce, args=(topic, msgs[N // 2:]))
+        feeder.start()
+        time.sleep(1.0)
         a.send_signal(signal.SIGKILL)
         a.wait()
-        broker.produce(topic, msgs[N // 2:])
+        feeder.join()
         a2 = consumer(broker, registry, topic, group, "--instance", "a", *extra)
         procs = [a2, b]
         return procs
