@@ -70,14 +70,22 @@ def run(args: argparse.Namespace) -> int:
     settings.validate()
     alerts = bool(args.alerts) and args.explain
     if scheme == "kafka":
-        from outlierd.server.kafka_consumer import KafkaConsumerLoop, KafkaOptions
+        from outlierd.server.kafka_consumer import KafkaConsumerLoop, KafkaOptions, parse_url
+
+        for url in (args.source, args.out, args.alerts, args.dlq):  # before the model loads
+            if url:
+                parse_url(url)
 
         if not args.group:
             raise InvalidInputError("--group is required for a kafka:// source (the consumer group that shares its partitions)")
         opts = KafkaOptions(args.source, args.group, args.out, args.alerts, args.dlq, args.guarantee, args.max_inflight,
                             instance=args.instance)
     else:
-        from outlierd.server.mqtt_consumer import MqttConsumerLoop, MqttOptions
+        from outlierd.server.mqtt_consumer import MqttConsumerLoop, MqttOptions, parse_url as parse_mqtt
+
+        for url in (args.source, args.out, args.alerts, args.dlq):
+            if url:
+                parse_mqtt(url)
 
         mopts = MqttOptions(args.source, args.out, args.alerts, args.dlq, client_id=args.group or f"outlierd-{args.model}",
                             qos=args.qos, max_inflight=args.max_inflight)

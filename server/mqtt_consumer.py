@@ -101,6 +101,8 @@ class MqttConsumerLoop:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self.published: set[int] = set()  # mids the broker acknowledged (set.add: atomic, no lock with paho's)
         self.client = client
 
     def _topic(self, url: str) -> str:
@@ -123,6 +125,9 @@ class MqttConsumerLoop:
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
         log.warning("disconnected (%s); reconnecting", reason)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self.published.add(mid)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self.inbox.put((self.generation, msg))
@@ -167,6 +172,7 @@ class MqttConsumerLoop:
         res = await self.core.process(msgs)
         infos = []
         qos = self.opts.qos
+        self.published.clear()
         for o in res.results:
             infos.append(self.client.publish(self.out_topic, o.value, qos=qos))
         if self.alert_topic is not None:
@@ -195,10 +201,14 @@ class MqttConsumerLoop:
                            "topic": h["source.topic"].decode(), "payload": payload}).encode()
 
     def _wait_published(self, infos: list[Any]) -> None:
-        """Until the broker acknowledged every publication (paho re-sends them after a reconnect)."""
+        """Until the broker acknowledged every publication. NOTE: by the PUBACK callback, not
+        ``info.is_published()``: a publication queued while disconnected keeps rc NO_CONN (and
+        is_published raises) though paho sends it after the reconnect."""
         deadline = time.monotonic() + self.opts.publish_timeout_s
+        if self.opts.qos == 0:
+            return
         for info in infos:
-            while not info.is_published():
+            while info.mid not in self.published:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the broker did not acknowledge results within {self.opts.publish_timeout_s:g} s")
                 time.sleep(0.01)

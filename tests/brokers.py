@@ -5,6 +5,7 @@ exactly what is missing."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
@@ -138,7 +139,9 @@ class Mosquitto:
         self.port = free_port()
         self.dir = tmp
         conf = tmp / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        # NOTE: `user`: run as root, mosquitto drops to its own user, which cannot write our tmp dir
+        # (its database would silently not be saved, and a restart would lose the sessions)
+        conf.write_text(f"user {getpass.getuser()}\nlistener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
                         f"persistence_location {tmp}/\nautosave_interval 1\nmax_queued_messages 0\n"
                         "max_inflight_messages 0\nmessage_size_limit 0\n")
         self.conf = conf

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -112,8 +113,8 @@ def check_scores(outs: list, registry: Path, X: np.ndarray, prefix: str) -> dict
 
 
 def kill_and_restart(broker, registry, topic, group, X, prefix, extra=()):
-    """Half the stream in, two consumers, one SIGKILLed once a quarter of the results are out, the
-    other half of the stream in (so the kill is mid-stream whatever the speed), the killed one restarted."""
+    """Half the stream in, two consumers; once a quarter of the results are out, the other half flows
+    in and one consumer is SIGKILLed a second later (mid-stream whatever the speed), then restarted."""
     msgs = list(messages(X, prefix))
     broker.produce(topic, msgs[:N // 2])
     a = consumer(broker, registry, topic, group, "--instance", "a", *extra)
@@ -121,9 +122,13 @@ def kill_and_restart(broker, registry, topic, group, X, prefix, extra=()):
     procs = [a, b]
     try:
         wait_outputs(broker, f"{topic}-out", N // 4, 120, procs)
+        # the rest of the stream flows in while the consumers are busy, and one dies mid-batch
+        feeder = threading.Thread(target=broker.produce, args=(topic, msgs[N // 2:]))
+        feeder.start()
+        time.sleep(1.0)
         a.send_signal(signal.SIGKILL)
         a.wait()
-        broker.produce(topic, msgs[N // 2:])
+        feeder.join()
         a2 = consumer(broker, registry, topic, group, "--instance", "a", *extra)
         procs = [a2, b]
         return procs
@@ -145,6 +150,7 @@ def test_at_least_once_survives_sigkill(broker, registry):
     counts = check_scores(outs, registry, X, "t-")
     assert set(counts) == {f"t-{i}" for i in range(N)}  # nothing lost
     dups = sum(c - 1 for c in counts.values())
+    print(f"at-least-once: {N} records, {len(outs)} results, {dups} duplicates (one batch: {INFLIGHT})")
     assert dups <= INFLIGHT, f"{dups} duplicates; at most one batch ({INFLIGHT}) was in flight at the kill"
     alerts = broker.read(f"{topic}-alerts", idle=2)
     assert alerts and all(json.loads(m.value())["anomalous"] and json.loads(m.value())["explanation"] for m in alerts)
@@ -163,6 +169,9 @@ def test_exactly_once_survives_sigkill(broker, registry):
     finally:
         stop(*procs)
     outs = broker.read(f"{topic}-out", committed=True, idle=3)
+    raw = broker.read(f"{topic}-out", idle=3)
+    print(f"exactly-once: {N} records; read_committed sees {len(outs)} results, read_uncommitted {len(raw)} "
+          "(the difference: the killed consumer's aborted transaction)")
     counts = check_scores(outs, registry, X, "e-")
     assert set(counts) == {f"e-{i}" for i in range(N)}
     assert max(counts.values()) == 1, f"{sum(c - 1 for c in counts.values())} duplicates seen by read_committed"

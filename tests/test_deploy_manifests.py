@@ -249,7 +249,7 @@ def test_kustomization_lists_every_manifest():
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     listed = kust["resources"]
     assert all((K8S / r).is_file() for r in listed)
-    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "train-job.yaml", "retrain-cronjob.yaml", "postgres-secret.yaml"}
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "train-job.yaml", "retrain-cronjob.yaml", "postgres-secret.yaml", "consumer.yaml"}
     assert set(listed) == on_disk and len(listed) == len(set(listed))
     image = _container(_one("Deployment"))["image"].split(":")[0]
     assert image in {i["name"] for i in kust.get("images", [])}
