@@ -193,6 +193,77 @@ def validate_label(label: str) -> str:
         raise InvalidInputError(f"label must be one of {', '.join(LABELS)}; got {label!r}")
     return label
 
+@dataclass(frozen=True)
+class CaptureRows:
+    """One ``add_predictions`` call's columns, validated and laid out for writing (both stores)."""
+    n: int
+    d: int
+    ids: list[str]
+    blobs: list[bytes]      # each record's features, little-endian float32
+    flags: list[int]        # bit 0 flagged, bit 1 sampled
+    scores: np.ndarray
+    lat: np.ndarray
+    role: str
+    flagged: np.ndarray
+    sampled: np.ndarray
+    rate: np.ndarray
+    # rows sharing (ts, sample rate) share a batch row: all of them when both are one value
+    parts: dict[tuple, list[int]]
+
+    def totals(self, model: str) -> tuple:
+        """The capture_totals increment: flagged, sampled-unflagged, their inverse-rate weight, those without a rate."""
+        su = self.sampled & ~self.flagged
+        usable = su & np.isfinite(self.rate) & (self.rate > 0)
+        return (model, self.role, int(self.flagged.sum()), int(su.sum()), float(np.sum(1.0 / self.rate[usable])),
+                int(su.sum() - usable.sum()))
+
+
+def capture_rows(role: str, record_ids: Sequence[str], X: np.ndarray, scores: np.ndarray, flagged: np.ndarray,
+                 sampled: np.ndarray, latency_us: float | np.ndarray, ts: float | np.ndarray | None,
+                 sample_rate: float | np.ndarray) -> CaptureRows | None:
+    """Validate one capture call (InvalidInputError naming what is wrong); None when it holds no record.
+    ``latency_us``, ``ts`` (default: now) and ``sample_rate`` are one value for all rows or one per row."""
+    n = len(record_ids)
+    X = np.ascontiguousarray(X, dtype="<f4")
+    if X.ndim != 2 or X.shape[0] != n:
+        raise InvalidInputError(f"X must be (n_records, n_features) with n_records={n}; got shape {X.shape}")
+    scores = np.asarray(scores, dtype=np.float64)
+    flagged, sampled = np.asarray(flagged, dtype=bool), np.asarray(sampled, dtype=bool)
+    for name, a in (("scores", scores), ("flagged", flagged), ("sampled", sampled)):
+        if a.shape != (n,):
+            raise InvalidInputError(f"{name} must hold one value per record ({n}); got shape {a.shape}")
+    if role not in ROLES:
+        raise InvalidInputError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+    if n == 0:
+        return None
+    lat = np.broadcast_to(np.asarray(latency_us, dtype=np.float64), (n,))
+    rate = np.broadcast_to(np.asarray(sample_rate, dtype=np.float64), (n,))
+    when = np.broadcast_to(np.asarray(time.time() if ts is None else ts, dtype=np.float64), (n,))
+    d = X.shape[1]
+    # columns to Python lists in C (.tolist), rows by zip: this runs for every captured record.
+    buf, rb = X.tobytes(), 4 * d
+    blobs = [buf[i:i + rb] for i in range(0, n * rb, rb)]
+    flags = (flagged.astype(np.int8) | (sampled.astype(np.int8) << 1)).tolist()
+    parts: dict[tuple, list[int]] = {}
+    if np.ndim(sample_rate) == 0 and (ts is None or np.ndim(ts) == 0):
+        parts[(float(when[0]), None if np.isnan(rate[0]) else float(rate[0]))] = list(range(n))
+    else:
+        for i, (t, r) in enumerate(zip(when.tolist(), rate.tolist())):
+            parts.setdefault((t, None if r != r else r), []).append(i)
+    return CaptureRows(n, d, list(map(str, record_ids)), blobs, flags, scores, lat, role, flagged, sampled, rate, parts)
+
+
+def validate_labels(rows: Sequence[LabelRow]) -> None:
+    """InvalidInputError naming the first label row that cannot be stored."""
+    for i, r in enumerate(rows):
+        if not r.record_id:
+            raise InvalidInputError(f"label {i}: record_id is empty")
+        try:
+            validate_label(r.label)
+        except ValueError as e:
+            raise InvalidInputError(f"label {i} (record_id {r.record_id!r}): {e}") from None
+
+
 
 _SCHEMA = """  -- statements are split on semicolons: none in comments
 
@@ -328,39 +399,11 @@ class SQLiteStore:
                         ts: float | np.ndarray | None = None, *, sample_rate: float | np.ndarray = float("nan")) -> None:
         """Append captured records in one (non-fsynced) transaction. ``latency_us``, ``ts`` (default:
         now) and ``sample_rate`` are one value for all rows or one per row."""
-        n = len(record_ids)
-        X = np.ascontiguousarray(X, dtype="<f4")
-        if X.ndim != 2 or X.shape[0] != n:
-            raise InvalidInputError(f"X must be (n_records, n_features) with n_records={n}; got shape {X.shape}")
-        scores = np.asarray(scores, dtype=np.float64)
-        flagged, sampled = np.asarray(flagged, dtype=bool), np.asarray(sampled, dtype=bool)
-        for name, a in (("scores", scores), ("flagged", flagged), ("sampled", sampled)):
-            if a.shape != (n,):
-                raise InvalidInputError(f"{name} must hold one value per record ({n}); got shape {a.shape}")
-        if role not in ROLES:
-            raise InvalidInputError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
-        if n == 0:
+        rows = capture_rows(role, record_ids, X, scores, flagged, sampled, latency_us, ts, sample_rate)
+        if rows is None:
             return
-        lat = np.broadcast_to(np.asarray(latency_us, dtype=np.float64), (n,))
-        rate = np.broadcast_to(np.asarray(sample_rate, dtype=np.float64), (n,))
-        when = np.broadcast_to(np.asarray(time.time() if ts is None else ts, dtype=np.float64), (n,))
-        d = X.shape[1]
-        # columns to Python lists in C (.tolist), rows by zip: this runs for every captured record.
-        # SQLite stores a NaN as NULL (unknown rate / latency).
-        buf, rb = X.tobytes(), 4 * d
-        blobs = [buf[i:i + rb] for i in range(0, n * rb, rb)]
-        flags = (flagged.astype(np.int8) | (sampled.astype(np.int8) << 1)).tolist()
-        ids = list(map(str, record_ids))
-        # rows sharing (ts, sample rate) share a batch row: all of them when both are one value
-        parts: dict[tuple, list[int]] = {}
-        if np.ndim(sample_rate) == 0 and (ts is None or np.ndim(ts) == 0):
-            parts[(float(when[0]), None if np.isnan(rate[0]) else float(rate[0]))] = list(range(n))
-        else:
-            for i, (t, r) in enumerate(zip(when.tolist(), rate.tolist())):
-                parts.setdefault((t, None if r != r else r), []).append(i)
-        su = sampled & ~flagged
-        usable = su & np.isfinite(rate) & (rate > 0)
-        totals = (model, role, int(flagged.sum()), int(su.sum()), float(np.sum(1.0 / rate[usable])), int(su.sum() - usable.sum()))
+        n, d, ids, blobs, flags, parts, totals = rows.n, rows.d, rows.ids, rows.blobs, rows.flags, rows.parts, rows.totals(model)
+        scores, lat = rows.scores, rows.lat
         scores_l, lat_l = scores.tolist(), lat.tolist()
         conn = self._conn()
         with self._write(conn, durable=False):
@@ -384,13 +427,7 @@ class SQLiteStore:
 
     def add_labels(self, model: str, rows: Sequence[LabelRow]) -> list[bool]:
         """See :meth:`Store.add_labels`: one transaction, fsynced before returning."""
-        for i, r in enumerate(rows):
-            if not r.record_id:
-                raise InvalidInputError(f"label {i}: record_id is empty")
-            try:
-                validate_label(r.label)
-            except ValueError as e:
-                raise InvalidInputError(f"label {i} (record_id {r.record_id!r}): {e}") from None
+        validate_labels(rows)
         if not rows:
             return []
         now = time.time()

@@ -37,7 +37,7 @@ import numpy as np
 from outlierd.core.errors import InvalidInputError, StoreUnavailableError
 from outlierd.core.labels import ANOMALY
 
-from .store import _UNLABELLED, ROLES, LabelRow, Predictions, _columns, _stack, store_name, validate_label
+from .store import _UNLABELLED, LabelRow, Predictions, _columns, _stack, capture_rows, store_name, validate_labels
 
 CONNECT_TIMEOUT_S = 3
 RETRIES = 3
@@ -227,33 +227,11 @@ class PostgresStore:
                         ts: float | np.ndarray | None = None, *, sample_rate: float | np.ndarray = float("nan")) -> None:
         """Append captured records in one transaction (not waiting for the WAL flush), with COPY.
         Not retried after a lost connection: captures are best-effort (the caller counts them dropped)."""
-        n = len(record_ids)
-        X = np.ascontiguousarray(X, dtype="<f4")
-        if X.ndim != 2 or X.shape[0] != n:
-            raise InvalidInputError(f"X must be (n_records, n_features) with n_records={n}; got shape {X.shape}")
-        scores = np.asarray(scores, dtype=np.float64)
-        flagged, sampled = np.asarray(flagged, dtype=bool), np.asarray(sampled, dtype=bool)
-        for name, a in (("scores", scores), ("flagged", flagged), ("sampled", sampled)):
-            if a.shape != (n,):
-                raise InvalidInputError(f"{name} must hold one value per record ({n}); got shape {a.shape}")
-        if role not in ROLES:
-            raise InvalidInputError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
-        if n == 0:
+        rows = capture_rows(role, record_ids, X, scores, flagged, sampled, latency_us, ts, sample_rate)
+        if rows is None:
             return
-        lat = np.broadcast_to(np.asarray(latency_us, dtype=np.float64), (n,))
-        rate = np.broadcast_to(np.asarray(sample_rate, dtype=np.float64), (n,))
-        when = np.broadcast_to(np.asarray(time.time() if ts is None else ts, dtype=np.float64), (n,))
-        d = X.shape[1]
-        buf, rb = X.tobytes(), 4 * d
-        blobs = [buf[i:i + rb] for i in range(0, n * rb, rb)]
-        flags = (flagged.astype(np.int8) | (sampled.astype(np.int8) << 1)).tolist()
-        ids = list(map(str, record_ids))
-        parts: dict[tuple, list[int]] = {}
-        for i, (t, r) in enumerate(zip(when.tolist(), rate.tolist())):
-            parts.setdefault((t, None if r != r else r), []).append(i)
-        su = sampled & ~flagged
-        usable = su & np.isfinite(rate) & (rate > 0)
-        totals = (model, role, int(flagged.sum()), int(su.sum()), float(np.sum(1.0 / rate[usable])), int(su.sum() - usable.sum()))
+        d, ids, blobs, flags, parts, totals = rows.d, rows.ids, rows.blobs, rows.flags, rows.parts, rows.totals(model)
+        scores, lat = rows.scores, rows.lat
         scores_l = scores.tolist()
         lat_l = [None if v != v else v for v in lat.tolist()]  # NaN stored as NULL, as SQLite does
 
@@ -277,13 +255,7 @@ class PostgresStore:
 
     def add_labels(self, model: str, rows: Sequence[LabelRow]) -> list[bool]:
         """See :meth:`Store.add_labels`: one transaction, flushed to the WAL before returning."""
-        for i, r in enumerate(rows):
-            if not r.record_id:
-                raise InvalidInputError(f"label {i}: record_id is empty")
-            try:
-                validate_label(r.label)
-            except ValueError as e:
-                raise InvalidInputError(f"label {i} (record_id {r.record_id!r}): {e}") from None
+        validate_labels(rows)
         if not rows:
             return []
         now = time.time()
