@@ -399,11 +399,11 @@ class SQLiteStore:
                         ts: float | np.ndarray | None = None, *, sample_rate: float | np.ndarray = float("nan")) -> None:
         """Append captured records in one (non-fsynced) transaction. ``latency_us``, ``ts`` (default:
         now) and ``sample_rate`` are one value for all rows or one per row."""
-        rows = capture_rows(role, record_ids, X, scores, flagged, sampled, latency_us, ts, sample_rate)
-        if rows is None:
+        cap = capture_rows(role, record_ids, X, scores, flagged, sampled, latency_us, ts, sample_rate)
+        if cap is None:
             return
-        n, d, ids, blobs, flags, parts, totals = rows.n, rows.d, rows.ids, rows.blobs, rows.flags, rows.parts, rows.totals(model)
-        scores, lat = rows.scores, rows.lat
+        n, d, ids, blobs, flags, parts, totals = cap.n, cap.d, cap.ids, cap.blobs, cap.flags, cap.parts, cap.totals(model)
+        scores, lat = cap.scores, cap.lat
         scores_l, lat_l = scores.tolist(), lat.tolist()
         conn = self._conn()
         with self._write(conn, durable=False):

@@ -227,11 +227,11 @@ class PostgresStore:
                         ts: float | np.ndarray | None = None, *, sample_rate: float | np.ndarray = float("nan")) -> None:
         """Append captured records in one transaction (not waiting for the WAL flush), with COPY.
         Not retried after a lost connection: captures are best-effort (the caller counts them dropped)."""
-        rows = capture_rows(role, record_ids, X, scores, flagged, sampled, latency_us, ts, sample_rate)
-        if rows is None:
+        cap = capture_rows(role, record_ids, X, scores, flagged, sampled, latency_us, ts, sample_rate)
+        if cap is None:
             return
-        d, ids, blobs, flags, parts, totals = rows.d, rows.ids, rows.blobs, rows.flags, rows.parts, rows.totals(model)
-        scores, lat = rows.scores, rows.lat
+        d, ids, blobs, flags, parts, totals = cap.d, cap.ids, cap.blobs, cap.flags, cap.parts, cap.totals(model)
+        scores, lat = cap.scores, cap.lat
         scores_l = scores.tolist()
         lat_l = [None if v != v else v for v in lat.tolist()]  # NaN stored as NULL, as SQLite does
 
