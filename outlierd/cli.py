@@ -54,8 +54,8 @@ def _add_train(sub: Any) -> None:
                    help="choose the detector by out-of-fold PR-AUC on the labelled records among these comma-separated "
                         "candidates: iforest, iforest_1024, robust_z, hbos, knn, lof, stacked (implies --detector auto; "
                         "default candidates of auto: iforest,iforest_1024,robust_z,hbos,knn,stacked)")
-    p.add_argument("--min-labels", type=int, default=5, metavar="N",
-                   help="labelled anomalies and normals (each) needed for the stacked model (default 5)")
+    p.add_argument("--min-labels", type=int, default=3, metavar="N",
+                   help="labelled anomalies and normals (each) needed for the stacked model (default 3)")
     p.add_argument("--folds", type=int, default=5, metavar="K", help="folds of the out-of-fold evaluation (default 5)")
     p.add_argument("--alert-rate", type=float, default=0.01, metavar="R", help="share of records to flag (default 0.01)")
     p.add_argument("--alias", metavar="ALIAS", help="alias to point at the new version, e.g. champion")

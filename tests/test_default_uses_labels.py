@@ -56,7 +56,7 @@ def cardio_one_percent(tmp_path_factory):
     for i in reveal:
         labels[i] = int(y[tr][i])
     data = _write(tmp / "l.csv", X[tr], names, labels)
-    return {"X": X, "y": y, "te": te, "reg": reg, "data": data, "unsup": unsup, "unsup_out": unsup_out,
+    return {"X": X, "y": y, "tr": tr, "te": te, "reg": reg, "data": data, "unsup": unsup, "unsup_out": unsup_out,
             "anomalies": int(y[tr][reveal].sum()), "labelled": int(reveal.size)}
 
 
@@ -104,3 +104,23 @@ def test_default_with_too_few_labels_of_a_kind_stays_iforest(tmp_path, rng):
     assert (choice["resolved"], choice["chosen"], model.kind) == ("iforest", "iforest", "iforest")
     assert "fewer than 2 of each kind" in choice["reason"]
     assert model.manifest["lineage"]["labels"]["excluded_anomalies"] == 1  # labels still used as before
+
+
+def test_default_stacks_with_three_labelled_anomalies(cardio_one_percent, tmp_path):
+    """With 3 labelled anomalies (below the former minimum of 5) the default fits the stacked model
+    with a small weight on the labels (alpha = 3 / 13), and it ranks the held-out rows better than
+    the unsupervised model (scikit-learn's average precision on rows no model saw)."""
+    d = cardio_one_percent
+    labels = pacsv.read_csv(d["data"]).column("label").to_pylist()
+    anomalies = [i for i, v in enumerate(labels) if v == 1]
+    assert len(anomalies) > 3
+    for i in anomalies[3:]:
+        labels[i] = None  # keep the labels of 3 anomalies and of every labelled normal
+    names = [c for c in pacsv.read_csv(d["data"]).column_names if c != "label"]
+    data = _write(tmp_path / "three.csv", d["X"][d["tr"]], names, labels)
+    out, model = _train_json("--data", data, "--registry", d["reg"], "--model", "three", "--label-column", "label")
+    assert model.manifest["lineage"]["detector_choice"]["anomalies"] == 3
+    assert out["metrics"]["chosen"] == model.kind == "stacked"
+    assert out["metrics"]["stacked_alpha"] == pytest.approx(3 / 13)
+    ap_u, ap_d = _pr_auc(d, d["unsup"]), _pr_auc(d, model)
+    assert ap_d > ap_u, (ap_u, ap_d)

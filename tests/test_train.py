@@ -227,7 +227,7 @@ def test_publish_reprobes_by_default_and_checks_checksums_without(tmp_path, rng,
     [
         ({"alert_rate": 1.5}, "--alert-rate", "must be in (0, 1); got 1.5"),
         ({"detector": "magic"}, "detector", "choose one of iforest, robust_z, hbos, knn, lof, autoencoder, auto, stacked"),
-        ({"folds": 1, "label_column": "label"}, "--folds", "must be at least 2; got 5 and 1"),
+        ({"folds": 1, "label_column": "label"}, "--folds", "must be at least 2; got 3 and 1"),
         ({"select": "iforest", "detector": "hbos"}, "--select", "drop --detector hbos"),
         ({"select": "iforest,magic", "detector": "auto"}, "--select", "got ['magic']"),
         ({"detector": "auto"}, "--label-column", "label-aware training needs labels"),
