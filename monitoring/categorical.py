@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from outlierd.core.features.events import hash_text
+from outlierd.core.features.kernel import bucket_counts
 
 from .drift import psi
 
@@ -54,18 +55,9 @@ class CategoryReference:
         counts = np.zeros(k + 1, dtype=np.int64)
         if hashes.size == 0:
             return counts, 0
-        if k:
-            at = np.minimum(np.searchsorted(self._top_sorted, hashes), k - 1)
-            hit = self._top_sorted[at] == hashes
-            counts[:k] = np.bincount(self._top_order[at[hit]], minlength=k)
-            counts[k] = int((~hit).sum())
-        else:
-            counts[0] = hashes.size
-        unseen = hashes.size
-        if self._known.size:
-            at = np.minimum(np.searchsorted(self._known, hashes), self._known.size - 1)
-            unseen = int((self._known[at] != hashes).sum())
-        return counts, unseen
+        # one compiled pass (two binary searches an event) rather than several NumPy temporaries
+        unseen = bucket_counts(self._top_sorted, self._top_order, self._known, np.ascontiguousarray(hashes, dtype=np.int64), counts)
+        return counts, int(unseen)
 
     def drift(self, counts: np.ndarray, unseen: int) -> CategoryDrift:
         n = int(counts.sum())

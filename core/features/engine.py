@@ -62,11 +62,20 @@ class FittedCategories:
                 out[f.column[0]] = {values[j]: float(counts[j]) / n for j in order if counts[j] > 0}
         return cls(out)
 
-    def encode(self, column: str, how: str, cats: Categories, buckets: int) -> np.ndarray:
+    def encode(self, column: str, how: str, cats: Categories, buckets: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Each row's code (``out``: written there, e.g. a column of the feature matrix)."""
+        hashes = cats.hashes()
+        if out is None:
+            out = np.empty(hashes.shape[0])
         if how == "hash":
-            return (cats.hashes().view(np.uint64) % np.uint64(buckets)).astype(np.float64)
-        _, freq, code = self._lookup(column, cats.hashes())
-        return freq if how == "frequency" else code
+            out[:] = hashes.view(np.uint64) % np.uint64(buckets)
+            return out
+        table = self._tables.get(column)
+        if table is None or table[0].size == 0:
+            out[:] = 0.0
+            return out
+        K.lookup_sorted(table[0], table[1] if how == "frequency" else table[2], hashes, out)
+        return out
 
     def unseen(self, column: str, cats: Categories) -> np.ndarray:
         """Per row: True when the value was not in training (for the categorical monitoring)."""
@@ -97,6 +106,9 @@ class FeatureEngine:
         self.state: dict[str, np.ndarray] = {}
         self._allocate(0)
         self._plan_cache = self._plan()
+        # the stateless features' columns, worked out once: (feature, first output column)
+        self._stateless_plan = [(f, k) for f, k in zip(spec.features, np.cumsum([0] + [len(f.outputs) for f in spec.features]).tolist())
+                                if f.kind in ("numeric", "category", "time_of_day", "day_of_week")]
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -211,8 +223,8 @@ class FeatureEngine:
         return plan
 
     def transform_batch(self, b: EventBatch, fitted: FittedCategories | None = None) -> np.ndarray:
-        """Features of a decoded batch in its order (``(n, n_features)`` float64; a column-major
-        array: each feature is written as one contiguous column)."""
+        """Features of a decoded batch in its order (``(n, n_features)`` float64, C order: a row is
+        an event, as the scorer takes it)."""
         n = b.n
         V, C = len(self.value_cols), len(self.hash_cols)
         vals = np.empty((n, V))
@@ -222,7 +234,7 @@ class FeatureEngine:
         for j, c in enumerate(self.hash_cols):
             hashes[:, j] = b.categories[c].hashes()
         lat, lon = b.geo if b.geo is not None else (np.empty(0), np.empty(0))
-        out = np.empty((len(self.spec.output_names), n))
+        out = np.empty((n, len(self.spec.output_names)))
         plan = self._plan_cache
         start = 0
         while True:
@@ -236,32 +248,32 @@ class FeatureEngine:
                 break
             self._allocate(min(self.spec.max_entities, max(_GROW, 2 * self.capacity)))
         self._stateless(b, fitted or self.fitted, out)
-        return out.T
+        return out
 
     def _stateless(self, b: EventBatch, fitted: FittedCategories, out: np.ndarray) -> None:
-        """The features that need no entity state, a column at a time."""
-        k = 0
-        for f in self.spec.features:
+        """The features that need no entity state, a column at a time (``out[:, k]``)."""
+        for f, k in self._stateless_plan:
             if f.kind == "numeric":
                 x = b.numeric[f.column[0]]
                 if f.transform == "log1p":
                     with np.errstate(invalid="ignore", divide="ignore"):
-                        x = np.log1p(x)
+                        np.log1p(x, out=out[:, k])
                 elif f.transform == "clip":
-                    x = np.clip(x, f.clip[0], f.clip[1])
-                out[k] = x
+                    np.clip(x, f.clip[0], f.clip[1], out=out[:, k])
+                else:
+                    out[:, k] = x
             elif f.kind == "category":
-                out[k] = fitted.encode(f.column[0], f.encode, b.categories[f.column[0]], f.buckets)
+                fitted.encode(f.column[0], f.encode, b.categories[f.column[0]], f.buckets, out=out[:, k])
             elif f.kind == "time_of_day":
-                angle = (2.0 * math.pi / 86400.0) * np.mod(b.time, 86400.0)
-                np.sin(angle, out=out[k])
-                np.cos(angle, out=out[k + 1])
+                angle = np.mod(b.time, 86400.0)
+                angle *= 2.0 * math.pi / 86400.0
+                np.sin(angle, out=out[:, k])
+                np.cos(angle, out=out[:, k + 1])
             elif f.kind == "day_of_week":
                 dow = np.mod(np.floor(b.time / 86400.0) + 3.0, 7.0)  # 1970-01-01 was a Thursday; Monday = 0
                 angle = (2.0 * math.pi / 7.0) * dow
-                np.sin(angle, out=out[k])
-                np.cos(angle, out=out[k + 1])
-            k += len(f.outputs)
+                np.sin(angle, out=out[:, k])
+                np.cos(angle, out=out[:, k + 1])
 
 
 def take_batch(b: EventBatch, order: np.ndarray) -> EventBatch:

@@ -93,11 +93,58 @@ AGG_INDEX = {"sum": 0, "mean": 1, "min": 2, "max": 3, "std": 4, "relative": 5}
 
 
 @nb.njit(cache=True, nogil=True)
+def lookup_sorted(keys, values, hashes, out):
+    """``out[i]`` = ``values[j]`` where ``keys[j] == hashes[i]`` (``keys`` sorted), else 0.0: a
+    category's learned frequency or code per event, in one pass without temporaries."""
+    m = keys.shape[0]
+    for i in range(hashes.shape[0]):
+        h = hashes[i]
+        lo, hi = 0, m
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if keys[mid] < h:
+                lo = mid + 1
+            else:
+                hi = mid
+        out[i] = values[lo] if lo < m and keys[lo] == h else 0.0
+
+
+@nb.njit(cache=True, nogil=True)
+def _find_sorted(keys, h):
+    lo, hi = 0, keys.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if keys[mid] < h:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < keys.shape[0] and keys[lo] == h else -1
+
+
+@nb.njit(cache=True, nogil=True)
+def bucket_counts(top_sorted, top_order, known, hashes, counts):
+    """Category monitoring: events per top value (``counts[top_order[j]]``, ``top_sorted`` sorted)
+    and in the last bucket (every other value); returns how many values ``known`` (sorted) lacks."""
+    k = top_sorted.shape[0]
+    unseen = 0
+    for i in range(hashes.shape[0]):
+        h = hashes[i]
+        j = _find_sorted(top_sorted, h)
+        if j >= 0:
+            counts[top_order[j]] += 1
+        else:
+            counts[k] += 1
+        if _find_sorted(known, h) < 0:
+            unseen += 1
+    return unseen
+
+
+@nb.njit(cache=True, nogil=True)
 def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
         meta, tab_key, tab_slot, slot_key, used, free, head, size, ring_t, ring_v, ring_h,
         last_t, last_lat, last_lon, seen, seen_n,
         count_col, agg_col, distinct_col, new_col, since_col, km_col, speed_col, out):
-    """Process events ``start..n-1`` in order, writing each feature into ``out[column, event]`` where
+    """Process events ``start..n-1`` in order, writing each feature into ``out[event, column]`` where
     the plan (``*_col``: a column, or -1 when the spec does not ask for it) says; returns n, or the
     index of the first event that needs more slots than the arrays hold (the caller grows them and
     calls again from there)."""
@@ -144,13 +191,13 @@ def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
             meta[LATE] += 1
         since = t - prev  # NaN on the first event
         if since_col >= 0:
-            out[since_col, i] = since
+            out[i, since_col] = since
         if geo:
             km = np.nan if math.isnan(prev) else haversine(last_lat[s], last_lon[s], lat[i], lon[i])
             if km_col >= 0:
-                out[km_col, i] = km
+                out[i, km_col] = km
             if speed_col >= 0:
-                out[speed_col, i] = km / (since / 3600.0) if since > 0 else np.nan
+                out[i, speed_col] = km / (since / 3600.0) if since > 0 else np.nan
             last_lat[s] = lat[i]
             last_lon[s] = lon[i]
         last_t[s] = t
@@ -181,7 +228,7 @@ def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
                     cnt += 1
                 first = hd + sz - cnt
                 if count_col[w] >= 0:
-                    out[count_col[w], i] = cnt
+                    out[i, count_col[w]] = cnt
                 for v in range(V):
                     acc = 0.0
                     mn = np.inf
@@ -194,23 +241,25 @@ def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
                         if x > mx:
                             mx = x
                     mean = acc / cnt
-                    col = agg_col[w, v]
-                    if col[0] >= 0:
-                        out[col[0], i] = acc
-                    if col[1] >= 0:
-                        out[col[1], i] = mean
-                    if col[2] >= 0:
-                        out[col[2], i] = mn
-                    if col[3] >= 0:
-                        out[col[3], i] = mx
-                    if col[4] >= 0:
+                    # scalars, not a view of agg_col: a view costs a reference count in the loop
+                    c_sum, c_mean, c_min = agg_col[w, v, 0], agg_col[w, v, 1], agg_col[w, v, 2]
+                    c_max, c_std, c_rel = agg_col[w, v, 3], agg_col[w, v, 4], agg_col[w, v, 5]
+                    if c_sum >= 0:
+                        out[i, c_sum] = acc
+                    if c_mean >= 0:
+                        out[i, c_mean] = mean
+                    if c_min >= 0:
+                        out[i, c_min] = mn
+                    if c_max >= 0:
+                        out[i, c_max] = mx
+                    if c_std >= 0:
                         ss = 0.0
                         for q in range(cnt):
                             d = ring_v[s, (first + q) & KM, v] - mean
                             ss += d * d
-                        out[col[4], i] = math.sqrt(ss / cnt)
-                    if col[5] >= 0:
-                        out[col[5], i] = vals[i, v] / mean if mean != 0 else np.nan
+                        out[i, c_std] = math.sqrt(ss / cnt)
+                    if c_rel >= 0:
+                        out[i, c_rel] = vals[i, v] / mean if mean != 0 else np.nan
                 for c in range(C):
                     if distinct_col[w, c] < 0:
                         continue
@@ -225,7 +274,7 @@ def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
                                 break
                         if not dup:
                             nd += 1
-                    out[distinct_col[w, c], i] = nd
+                    out[i, distinct_col[w, c]] = nd
         for c in range(C):
             hv = hashes[i, c]
             k = min(seen_n[s, c], M)
@@ -238,5 +287,5 @@ def run(start, keys, times, vals, hashes, lat, lon, windows, max_entities,
                 seen[s, c, seen_n[s, c] % M] = hv
                 seen_n[s, c] += 1
             if new_col[c] >= 0:
-                out[new_col[c], i] = 1.0 if new else 0.0
+                out[i, new_col[c]] = 1.0 if new else 0.0
     return n
