@@ -104,6 +104,7 @@ class FeatureEngine:
         self.value_cols = spec.value_columns
         self.hash_cols = spec.hashed_columns
         self.state: dict[str, np.ndarray] = {}
+        self._bytes_of: tuple[dict[str, np.ndarray], int] | None = None
         self._allocate(0)
         self._plan_cache = self._plan()
         # the stateless features' columns, worked out once: (feature, first output column)
@@ -153,7 +154,13 @@ class FeatureEngine:
 
     @property
     def state_bytes(self) -> int:
-        return int(sum(a.nbytes for a in self.state.values()))
+        # read per served message (a gauge): summed once per state object, which changes only when
+        # the arrays grow or a checkpoint is restored
+        state = self.state
+        cached = self._bytes_of
+        if cached is None or cached[0] is not state:
+            cached = self._bytes_of = (state, int(sum(a.nbytes for a in state.values())))
+        return cached[1]
 
     def bytes_per_entity(self) -> float:
         per = sum(a.nbytes / max(a.shape[0], 1) for k, a in self.state.items() if k not in ("meta", "tab_key", "tab_slot"))

@@ -55,7 +55,7 @@ class EventBatch:
     geo: tuple[np.ndarray, np.ndarray] | None
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)  # keeps the GIL: microseconds a column (core/features/kernel.py)
 def _fnv_rows(offsets, data, first, n, out):
     for i in range(n):
         h = np.uint64(14695981039346656037)

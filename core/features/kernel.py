@@ -12,6 +12,9 @@ of its 64-bit key hash):
 Windows are evicted by event time on the entity's next event (and never read past it), so an idle
 entity's sums hold only what is inside (t - w, t]. A late event (before the entity's previous
 event) is processed at the previous event's time: the ring stays ordered (counted in ``LATE``).
+
+Only ``run`` releases the GIL: the small kernels last microseconds on the server's event loop, where
+releasing it would hand it to a scoring thread and then wait to get it back.
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ META_SIZE = 8
 EMPTY = -1
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)
 def _mix(h: np.int64, mask: np.int64) -> np.int64:
     return (h ^ (h >> 29)) & mask
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)
 def _lookup(tab_key, tab_slot, h):
     mask = tab_key.shape[0] - 1
     j = _mix(h, mask)
@@ -44,7 +47,7 @@ def _lookup(tab_key, tab_slot, h):
     return EMPTY
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)
 def _insert(tab_key, tab_slot, h, s):
     mask = tab_key.shape[0] - 1
     j = _mix(h, mask)
@@ -54,7 +57,7 @@ def _insert(tab_key, tab_slot, h, s):
     tab_slot[j] = s
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)
 def rebuild_table(tab_key, tab_slot, slot_key, used, n_alloc):
     tab_slot[:] = EMPTY
     for s in range(n_alloc):
@@ -62,7 +65,7 @@ def rebuild_table(tab_key, tab_slot, slot_key, used, n_alloc):
             _insert(tab_key, tab_slot, slot_key[s], s)
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)
 def _evict(meta, used, free, tab_key, tab_slot, slot_key):
     # the least recently seen sixteenth (at least one) go at once, then the table is rebuilt:
     # O(entities) amortised over that many new entities
@@ -79,7 +82,7 @@ def _evict(meta, used, free, tab_key, tab_slot, slot_key):
     rebuild_table(tab_key, tab_slot, slot_key, used, n)
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)
 def haversine(lat1, lon1, lat2, lon2):
     p1 = math.radians(lat1)
     p2 = math.radians(lat2)
@@ -92,7 +95,7 @@ def haversine(lat1, lon1, lat2, lon2):
 AGG_INDEX = {"sum": 0, "mean": 1, "min": 2, "max": 3, "std": 4, "relative": 5}
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)
 def lookup_sorted(keys, values, hashes, out):
     """``out[i]`` = ``values[j]`` where ``keys[j] == hashes[i]`` (``keys`` sorted), else 0.0: a
     category's learned frequency or code per event, in one pass without temporaries."""
@@ -109,7 +112,7 @@ def lookup_sorted(keys, values, hashes, out):
         out[i] = values[lo] if lo < m and keys[lo] == h else 0.0
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)
 def _find_sorted(keys, h):
     lo, hi = 0, keys.shape[0]
     while lo < hi:
@@ -121,7 +124,7 @@ def _find_sorted(keys, h):
     return lo if lo < keys.shape[0] and keys[lo] == h else -1
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)
 def bucket_counts(top_sorted, top_order, known, hashes, counts):
     """Category monitoring: events per top value (``counts[top_order[j]]``, ``top_sorted`` sorted)
     and in the last bucket (every other value); returns how many values ``known`` (sorted) lacks."""
