@@ -34,11 +34,14 @@ class FittedCategories:
         self.columns = columns or {}
         # per column: the values' hashes sorted, with each one's frequency and ordinal code
         self._tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._index: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         for c, table in self.columns.items():
             h = hash_text(list(table))
             order = np.argsort(h)
             freq = np.fromiter(table.values(), dtype=np.float64, count=len(table))
             self._tables[c] = (h[order], freq[order], (np.arange(len(table), dtype=np.float64) + 1.0)[order])
+            # the serving path's lookup: a hash table on the values in training order
+            self._index[c] = (*K.hash_index(h), freq, np.arange(len(table), dtype=np.float64) + 1.0)
 
     def _lookup(self, column: str, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(known?, frequency, code) of every row."""
@@ -70,11 +73,12 @@ class FittedCategories:
         if how == "hash":
             out[:] = hashes.view(np.uint64) % np.uint64(buckets)
             return out
-        table = self._tables.get(column)
-        if table is None or table[0].size == 0:
+        index = self._index.get(column)
+        if index is None:
             out[:] = 0.0
             return out
-        K.lookup_sorted(table[0], table[1] if how == "frequency" else table[2], hashes, out)
+        keys, pos, freq, code = index
+        K.lookup(keys, pos, freq if how == "frequency" else code, hashes, out)
         return out
 
     def unseen(self, column: str, cats: Categories) -> np.ndarray:

@@ -31,12 +31,12 @@ META_SIZE = 8
 EMPTY = -1
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")  # inlined by Numba: a call costs reference counts on its arrays
 def _mix(h: np.int64, mask: np.int64) -> np.int64:
     return (h ^ (h >> 29)) & mask
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")  # inlined by Numba: a call costs reference counts on its arrays
 def _lookup(tab_key, tab_slot, h):
     mask = tab_key.shape[0] - 1
     j = _mix(h, mask)
@@ -47,7 +47,7 @@ def _lookup(tab_key, tab_slot, h):
     return EMPTY
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")  # inlined by Numba: a call costs reference counts on its arrays
 def _insert(tab_key, tab_slot, h, s):
     mask = tab_key.shape[0] - 1
     j = _mix(h, mask)
@@ -82,7 +82,7 @@ def _evict(meta, used, free, tab_key, tab_slot, slot_key):
     rebuild_table(tab_key, tab_slot, slot_key, used, n)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, inline="always")  # inlined by Numba: a call costs reference counts on its arrays
 def haversine(lat1, lon1, lat2, lon2):
     p1 = math.radians(lat1)
     p2 = math.radians(lat2)
@@ -95,49 +95,63 @@ def haversine(lat1, lon1, lat2, lon2):
 AGG_INDEX = {"sum": 0, "mean": 1, "min": 2, "max": 3, "std": 4, "relative": 5}
 
 
+def hash_index(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An open-addressing table of 64-bit value hashes (already mixed: their low bits index it):
+    ``(table_keys, table_positions)``, position -1 for an empty cell; :func:`find` looks one up."""
+    size = 1 << max(3, (2 * max(keys.shape[0], 1) - 1).bit_length())
+    table_keys = np.zeros(size, dtype=np.int64)
+    table_pos = np.full(size, EMPTY, dtype=np.int64)
+    _fill_index(np.ascontiguousarray(keys, dtype=np.int64), table_keys, table_pos)
+    return table_keys, table_pos
+
+
 @nb.njit(cache=True)
-def lookup_sorted(keys, values, hashes, out):
-    """``out[i]`` = ``values[j]`` where ``keys[j] == hashes[i]`` (``keys`` sorted), else 0.0: a
+def _fill_index(keys, table_keys, table_pos):
+    mask = table_keys.shape[0] - 1
+    for p in range(keys.shape[0]):
+        j = keys[p] & mask
+        while table_pos[j] != EMPTY and table_keys[j] != keys[p]:
+            j = (j + 1) & mask
+        if table_pos[j] == EMPTY:
+            table_keys[j] = keys[p]
+            table_pos[j] = p
+
+
+@nb.njit(cache=True, inline="always")  # inlined by Numba: a call costs reference counts on its arrays
+def find(table_keys, table_pos, h):
+    """The position of hash ``h`` in the keys :func:`hash_index` was given, or -1."""
+    mask = table_keys.shape[0] - 1
+    j = h & mask
+    while table_pos[j] != EMPTY:
+        if table_keys[j] == h:
+            return table_pos[j]
+        j = (j + 1) & mask
+    return EMPTY
+
+
+@nb.njit(cache=True)
+def lookup(table_keys, table_pos, values, hashes, out):
+    """``out[i]`` = ``values[position of hashes[i]]``, 0.0 for a value not in the table: a
     category's learned frequency or code per event, in one pass without temporaries."""
-    m = keys.shape[0]
     for i in range(hashes.shape[0]):
-        h = hashes[i]
-        lo, hi = 0, m
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if keys[mid] < h:
-                lo = mid + 1
-            else:
-                hi = mid
-        out[i] = values[lo] if lo < m and keys[lo] == h else 0.0
+        p = find(table_keys, table_pos, hashes[i])
+        out[i] = values[p] if p >= 0 else 0.0
 
 
 @nb.njit(cache=True)
-def _find_sorted(keys, h):
-    lo, hi = 0, keys.shape[0]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if keys[mid] < h:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo if lo < keys.shape[0] and keys[lo] == h else -1
-
-
-@nb.njit(cache=True)
-def bucket_counts(top_sorted, top_order, known, hashes, counts):
-    """Category monitoring: events per top value (``counts[top_order[j]]``, ``top_sorted`` sorted)
-    and in the last bucket (every other value); returns how many values ``known`` (sorted) lacks."""
-    k = top_sorted.shape[0]
+def bucket_counts(top_keys, top_pos, known_keys, known_pos, hashes, counts):
+    """Category monitoring: events per top value (``counts[position]``) and in the last bucket
+    (every other value); returns how many values are not in the known table."""
+    k = counts.shape[0] - 1
     unseen = 0
     for i in range(hashes.shape[0]):
         h = hashes[i]
-        j = _find_sorted(top_sorted, h)
-        if j >= 0:
-            counts[top_order[j]] += 1
+        p = find(top_keys, top_pos, h)
+        if p >= 0:
+            counts[p] += 1
         else:
             counts[k] += 1
-        if _find_sorted(known, h) < 0:
+        if find(known_keys, known_pos, h) < 0:
             unseen += 1
     return unseen
 
