@@ -35,8 +35,9 @@ $(KSERVE_STAMP): Makefile
 
 env: $(STAMP)
 
-# Train on synthetic payments, serve (outlierd serve on 127.0.0.1), stream with injected anomalies,
-# retrain and hot-swap mid-stream, summarise, stop with SIGTERM: bounded, about 30 s.
+# Train on raw payment events through the shipped feature spec, serve (outlierd serve on 127.0.0.1),
+# stream fresh events with injected frauds, print recall per fraud kind, stop with SIGTERM: bounded,
+# about 30 s (the vector demo with a mid-stream hot swap: outlierd demo --vectors).
 demo: $(DEMO_STAMP)
 	$(DEMO_VENV)/bin/outlierd demo --registry runs/demo-registry
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from outlierd.core.features.events import hash_text
+from outlierd.core.features.kernel import bucket_counts, hash_index
 
 from .drift import psi
 
@@ -42,11 +43,11 @@ class CategoryReference:
         ordered = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
         self.top_values = [v for v, _ in ordered[:top]]
         top_hashes = hash_text(self.top_values)
-        self._top_order = np.argsort(top_hashes)
-        self._top_sorted = top_hashes[self._top_order]
         ref = np.array([s for _, s in ordered[:top]], dtype=np.float64)
         self.reference = np.append(ref, max(0.0, 1.0 - ref.sum()))
         self._known = np.sort(hash_text(list(shares)))
+        self._top_index = hash_index(top_hashes)  # positions in reference order
+        self._known_index = hash_index(self._known)
 
     def bucket_counts(self, hashes: np.ndarray) -> tuple[np.ndarray, int]:
         """Events per bucket (top values in reference order, then other) and events unseen in training."""
@@ -54,18 +55,9 @@ class CategoryReference:
         counts = np.zeros(k + 1, dtype=np.int64)
         if hashes.size == 0:
             return counts, 0
-        if k:
-            at = np.minimum(np.searchsorted(self._top_sorted, hashes), k - 1)
-            hit = self._top_sorted[at] == hashes
-            counts[:k] = np.bincount(self._top_order[at[hit]], minlength=k)
-            counts[k] = int((~hit).sum())
-        else:
-            counts[0] = hashes.size
-        unseen = hashes.size
-        if self._known.size:
-            at = np.minimum(np.searchsorted(self._known, hashes), self._known.size - 1)
-            unseen = int((self._known[at] != hashes).sum())
-        return counts, unseen
+        # one compiled pass (two hash-table probes an event) rather than several NumPy temporaries
+        unseen = bucket_counts(*self._top_index, *self._known_index, np.ascontiguousarray(hashes, dtype=np.int64), counts)
+        return counts, int(unseen)
 
     def drift(self, counts: np.ndarray, unseen: int) -> CategoryDrift:
         n = int(counts.sum())

@@ -42,6 +42,7 @@ from .errors import RequestError
 from .reload import ModelHandle
 
 log = logging.getLogger("outlierd.events")
+_READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=False)
 
 
 class EventFeatures:
@@ -121,7 +122,8 @@ class EventFeatures:
         With several workers, a future when some rows belong to other workers (sent now, in order)."""
         spec, fitted = self._loaded(handle)
         try:
-            with pa.ipc.open_stream(pa.py_buffer(data)) as reader:
+            # one small batch a message: decoded on this thread (Arrow's pool would only add hand-offs)
+            with pa.ipc.open_stream(pa.py_buffer(data), options=_READ_OPTIONS) as reader:
                 table = reader.read_all()
         except (pa.ArrowException, OSError) as e:
             raise RequestError(f"arrow_events is not an Arrow IPC stream: {e}", reason="decode") from e

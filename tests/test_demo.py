@@ -69,5 +69,7 @@ def test_cli_demo_parses_and_dispatches(monkeypatch):
         return Done()
 
     monkeypatch.setattr(demo, "run_demo", fake)
-    assert cli.main(["demo", "--records", "1000", "--seconds", "2", "--port", "0"]) == 0
+    # the vector demo is --vectors since raw events became the default (tests/test_demo_events.py)
+    assert cli.main(["demo", "--vectors", "--records", "1000", "--seconds", "2", "--port", "0"]) == 0
     assert seen["registry"] is None and seen["records"] == 1000 and seen["seconds"] == 2.0 and seen["port"] == 0
+    assert seen["train_records"] == demo.DEFAULT_TRAIN_RECORDS and seen["anomaly_rate"] == demo.DEFAULT_ANOMALY_RATE

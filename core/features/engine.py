@@ -34,11 +34,14 @@ class FittedCategories:
         self.columns = columns or {}
         # per column: the values' hashes sorted, with each one's frequency and ordinal code
         self._tables: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._index: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         for c, table in self.columns.items():
             h = hash_text(list(table))
             order = np.argsort(h)
             freq = np.fromiter(table.values(), dtype=np.float64, count=len(table))
             self._tables[c] = (h[order], freq[order], (np.arange(len(table), dtype=np.float64) + 1.0)[order])
+            # the serving path's lookup: a hash table on the values in training order
+            self._index[c] = (*K.hash_index(h), freq, np.arange(len(table), dtype=np.float64) + 1.0)
 
     def _lookup(self, column: str, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(known?, frequency, code) of every row."""
@@ -62,11 +65,21 @@ class FittedCategories:
                 out[f.column[0]] = {values[j]: float(counts[j]) / n for j in order if counts[j] > 0}
         return cls(out)
 
-    def encode(self, column: str, how: str, cats: Categories, buckets: int) -> np.ndarray:
+    def encode(self, column: str, how: str, cats: Categories, buckets: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Each row's code (``out``: written there, e.g. a column of the feature matrix)."""
+        hashes = cats.hashes()
+        if out is None:
+            out = np.empty(hashes.shape[0])
         if how == "hash":
-            return (cats.hashes().view(np.uint64) % np.uint64(buckets)).astype(np.float64)
-        _, freq, code = self._lookup(column, cats.hashes())
-        return freq if how == "frequency" else code
+            out[:] = hashes.view(np.uint64) % np.uint64(buckets)
+            return out
+        index = self._index.get(column)
+        if index is None:
+            out[:] = 0.0
+            return out
+        keys, pos, freq, code = index
+        K.lookup(keys, pos, freq if how == "frequency" else code, hashes, out)
+        return out
 
     def unseen(self, column: str, cats: Categories) -> np.ndarray:
         """Per row: True when the value was not in training (for the categorical monitoring)."""
@@ -95,8 +108,12 @@ class FeatureEngine:
         self.value_cols = spec.value_columns
         self.hash_cols = spec.hashed_columns
         self.state: dict[str, np.ndarray] = {}
+        self._bytes_of: tuple[dict[str, np.ndarray], int] | None = None
         self._allocate(0)
         self._plan_cache = self._plan()
+        # the stateless features' columns, worked out once: (feature, first output column)
+        self._stateless_plan = [(f, k) for f, k in zip(spec.features, np.cumsum([0] + [len(f.outputs) for f in spec.features]).tolist())
+                                if f.kind in ("numeric", "category", "time_of_day", "day_of_week")]
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -141,7 +158,13 @@ class FeatureEngine:
 
     @property
     def state_bytes(self) -> int:
-        return int(sum(a.nbytes for a in self.state.values()))
+        # read per served message (a gauge): summed once per state object, which changes only when
+        # the arrays grow or a checkpoint is restored
+        state = self.state
+        cached = self._bytes_of
+        if cached is None or cached[0] is not state:
+            cached = self._bytes_of = (state, int(sum(a.nbytes for a in state.values())))
+        return cached[1]
 
     def bytes_per_entity(self) -> float:
         per = sum(a.nbytes / max(a.shape[0], 1) for k, a in self.state.items() if k not in ("meta", "tab_key", "tab_slot"))
@@ -211,8 +234,8 @@ class FeatureEngine:
         return plan
 
     def transform_batch(self, b: EventBatch, fitted: FittedCategories | None = None) -> np.ndarray:
-        """Features of a decoded batch in its order (``(n, n_features)`` float64; a column-major
-        array: each feature is written as one contiguous column)."""
+        """Features of a decoded batch in its order (``(n, n_features)`` float64, C order: a row is
+        an event, as the scorer takes it)."""
         n = b.n
         V, C = len(self.value_cols), len(self.hash_cols)
         vals = np.empty((n, V))
@@ -222,7 +245,7 @@ class FeatureEngine:
         for j, c in enumerate(self.hash_cols):
             hashes[:, j] = b.categories[c].hashes()
         lat, lon = b.geo if b.geo is not None else (np.empty(0), np.empty(0))
-        out = np.empty((len(self.spec.output_names), n))
+        out = np.empty((n, len(self.spec.output_names)))
         plan = self._plan_cache
         start = 0
         while True:
@@ -236,32 +259,32 @@ class FeatureEngine:
                 break
             self._allocate(min(self.spec.max_entities, max(_GROW, 2 * self.capacity)))
         self._stateless(b, fitted or self.fitted, out)
-        return out.T
+        return out
 
     def _stateless(self, b: EventBatch, fitted: FittedCategories, out: np.ndarray) -> None:
-        """The features that need no entity state, a column at a time."""
-        k = 0
-        for f in self.spec.features:
+        """The features that need no entity state, a column at a time (``out[:, k]``)."""
+        for f, k in self._stateless_plan:
             if f.kind == "numeric":
                 x = b.numeric[f.column[0]]
                 if f.transform == "log1p":
                     with np.errstate(invalid="ignore", divide="ignore"):
-                        x = np.log1p(x)
+                        np.log1p(x, out=out[:, k])
                 elif f.transform == "clip":
-                    x = np.clip(x, f.clip[0], f.clip[1])
-                out[k] = x
+                    np.clip(x, f.clip[0], f.clip[1], out=out[:, k])
+                else:
+                    out[:, k] = x
             elif f.kind == "category":
-                out[k] = fitted.encode(f.column[0], f.encode, b.categories[f.column[0]], f.buckets)
+                fitted.encode(f.column[0], f.encode, b.categories[f.column[0]], f.buckets, out=out[:, k])
             elif f.kind == "time_of_day":
-                angle = (2.0 * math.pi / 86400.0) * np.mod(b.time, 86400.0)
-                np.sin(angle, out=out[k])
-                np.cos(angle, out=out[k + 1])
+                angle = np.mod(b.time, 86400.0)
+                angle *= 2.0 * math.pi / 86400.0
+                np.sin(angle, out=out[:, k])
+                np.cos(angle, out=out[:, k + 1])
             elif f.kind == "day_of_week":
                 dow = np.mod(np.floor(b.time / 86400.0) + 3.0, 7.0)  # 1970-01-01 was a Thursday; Monday = 0
                 angle = (2.0 * math.pi / 7.0) * dow
-                np.sin(angle, out=out[k])
-                np.cos(angle, out=out[k + 1])
-            k += len(f.outputs)
+                np.sin(angle, out=out[:, k])
+                np.cos(angle, out=out[:, k + 1])
 
 
 def take_batch(b: EventBatch, order: np.ndarray) -> EventBatch:

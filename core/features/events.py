@@ -55,7 +55,7 @@ class EventBatch:
     geo: tuple[np.ndarray, np.ndarray] | None
 
 
-@nb.njit(cache=True, nogil=True)
+@nb.njit(cache=True)  # keeps the GIL: microseconds a column (core/features/kernel.py)
 def _fnv_rows(offsets, data, first, n, out):
     for i in range(n):
         h = np.uint64(14695981039346656037)
@@ -72,7 +72,10 @@ def _fnv_rows(offsets, data, first, n, out):
 
 def row_hashes(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """int64 hash of every value of a string column without nulls."""
-    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    if isinstance(col, pa.ChunkedArray):
+        chunks = col.chunks if col.num_chunks != 1 else [col.chunk(0)]
+    else:
+        chunks = [col]
     out = np.empty(len(col), dtype=np.uint64)
     at = 0
     for chunk in chunks:
@@ -157,6 +160,12 @@ def time_column(table: pa.Table, name: str, offset: int = 0) -> np.ndarray:
     if col.null_count:
         row = _first(col.is_null().to_numpy(zero_copy_only=False))
         raise EventError(f"column {name!r} row {row + offset}: missing event time (null)")
+    if t == pa.float64() and col.num_chunks == 1:  # the common case: epoch seconds, one chunk, no nulls (checked above)
+        values = col.chunk(0).to_numpy()
+        if not np.isfinite(values).all():
+            row = _first(~np.isfinite(values))
+            raise EventError(f"column {name!r} row {row + offset}: event time must be finite epoch seconds; got {values[row]}")
+        return values
     if pa.types.is_timestamp(t):
         ns = col.cast(pa.timestamp("ns", tz=t.tz)).cast(pa.int64()).to_numpy(zero_copy_only=False)
         return ns.astype(np.float64) / 1e9
@@ -242,11 +251,11 @@ def decode_events(events: Any, spec: FeatureSpec, offset: int = 0) -> EventBatch
     time = time_column(table, spec.time, offset)
     numeric: dict[str, np.ndarray] = {}
     categories: dict[str, Categories] = {}
+    for col in spec.value_columns:  # nulls refused: first, so that a column both kinds use is read once
+        numeric[col] = numeric_column(table, col, offset)
     for f in spec.features:
         if f.kind == "numeric" and f.column[0] not in numeric:
             numeric[f.column[0]] = numeric_column(table, f.column[0], offset, allow_null=True)
-    for col in spec.value_columns:
-        numeric[col] = numeric_column(table, col, offset)
     for f in spec.features:
         if f.kind in ("category", "new_for_entity") or (f.kind == "window" and f.agg == "distinct"):
             if f.column[0] not in categories:
@@ -255,9 +264,8 @@ def decode_events(events: Any, spec: FeatureSpec, offset: int = 0) -> EventBatch
     if spec.geo_columns is not None:
         lat, lon = (numeric_column(table, c, offset) for c in spec.geo_columns)
         for c, v, lim in ((spec.geo_columns[0], lat, 90.0), (spec.geo_columns[1], lon, 180.0)):
-            bad = ~(np.abs(v) <= lim)
-            if bad.any():
-                row = _first(bad)
+            if not (np.abs(v) <= lim).all():
+                row = _first(~(np.abs(v) <= lim))
                 raise EventError(f"column {c!r} row {row + offset}: {v[row]} is outside [-{lim:g}, {lim:g}] degrees")
         geo = (lat, lon)
     return EventBatch(n, entity, time, numeric, categories, geo)
