@@ -49,7 +49,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=2, metavar="N", help="scoring threads (default 2)")
     p.add_argument("--no-alerts-explain", dest="explain", action="store_false",
                    help="no alerts (and no explanation pass) even with --alerts")
+    # capture as `serve` writes it (flags and help from ServeSettings): replicas and consumers fill one store
+    from dataclasses import fields
+
+    from outlierd.cli import serve_argument
+    from outlierd.server.settings import ServeSettings, field_docs
+
+    docs = field_docs()
+    for f in fields(ServeSettings):
+        if f.name in CAPTURE_FIELDS:
+            flag, kwargs = serve_argument(f, docs[f.name])
+            p.add_argument(flag, **kwargs)
     p.set_defaults(func=run)
+
+
+CAPTURE_FIELDS = ("capture", "capture_sample", "capture_max_age_s", "capture_max_bytes", "feedback_store", "rollout")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--source must be kafka://HOST:PORT/TOPIC or mqtt://HOST:PORT/TOPIC; got {args.source!r}")
     from pathlib import Path
 
+    given: dict[str, Any] = {k: getattr(args, k) for k in CAPTURE_FIELDS if getattr(args, k, None) is not None}
+    store = given.get("feedback_store")
+    if isinstance(store, str) and not store.startswith(("postgresql://", "postgres://")):
+        given["feedback_store"] = Path(store)
     settings = ServeSettings(registry=Path(args.registry), model=args.model, alias=args.alias, threads=args.threads,
-                             metrics_port=args.metrics_port)
+                             metrics_port=args.metrics_port, **given)
     settings.validate()
     alerts = bool(args.alerts) and args.explain
     if scheme == "kafka":
