@@ -66,6 +66,39 @@ def add_parser(sub: Any) -> None:
 CAPTURE_FIELDS = ("capture", "capture_sample", "capture_max_age_s", "capture_max_bytes", "feedback_store", "rollout")
 
 
+def capture_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The capture flags given, else their OUTLIERD_<FIELD> variables (as for serve: the configmap and
+    the PostgreSQL Secret reach consumers too), typed like ServeSettings.from_env types them."""
+    from dataclasses import fields
+
+    from outlierd.server.settings import ServeSettings
+
+    given: dict[str, Any] = {}
+    for f in fields(ServeSettings):
+        if f.name not in CAPTURE_FIELDS:
+            continue
+        value: Any = getattr(args, f.name, None)
+        if value is None:
+            value = os.environ.get(f"OUTLIERD_{f.name.upper()}")
+        if value is None:
+            continue
+        if isinstance(value, str):
+            t = str(f.type)
+            try:
+                if t.startswith("int"):
+                    value = int(value)
+                elif t.startswith("float"):
+                    value = float(value)
+            except ValueError:
+                raise ValueError(f"OUTLIERD_{f.name.upper()} must be a number; got {value!r}") from None
+            if "Path" in t and not value.startswith(("postgresql://", "postgres://")):  # a URL stays a URL
+                from pathlib import Path
+
+                value = Path(value)
+        given[f.name] = value
+    return given
+
+
 def run(args: argparse.Namespace) -> int:
     from outlierd.core.errors import InvalidInputError
     from outlierd.monitoring.metrics import ServiceMetrics, start_metrics_server
@@ -79,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--source must be kafka://HOST:PORT/TOPIC or mqtt://HOST:PORT/TOPIC; got {args.source!r}")
     from pathlib import Path
 
-    given: dict[str, Any] = {k: getattr(args, k) for k in CAPTURE_FIELDS if getattr(args, k, None) is not None}
-    store = given.get("feedback_store")
-    if isinstance(store, str) and not store.startswith(("postgresql://", "postgres://")):
-        given["feedback_store"] = Path(store)
+    try:
+        given = capture_settings(args)
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from None
     settings = ServeSettings(registry=Path(args.registry), model=args.model, alias=args.alias, threads=args.threads,
                              metrics_port=args.metrics_port, **given)
     settings.validate()
