@@ -5,7 +5,8 @@ loop (no scoring) on the same broker (Tansu, started here), same topic and recor
 
 Both read the whole topic with a fresh consumer group (group join included in both) and commit
 after their outputs are delivered. Prints records/s of each and the ratio (issue 16 item 7: the
-consumer should reach at least half the bare loop). Two shared cores, other work beside: noisy.
+consumer should reach at least half the bare loop), without and with capture into the feedback store
+(the CLI captures by default). Two shared cores, other work beside: noisy.
 """
 
 from __future__ import annotations
@@ -51,15 +52,17 @@ def bare_loop(bootstrap: str, topic: str, out: str, n: int, batch: int) -> float
     return n / dt
 
 
-async def consume_loop(bootstrap: str, topic: str, out: str, n: int, batch: int, registry: Path) -> float:
+async def consume_loop(bootstrap: str, topic: str, out: str, n: int, batch: int, registry: Path, capture: bool = False) -> float:
     from outlierd.server.consume import ConsumeCore, ConsumeMetrics
     from outlierd.server.consume_app import start_plane
     from outlierd.server.kafka_consumer import KafkaConsumerLoop, KafkaOptions
     from outlierd.server.settings import ServeSettings
     from prometheus_client import CollectorRegistry
 
-    settings = ServeSettings(registry=registry, model="m", drift=0, threads=2)
-    plane = await start_plane(settings)
+    # capture: as the CLI runs by default (flagged records and 1% of the others into a SQLite store)
+    settings = ServeSettings(registry=registry, model="m", drift=0, threads=2,
+                             feedback_store=registry.parent / f"feedback-{time.monotonic_ns()}.sqlite")
+    plane = await start_plane(settings, capture=capture)
     metrics = ConsumeMetrics(CollectorRegistry())
     core = ConsumeCore(plane, "m", alerts=False, metrics=metrics)
     url = f"kafka://{bootstrap}"
@@ -77,7 +80,9 @@ async def consume_loop(bootstrap: str, topic: str, out: str, n: int, batch: int,
     await loop.run(stop)
     dt = time.perf_counter() - t0
     await w
-    await plane.close()
+    from outlierd.server.consume_app import close_plane
+
+    await close_plane(plane)
     return n / dt
 
 
@@ -106,8 +111,9 @@ def main() -> None:
         for r in range(a.repeat):  # alternate, so drift in the box's load hits both
             bare = bare_loop(broker.bootstrap, "in", "bare-out", a.records, a.batch)
             ours = asyncio.run(consume_loop(broker.bootstrap, "in", "consume-out", a.records, a.batch, tmp / "reg"))
-            print(f"round {r}: bare consume->decode->produce {bare:,.0f} rec/s; outlierd consume {ours:,.0f} rec/s; "
-                  f"ratio {ours / bare:.2f}", flush=True)
+            cap = asyncio.run(consume_loop(broker.bootstrap, "in", "consume-out", a.records, a.batch, tmp / "reg", capture=True))
+            print(f"round {r}: bare consume->decode->produce {bare:,.0f} rec/s; outlierd consume {ours:,.0f} rec/s "
+                  f"(ratio {ours / bare:.2f}); with capture (the CLI's default) {cap:,.0f} rec/s (ratio {cap / bare:.2f})", flush=True)
     finally:
         broker.stop()
 

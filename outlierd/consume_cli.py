@@ -49,7 +49,54 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=2, metavar="N", help="scoring threads (default 2)")
     p.add_argument("--no-alerts-explain", dest="explain", action="store_false",
                    help="no alerts (and no explanation pass) even with --alerts")
+    # capture as `serve` writes it (flags and help from ServeSettings): replicas and consumers fill one store
+    from dataclasses import fields
+
+    from outlierd.cli import serve_argument
+    from outlierd.server.settings import ServeSettings, field_docs
+
+    docs = field_docs()
+    for f in fields(ServeSettings):
+        if f.name in CAPTURE_FIELDS:
+            flag, kwargs = serve_argument(f, docs[f.name])
+            p.add_argument(flag, **kwargs)
     p.set_defaults(func=run)
+
+
+CAPTURE_FIELDS = ("capture", "capture_sample", "capture_max_age_s", "capture_max_bytes", "feedback_store", "rollout")
+
+
+def capture_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The capture flags given, else their OUTLIERD_<FIELD> variables (as for serve: the configmap and
+    the PostgreSQL Secret reach consumers too), typed like ServeSettings.from_env types them."""
+    from dataclasses import fields
+
+    from outlierd.server.settings import ServeSettings
+
+    given: dict[str, Any] = {}
+    for f in fields(ServeSettings):
+        if f.name not in CAPTURE_FIELDS:
+            continue
+        value: Any = getattr(args, f.name, None)
+        if value is None:
+            value = os.environ.get(f"OUTLIERD_{f.name.upper()}")
+        if value is None:
+            continue
+        if isinstance(value, str):
+            t = str(f.type)
+            try:
+                if t.startswith("int"):
+                    value = int(value)
+                elif t.startswith("float"):
+                    value = float(value)
+            except ValueError:
+                raise ValueError(f"OUTLIERD_{f.name.upper()} must be a number; got {value!r}") from None
+            if "Path" in t and not value.startswith(("postgresql://", "postgres://")):  # a URL stays a URL
+                from pathlib import Path
+
+                value = Path(value)
+        given[f.name] = value
+    return given
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,8 +112,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--source must be kafka://HOST:PORT/TOPIC or mqtt://HOST:PORT/TOPIC; got {args.source!r}")
     from pathlib import Path
 
+    try:
+        given = capture_settings(args)
+    except ValueError as e:
+        raise InvalidInputError(str(e)) from None
     settings = ServeSettings(registry=Path(args.registry), model=args.model, alias=args.alias, threads=args.threads,
-                             metrics_port=args.metrics_port)
+                             metrics_port=args.metrics_port, **given)
     settings.validate()
     alerts = bool(args.alerts) and args.explain
     if scheme == "kafka":

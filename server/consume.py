@@ -142,6 +142,16 @@ class ConsumeCore:
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
         self.plane, self.fmt, self.alerts, self.top_k, self.metrics = plane, fmt, alerts, top_k, metrics
         self.served = plane.resolve(model)
+        self.events = None  # a model with a feature spec: raw events in, per-partition entity state
+        from outlierd.core.features import load_features
+
+        loaded = load_features(self.served.current.model.path)
+        if loaded is not None:
+            from .consume_events import PartitionFeatures
+
+            if fmt != "json":
+                raise ValueError("a model with a feature spec takes raw events as JSON messages (--format json)")
+            self.events = PartitionFeatures(*loaded)
 
     async def process(self, msgs: Sequence[Message]) -> BatchResult:
         """Score a batch of messages; never raises for a bad message (it becomes a dead letter)."""
@@ -152,7 +162,21 @@ class ConsumeCore:
         keys: list[bytes | None] = []
         rows: list[Any] = []
         dead: list[Output] = []
-        for msg in msgs:
+        if self.events is not None:
+            parts: list[int] = []
+            for msg in msgs:
+                try:
+                    rid, event = self.events.decode(msg)
+                except MessageError as e:
+                    dead.append(dead_letter(msg, str(e), e.reason))
+                    continue
+                ids.append(rid)
+                keys.append(msg.key)
+                parts.append(msg.partition)
+                rows.append(event)
+            if rows:
+                rows = list(self.events.features(parts, rows))
+        for msg in msgs if self.events is None else ():
             try:
                 if self.fmt == "json":
                     rid, row = decode_json(msg, names, self.served.name)

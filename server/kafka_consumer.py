@@ -208,10 +208,43 @@ class KafkaConsumerLoop:
 
     def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
         log.info("assigned %s", sorted(tp.partition for tp in partitions))
+        if self.core.events is not None and partitions:
+            # the entity state of a partition taken over: rebuilt before any record past the commit is scored
+            for tp in consumer.committed(partitions, timeout=30):
+                n = self.core.events.restore(tp.partition, self._history(tp.topic, tp.partition, tp.offset))
+                log.info("feature state of partition %d restored: %d events below offset %d", tp.partition, n, tp.offset)
+
+    def _history(self, topic: str, partition: int, end: int) -> list[bytes]:
+        """The values of ``topic``/``partition`` from its first retained record up to ``end`` (exclusive)."""
+        if end <= 0:  # nothing committed yet (OFFSET_INVALID is negative)
+            return []
+        reader = self.ck.Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"{self.opts.group}-replay",
+                                   "enable.auto.commit": False, "isolation.level": "read_committed",
+                                   "enable.partition.eof": True, "auto.offset.reset": "earliest"})
+        try:
+            # NOTE: from the beginning, not the low watermark (Tansu's watermarks are not reliable)
+            reader.assign([self.ck.TopicPartition(topic, partition, self.ck.OFFSET_BEGINNING)])
+            values: list[bytes] = []
+            offset = 0
+            deadline = time.monotonic() + 60
+            while offset < end:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"replay of partition {partition} stalled at offset {offset} of {end}")
+                for m in reader.consume(1000, 1.0):
+                    if m.error() is not None:
+                        continue
+                    if m.offset() < end:
+                        values.append(m.value() or b"")
+                    offset = m.offset() + 1
+            return values
+        finally:
+            reader.close()
 
     def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
         # called inside consume(): the previous batch is already published and committed
         log.info("revoked %s", sorted(tp.partition for tp in partitions))
+        if self.core.events is not None:
+            self.core.events.drop(tp.partition for tp in partitions)
 
     def _lag(self) -> None:
         if self.metrics is None or time.monotonic() - self._last_lag < 5.0:

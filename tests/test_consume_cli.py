@@ -5,6 +5,7 @@ CLI parser."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,29 @@ def test_compose_consumer_command_parses():
     assert svc["profiles"] == ["kafka"] and svc["build"]["args"]["OUTLIERD_EXTRAS"] == "kafka"
     args = build_parser().parse_args([*svc["entrypoint"][1:], *svc["command"]])
     assert args.source.startswith("kafka://kafka:9092/") and args.group
+
+
+def test_consumer_takes_the_feedback_store_from_the_postgres_secret(monkeypatch):
+    """consumer.yaml reads the Secret's URL as OUTLIERD_FEEDBACK_STORE; `consume` takes it (a URL stays
+    a URL), and a flag given wins over its variable, as for serve."""
+    from outlierd.cli import build_parser
+    from outlierd.consume_cli import capture_settings
+
+    docs = [d for d in yaml.safe_load_all((K8S / "postgres-secret.yaml").read_text()) if d]
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    (doc,) = [d for d in yaml.safe_load_all((K8S / "consumer.yaml").read_text()) if d]
+    (c,) = doc["spec"]["template"]["spec"]["containers"]
+    (ref,) = [e["valueFrom"]["secretKeyRef"] for e in c["env"] if e["name"] == "OUTLIERD_FEEDBACK_STORE"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["optional"] is True
+    for key in list(os.environ):
+        if key.startswith("OUTLIERD_"):
+            monkeypatch.delenv(key)
+    url = secret["stringData"][ref["key"]]
+    monkeypatch.setenv("OUTLIERD_FEEDBACK_STORE", url)
+    monkeypatch.setenv("OUTLIERD_CAPTURE_SAMPLE", "0.25")
+    args = build_parser().parse_args(["consume", *c["args"]])
+    assert capture_settings(args) == {"feedback_store": url, "capture_sample": 0.25}
+    args = build_parser().parse_args(["consume", *c["args"], "--capture-sample", "1", "--no-capture",
+                                      "--feedback-store", "/tmp/f.sqlite"])
+    got = capture_settings(args)
+    assert got["capture_sample"] == 1.0 and got["capture"] == 0 and str(got["feedback_store"]) == "/tmp/f.sqlite"

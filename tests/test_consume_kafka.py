@@ -121,7 +121,7 @@ def kill_and_restart(broker, registry, topic, group, X, prefix, extra=()):
     b = consumer(broker, registry, topic, group, "--instance", "b", *extra)
     procs = [a, b]
     try:
-        wait_outputs(broker, f"{topic}-out", N // 4, 120, procs)
+        wait_outputs(broker, f"{topic}-out", N // 4, max(120, N / 2000), procs)
         # the rest of the stream flows in while the consumers are busy, and one dies mid-batch
         feeder = threading.Thread(target=broker.produce, args=(topic, msgs[N // 2:]))
         feeder.start()
@@ -143,7 +143,7 @@ def test_at_least_once_survives_sigkill(broker, registry):
     X = records(N)
     procs = kill_and_restart(broker, registry, topic, "g-alo", X, "t-")
     try:
-        outs = wait_outputs(broker, f"{topic}-out", N, 240, procs)
+        outs = wait_outputs(broker, f"{topic}-out", N, max(240, N / 500), procs)  # 1M: 2,000 s at most
     finally:
         stop(*procs)
     outs = broker.read(f"{topic}-out", idle=3)

@@ -245,10 +245,52 @@ def _strip(d, drop=("store", "feedback_store", "since", "latency", "time", "crea
     return d
 
 
-def test_two_replicas_capture_into_one_store_like_one_sqlite_store(shadow_registry, tmp_path, pg_url):
-    """The same traffic (every record captured, shadow scoring on) and the same labels, sent half to
-    each of two replicas on one PostgreSQL store, and all to one server on a SQLite store: feedback
-    stats, threshold calibrate and compare give the same answers from both stores."""
+def _publish_mqtt(port: int, X: np.ndarray, rows: list[int]) -> None:
+    """Each of ``rows`` as one QoS 1 JSON telemetry message ``{"id": "c<row>", "x0": ...}``, acknowledged."""
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pg-telemetry", protocol=mqtt.MQTTv311)
+    c.max_inflight_messages_set(1000)
+    c.connect("127.0.0.1", port, keepalive=10)
+    c.loop_start()
+    try:
+        infos = [c.publish(f"devices/d{i % 7}/telemetry", json.dumps({"id": f"c{i}", **{f"x{j}": float(v) for j, v in enumerate(X[i])}}),
+                           qos=1) for i in rows]
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def _consumer_subscribed(port: int, timeout: float = 30.0) -> None:
+    """Until the consumer's subscription is in place: a probe for another model comes back on the DLQ
+    (dead letters are not captured, so the stores see nothing of it)."""
+    import paho.mqtt.client as mqtt
+
+    got = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pg-probe", protocol=mqtt.MQTTv311)
+    c.on_message = lambda cl, u, msg: got.set()
+    c.connect("127.0.0.1", port, keepalive=10)
+    c.subscribe("dlq", qos=1)
+    c.loop_start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not got.wait(0.5):
+            assert time.monotonic() < deadline, "the consumer never dead-lettered the probe"
+            c.publish("devices/probe/telemetry", json.dumps({"id": "probe", "model": "not-served"}), qos=1)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_two_replicas_and_a_consumer_capture_into_one_store_like_one_sqlite_store(shadow_registry, tmp_path, pg_url):
+    """The same traffic (every record captured, shadow scoring on) and the same labels, sent a third
+    to each of two replicas and to one `outlierd consume` (MQTT) on one PostgreSQL store, and all to
+    one server on a SQLite store: feedback stats, threshold calibrate and compare give the same
+    answers from both stores."""
+    from brokers import Mosquitto
+
     X = cardio_X()
     n = len(X)
     sqlite_path = tmp_path / "one.sqlite"
@@ -259,6 +301,16 @@ def test_two_replicas_capture_into_one_store_like_one_sqlite_store(shadow_regist
         srv = Server(tmp_path / f"s{k}", shadow_registry, store, free_port())  # type: ignore[arg-type]
         srv.cmd += extra
         servers.append(srv)
+    (tmp_path / "broker").mkdir()
+    broker = Mosquitto(tmp_path / "broker")
+    mqtt = f"mqtt://127.0.0.1:{broker.port}"
+    (tmp_path / "c").mkdir()
+    consumer = Server(tmp_path / "c", shadow_registry, pg_url, free_port())  # type: ignore[arg-type]
+    consumer.cmd = [*consumer.cmd[:3], "consume", "--registry", str(shadow_registry), "--model", MODEL,
+                    "--source", f"{mqtt}/devices/+/telemetry", "--out", f"{mqtt}/scores", "--dlq", f"{mqtt}/dlq",
+                    "--group", "pg-consumer", "--threads", "1", "--health-port", consumer.target.rsplit(":", 1)[1],
+                    "--feedback-store", pg_url, *extra]
+    servers.append(consumer)
     http_port = free_port()
     servers[0].cmd += ["--http-port", str(http_port)]  # the review queue over HTTP too
     rnd = np.random.default_rng(3)
@@ -267,13 +319,15 @@ def test_two_replicas_capture_into_one_store_like_one_sqlite_store(shadow_regist
     try:
         for srv in servers:
             srv.start()
-        for k, srv in enumerate(servers):
+        _consumer_subscribed(broker.port)
+        for k, srv in enumerate(servers[:3]):
             with grpc.insecure_channel(srv.target) as ch:
                 stub = pb_grpc.ScorerStub(ch)
-                # the SQLite server: every 64-record message; the replicas: every other one each
-                for s in (range(0, n, 64) if k == 2 else range(k * 64, n, 128)):
+                # the SQLite server: every 64-record message; each replica and the consumer: every third one
+                for s in (range(0, n, 64) if k == 2 else range(k * 64, n, 192)):
                     part = X[s:s + 64]
                     stub.Score(score_request(part, [f"c{s + j}" for j in range(len(part))], request_id=s), timeout=10)
+        _publish_mqtt(broker.port, X, [i for s in range(128, n, 192) for i in range(s, min(s + 64, n))])
         # captures are written within ~100 ms of scoring; shadow scores a moment later
         for store in (pg_url, sqlite_path):
             deadline = time.monotonic() + 30
@@ -287,7 +341,7 @@ def test_two_replicas_capture_into_one_store_like_one_sqlite_store(shadow_regist
                     break
                 assert time.monotonic() < deadline, f"{store}: {got} of {2 * n} captures"
                 time.sleep(0.2)
-        for k, srv in enumerate(servers):
+        for k, srv in enumerate(servers[:3]):
             with grpc.insecure_channel(srv.target) as ch:
                 stub = pb_grpc.ScorerStub(ch)
                 mine = labelled if k == 2 else labelled[k::2]
@@ -305,6 +359,7 @@ def test_two_replicas_capture_into_one_store_like_one_sqlite_store(shadow_regist
     finally:
         for srv in servers:
             srv.kill()
+        broker.stop()
     common = ["--registry", str(shadow_registry), "--model", MODEL]
     answers = []
     for store in (pg_url, str(sqlite_path)):
