@@ -263,6 +263,22 @@ def validate_labels(rows: Sequence[LabelRow]) -> None:
         except ValueError as e:
             raise InvalidInputError(f"label {i} (record_id {r.record_id!r}): {e}") from None
 
+def predictions_query(model: str, role: str | None, version: int | None, features: bool, mark: str) -> tuple[str, list[str | int]]:
+    """The captured-records query of ``Store.predictions`` (both stores) and its parameters;
+    ``mark``: the driver's placeholder (``?`` or ``%s``)."""
+    where = [f"b.model = {mark}"]
+    params: list[str | int] = [model]
+    if role is not None:
+        where.append(f"b.role = {mark}")
+        params.append(role)
+    if version is not None:
+        where.append(f"b.version = {mark}")
+        params.append(int(version))
+    cols = "p.record_id, b.version, b.role, p.score, p.flags, b.ts, p.latency_us, b.sample_rate, b.n_features" + (", p.x" if features else "")
+    return (f"SELECT {cols} FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch "
+            f"WHERE {' AND '.join(where)} ORDER BY p.id", params)
+
+
 
 
 _SCHEMA = """  -- statements are split on semicolons: none in comments
@@ -503,17 +519,7 @@ class SQLiteStore:
 
     def predictions(self, model: str, *, role: str | None = None, version: int | None = None,
                     features: bool = True) -> Predictions:
-        where = ["b.model = ?"]
-        params: list[str | int] = [model]
-        if role is not None:
-            where.append("b.role = ?")
-            params.append(role)
-        if version is not None:
-            where.append("b.version = ?")
-            params.append(int(version))
-        cols = "p.record_id, b.version, b.role, p.score, p.flags, b.ts, p.latency_us, b.sample_rate, b.n_features" + (", p.x" if features else "")
-        rows = self._conn().execute(f"SELECT {cols} FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch "
-                                    f"WHERE {' AND '.join(where)} ORDER BY p.id", params).fetchall()
+        rows = self._conn().execute(*predictions_query(model, role, version, features, "?")).fetchall()
         return _columns(rows, features)
 
     def labelled(self, model: str, *, role: str = "champion") -> tuple[np.ndarray, np.ndarray, list[str]]:

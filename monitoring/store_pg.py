@@ -37,7 +37,7 @@ import numpy as np
 from outlierd.core.errors import InvalidInputError, StoreUnavailableError
 from outlierd.core.labels import ANOMALY
 
-from .store import _UNLABELLED, LabelRow, Predictions, _columns, _stack, capture_rows, store_name, validate_labels
+from .store import _UNLABELLED, LabelRow, Predictions, _columns, _stack, capture_rows, predictions_query, store_name, validate_labels
 
 CONNECT_TIMEOUT_S = 3
 RETRIES = 3
@@ -330,17 +330,8 @@ class PostgresStore:
 
     def predictions(self, model: str, *, role: str | None = None, version: int | None = None,
                     features: bool = True) -> Predictions:
-        where = ["b.model = %s"]
-        params: list[str | int] = [model]
-        if role is not None:
-            where.append("b.role = %s")
-            params.append(role)
-        if version is not None:
-            where.append("b.version = %s")
-            params.append(int(version))
-        cols = "p.record_id, b.version, b.role, p.score, p.flags, b.ts, p.latency_us, b.sample_rate, b.n_features" + (", p.x" if features else "")
-        rows = self._call(lambda c: c.execute(f"SELECT {cols} FROM predictions AS p JOIN capture_batches AS b ON b.id = p.batch "
-                                              f"WHERE {' AND '.join(where)} ORDER BY p.id", params).fetchall(), retry=True)
+        sql, params = predictions_query(model, role, version, features, "%s")
+        rows = self._call(lambda c: c.execute(sql, params).fetchall(), retry=True)
         if features:
             rows = [(*r[:9], bytes(r[9])) for r in rows]
         return _columns(rows, features)
