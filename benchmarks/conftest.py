@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from outlierd.bench.common import machine
 
 # --------------------------------------------------------------------------------------------
 # Sizes (the same model and data for every peer)
@@ -263,36 +264,6 @@ def _targets(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-                            "python": platform.python_version()}
-    try:
-        info["usable_cpus"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    versions = {}
-    for mod in ("numpy", "numba", "sklearn", "onnxruntime", "skl2onnx"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - a missing peer just goes unreported
-            pass
-    try:
-        import numba
-
-        info["numba_threads"] = numba.get_num_threads()
-        info["numba_threading_layer"] = numba.threading_layer()  # valid once a parallel kernel ran
-    except Exception:  # noqa: BLE001
-        pass
-    info["versions"] = versions
-    return info
-
-
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     collector = config.stash.get(_COLLECTOR, None)
     if collector is None or not collector.results:
@@ -335,7 +306,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         "rows": ROWS, "n_features": N_FEATURES, "n_trees": N_TREES, "max_samples": MAX_SAMPLES,
         "train_rows": TRAIN_ROWS, "hbos_bins": HBOS_BINS, "peer_threads": N_THREADS,
         "statistic": "median", "ratio": "times faster than the peer: ours/peer for throughput, peer/ours for latency",
-        "machine": _machine(), "groups": table, "targets": targets, "server": servers,
+        "machine": machine(), "groups": table, "targets": targets, "server": servers,
         # 1/5/15-minute load averages: other work on a small shared machine shows up here and in the timings
         "loadavg_at_start": collector.loadavg_at_start, "loadavg_at_end": _loadavg(),
     }

@@ -46,6 +46,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from outlierd.bench.server import Scenario
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 LOADGEN = HERE / "loadgen.py"
@@ -69,20 +71,6 @@ FLOOR = "grpc.aio echo server (same messages, no scoring)"
 LOADGEN_DESC = ("benchmarks/loadgen.py in its own process, grpc.aio, pre-serialized requests; per scenario "
                 f"{ROUNDS} rounds of floor then ours, each {WARMUP:g} s warm-up + {SECONDS:g} s measured, median; "
                 f"isolation forest on {N_FEATURES} float32 features")
-
-
-@dataclass(frozen=True)
-class Scenario:
-    key: str
-    mode: str              # "stream" or "unary"
-    records: int           # records per message
-    encoding: str = "raw"  # "raw" (raw_values) or "values"
-    streams: int = 1
-    concurrency: int = 1
-
-    def loadgen_args(self) -> list[str]:
-        return ["--mode", self.mode, "--records", str(self.records), "--encoding", self.encoding,
-                "--streams", str(self.streams), "--concurrency", str(self.concurrency)]
 
 
 SCENARIOS = [
@@ -207,7 +195,7 @@ def run_loadgen(server: ServerProcess, data: Path, sc: Scenario, warmup: float, 
     """Run the load generator against ``server``; its JSON result plus the server's CPU seconds in
     the measured window (sampled when the generator prints its window markers)."""
     cmd = [sys.executable, str(LOADGEN), "--target", server.target, "--data", str(data),
-           "--warmup", str(warmup), "--duration", str(seconds), *sc.loadgen_args()]
+           "--warmup", str(warmup), "--duration", str(seconds), *sc.args()]
     limit = warmup + seconds + 60.0
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=err, text=True)
