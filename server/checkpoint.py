@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,16 @@ class Checkpointer:
     def __init__(self, root: Path, interval_s: float) -> None:
         self.root = Path(root)
         self.interval_s = interval_s
-        self._seen: dict[int, Any] = {}  # id(model) -> model: versions already restored (or started fresh)
-        self._saved: dict[int, int] = {}  # id(model) -> position of its last checkpoint
+        # weak: a version replaced by a hot reload is not kept alive here
+        self._seen: weakref.WeakSet[Any] = weakref.WeakSet()  # models already restored (or started fresh)
+        self._saved: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()  # model -> position of its last checkpoint
 
     def restore(self, handle: ModelHandle) -> int | None:
         """Restore ``handle``'s checkpoint if there is one (once per loaded model); its position."""
         model = handle.model
-        if not model.streaming or id(model) in self._seen:
+        if not model.streaming or model in self._seen:
             return None
-        self._seen[id(model)] = model
+        self._seen.add(model)
         try:
             found = read_checkpoint(self.root, handle.name, handle.version)
             if found is None:
@@ -71,7 +73,7 @@ class Checkpointer:
         except (ArtifactError, InvalidInputError, OSError) as e:
             log.error("checkpoint not restored model=%s version=%d error=%s", handle.name, handle.version, e)
             return None
-        self._saved[id(model)] = int(meta["position"])
+        self._saved[model] = int(meta["position"])
         log.info("restored checkpoint model=%s version=%d position=%d", handle.name, handle.version, meta["position"])
         return int(meta["position"])
 
@@ -81,11 +83,11 @@ class Checkpointer:
         if not model.streaming:
             return None
         arrays, position = model.stream.snapshot()
-        if self._saved.get(id(model)) == position:
+        if self._saved.get(model) == position:
             return None
         t0 = time.perf_counter()
         path = write_checkpoint(self.root, handle.name, handle.version, model.kind, arrays, position)
-        self._saved[id(model)] = position
+        self._saved[model] = position
         log.info("checkpoint model=%s version=%d position=%d seconds=%.3f", handle.name, handle.version, position,
                  time.perf_counter() - t0)
         return path
