@@ -61,57 +61,66 @@ def build_structure(limits: np.ndarray, n_trees: int, height: int, seed: int | N
 
 
 @nb.njit(nogil=True, cache=True)
-def _score_tree(t, Xs, lo, hi, height, feat, thr, psum, stop, out):
-    """Tree ``t``'s partial scores of ``Xs[lo:hi]``: walk down to the first node where River's walk
-    stops and take that node's path sum. Branch-free and four records at a time, so that their
-    chains of dependent loads overlap; a stopped walk stays on its node."""
-    last = feat.shape[1] - 1  # clamp for a leaf's (unused) split lookup
+def _score_tree(t, Xs, lo, hi, height, child, cfeat, cthr, cpsum, out):
+    """Tree ``t``'s partial scores of ``Xs[lo:hi]`` on its compact reference tree (the nodes a score can
+    reach, a few hundred bytes: in L1). A node's children are ``child[k]`` and ``child[k] + 1``; a node
+    where River's walk stops is its own child with threshold +inf, so a walk is branch-free and stays put
+    once stopped. Eight records at a time, so that their chains of dependent loads overlap; ``height``
+    (the deepest stopping node) bounds the walk, and it ends early once all eight have stopped."""
+    ch, fe, th, ps = child[t], cfeat[t], cthr[t], cpsum[t]
     i = lo
-    while i + 4 <= hi:
-        k0 = k1 = k2 = k3 = 0
-        for _ in range(height):  # height: the deepest node where a walk of this window stops
-            s0, s1, s2, s3 = stop[t, k0], stop[t, k1], stop[t, k2], stop[t, k3]
-            if s0 and s1 and s2 and s3:  # duplicates can keep one path heavy down to the leaves
-                break
-            j0, j1, j2, j3 = min(k0, last), min(k1, last), min(k2, last), min(k3, last)
-            c0 = 2 * k0 + 1 + (Xs[i, feat[t, j0]] >= thr[t, j0])
-            c1 = 2 * k1 + 1 + (Xs[i + 1, feat[t, j1]] >= thr[t, j1])
-            c2 = 2 * k2 + 1 + (Xs[i + 2, feat[t, j2]] >= thr[t, j2])
-            c3 = 2 * k3 + 1 + (Xs[i + 3, feat[t, j3]] >= thr[t, j3])
-            k0 = k0 if s0 else c0
-            k1 = k1 if s1 else c1
-            k2 = k2 if s2 else c2
-            k3 = k3 if s3 else c3
-        out[t, i] = psum[t, k0]
-        out[t, i + 1] = psum[t, k1]
-        out[t, i + 2] = psum[t, k2]
-        out[t, i + 3] = psum[t, k3]
-        i += 4
+    while i + 8 <= hi:
+        k0 = k1 = k2 = k3 = k4 = k5 = k6 = k7 = 0
+        for _ in range(height):
+            n0 = ch[k0] + (Xs[i, fe[k0]] >= th[k0])
+            n1 = ch[k1] + (Xs[i + 1, fe[k1]] >= th[k1])
+            n2 = ch[k2] + (Xs[i + 2, fe[k2]] >= th[k2])
+            n3 = ch[k3] + (Xs[i + 3, fe[k3]] >= th[k3])
+            n4 = ch[k4] + (Xs[i + 4, fe[k4]] >= th[k4])
+            n5 = ch[k5] + (Xs[i + 5, fe[k5]] >= th[k5])
+            n6 = ch[k6] + (Xs[i + 6, fe[k6]] >= th[k6])
+            n7 = ch[k7] + (Xs[i + 7, fe[k7]] >= th[k7])
+            if (n0 == k0) & (n1 == k1) & (n2 == k2) & (n3 == k3) & (n4 == k4) & (n5 == k5) & (n6 == k6) & (n7 == k7):
+                break  # all stopped (a node that has children never is its own child)
+            k0, k1, k2, k3, k4, k5, k6, k7 = n0, n1, n2, n3, n4, n5, n6, n7
+        out[t, i] = ps[k0]
+        out[t, i + 1] = ps[k1]
+        out[t, i + 2] = ps[k2]
+        out[t, i + 3] = ps[k3]
+        out[t, i + 4] = ps[k4]
+        out[t, i + 5] = ps[k5]
+        out[t, i + 6] = ps[k6]
+        out[t, i + 7] = ps[k7]
+        i += 8
     for j in range(i, hi):
         k = 0
-        while not stop[t, k]:
-            k = 2 * k + 1 if Xs[j, feat[t, k]] < thr[t, k] else 2 * k + 2
-        out[t, j] = psum[t, k]
+        while ch[k] != k:
+            k = ch[k] + (Xs[j, fe[k]] >= th[k])
+        out[t, j] = ps[k]
 
 
 @nb.njit(nogil=True, cache=True)
-def _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, idx, stack):
+def _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, child, cfeat, cthr, cpsum, idx, stack):
     """Window ``Xw[a:a + window]`` becomes tree ``t``'s reference: for every node a score can reach,
     ``psum`` = sum of ``mass * 2**depth`` along its path (River's running score) and ``stop`` =
     River's walk ends there (mass below ``size_limit``, or a leaf). Records are partitioned top-down
-    and only nodes under a parent that reaches ``size_limit`` are counted."""
+    and only nodes under a parent that reaches ``size_limit`` are counted. The same nodes are laid
+    out again, in the order they are reached, as the compact tree scores walk (``child`` ...)."""
     for j in range(window):
         idx[j] = a + j
     psum[t, 0] = float(window)
     stop[t, 0] = window < size_limit or height == 0
+    cpsum[t, 0] = float(window)
     if stop[t, 0]:
+        child[t, 0], cfeat[t, 0], cthr[t, 0] = 0, 0, np.inf
         return 0
     deepest = 0
-    stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = 0, 0, window, 0
+    nxt = 1  # next free compact slot
+    stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3], stack[0, 4] = 0, 0, window, 0, 0
     top = 1
     while top > 0:
         top -= 1
-        k, s0, s1, depth = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3]
+        k, s0, s1, depth, ck = stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3], stack[top, 4]
         f, th = feat[t, k], thr[t, k]
         m = s0  # partition: records going left first (a branch-free two-sided one measured slower)
         for j in range(s0, s1):
@@ -120,30 +129,74 @@ def _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, i
                 idx[j], idx[m] = idx[m], r
                 m += 1
         c0 = 2 * k + 1
+        cc0 = nxt
+        nxt += 2
+        child[t, ck], cfeat[t, ck], cthr[t, ck] = cc0, f, th
         pw = float(1 << (depth + 1))
         leaf = depth + 1 == height
-        for c, cs0, cs1 in ((c0, s0, m), (c0 + 1, m, s1)):
+        for side in range(2):
+            c, cc = c0 + side, cc0 + side
+            cs0, cs1 = (s0, m) if side == 0 else (m, s1)
             cnt = cs1 - cs0
             psum[t, c] = psum[t, k] + cnt * pw
+            cpsum[t, cc] = psum[t, c]
             stop[t, c] = leaf or cnt < size_limit
             if stop[t, c]:
                 deepest = max(deepest, depth + 1)
+                child[t, cc], cfeat[t, cc], cthr[t, cc] = cc, 0, np.inf
             else:
-                stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3] = c, cs0, cs1, depth + 1
+                stack[top, 0], stack[top, 1], stack[top, 2], stack[top, 3], stack[top, 4] = c, cs0, cs1, depth + 1, cc
                 top += 1
     return deepest
 
 
 @nb.njit(nogil=True, cache=True)
-def _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out,
-                 idx, stack):
+def _compact_from_heap(t, height, feat, thr, psum, stop, child, cfeat, cthr, cpsum, stack):
+    """Tree ``t``'s compact tree rebuilt from its heap-ordered ``psum``/``stop`` (restoring saved state):
+    the nodes reachable from the root through nodes that do not stop are exactly the last window's.
+    False (nothing read out of bounds) when saved state has a leaf that does not stop or more nodes
+    that do not stop than a window can give."""
+    cap = child.shape[1]
+    cpsum[t, 0] = psum[t, 0]
+    if stop[t, 0]:
+        child[t, 0], cfeat[t, 0], cthr[t, 0] = 0, 0, np.inf
+        return True
+    if height == 0:
+        return False
+    nxt = 1
+    stack[0, 0], stack[0, 3], stack[0, 4] = 0, 0, 0
+    top = 1
+    while top > 0:
+        top -= 1
+        k, depth, ck = stack[top, 0], stack[top, 3], stack[top, 4]
+        if nxt + 2 > cap:
+            return False
+        cc0 = nxt
+        nxt += 2
+        child[t, ck], cfeat[t, ck], cthr[t, ck] = cc0, feat[t, k], thr[t, k]
+        for side in range(2):
+            c, cc = 2 * k + 1 + side, cc0 + side
+            cpsum[t, cc] = psum[t, c]
+            if stop[t, c]:
+                child[t, cc], cfeat[t, cc], cthr[t, cc] = cc, 0, np.inf
+            elif depth + 1 >= height or top + 1 >= stack.shape[0]:
+                return False
+            else:
+                stack[top, 0], stack[top, 3], stack[top, 4] = c, depth + 1, cc
+                top += 1
+    return True
+
+
+@nb.njit(nogil=True, cache=True)
+def _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep,
+                 child, cfeat, cthr, cpsum, out, idx, stack):
     """Tree ``t`` over one call, in stream order. ``Xw``: the window in progress (``nbuf`` rows)
     followed by this call's records (learning form); ``Xs``: this call's records (scoring form);
     ``scored0``: whether a window has closed before (else scores are left at 0)."""
     n = Xs.shape[0]
     if not do_learn:
         if scored0:
-            _score_tree(t, Xs, 0, n, deep[t], feat, thr, psum, stop, out)
+            _score_tree(t, Xs, 0, n, deep[t], child, cfeat, cthr, cpsum, out)
         return
     total = nbuf + n
     closed = scored0
@@ -152,44 +205,66 @@ def _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, s
         b = min(a + window, total)
         lo, hi = max(a, nbuf) - nbuf, b - nbuf  # this call's records in window [a, b)
         if do_score and closed and hi > lo:
-            _score_tree(t, Xs, lo, hi, deep[t], feat, thr, psum, stop, out)
+            _score_tree(t, Xs, lo, hi, deep[t], child, cfeat, cthr, cpsum, out)
         if b - a == window:
-            deep[t] = _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, idx, stack)
+            deep[t] = _close_window(t, Xw, a, window, height, size_limit, feat, thr, psum, stop, child, cfeat, cthr, cpsum,
+                                    idx, stack)
             closed = True
         a = b
 
 
 @nb.njit(nogil=True, cache=True, parallel=True)
-def _run_parallel(Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out):
+def _run_parallel(Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep,
+                  child, cfeat, cthr, cpsum, out):
     # Trees are independent given the stream: one task per tree, no shared writes.
     for t in nb.prange(feat.shape[0]):
         idx = np.empty(window, np.int64)
-        stack = np.empty((2 * height + 2, 4), np.int64)
-        _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out,
-                     idx, stack)
+        stack = np.empty((2 * height + 2, 5), np.int64)
+        _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep,
+                     child, cfeat, cthr, cpsum, out, idx, stack)
 
 
 @nb.njit(nogil=True, cache=True)
-def _run_serial(Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out):
+def _run_serial(Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep,
+                child, cfeat, cthr, cpsum, out):
     idx = np.empty(window, np.int64)
-    stack = np.empty((2 * height + 2, 4), np.int64)
+    stack = np.empty((2 * height + 2, 5), np.int64)
     for t in range(feat.shape[0]):
-        _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep, out,
-                     idx, stack)
+        _tree_stream(t, Xs, Xw, nbuf, scored0, do_score, do_learn, window, height, size_limit, feat, thr, psum, stop, deep,
+                     child, cfeat, cthr, cpsum, out, idx, stack)
 
 
 @nb.njit(nogil=True, cache=True)
+def _compact_all(height, feat, thr, psum, stop, child, cfeat, cthr, cpsum):
+    stack = np.empty((2 * height + 2, 5), np.int64)
+    for t in range(feat.shape[0]):
+        if not _compact_from_heap(t, height, feat, thr, psum, stop, child, cfeat, cthr, cpsum, stack):
+            return t
+    return -1
+
+
+def compact_capacity(height: int) -> int:
+    """Slots a compact tree needs: nodes that do not stop hold at least a tenth of the window each, so
+    at most 10 of them per depth (11 against rounding), two children each, plus the root."""
+    return min((1 << (height + 1)) - 1, 2 * 11 * height + 1)
+
+
+BLOCK = 512  # records per task when summing the trees (a block of tree scores stays in L1/L2)
+
+
+@nb.njit(nogil=True, cache=True, parallel=True)
 def _finish(tree_scores, pos0, step, window, max_score, out):
-    # Sum trees in order (River's order) so the float result is the same to the last bit.
+    # Sum trees in order (River's order) so the float result is the same to the last bit; a block of
+    # records at a time, tree by tree, so that rows of ``tree_scores`` are read in order.
     T, n = tree_scores.shape
-    for i in range(n):
-        if pos0 + i * step < window:
-            out[i] = 0.0
-            continue
-        s = 0.0
+    for b in nb.prange((n + BLOCK - 1) // BLOCK):
+        lo, hi = b * BLOCK, min(n, (b + 1) * BLOCK)
+        acc = np.zeros(hi - lo)
         for t in range(T):
-            s += tree_scores[t, i]
-        out[i] = 1.0 - s / max_score
+            for i in range(lo, hi):
+                acc[i - lo] += tree_scores[t, i]
+        for i in range(lo, hi):
+            out[i] = 0.0 if pos0 + i * step < window else 1.0 - acc[i - lo] / max_score
 
 
 @nb.njit(nogil=True, cache=True)
@@ -233,6 +308,19 @@ class HalfSpaceTrees:
     lo: np.ndarray = field(default_factory=lambda: np.zeros(0))  # running min (minmax)
     hi: np.ndarray = field(default_factory=lambda: np.zeros(0))
     position: int = 0  # records learned so far; position % window_size of them are in buf
+    # the compact reference trees scores walk (derived from psum/stop, rebuilt on restore, never saved):
+    # (T, compact_capacity(h)) left child (a stopping node is its own), split feature, threshold, psum
+    child: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    cfeat: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    cthr: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    cpsum: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+    def __post_init__(self) -> None:
+        T, c = self.feat.shape[0], compact_capacity(self.height)
+        self.child = np.zeros((T, c), np.int32)
+        self.cfeat = np.zeros((T, c), np.int32)
+        self.cthr = np.full((T, c), np.inf)
+        self.cpsum = np.zeros((T, c))
 
     @classmethod
     def new(cls, n_features: int, n_trees: int = 10, height: int = 8, window_size: int = 250,
@@ -258,6 +346,10 @@ class HalfSpaceTrees:
         self.lo = np.full(self.n_features, np.inf)
         self.hi = np.full(self.n_features, -np.inf)
         self.position = 0
+        self.child[:] = 0
+        self.cfeat[:] = 0
+        self.cthr[:] = np.inf
+        self.cpsum[:] = 0.0
 
     @property
     def n_trees(self) -> int:
@@ -298,9 +390,9 @@ class HalfSpaceTrees:
                     np.fmax(self.hi, Xc.max(axis=0, initial=-np.inf), out=self.hi)
             nbuf = self.position % W
             Xw = np.concatenate((self.buf[:nbuf], Xl)) if do_learn else self.buf[:0]
-            ts = np.zeros((self.n_trees, Xc.shape[0]), dtype=np.float64)
+            ts = np.empty((self.n_trees, Xc.shape[0]) if do_score else (self.n_trees, 0))  # each score written before read
             run(Xs, Xw, nbuf, self.position >= W, do_score, do_learn, W, self.height, 0.1 * W,
-                self.feat, self.thr, self.psum, self.stop, self.deep, ts)
+                self.feat, self.thr, self.psum, self.stop, self.deep, self.child, self.cfeat, self.cthr, self.cpsum, ts)
             if do_score:
                 _finish(ts, self.position, int(do_learn), W, self.max_score, out[c0:c0 + CHUNK])
             if do_learn:
@@ -354,4 +446,7 @@ class HalfSpaceTrees:
                 or m.buf.shape != (m.window_size, n_features) or m.lo.shape != (n_features,) or m.hi.shape != (n_features,)
                 or feat.min() < 0 or feat.max() >= n_features or m.window_size < 1 or m.position < 0):
             raise ArtifactError(f"HST state arrays are inconsistent with {n_features} features")
+        bad = _compact_all(m.height, m.feat, m.thr, m.psum, m.stop, m.child, m.cfeat, m.cthr, m.cpsum)
+        if bad >= 0:
+            raise ArtifactError(f"HST state of tree {bad} is not one a window can leave (a leaf that does not stop, or too many nodes that do not)")
         return m

@@ -83,7 +83,21 @@ def test_state_round_trip_gives_identical_later_scores(rng, tmp_path):
     np.savez(tmp_path / "s.npz", **a.arrays())
     with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
         b = HalfSpaceTrees.from_arrays(dict(f), 4, a.params())
+    assert np.array_equal(a.score(X[2500:3000]), b.score(X[2500:3000]))  # the compact trees rebuilt from saved state
     assert np.array_equal(a.score_update(X[2500:]), b.score_update(X[2500:]))
+
+
+def test_saved_state_no_window_can_leave_is_refused(rng):
+    from outlierd.core.errors import ArtifactError
+
+    a = HalfSpaceTrees.new(4, n_trees=3, height=5, window_size=64, seed=1)
+    a.score_update(_stream(rng, 1000))
+    leaf_goes_on = a.arrays()
+    leaf_goes_on["hst_stop"] = leaf_goes_on["hst_stop"].copy()
+    leaf_goes_on["hst_stop"][1, :] = False  # no node stops: a walk would run past the leaves
+    with pytest.raises(ArtifactError, match="tree 1 is not one a window can leave"):
+        HalfSpaceTrees.from_arrays(leaf_goes_on, 4, a.params())
+    assert np.array_equal(HalfSpaceTrees.from_arrays(a.arrays(), 4, a.params()).score(np.full((3, 4), 0.5)), a.score(np.full((3, 4), 0.5)))
 
 
 def test_prequential_roc_auc_on_shuttle():
