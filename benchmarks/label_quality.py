@@ -174,7 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train-rows", type=int, default=0, metavar="N",
                    help="subsample the training split to N rows (stratified, seeded; 0: all)")
     p.add_argument("--force-stacked", action="store_true", help="with --dev: also train --detector stacked (diagnosis)")
+    p.add_argument("--unlabelled-normals", type=int, default=None, metavar="N",
+                   help="override training.semi.UNLABELLED_NORMALS (unlabelled records taken as weak normals by the "
+                        "stacked model; 0: none, the behaviour before); for design studies on --dev")
+    p.add_argument("--unlabelled-weight", type=float, default=None, metavar="W",
+                   help="override training.semi.UNLABELLED_WEIGHT (their total weight relative to the labelled normals)")
     args = p.parse_args(argv)
+    from outlierd.training import semi
+
+    if args.unlabelled_normals is not None:
+        semi.UNLABELLED_NORMALS = args.unlabelled_normals
+    if args.unlabelled_weight is not None:
+        semi.UNLABELLED_WEIGHT = args.unlabelled_weight
     runs = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="outlierd-labelq-") as tmp:
