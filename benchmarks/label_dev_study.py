@@ -70,7 +70,7 @@ def one_run(name: str, X: np.ndarray, y: np.ndarray, feats: list[str], seed: int
         ap = float(average_precision_score(y[te], semi._in_memory(spec, arr, prep, d).score(X[te])))
         return {**out, **{v: ap for v in VARIANTS}, "why": "iforest minus known"}
     unsup = tuple(c for c in semi.DEFAULT_SELECT if c != semi.STACKED)
-    oof = semi.out_of_fold(ld.X, ld.y, unsup, seed=seed, unlabelled=semi.UNLABELLED_NORMALS)
+    oof = semi.out_of_fold(ld.X, ld.y, unsup, seed=seed, unlabelled=args.unlabelled_normals)
     selection = {c: semi.pr_auc(oof.y, oof.raw[c]) for c in unsup}
     confident = [c for c in unsup[1:] if selection[c] > selection[unsup[0]]
                  and semi.beats(oof.y, oof.raw[c], oof.raw[unsup[0]], seed=seed) >= semi.SELECT_CONFIDENCE]
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-rate", type=float, default=0.01)
     p.add_argument("--test-share", type=float, default=0.3)
     p.add_argument("--stratified", action="store_true")
-    p.add_argument("--unlabelled-weight", type=float, default=semi.UNLABELLED_WEIGHT)
+    p.add_argument("--unlabelled-normals", type=int, default=256, help="weak normals for the pu variants")
+    p.add_argument("--unlabelled-weight", type=float, default=1.0)
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     runs = []

@@ -179,8 +179,15 @@ def main(argv: list[str] | None = None) -> int:
                         "stacked model; 0: none, the behaviour before); for design studies on --dev")
     p.add_argument("--unlabelled-weight", type=float, default=None, metavar="W",
                    help="override training.semi.UNLABELLED_WEIGHT (their total weight relative to the labelled normals)")
+    p.add_argument("--stacked-guard", type=float, default=None, metavar="SHARE",
+                   help="set training.semi.STACKED_GUARD (drop the stacked model when the best unsupervised detector "
+                        "ranks the labelled records better on SHARE of bootstrap resamples; 0.9: the rule before "
+                        "2026-12-06); for design studies")
     args = p.parse_args(argv)
     from outlierd.training import semi
+
+    if args.stacked_guard is not None:
+        semi.STACKED_GUARD = args.stacked_guard
 
     if args.unlabelled_normals is not None:
         semi.UNLABELLED_NORMALS = args.unlabelled_normals
