@@ -300,3 +300,40 @@ def test_unlabelled_normals_are_ranked_out_of_fold(rng):
     # none asked for: none taken, and the labelled ranks are those of the plain out-of-fold scoring
     plain = out_of_fold(X, y, ["robust_z"], folds=3, seed=seed)
     assert plain.unlabelled.size == 0 and plain.unlabelled_rank == {}
+
+
+# --- the stacked model is not dropped on the labelled records' say ---------------------------
+
+def _few_labels(rng, n=600):
+    from outlierd.training.labels import LabelledData
+
+    X, truth = planted(rng, n, d=4)
+    y = np.full(n, -1, dtype=np.int8)
+    lab = np.r_[rng.choice(np.flatnonzero(truth == 1), 6, replace=False),
+                rng.choice(np.flatnonzero(truth == 0), 20, replace=False)]
+    y[lab] = truth[lab]
+    return LabelledData(X, [f"f{j}" for j in range(4)], y, n, {})
+
+
+@pytest.mark.parametrize("detector", ["auto", "stacked"])
+def test_stacked_is_taken_whatever_the_bootstrap_says_unless_a_guard_is_set(rng, monkeypatch, detector):
+    """With enough labels of each kind the stacked model is taken (no guard by default), and the
+    bootstrap comparison with the best unsupervised detector is recorded in the notes; a guard of
+    share 0 (every comparison "fires") restores the old either/or for auto, never for an explicit
+    --detector stacked."""
+    from outlierd.training import semi
+
+    ld = _few_labels(rng)
+    seed = int(rng.integers(1000))
+    select = ("robust_z", "hbos", "stacked")
+    p = semi.plan(ld, detector=detector, select=select, seed=seed)
+    assert p.chosen == "stacked" and p.alpha == pytest.approx(6 / 16)
+    note = [n for n in p.notes if "ranks the labelled records better than the stacked model on" in n]
+    assert len(note) == 1 and note[0].startswith(p.bases[p.primary])
+    monkeypatch.setattr(semi, "STACKED_GUARD", 0.0)
+    g = semi.plan(ld, detector=detector, select=select, seed=seed)
+    if detector == "stacked":
+        assert g.chosen == "stacked"
+    else:
+        assert g.chosen == p.bases[p.primary] and any(n.startswith("stacked model not taken: ") for n in g.notes)
+        assert g.selection["stacked"] == p.selection["stacked"]  # the same comparison, only the rule differs
