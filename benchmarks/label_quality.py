@@ -174,7 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train-rows", type=int, default=0, metavar="N",
                    help="subsample the training split to N rows (stratified, seeded; 0: all)")
     p.add_argument("--force-stacked", action="store_true", help="with --dev: also train --detector stacked (diagnosis)")
+    p.add_argument("--unlabelled-normals", type=int, default=None, metavar="N",
+                   help="override training.semi.UNLABELLED_NORMALS (unlabelled records taken as weak normals by the "
+                        "stacked model; 0: none, the behaviour before); for design studies on --dev")
+    p.add_argument("--unlabelled-weight", type=float, default=None, metavar="W",
+                   help="override training.semi.UNLABELLED_WEIGHT (their total weight relative to the labelled normals)")
+    p.add_argument("--stacked-guard", type=float, default=None, metavar="SHARE",
+                   help="set training.semi.STACKED_GUARD (drop the stacked model when the best unsupervised detector "
+                        "ranks the labelled records better on SHARE of bootstrap resamples; 0.9: the rule before "
+                        "2026-12-06); for design studies")
     args = p.parse_args(argv)
+    from outlierd.training import semi
+
+    if args.stacked_guard is not None:
+        semi.STACKED_GUARD = args.stacked_guard
+
+    if args.unlabelled_normals is not None:
+        semi.UNLABELLED_NORMALS = args.unlabelled_normals
+    if args.unlabelled_weight is not None:
+        semi.UNLABELLED_WEIGHT = args.unlabelled_weight
     runs = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="outlierd-labelq-") as tmp:

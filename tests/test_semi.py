@@ -244,3 +244,96 @@ def test_labels_from_the_feedback_store_are_appended(tmp_path, rng):
     assert rc == 0
     cli = load_model(reg / "m" / "2").manifest["lineage"]["labels"]["sources"][0]
     assert cli == fb
+
+
+# --- unlabelled records as weak normals (positive-unlabelled) --------------------------------
+
+def test_label_weights_balance_the_classes_and_share_the_normals(rng):
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    from outlierd.training.semi import label_weights
+
+    y = (rng.random(40) < 0.3).astype(np.int64)
+    y[:2] = (1, 0)
+    # no unlabelled rows: scikit-learn's "balanced" weights exactly
+    np.testing.assert_allclose(label_weights(y, 0, 1.0), compute_sample_weight("balanced", y), rtol=1e-12)
+    for share in (0.5, 1.0, 3.0):
+        w = label_weights(y, 97, share)
+        assert w.shape == (40 + 97,)
+        wl, wu = w[:40], w[40:]
+        assert wl[y == 1].sum() == pytest.approx(20.0) and wl[y == 0].sum() + wu.sum() == pytest.approx(20.0)
+        assert wu.sum() == pytest.approx(share * wl[y == 0].sum())  # the unlabelled normals' total weight
+        assert np.ptp(wu) == 0 and np.ptp(wl[y == 0]) == 0
+
+
+def test_unlabelled_normals_are_ranked_out_of_fold(rng):
+    """The unlabelled sample's ranks come from fold models fitted without those rows (and without
+    the fold's labelled rows and every known anomaly): a NumPy robust_z oracle fitted on exactly
+    those rows gives the same ranks."""
+    from outlierd.core.stacked import rank_normalise, rank_table
+    from outlierd.training.semi import MAD_TO_SIGMA, MEANAD_TO_SIGMA, calibration_rows, out_of_fold
+
+    n = 400
+    X, truth = planted(rng, n, d=3)
+    y = np.full(n, -1, dtype=np.int64)
+    lab = rng.choice(n, size=40, replace=False)
+    y[lab] = truth[lab]
+    y[lab[:4]], y[lab[4:8]] = 1, 0
+    seed = int(rng.integers(1000))
+    oof = out_of_fold(X, y, ["robust_z"], folds=3, seed=seed, unlabelled=50)
+    assert oof.unlabelled.size == 50 and np.all(y[oof.unlabelled] == -1) and np.unique(oof.unlabelled).size == 50
+    assert sorted(np.bincount(oof.unlabelled_folds).tolist()) == [16, 17, 17]
+    calib = calibration_rows(n, seed)
+    for f in range(3):
+        fit = y != 1
+        fit[oof.labelled[oof.folds == f]] = False
+        fit[oof.unlabelled[oof.unlabelled_folds == f]] = False
+        med = np.median(X[fit], axis=0)
+        dev = np.abs(X[fit] - med)
+        scale = MAD_TO_SIGMA * np.median(dev, axis=0)
+        scale = np.where(scale > 0, scale, MEANAD_TO_SIGMA * dev.mean(axis=0))
+        score = naive_robust_z(X, med, 1.0 / scale)
+        knots, levels = rank_table(score[calib])
+        rows = oof.unlabelled[oof.unlabelled_folds == f]
+        np.testing.assert_allclose(oof.unlabelled_rank["robust_z"][oof.unlabelled_folds == f],
+                                   rank_normalise(score[rows], knots, levels), rtol=1e-9, atol=1e-12)
+    # none asked for: none taken, and the labelled ranks are those of the plain out-of-fold scoring
+    plain = out_of_fold(X, y, ["robust_z"], folds=3, seed=seed)
+    assert plain.unlabelled.size == 0 and plain.unlabelled_rank == {}
+
+
+# --- the stacked model is not dropped on the labelled records' say ---------------------------
+
+def _few_labels(rng, n=600):
+    from outlierd.training.labels import LabelledData
+
+    X, truth = planted(rng, n, d=4)
+    y = np.full(n, -1, dtype=np.int8)
+    lab = np.r_[rng.choice(np.flatnonzero(truth == 1), 6, replace=False),
+                rng.choice(np.flatnonzero(truth == 0), 20, replace=False)]
+    y[lab] = truth[lab]
+    return LabelledData(X, [f"f{j}" for j in range(4)], y, n, {})
+
+
+@pytest.mark.parametrize("detector", ["auto", "stacked"])
+def test_stacked_is_taken_whatever_the_bootstrap_says_unless_a_guard_is_set(rng, monkeypatch, detector):
+    """With enough labels of each kind the stacked model is taken (no guard by default), and the
+    bootstrap comparison with the best unsupervised detector is recorded in the notes; a guard of
+    share 0 (every comparison "fires") restores the old either/or for auto, never for an explicit
+    --detector stacked."""
+    from outlierd.training import semi
+
+    ld = _few_labels(rng)
+    seed = int(rng.integers(1000))
+    select = ("robust_z", "hbos", "stacked")
+    p = semi.plan(ld, detector=detector, select=select, seed=seed)
+    assert p.chosen == "stacked" and p.alpha == pytest.approx(6 / 16)
+    note = [n for n in p.notes if "ranks the labelled records better than the stacked model on" in n]
+    assert len(note) == 1 and note[0].startswith(p.bases[p.primary])
+    monkeypatch.setattr(semi, "STACKED_GUARD", 0.0)
+    g = semi.plan(ld, detector=detector, select=select, seed=seed)
+    if detector == "stacked":
+        assert g.chosen == "stacked"
+    else:
+        assert g.chosen == p.bases[p.primary] and any(n.startswith("stacked model not taken: ") for n in g.notes)
+        assert g.selection["stacked"] == p.selection["stacked"]  # the same comparison, only the rule differs
