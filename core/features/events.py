@@ -430,13 +430,13 @@ class MessageDecoder:
             buffers.append((body + off, length))
         if any(length != n for length, _ in nodes):
             return None
-        return RawMessage(data, n, nodes, buffers, self._schema)  # type: ignore[arg-type]
+        return RawMessage(data, n, nodes, buffers, self._schema)
 
     def _plan_for(self, schema: pa.Schema) -> tuple[dict[str, tuple[int, int]] | None, int]:
         counts = [_buffers_of(f.type) for f in schema]
         if any(c is None for c in counts):
             return None, 0
-        first = np.cumsum([0] + counts).tolist()  # type: ignore[arg-type]
+        first = np.cumsum([0] + counts).tolist()
         spec = self.spec
         index = {name: j for j, name in enumerate(schema.names)}
         if len(spec.entity) != 1 or len(index) != len(schema.names):
@@ -472,10 +472,10 @@ class MessageDecoder:
             if batch is not None:
                 return batch
         if isinstance(events, RawMessage):
-            events = events.table()
             try:  # the general path reads the buffers unchecked too
+                events = events.table()
                 events.validate(full=True)
-            except pa.ArrowException as e:
+            except (pa.ArrowException, OSError) as e:
                 raise EventError(f"the events are not valid Arrow data: {e}") from None
         return decode_events(events, self.spec, offset)
 
