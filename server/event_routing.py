@@ -42,10 +42,10 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
-def ipc_bytes(table: pa.Table) -> bytes:
+def ipc_bytes(table: pa.Table | pa.RecordBatch) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
+        writer.write(table)
     return sink.getvalue().to_pybytes()
 
 
@@ -152,7 +152,7 @@ class EventRouter:
     def owners(self, entity_hashes: np.ndarray) -> np.ndarray:
         return (entity_hashes.view(np.uint64) % np.uint64(self.n)).astype(np.int64)
 
-    def send(self, owner: int, model: str, table: pa.Table) -> asyncio.Future:
+    def send(self, owner: int, model: str, table: pa.Table | pa.RecordBatch) -> asyncio.Future:
         """Queue ``table``'s rows of ``model`` for ``owner`` (synchronously: order is kept); the future gives bytes."""
         name = model.encode()
         return self._link(owner).send(len(name).to_bytes(2, "little") + name + ipc_bytes(table))

@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from outlierd.core.features import EventError, FeatureEngine, FeatureSpec, FittedCategories, decode_events, load_features
+from outlierd.core.features import EventError, FeatureEngine, FeatureSpec, FittedCategories, load_features
 from outlierd.core.features import kernel as K
 from outlierd.core.features.engine import take_batch
+from outlierd.core.features.events import MessageDecoder, RawMessage
 
 from outlierd.monitoring.categorical import CategoryMonitor
 
@@ -42,7 +43,6 @@ from .errors import RequestError
 from .reload import ModelHandle
 
 log = logging.getLogger("outlierd.events")
-_READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=False)
 
 
 class EventFeatures:
@@ -60,6 +60,7 @@ class EventFeatures:
         self._counted: dict[str, dict[str, int]] = {}
         self._children: dict[str, tuple[Any, ...]] = {}
         self._monitors: dict[str, tuple[FittedCategories, CategoryMonitor]] = {}
+        self._decoders: dict[str, MessageDecoder] = {}  # per spec digest: the schema of its last message
 
     def spec_of(self, handle: ModelHandle) -> tuple[FeatureSpec, FittedCategories] | None:
         """The handle's feature spec and learned categories (None: it takes feature vectors)."""
@@ -121,16 +122,19 @@ class EventFeatures:
         A RequestError names the column and the row of a bad event; the state is then unchanged.
         With several workers, a future when some rows belong to other workers (sent now, in order)."""
         spec, fitted = self._loaded(handle)
+        decoder = self._decoders.get(spec.digest)
+        if decoder is None:
+            if len(self._decoders) > 8:
+                self._decoders.clear()
+            decoder = self._decoders[spec.digest] = MessageDecoder(spec)
         try:
-            # one small batch a message: decoded on this thread (Arrow's pool would only add hand-offs)
-            with pa.ipc.open_stream(pa.py_buffer(data), options=_READ_OPTIONS) as reader:
-                table = reader.read_all()
+            table = decoder.read(data)  # located in the bytes (the schema parsed once), or read by Arrow
         except (pa.ArrowException, OSError) as e:
             raise RequestError(f"arrow_events is not an Arrow IPC stream: {e}", reason="decode") from e
         if n_ids and n_ids != table.num_rows:
             raise RequestError(f"ids has {n_ids} entries for {table.num_rows} events: send one id per event or none", reason="ids")
         try:
-            batch = decode_events(table, spec)  # the whole message checked here: errors name its rows
+            batch = decoder.decode(table)  # the whole message checked here: errors name its rows
         except EventError as e:
             raise RequestError(f"arrow_events: {e.message}", reason="events") from None
         engine = self.engine(handle, spec, fitted)
@@ -149,6 +153,8 @@ class EventFeatures:
         local = engine.transform_batch(take_batch(batch, mine), fitted) if mine.size else None
         self._count(handle.name, engine, int(mine.size))
         sent = []
+        if isinstance(table, RawMessage):
+            table = table.table()
         for owner in range(router.n):
             if owner != router.index:
                 rows = np.flatnonzero(owners == owner)

@@ -156,3 +156,98 @@ def test_spec_file_example_from_the_issue_parses(tmp_path):
     spec = load_spec(path)
     assert spec.output_names[:5] == ["amount", "mcc", "merchant_new", "hour_sin", "hour_cos"]
     assert spec.windows == [600.0, 3600.0, 86400.0]
+
+
+def _ipc(table: pa.Table, batches: int = 1) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        if batches == 1:
+            writer.write_table(table)
+        else:
+            for part in table.to_batches(max_chunksize=max(1, -(-table.num_rows // batches))):
+                writer.write_batch(part)
+    return sink.getvalue().to_pybytes()
+
+
+def _same_batch(got: Any, want: Any) -> None:
+    assert got.n == want.n and np.array_equal(got.entity, want.entity) and np.array_equal(got.time, want.time, equal_nan=True)
+    assert set(got.numeric) == set(want.numeric) and set(got.categories) == set(want.categories)
+    for c in want.numeric:
+        assert np.array_equal(got.numeric[c], want.numeric[c], equal_nan=True), c
+    for c in want.categories:
+        assert np.array_equal(got.categories[c].hashes(), want.categories[c].hashes()), c
+    assert (got.geo is None) == (want.geo is None)
+    if want.geo is not None:
+        assert np.array_equal(got.geo[0], want.geo[0]) and np.array_equal(got.geo[1], want.geo[1])
+
+
+def test_served_messages_read_in_place_give_decode_events_batch():
+    from outlierd.core.features.events import MessageDecoder, RawMessage
+
+    spec = load_spec(SPEC)
+    table = payments(6000, 80, seed=5)
+    # unused columns of other flat types travel along (their buffers are counted, not read)
+    table = table.append_column("n", pa.array(np.arange(table.num_rows), pa.int64())).append_column(
+        "flag", pa.array(np.arange(table.num_rows) % 3 == 0)).append_column(
+        "at", pa.array(np.arange(table.num_rows).astype("datetime64[s]")))
+    decoder = MessageDecoder(spec)
+    located = 0
+    for start, size in [(0, 256), (256, 1), (300, 0), (400, 511), (1000, 256), (2000, 3000)]:
+        part = table.slice(start, size)  # a slice: offsets that do not start at 0 before writing
+        for _ in range(2):
+            events = decoder.read(_ipc(part))
+            located += isinstance(events, RawMessage)
+            assert events.num_rows == size
+            _same_batch(decoder.decode(events), decode_events(part, spec))
+    assert located >= 9  # every message after the first with rows: located, not read by Arrow
+    # another schema (columns reordered, a key as large_string): learnt, located, decoded by decode_events
+    other = table.select(["ts", "lon", "lat", "amount", "mcc", "merchant", "card_id"]).slice(0, 300)
+    other = other.set_column(6, "card_id", other.column("card_id").cast(pa.large_string()))
+    for _ in range(2):
+        events = decoder.read(_ipc(other))
+        _same_batch(decoder.decode(events), decode_events(other, spec))
+    assert isinstance(events, RawMessage)
+    # several batches in one message: Arrow's reader, the same batch
+    events = decoder.read(_ipc(table.slice(0, 700), batches=3))
+    assert not isinstance(events, RawMessage)
+    _same_batch(decoder.decode(events), decode_events(table.slice(0, 700), spec))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.set_column(t.schema.get_field_index("ts"), "ts", pa.array([1.0, np.nan, 3.0])),
+     "column 'ts' row 1: event time must be finite"),
+    (lambda t: t.set_column(t.schema.get_field_index("lat"), "lat", pa.array([1.0, 2.0, 91.0])), "column 'lat' row 2: 91.0 is outside"),
+    (lambda t: t.set_column(t.schema.get_field_index("card_id"), "card_id", pa.array(["a", None, "c"])),
+     "column 'card_id' row 1: missing entity key"),
+    (lambda t: t.set_column(t.schema.get_field_index("amount"), "amount", pa.array([1.0, 2.0, None])), "column 'amount' row 2: missing value"),
+    (lambda t: t.set_column(t.schema.get_field_index("amount"), "amount", pa.array(["1", "x", "2"])), "column 'amount' row 1: 'x' is not a number"),
+    (lambda t: t.drop_columns(["mcc"]), "column 'mcc' is missing"),
+])
+def test_served_messages_with_bad_events_get_decode_events_errors(change, message):
+    from outlierd.core.features.events import MessageDecoder
+
+    spec = load_spec(SPEC)
+    good = payments(3, 2, seed=1)
+    decoder = MessageDecoder(spec)
+    decoder.decode(decoder.read(_ipc(good)))  # the schema learnt: a bad message of the same schema is located first
+    bad = change(good)
+    with pytest.raises(EventError, match=message.replace("(", r"\(")):
+        decoder.decode(decoder.read(_ipc(bad)))
+    _same_batch(decoder.decode(decoder.read(_ipc(good))), decode_events(good, spec))
+
+
+def test_served_message_with_text_offsets_outside_its_data_is_refused_not_read():
+    from outlierd.core.features.events import MessageDecoder, RawMessage
+
+    spec = load_spec(SPEC)
+    good = payments(64, 4, seed=2)
+    decoder = MessageDecoder(spec)
+    decoder.read(_ipc(good))
+    data = bytearray(_ipc(good))
+    events = decoder.read(bytes(data))
+    assert isinstance(events, RawMessage)
+    card = good.schema.get_field_index("card_id")
+    offsets_at, _ = events.buffers[sum(3 if pa.types.is_string(f.type) else 2 for f in list(good.schema)[:card]) + 1]
+    data[offsets_at + 4 * 64: offsets_at + 4 * 65] = (1 << 30).to_bytes(4, "little")  # the last offset: far past the data
+    with pytest.raises((EventError, pa.ArrowException)):
+        decoder.decode(decoder.read(bytes(data)))
