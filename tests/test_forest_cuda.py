@@ -170,3 +170,23 @@ def test_gpu_reject_and_wide_records(tmp_path, rng):
     Xt[4000, 1] = -np.inf
     with pytest.raises(InvalidInputError, match="record 3210 "):
         cf.score(Xt)
+
+
+def test_sim_bench_gpu_suite_runs_and_reports(tmp_path):
+    """The bench's gpu suite (outlierd bench --suite gpu) on the code path a GPU machine runs, under the
+    simulator with a small forest and tiny sizes: every section measured, scores checked, the report written."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "cudasim_bench.py"), str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    g = json.loads(res.stdout.strip().splitlines()[-1])
+    assert g["available"] and g["simulated"] and "cuda" in g["backends"] and g["max_abs_diff_vs_cpu"]["cuda"] <= ATOL
+    assert [p["batch"] for p in g["points"]] == [1, 200] and all(p["cuda"] > 0 and p["cpu"] > 0 for p in g["points"])
+    c = g["cuda"]
+    assert c["device_resident"]["max_abs_diff_vs_cpu"] <= ATOL and c["device_resident"]["records_per_s"] > 0
+    assert [p["rows"] for p in c["device_resident"]["by_size"]] == [64, 200]
+    assert c["end_to_end"]["best"]["records_per_s"] == max(s["records_per_s"] for s in c["end_to_end"]["sweep"])
+    assert c["targets"]["device_resident_met"] is False  # a simulator is not a GPU
+    summary = (tmp_path / "report" / "summary.txt").read_text()
+    assert "SIMULATED" in summary and "device-resident" in summary and "end to end from host memory" in summary
+    assert (tmp_path / "report" / "gpu.png").stat().st_size > 10_000

@@ -94,7 +94,8 @@ def run_bench(out: Path, suites: list[str], quick: bool, json_only: bool = False
                                                  river_rows=2000 if quick else 20_000)
         if "gpu" in suites and models is not None:
             with progress.step("gpu"):
-                results["gpu"] = gpu.run(work / "iforest", models.detectors[0].ours, models.X, 0.1 if quick else 0.5, progress)
+                results["gpu"] = gpu.run(work / "iforest", models.detectors[0].ours, models.X, 0.1 if quick else 0.5, progress,
+                                         quick=quick)
             if not results["gpu"].get("available"):
                 results["notes"].append(f"GPU: {results['gpu']['reason']}")
         results["machine"] = machine()
