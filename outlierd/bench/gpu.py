@@ -58,14 +58,18 @@ def _why_not(backend: str) -> str:
             "onnx": "no CUDAExecutionProvider in onnxruntime (onnxruntime-gpu not installed)"}[backend]
 
 
+def no_gpu_reason() -> str:
+    return ("no usable CUDA device (" + "; ".join(f"{b}: {_why_not(b)}" for b in GPU_BACKENDS)
+            + "): GPU numbers not measured on this machine")
+
+
 def run(forest_artifact: Path, cpu_model: Any, X: np.ndarray, budget_s: float, progress: Progress,
         quick: bool = False) -> dict[str, Any]:
     from outlierd.core import load_model
 
     have = available()
     if not any(have.values()):
-        return {"available": False, "reason": "no usable CUDA device (" + "; ".join(f"{b}: {_why_not(b)}" for b in GPU_BACKENDS)
-                                              + "): GPU numbers not measured on this machine"}
+        return {"available": False, "reason": no_gpu_reason()}
     backends, missing = {}, {b: _why_not(b) for b, ok in have.items() if not ok}
     for b, ok in have.items():
         if ok:
