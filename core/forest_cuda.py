@@ -75,7 +75,7 @@ def simulated() -> bool:
     """True when Numba's CUDA simulator stands in for a GPU (``NUMBA_ENABLE_CUDASIM=1``)."""
     from numba.core import config
 
-    return bool(config.ENABLE_CUDASIM)
+    return bool(getattr(config, "ENABLE_CUDASIM", 0))
 
 
 def kernels(ilp: int = ILP) -> tuple[Any, Any, Any]:

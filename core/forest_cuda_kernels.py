@@ -1,3 +1,5 @@
+# mypy: ignore-errors
+# (kernel bodies call numba.cuda device intrinsics, whose annotations describe host-side calls)
 """The CUDA kernels of :mod:`core.forest_cuda` (imported on first use: it imports ``numba.cuda``).
 
 Their own module because Numba's CUDA simulator swaps the module-global name ``cuda`` for its

@@ -143,7 +143,7 @@ def cuda_kernel(model: Any, cpu_model: Any, X: np.ndarray, budget_s: float, prog
 
     # 1. device-resident: block x ILP at the middle size, then the best configuration at every size
     sweep_n = sizes[min(1, len(sizes) - 1)]
-    sweep = []
+    sweep: list[dict[str, Any]] = []
     for block, ilp in KERNEL_CONFIGS[quick]:
         progress.say(f"gpu/cuda: device-resident, block {block}, {ilp} trees per step, {sweep_n:,} rows")
         cf = CudaForest(forest, prep, block=block, ilp=ilp)
@@ -173,7 +173,6 @@ def cuda_kernel(model: Any, cpu_model: Any, X: np.ndarray, budget_s: float, prog
     t_h2d = time_call(h2d, budget_s=budget_s, max_rounds=5).median_s
     res["copies"] = {"bytes": nbytes, "host_to_pinned_GBps": nbytes / t_host / 1e9, "pinned_to_device_GBps": nbytes / t_h2d / 1e9,
                      "bytes_per_record": Xh.shape[1] * Xh.itemsize}
-    del d_tmp, pinned
 
     # 3. end to end from host memory: host copy threads, then chunk rows x streams
     def e2e_rate(**kw: Any) -> float:
@@ -182,7 +181,7 @@ def cuda_kernel(model: Any, cpu_model: Any, X: np.ndarray, budget_s: float, prog
             return time_call(partial(cfe.score, Xh), budget_s=budget_s, max_rounds=5).records_per_s(n_big)
         finally:
             cfe.close()
-    e2e = []
+    e2e: list[dict[str, Any]] = []
     layout0 = E2E_LAYOUTS[quick][0]
     for threads in E2E_THREADS[quick]:
         progress.say(f"gpu/cuda: end to end, {n_big:,} rows, chunks of {layout0[0]:,}, {layout0[1]} streams, {threads} copy threads")
@@ -198,6 +197,5 @@ def cuda_kernel(model: Any, cpu_model: Any, X: np.ndarray, budget_s: float, prog
     res["targets"] = {"device_resident_records_per_s": TARGET_DEVICE, "end_to_end_records_per_s": TARGET_E2E,
                       "device_resident_met": res["device_resident"]["records_per_s"] >= TARGET_DEVICE,
                       "end_to_end_met": best_e2e["records_per_s"] >= TARGET_E2E}
-    del d_X, d_out
     res["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     return res
