@@ -19,7 +19,7 @@ from .errors import BackendUnavailableError, DeviceError, InvalidInputError, Uns
 from .explain import empty_outputs
 from .preprocess import Preprocessing, prep_into_parallel, prep_into_serial
 
-BACKENDS = ("numba", "onnx", "torch")
+BACKENDS = ("numba", "onnx", "torch", "cuda")  # cuda: the custom CUDA kernel (core.forest_cuda, numba-cuda)
 DEVICES = ("cpu", "cuda", "auto")
 # Up to this many rows the single-threaded kernel is cheaper than waking the thread pool.
 SERIAL_MAX_ROWS = 1024
@@ -161,7 +161,8 @@ def register(kind: str, backend: str, native: bool = False) -> Callable[[Builder
 
 def cuda_available(backend: str | None = None) -> bool:
     """True when a CUDA device can run here for ``backend`` ("onnx": ONNX Runtime's CUDA provider;
-    "torch": torch.cuda; None: either). torch is imported only when asked about and installed."""
+    "torch": torch.cuda; "cuda": numba's CUDA target, the custom kernel's; None: any of them).
+    torch is imported only when asked about and installed."""
     if backend in (None, "onnx"):
         try:
             import onnxruntime as ort
@@ -170,6 +171,8 @@ def cuda_available(backend: str | None = None) -> bool:
                 return True
         except ImportError:
             pass
+    if backend in (None, "cuda") and numba_cuda_available():
+        return True
     if backend in (None, "torch"):
         try:
             import torch
@@ -180,19 +183,34 @@ def cuda_available(backend: str | None = None) -> bool:
     return False
 
 
+def numba_cuda_available() -> bool:
+    """numba's CUDA target can run kernels here (a driver and a device; under Numba's CUDA simulator,
+    ``NUMBA_ENABLE_CUDASIM=1``, the simulator counts as one)."""
+    try:
+        from numba import cuda
+
+        return bool(cuda.is_available())
+    except Exception:  # noqa: BLE001 - a numba without its CUDA target, or a driver that fails to load
+        return False
+
+
 def resolve_device(device: str, backend: str) -> str:
     """'auto' -> 'cuda' when the backend can use a present GPU, else 'cpu'; 'cuda' without one fails."""
     if device not in DEVICES:
         raise InvalidInputError(f"device must be one of {DEVICES}; got {device!r}")
     if backend == "numba":
         if device == "cuda":
-            raise DeviceError("the numba backend runs on the CPU; for --device cuda use --backend onnx or --backend torch "
+            raise DeviceError("the numba backend runs on the CPU; for --device cuda use --backend cuda, onnx or torch "
                               "(or --device cpu / auto with the numba backend)")
         return "cpu"
     if device == "cpu":
         return "cpu"
     if cuda_available(backend):
         return "cuda"
+    if device == "cuda" and backend == "cuda":
+        raise DeviceError("--device cuda: no usable CUDA device for the cuda backend (numba.cuda.is_available() is False: "
+                          "no NVIDIA driver or GPU here, or numba-cuda is not installed); install the 'cuda' extra on a "
+                          "GPU machine, or use --device auto (the Numba kernel on the CPU)")
     if device == "cuda":
         raise DeviceError("--device cuda: no usable CUDA device (no CUDAExecutionProvider in onnxruntime and "
                           "torch.cuda.is_available() is False); install the 'gpu' extra on a GPU machine, or use --device auto")

@@ -182,7 +182,7 @@ def _load_plugins() -> None:
             pass
 
 
-PLUGINS: tuple[str, ...] = ("outlierd.core.forest_onnx", "outlierd.core.forest_torch", "outlierd.core.knn", "outlierd.core.autoencoder", "outlierd.core.stacked")
+PLUGINS: tuple[str, ...] = ("outlierd.core.forest_onnx", "outlierd.core.forest_torch", "outlierd.core.forest_cuda", "outlierd.core.knn", "outlierd.core.autoencoder", "outlierd.core.stacked")
 
 
 def build_model(manifest: dict[str, Any], arrays: dict[str, np.ndarray], reference: dict[str, Any] | None = None,

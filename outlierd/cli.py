@@ -132,7 +132,8 @@ def _add_score(sub: Any) -> None:
     p.add_argument("--output", "--out", dest="out", metavar="FILE",
                    help="write [id], score, anomalous, version columns here (.csv, .csv.gz, .tsv or .parquet, by extension)")
     p.add_argument("--label-column", metavar="COL", help="evaluate against this 0/1 column")
-    p.add_argument("--backend", default="numba", choices=("numba", "onnx", "torch"), help="scoring backend (default numba)")
+    p.add_argument("--backend", default="numba", choices=("numba", "onnx", "torch", "cuda"),
+                   help="scoring backend (default numba; cuda: the custom CUDA kernel, Isolation Forest only)")
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"), help="cpu, cuda or auto (default auto)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--id-column", metavar="COL", help="pass this input column through, first in the output")

@@ -77,8 +77,8 @@ class ServeSettings:
     """On SIGTERM: how long in-flight work may take to finish."""
     device: str = field(default="auto", metadata={"choices": ("cpu", "cuda", "auto")})
     """cpu, cuda (every batch on the GPU; fails at start without one) or auto (large batches on the GPU when present)."""
-    gpu_backend: str = field(default="onnx", metadata={"choices": ("onnx", "torch")})
-    """Backend for GPU batches: onnx (ONNX Runtime CUDA) or torch."""
+    gpu_backend: str = field(default="onnx", metadata={"choices": ("onnx", "torch", "cuda")})
+    """Backend for GPU batches: onnx (ONNX Runtime CUDA), torch, or cuda (the custom CUDA kernel; Isolation Forest)."""
     gpu_min_rows: int = 65536  # measured crossover on an H200 (torch backend): between 4,096 and 65,536 rows
     """With device auto: batches of at least this many records go to the GPU (measure it: benchmarks/gpu_suite.py)."""
     drift: int = field(default=1, metadata={"flag": "--no-drift", "const": 0})
@@ -181,8 +181,8 @@ class ServeSettings:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise InvalidInputError(f"--device must be cpu, cuda or auto; got {self.device!r}")
-        if self.gpu_backend not in ("onnx", "torch"):
-            raise InvalidInputError(f"--gpu-backend must be onnx or torch; got {self.gpu_backend!r}")
+        if self.gpu_backend not in ("onnx", "torch", "cuda"):
+            raise InvalidInputError(f"--gpu-backend must be onnx, torch or cuda; got {self.gpu_backend!r}")
         if self.drift_pane_records < 0 or self.drift_pane_seconds <= 0:
             raise InvalidInputError("--drift-pane-records must be >= 0 and --drift-pane-seconds > 0")
         if self.rollout not in ("off", "shadow", "split"):

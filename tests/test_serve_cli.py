@@ -113,7 +113,7 @@ def test_flag_forms_kept():
     assert actions["auth_token_file"].option_strings == ["--auth-token-file"]
     assert "auth_token" not in actions  # the token itself is never a flag (it would show in `ps`)
     assert tuple(actions["device"].choices) == ("cpu", "cuda", "auto")
-    assert tuple(actions["gpu_backend"].choices) == ("onnx", "torch")
+    assert tuple(actions["gpu_backend"].choices) == ("onnx", "torch", "cuda")
     assert tuple(actions["rollout"].choices) == ("off", "shadow", "split")
     assert tuple(actions["split_key"].choices) == ("id", "request")
 

@@ -63,6 +63,10 @@ def run_bench(out: Path, suites: list[str], quick: bool, json_only: bool = False
                                    "shared or busy machine are noisy: compare min and median, and rerun when they differ much"]}
     try:
         needs_models = {"kernels", "latency", "server", "gpu"} & set(suites)
+        if needs_models == {"gpu"} and not any(gpu.available().values()):
+            needs_models = set()  # nothing to measure: say so without fitting the models first
+            results["gpu"] = {"available": False, "reason": gpu.no_gpu_reason()}
+            results["notes"].append(f"GPU: {results['gpu']['reason']}")
         models = None
         if needs_models:
             max_rows = 262_144 if quick else 1_000_000
@@ -94,7 +98,8 @@ def run_bench(out: Path, suites: list[str], quick: bool, json_only: bool = False
                                                  river_rows=2000 if quick else 20_000)
         if "gpu" in suites and models is not None:
             with progress.step("gpu"):
-                results["gpu"] = gpu.run(work / "iforest", models.detectors[0].ours, models.X, 0.1 if quick else 0.5, progress)
+                results["gpu"] = gpu.run(work / "iforest", models.detectors[0].ours, models.X, 0.1 if quick else 0.5, progress,
+                                         quick=quick)
             if not results["gpu"].get("available"):
                 results["notes"].append(f"GPU: {results['gpu']['reason']}")
         results["machine"] = machine()

@@ -122,6 +122,16 @@ def gpu_name() -> str | None:
         if torch.cuda.is_available():
             return str(torch.cuda.get_device_name(0))
     try:
+        from outlierd.core.backends import numba_cuda_available
+
+        if numba_cuda_available():
+            from numba import cuda
+
+            name = cuda.get_current_device().name
+            return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # noqa: BLE001 - the name is a nicety
+        pass
+    try:
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" in ort.get_available_providers():

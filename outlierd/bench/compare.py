@@ -71,6 +71,10 @@ def metrics(report: dict[str, Any]) -> dict[str, tuple[float, bool]]:
     g = report.get("gpu") or {}
     for p in g.get("points", []):
         out[f"gpu records/s @ {p['batch']}"] = (p["gpu"], True)
+    c = g.get("cuda")
+    if c:
+        out["gpu cuda device-resident records/s"] = (c["device_resident"]["records_per_s"], True)
+        out["gpu cuda end-to-end records/s"] = (c["end_to_end"]["records_per_s"], True)
     return out
 
 

@@ -75,6 +75,40 @@ def plots(results: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
             save(fig, "kernels-threads.png", "Isolation Forest throughput against threads")
+    if gpu.get("available"):
+        fig, axes = plt.subplots(1, 2 if gpu.get("cuda") else 1, figsize=(11 if gpu.get("cuda") else 5.8, 4.2), squeeze=False)
+        ax = axes[0][0]
+        g = gpu["points"]
+        xs = [p["batch"] for p in g]
+        ax.plot(xs, [p["cpu"] for p in g], "o-", lw=2, label="Numba kernel (CPU)")
+        for b in gpu["backends"]:
+            ax.plot(xs, [p[b] for p in g], "^-", label={"cuda": "CUDA kernel", "torch": "torch (CUDA)", "onnx": "ONNX Runtime CUDA"}.get(b, b))
+        if gpu.get("crossover_batch"):
+            ax.axvline(gpu["crossover_batch"], color="grey", ls=":", label=f"CPU/GPU crossover {gpu['crossover_batch']:,}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size (records per call, from host memory)")
+        ax.set_ylabel("records/s")
+        ax.set_title(f"iforest on {gpu.get('device_name') or 'the GPU'}: end to end")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        c = gpu.get("cuda")
+        if c:
+            ax = axes[0][1]
+            dr, e2e = c["device_resident"], c["end_to_end"]
+            ax.plot([p["rows"] for p in dr["by_size"]], [p["records_per_s"] for p in dr["by_size"]], "o-", lw=2,
+                    label=f"device-resident (block {dr['best']['block']}, ilp {dr['best']['ilp']})")
+            ax.plot([e2e["rows"]], [e2e["records_per_s"]], "s", ms=9, label="end to end from host (best configuration)")
+            ax.axhline(c["targets"]["device_resident_records_per_s"], color="C0", ls=":", label="target, device-resident")
+            ax.axhline(c["targets"]["end_to_end_records_per_s"], color="C1", ls=":", label="target, end to end")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("records per call")
+            ax.set_ylabel("records/s")
+            ax.set_title(f"CUDA kernel, {c['trees']} trees x {c['features']} features")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        save(fig, "gpu.png", "GPU: the forest on each GPU backend against the Numba kernel, and the CUDA kernel at large batches")
     lat = results.get("latency")
     if lat and "iforest" in lat:
         per = lat["iforest"]
@@ -200,9 +234,33 @@ def table(results: dict[str, Any]) -> str:
         if not g.get("available"):
             lines.append(f"\ngpu: {g.get('reason')}")
         else:
-            lines.append(f"\ngpu ({', '.join(g['backends'])}): crossover batch {g['crossover_batch']}")
+            lines.append(f"\ngpu ({', '.join(g['backends'])}): crossover batch {g['crossover_batch']}"
+                         + ("  [SIMULATED: Numba's CUDA simulator, not a GPU]" if g.get("simulated") else ""))
             for p in g["points"]:
-                lines.append(f"  {p['batch']:>9,}  cpu {_fmt_rate(p['cpu'])}  gpu {_fmt_rate(p['gpu'])}  gpu/cpu {p['gpu'] / p['cpu']:.2f}")
+                per = "  ".join(f"{b} {_fmt_rate(p.get(b))}" for b in g["backends"]) if len(g["backends"]) > 1 else ""
+                lines.append(f"  {p['batch']:>9,}  cpu {_fmt_rate(p['cpu'])}  gpu {_fmt_rate(p['gpu'])}  gpu/cpu {p['gpu'] / p['cpu']:.2f}"
+                             + (f"  ({per})" if per else ""))
+            for b, why in (g.get("unavailable") or {}).items():
+                lines.append(f"  {b}: not measured: {why}")
+            c = g.get("cuda")
+            if c:
+                dr, e2e, t = c["device_resident"], c["end_to_end"], c["targets"]
+                lines.append(f"  cuda kernel ({c['trees']} trees of depth {c['depth']}, {c['features']} {c['dtype']} features), "
+                             f"device {g.get('device_name')}:")
+                lines.append(f"    device-resident: {_fmt_rate(dr['records_per_s'])} (target {_fmt_rate(t['device_resident_records_per_s'])}: "
+                             f"{'met' if t['device_resident_met'] else 'NOT met'}); block {dr['best']['block']}, "
+                             f"{dr['best']['ilp']} trees per step; by rows: "
+                             + ", ".join(f"{p['rows']:,} {_fmt_rate(p['records_per_s'])}" for p in dr["by_size"]))
+                lines.append("    sweep: " + ", ".join(f"b{s['block']}/ilp{s['ilp']} {_fmt_rate(s['records_per_s'])}" for s in dr["sweep"]))
+                b = e2e["best"]
+                lines.append(f"    end to end from host memory, {e2e['rows']:,} rows: {_fmt_rate(e2e['records_per_s'])} (target "
+                             f"{_fmt_rate(t['end_to_end_records_per_s'])}: {'met' if t['end_to_end_met'] else 'NOT met'}); chunks of "
+                             f"{b['chunk_rows']:,}, {b['streams']} streams, {b['host_threads']} copy threads")
+                lines.append("    sweep: " + ", ".join(f"{s['chunk_rows']:,}x{s['streams']}/t{s['host_threads']} {_fmt_rate(s['records_per_s'])}"
+                                                     for s in e2e["sweep"]))
+                cp = c["copies"]
+                lines.append(f"    copies: host->pinned {cp['host_to_pinned_GBps']:.1f} GB/s, pinned->device {cp['pinned_to_device_GBps']:.1f} GB/s "
+                             f"({cp['bytes_per_record']} bytes per record)")
     lines.append(f"\nwall time {results['wall_s']:.1f} s")
     return "\n".join(lines)
 
