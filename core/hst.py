@@ -13,8 +13,9 @@ complete window's), never the latest ones, so learning can wait for the window's
 stops at the first node whose reference mass is below ``0.1 * window_size``, so only the masses of
 nodes whose parent reaches that limit are ever read. At a window's end each tree partitions the
 window's records top-down and counts them into such nodes only (about log2(10) + 2 levels a
-record, instead of ``height + 1``); masses elsewhere are stale and never read. The records of the
-window in progress are part of the state (``buf``).
+record, instead of ``height + 1``); masses elsewhere are stale and never read. Those nodes are also
+laid out as a compact tree per tree (a few hundred bytes, derived, never saved) that scores walk.
+The records of the window in progress are part of the state (``buf``).
 """
 from __future__ import annotations
 
