@@ -307,4 +307,4 @@ def test_device_cuda_with_numba_names_the_flag(small_registry, tmp_path):
     data = _csv(tmp_path / "d.csv", ["a", "b", "c"], _normal_rows(10))
     res = _score(small_registry / "r", data, "--device", "cuda")
     assert res.returncode == 2
-    assert "--backend onnx or --backend torch" in res.stderr and "backend='onnx'" not in res.stderr
+    assert "use --backend cuda, onnx or torch" in res.stderr and "backend='onnx'" not in res.stderr

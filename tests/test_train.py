@@ -251,7 +251,7 @@ def test_train_spec_validates_once_naming_the_option(tmp_path, options, field, m
     [
         ({"batch_rows": 0}, "--batch-rows must be >= 1; got 0"),
         ({"explain_flagged_only": True}, "--explain-flagged-only needs --explain"),
-        ({"backend": "cuda"}, "--backend must be one of numba, onnx, torch; got 'cuda'"),
+        ({"backend": "tpu"}, "--backend must be one of numba, onnx, torch, cuda; got 'tpu'"),
         ({"device": "tpu"}, "--device must be one of cpu, cuda, auto; got 'tpu'"),
         ({"dask": "local", "dask_workers": 0}, "--dask-workers must be >= 1; got 0"),
     ],
