@@ -24,6 +24,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def _log_log(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """The set-up every throughput-against-size plot shares: log axes, labels, grid, legend."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plots(results: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
     """One PNG per suite that ran; returns (title, path) pairs. Needs matplotlib (the bench extra)."""
     plt = _pyplot()
@@ -53,13 +64,7 @@ def plots(results: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
                 ax.plot([p["batch"] for p in g], [p["gpu"] for p in g], "^-", label="GPU (best backend)")
                 if gpu.get("crossover_batch"):
                     ax.axvline(gpu["crossover_batch"], color="grey", ls=":", label=f"CPU/GPU crossover {gpu['crossover_batch']:,}")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("batch size (records per call)")
-            ax.set_ylabel("records/s")
-            ax.set_title(f"{name}: throughput vs batch size")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            _log_log(ax, "batch size (records per call)", "records/s", f"{name}: throughput vs batch size")
         save(fig, "kernels-throughput.png", "Throughput against batch size (same rows and model for every implementation)")
         th = k.get("threads")
         if th and th["points"]:
@@ -85,13 +90,7 @@ def plots(results: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
             ax.plot(xs, [p[b] for p in g], "^-", label={"cuda": "CUDA kernel", "torch": "torch (CUDA)", "onnx": "ONNX Runtime CUDA"}.get(b, b))
         if gpu.get("crossover_batch"):
             ax.axvline(gpu["crossover_batch"], color="grey", ls=":", label=f"CPU/GPU crossover {gpu['crossover_batch']:,}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size (records per call, from host memory)")
-        ax.set_ylabel("records/s")
-        ax.set_title(f"iforest on {gpu.get('device_name') or 'the GPU'}: end to end")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        _log_log(ax, "batch size (records per call, from host memory)", "records/s", f"iforest on {gpu.get('device_name') or 'the GPU'}: end to end")
         c = gpu.get("cuda")
         if c:
             ax = axes[0][1]
@@ -101,13 +100,7 @@ def plots(results: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
             ax.plot([e2e["rows"]], [e2e["records_per_s"]], "s", ms=9, label="end to end from host (best configuration)")
             ax.axhline(c["targets"]["device_resident_records_per_s"], color="C0", ls=":", label="target, device-resident")
             ax.axhline(c["targets"]["end_to_end_records_per_s"], color="C1", ls=":", label="target, end to end")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("records per call")
-            ax.set_ylabel("records/s")
-            ax.set_title(f"CUDA kernel, {c['trees']} trees x {c['features']} features")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            _log_log(ax, "records per call", "records/s", f"CUDA kernel, {c['trees']} trees x {c['features']} features")
         save(fig, "gpu.png", "GPU: the forest on each GPU backend against the Numba kernel, and the CUDA kernel at large batches")
     lat = results.get("latency")
     if lat and "iforest" in lat:
